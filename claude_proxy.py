@@ -1,0 +1,2302 @@
+#!/usr/bin/env python3
+"""claude-proxy: Anthropic's Messages API in front of OpenAI-compatible and Ollama backends.
+
+Run it:   pip install aiohttp && python claude_proxy.py
+Then:     ANTHROPIC_BASE_URL=http://127.0.0.1:8080 ANTHROPIC_API_KEY=x claude
+
+One file, read top to bottom:
+  1. CONFIG            flags, environment, .env, the model map
+  2. WIRE TYPES        Anthropic request dataclasses and their validation
+  3. TOKENS            the heuristic token counter
+  4. TRANSLATION       pure functions: Anthropic request -> backend request,
+                       backend deltas -> Anthropic events (a fold), events -> Message
+  5. PROVIDERS         OpenAI-compatible and Ollama: body, stream decoding, errors, discovery
+  6. STREAMING         backend I/O, SSE emission, pings, timeouts, disconnects
+  7. HTTP APP          aiohttp routes, error middleware, create_app()
+  8. CLI               argument parsing and main()
+Only the standard library and aiohttp are needed; orjson is used when installed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import fnmatch
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import sys
+import time
+import typing
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+try:  # aiohttp is the one runtime dependency; say so plainly when it is missing.
+    import aiohttp
+    from aiohttp import web
+except ImportError:  # pragma: no cover
+    sys.stderr.write("claude-proxy needs aiohttp: pip install aiohttp\n")
+    raise SystemExit(2)
+
+try:  # optional speed-up: same compact output as json.dumps below
+    import orjson as _orjson
+
+    def dumps(obj: Any) -> str:
+        return _orjson.dumps(obj).decode()
+
+    loads = _orjson.loads
+except ImportError:  # pragma: no cover - exercised when orjson is absent
+    _orjson = None
+    _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    dumps = _encoder.encode
+    loads = json.loads
+
+__version__ = "0.1.0"
+log = logging.getLogger("claude_proxy")
+
+
+# ======================================================================================
+# 1. CONFIG
+# ======================================================================================
+
+PROVIDERS = ("openai", "ollama")
+DEFAULT_BASE_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000/v1"}
+SYSTEM_MESSAGE_STRATEGIES = ("reminder", "hoist", "inline")
+
+
+class ConfigError(Exception):
+    """Bad configuration: reported as one line on stderr, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one client model name goes: a backend model on a provider, with its limits."""
+
+    model: str
+    provider: str
+    base_url: str
+    api_key: Optional[str] = None
+    max_tokens: Optional[int] = None  # cap for the request's max_tokens
+    context_window: Optional[int] = None
+    reasoning_history: Optional[bool] = None  # send thinking back as reasoning_content; None: provider default
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    provider: str = "ollama"
+    base_url: str = ""
+    api_key: Optional[str] = None
+    default_model: Optional[str] = None
+    model_map: dict[str, Any] = field(default_factory=dict)  # name or glob -> str | dict entry
+    timeout: float = 120.0  # seconds to the backend's first byte and between chunks
+    connect_timeout: float = 10.0
+    log_level: str = "INFO"
+    system_messages: str = "reminder"
+    ping_interval: float = 10.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    retries: int = 2
+    auth_token: Optional[str] = None
+    discover: bool = True  # ask the backend for its models when no map/default applies
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"unknown provider {self.provider!r}: use one of {', '.join(PROVIDERS)}")
+        if not self.base_url:
+            self.base_url = DEFAULT_BASE_URLS[self.provider]
+        self.base_url = self.base_url.rstrip("/")
+        if not (1 <= int(self.port) <= 65535):
+            raise ConfigError(f"bad port {self.port}: must be 1-65535")
+        if self.system_messages not in SYSTEM_MESSAGE_STRATEGIES:
+            raise ConfigError(f"unknown --system-messages {self.system_messages!r}: "
+                              f"use one of {', '.join(SYSTEM_MESSAGE_STRATEGIES)}")
+        if self.timeout <= 0:
+            raise ConfigError("timeout must be positive")
+        self.routes = {name: self._route_of(name, entry) for name, entry in self.model_map.items()}
+
+    def _route_of(self, name: str, entry: Any) -> Route:
+        where = f"model map entry {name!r}"
+        if isinstance(entry, str) and entry:
+            return Route(entry, self.provider, self.base_url, self.api_key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
+            raise ConfigError(f"{where}: must be a backend model name or an object with a \"model\" string")
+        unknown = set(entry) - {"model", "provider", "base_url", "api_key_env", "max_tokens",
+                                "context_window", "reasoning_history"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        provider = entry.get("provider", self.provider)
+        if provider not in PROVIDERS:
+            raise ConfigError(f"{where}: unknown provider {provider!r}")
+        for key in ("max_tokens", "context_window"):
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{where}: {key} must be a positive integer")
+        if "reasoning_history" in entry and not isinstance(entry["reasoning_history"], bool):
+            raise ConfigError(f"{where}: reasoning_history must be true or false")
+        api_key = self.api_key
+        if entry.get("api_key_env"):
+            api_key = os.environ.get(entry["api_key_env"])
+            if api_key is None:
+                raise ConfigError(f"{where}: environment variable {entry['api_key_env']} is not set")
+        base_url = entry.get("base_url") or (self.base_url if provider == self.provider
+                                              else DEFAULT_BASE_URLS[provider])
+        return Route(entry["model"], provider, base_url.rstrip("/"), api_key, entry.get("max_tokens"),
+                     entry.get("context_window"), entry.get("reasoning_history"))
+
+    def default_route(self, model: str) -> Route:
+        return Route(model, self.provider, self.base_url, self.api_key)
+
+
+_DATE_SUFFIX = re.compile(r"-\d{8}$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def resolve_route(config: Config, model: str, discovered: Optional[dict[str, str]] = None) -> Optional[Route]:
+    """Client model name -> Route. Exact beats pattern, first pattern wins, then the default model,
+    then the pick among the backend's own models. None: nothing maps it."""
+    routes = config.routes
+    for name in (model, _DATE_SUFFIX.sub("", model)):
+        if name in routes and not _GLOB_CHARS.search(name):
+            return routes[name]
+    for pattern, route in routes.items():
+        if _GLOB_CHARS.search(pattern) and fnmatch.fnmatchcase(model, pattern):
+            return route
+    if config.default_model:
+        return config.default_route(config.default_model)
+    if discovered:
+        pick = discovered.get(model_family(model)) or discovered.get("*")
+        if pick:
+            return config.default_route(pick)
+    return None
+
+
+def model_family(model: str) -> str:
+    lowered = model.lower()
+    for family in ("haiku", "sonnet", "opus"):
+        if family in lowered:
+            return family
+    return "*"
+
+
+def pick_models(models: list[dict[str, Any]]) -> dict[str, str]:
+    """Zero-config choice among the backend's models: haiku-class requests get the smallest model,
+    the rest the first one the backend lists (Ollama lists the most recently pulled first)."""
+    names = [m["name"] for m in models if m.get("name")]
+    if not names:
+        return {}
+    sized = [(m.get("size") or 0, m["name"]) for m in models if m.get("name")]
+    smallest = min(sized)[1] if all(size for size, _ in sized) else names[0]
+    return {"*": names[0], "opus": names[0], "sonnet": names[0], "haiku": smallest}
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """KEY=VALUE lines; `export`, comments, blank lines and single/double quotes are understood."""
+    values = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            continue
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def load_model_map(path: Optional[str], inline: Optional[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for source, text in (("MODEL_MAP_FILE " + str(path), _read_file(path) if path else None),
+                         ("MODEL_MAP_JSON", inline)):
+        if not text:
+            continue
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: must be a JSON object of model name -> backend model")
+        data.pop("_comment", None)
+        result.update(data)
+    return result
+
+
+def _read_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read model map {path}: {exc.strerror}") from None
+
+
+# ======================================================================================
+# 2. WIRE TYPES AND VALIDATION
+# ======================================================================================
+# Requests are parsed into dataclasses by one generic function, `parse_as`, driven by the
+# field types. Unknown fields are ignored (clients send new betas all the time); a missing or
+# mistyped field is a 400 whose message names the path, e.g. `messages.1.content.0.source`.
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+               403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+               409: "conflict_error", 413: "request_too_large", 429: "rate_limit_error",
+               500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "api_error",
+               529: "overloaded_error"}
+
+
+class ApiError(Exception):
+    """An error the client sees in Anthropic's shape: an HTTP error, or `event: error` mid-stream."""
+
+    def __init__(self, status: int, message: str, error_type: Optional[str] = None,
+                 retry: Optional[bool] = None, retry_after: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = error_type or ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        self.retry = retry  # -> x-should-retry; None leaves the decision to the client's policy
+        self.retry_after = retry_after
+
+    def body(self, request_id: Optional[str] = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "error", "error": {"type": self.type, "message": self.message}}
+        if request_id:
+            out["request_id"] = request_id
+        return out
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.retry is not None:
+            headers["x-should-retry"] = "true" if self.retry else "false"
+        if self.retry_after:
+            headers["retry-after"] = self.retry_after
+        return headers
+
+
+def invalid(path: str, message: str) -> ApiError:
+    return ApiError(400, f"{path}: {message}" if path else message, retry=False)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+_HINTS: dict[type, list[tuple[str, Any, Any, bool]]] = {}
+
+
+def parse_as(tp: Any, value: Any, path: str) -> Any:
+    """Validate `value` against the type `tp` and build it. Raises ApiError(400) naming `path`."""
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise invalid(path, f"expected an object, got {_kind(value)}")
+        fields = _HINTS.get(tp)
+        if fields is None:
+            hints = typing.get_type_hints(tp)
+            fields = _HINTS[tp] = [(f.name, hints[f.name], f.metadata.get("parse"),
+                                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                                   for f in dataclasses.fields(tp) if f.init]
+        kwargs = {}
+        for name, ftp, custom, required in fields:
+            sub = f"{path}.{name}" if path else name
+            if name not in value:
+                if required:
+                    raise invalid(sub, "field required")
+                continue
+            item = value[name]
+            kwargs[name] = custom(item, sub) if custom else parse_as(ftp, item, sub)
+        obj = tp(**kwargs)
+        check = getattr(obj, "check", None)
+        if check:
+            check(path)
+        return obj
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return parse_as(inner[0], value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise invalid(path, f"expected a list, got {_kind(value)}")
+        (item_tp,) = typing.get_args(tp)
+        return [parse_as(item_tp, item, f"{path}.{i}") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise invalid(path, f"expected an object, got {_kind(value)}")
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise invalid(path, f"expected one of {', '.join(map(repr, allowed))}, got {value!r}"[:300])
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise invalid(path, f"expected a boolean, got {_kind(value)}")
+    elif tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise invalid(path, f"expected an integer, got {_kind(value)}")
+    elif tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise invalid(path, f"expected a number, got {_kind(value)}")
+        return float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise invalid(path, f"expected a string, got {_kind(value)}")
+    return value
+
+
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+
+@dataclass
+class TextBlock:
+    text: str
+    type: str = "text"
+
+
+@dataclass
+class ImageSource:
+    type: Literal["base64", "url", "file"]
+    media_type: Optional[str] = None
+    data: Optional[str] = None
+    url: Optional[str] = None
+    file_id: Optional[str] = None
+
+    def check(self, path: str) -> None:
+        if self.type == "base64":
+            if self.media_type not in IMAGE_MEDIA_TYPES:
+                raise invalid(f"{path}.media_type", f"expected one of {', '.join(IMAGE_MEDIA_TYPES)}, "
+                                                    f"got {self.media_type!r}")
+            if not isinstance(self.data, str) or not self.data:
+                raise invalid(f"{path}.data", "field required (base64 image data)")
+        elif self.type == "url" and not self.url:
+            raise invalid(f"{path}.url", "field required")
+        elif self.type == "file":
+            raise invalid(f"{path}", "file sources need Anthropic's Files API, which this proxy does not have; "
+                                     "send the image as base64 or url")
+
+
+@dataclass
+class ImageBlock:
+    source: ImageSource
+    type: str = "image"
+
+
+def _parse_document_content(value: Any, path: str) -> Any:
+    if isinstance(value, str):
+        return [TextBlock(value)]
+    return parse_blocks(value, path, USER_BLOCKS)
+
+
+@dataclass
+class DocumentSource:
+    type: Literal["base64", "text", "content", "url", "file"]
+    media_type: Optional[str] = None
+    data: Optional[str] = None
+    url: Optional[str] = None
+    content: Any = field(default=None, metadata={"parse": _parse_document_content})
+
+    def check(self, path: str) -> None:
+        if self.type == "text" and not isinstance(self.data, str):
+            raise invalid(f"{path}.data", "field required (the document's text)")
+        if self.type == "content" and self.content is None:
+            raise invalid(f"{path}.content", "field required")
+        if self.type in ("base64", "url", "file"):
+            what = self.media_type or ("a PDF" if self.type != "base64" else "binary data")
+            raise invalid(path, f"{self.type} documents ({what}) cannot be read by the backend model: "
+                                "the proxy passes documents on as text only; send the text "
+                                "(source type \"text\" or \"content\")")
+
+
+@dataclass
+class DocumentBlock:
+    source: DocumentSource
+    title: Optional[str] = None
+    context: Optional[str] = None
+    type: str = "document"
+
+
+@dataclass
+class SearchResultBlock:
+    source: str
+    title: str
+    content: list[TextBlock]
+    type: str = "search_result"
+
+
+@dataclass
+class ToolUseBlock:
+    id: str
+    name: str
+    input: dict[str, Any]
+    type: str = "tool_use"
+
+
+@dataclass
+class ToolReferenceBlock:
+    tool_name: str
+    type: str = "tool_reference"
+
+
+def _parse_tool_result_content(value: Any, path: str) -> list[Any]:
+    if isinstance(value, str):
+        return [TextBlock(value)] if value else []
+    return parse_blocks(value, path, TOOL_RESULT_BLOCKS)
+
+
+@dataclass
+class ToolResultBlock:
+    tool_use_id: str
+    content: list[Any] = field(default_factory=list, metadata={"parse": _parse_tool_result_content})
+    is_error: Optional[bool] = None
+    type: str = "tool_result"
+
+
+@dataclass
+class ThinkingBlock:
+    thinking: str
+    signature: Optional[str] = None
+    type: str = "thinking"
+
+
+@dataclass
+class RedactedThinkingBlock:
+    data: str
+    type: str = "redacted_thinking"
+
+
+@dataclass
+class OpaqueBlock:
+    """Anthropic-only history blocks (server tool calls and results, compaction, ...): the backend
+    cannot use them, so they reach it as a short text note, never silently."""
+
+    type: str
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+SERVER_BLOCK_TYPES = ("server_tool_use", "mcp_tool_use", "mcp_tool_result", "container_upload", "compaction")
+USER_BLOCKS = {"text": TextBlock, "image": ImageBlock, "document": DocumentBlock, "tool_result": ToolResultBlock,
+               "search_result": SearchResultBlock}
+ASSISTANT_BLOCKS = {"text": TextBlock, "tool_use": ToolUseBlock, "thinking": ThinkingBlock,
+                    "redacted_thinking": RedactedThinkingBlock}
+SYSTEM_BLOCKS = {"text": TextBlock}
+TOOL_RESULT_BLOCKS = {"text": TextBlock, "image": ImageBlock, "document": DocumentBlock,
+                      "search_result": SearchResultBlock, "tool_reference": ToolReferenceBlock}
+
+
+def parse_blocks(value: Any, path: str, allowed: dict[str, type]) -> list[Any]:
+    if not isinstance(value, list):
+        raise invalid(path, f"expected a string or a list of content blocks, got {_kind(value)}")
+    blocks = []
+    for i, item in enumerate(value):
+        sub = f"{path}.{i}"
+        if not isinstance(item, dict):
+            raise invalid(sub, f"expected a content block object, got {_kind(item)}")
+        kind = item.get("type")
+        if not isinstance(kind, str):
+            raise invalid(f"{sub}.type", "field required")
+        cls = allowed.get(kind)
+        if cls is not None:
+            blocks.append(parse_as(cls, item, sub))
+        elif kind in SERVER_BLOCK_TYPES or kind.endswith("_tool_result") and kind != "tool_result":
+            blocks.append(OpaqueBlock(kind, item))
+        else:
+            raise invalid(f"{sub}.type", f"block type {kind!r} is not allowed here; "
+                                         f"expected one of {', '.join(sorted(allowed))}")
+    return blocks
+
+
+@dataclass
+class Message:
+    role: Literal["user", "assistant", "system"]
+    content: Any
+
+    @classmethod
+    def parse(cls, value: Any, path: str) -> "Message":
+        if not isinstance(value, dict):
+            raise invalid(path, f"expected a message object, got {_kind(value)}")
+        role = parse_as(Literal["user", "assistant", "system"], value.get("role"), f"{path}.role")
+        if "content" not in value:
+            raise invalid(f"{path}.content", "field required")
+        content = value["content"]
+        if isinstance(content, str):
+            blocks = [TextBlock(content)]
+        else:
+            allowed = USER_BLOCKS if role == "user" else ASSISTANT_BLOCKS if role == "assistant" else SYSTEM_BLOCKS
+            blocks = parse_blocks(content, f"{path}.content", allowed)
+        return cls(role, blocks)
+
+
+def _parse_messages(value: Any, path: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise invalid(path, f"expected a list, got {_kind(value)}")
+    if not value:
+        raise invalid(path, "at least one message is required")
+    return [Message.parse(item, f"{path}.{i}") for i, item in enumerate(value)]
+
+
+def _parse_system(value: Any, path: str) -> list[TextBlock]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [TextBlock(value)] if value else []
+    return parse_blocks(value, path, SYSTEM_BLOCKS)
+
+
+@dataclass
+class Tool:
+    name: str
+    description: Optional[str] = None
+    input_schema: Optional[dict[str, Any]] = None
+    type: Optional[str] = None
+    defer_loading: Optional[bool] = None
+    strict: Optional[bool] = None
+
+    def check(self, path: str) -> None:
+        if not self.name:
+            raise invalid(f"{path}.name", "must not be empty")
+        if self.is_custom and self.input_schema is None:
+            raise invalid(f"{path}.input_schema", "field required")
+
+    @property
+    def is_custom(self) -> bool:
+        return self.type in (None, "custom")
+
+
+@dataclass
+class ToolChoice:
+    type: Literal["auto", "any", "tool", "none"]
+    name: Optional[str] = None
+    disable_parallel_tool_use: Optional[bool] = None
+
+    def check(self, path: str) -> None:
+        if self.type == "tool" and not self.name:
+            raise invalid(f"{path}.name", "field required when type is \"tool\"")
+
+
+@dataclass
+class Thinking:
+    type: str
+    budget_tokens: Optional[int] = None
+    display: Optional[str] = None
+
+    def check(self, path: str) -> None:
+        if self.budget_tokens is not None and self.budget_tokens < 0:
+            raise invalid(f"{path}.budget_tokens", "must be >= 0")
+
+
+@dataclass
+class OutputConfig:
+    effort: Optional[str] = None
+    format: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class Metadata:
+    user_id: Optional[str] = None
+
+
+@dataclass
+class MessagesRequest:
+    """POST /v1/messages (and count_tokens, which has no max_tokens)."""
+
+    model: str
+    messages: list[Message] = field(metadata={"parse": _parse_messages})
+    max_tokens: Optional[int] = None
+    system: list[TextBlock] = field(default_factory=list, metadata={"parse": _parse_system})
+    stream: Optional[bool] = None
+    stop_sequences: Optional[list[str]] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    metadata: Optional[Metadata] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[ToolChoice] = None
+    thinking: Optional[Thinking] = None
+    output_config: Optional[OutputConfig] = None
+
+    def check(self, path: str) -> None:
+        if not self.model.strip():
+            raise invalid("model", "must not be empty")
+        if len(self.model) > 256 or any(ord(c) < 32 for c in self.model):
+            raise invalid("model", "must be a model name of at most 256 printable characters")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise invalid("max_tokens", "must be >= 0")
+        if self.top_k is not None and self.top_k < 0:
+            raise invalid("top_k", "must be >= 0")
+
+
+def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
+    if not isinstance(body, dict):
+        raise invalid("", f"request body must be a JSON object, got {_kind(body)}")
+    req = parse_as(MessagesRequest, body, "")
+    if not count_only and req.max_tokens is None:
+        raise invalid("max_tokens", "field required")
+    return req
+
+
+# ======================================================================================
+# 3. TOKENS
+# ======================================================================================
+# A heuristic counter (no tokenizer download, no backend call), calibrated against a BPE
+# tokenizer (cl100k). count_request_tokens counts what the backend receives.
+
+_TOKEN_PIECES = re.compile(r"[A-Za-z]+|\d{1,3}|\s+|[^\sA-Za-z\d]")
+
+
+def count_text_tokens(text: str) -> int:
+    if not text:
+        return 0
+    return max(1, (len(text) + 3) // 4)
+
+
+def image_tokens(media_type: str, b64data: str) -> int:
+    return 1600
+
+
+def count_request_tokens(req: MessagesRequest) -> int:
+    """Estimate of the prompt the backend sees: system, every message and block, tool definitions."""
+    texts: list[str] = [b.text for b in req.system]
+    total = 0
+    for message in req.messages:
+        total += 4  # role markers of the chat template
+        for block in message.content:
+            total += _block_tokens(block, texts)
+    for tool in req.tools or ():
+        if tool.is_custom:
+            texts.append(tool.name)
+            texts.append(tool.description or "")
+            texts.append(dumps(tool.input_schema or {}))
+            total += 8
+    total += sum(count_text_tokens(t) for t in texts)
+    return total + 3
+
+
+def _block_tokens(block: Any, texts: list[str]) -> int:
+    kind = block.type
+    if kind == "text":
+        texts.append(block.text)
+    elif kind == "image":
+        return image_tokens(block.source.media_type or "", block.source.data or "") if block.source.data else 1600
+    elif kind == "tool_use":
+        texts.append(block.name)
+        texts.append(dumps(block.input))
+        return 6
+    elif kind == "tool_result":
+        return 6 + sum(_block_tokens(b, texts) for b in block.content)
+    elif kind == "thinking":
+        texts.append(block.thinking)
+    elif kind in ("document", "search_result") or isinstance(block, OpaqueBlock):
+        texts.append(render_block_text(block))
+    elif kind == "tool_reference":
+        texts.append(block.tool_name)
+    return 0
+
+
+# ======================================================================================
+# 4. TRANSLATION (pure functions: no I/O, no globals that change the output)
+# ======================================================================================
+# Request side: Anthropic request -> a neutral conversation (`Turn`s) -> each provider's body.
+# Response side: backend deltas drive `EventBuilder`, a fold that emits Anthropic stream events;
+# `fold_events` turns those events into the non-streaming Message. One path serves both.
+
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+@dataclass
+class Turn:
+    """One backend chat message, before it takes a provider's shape."""
+
+    role: str  # system | user | assistant | tool
+    parts: list[tuple[str, Any]] = field(default_factory=list)  # ("text", str) | ("image", ImageSource)
+    tool_calls: list[ToolUseBlock] = field(default_factory=list)
+    reasoning: Optional[str] = None  # assistant: earlier thinking, for backends that want it back
+    tool_call_id: Optional[str] = None
+    tool_name: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(p[1] for p in self.parts if p[0] == "text")
+
+    @property
+    def images(self) -> list[ImageSource]:
+        return [p[1] for p in self.parts if p[0] == "image"]
+
+
+@dataclass
+class Conversation:
+    system: str
+    turns: list[Turn]
+    tools: list[Tool]
+
+
+def render_block_text(block: Any) -> str:
+    """Text for blocks a chat backend has no type for: documents, search results, server-tool blocks."""
+    if isinstance(block, OpaqueBlock):
+        raw = {k: v for k, v in block.raw.items() if k not in ("type", "cache_control") and "encrypted" not in k}
+        return f"[{block.type}: {dumps(raw)[:2000]}]"
+    if block.type == "document":
+        src = block.source
+        body = src.data if src.type == "text" else "\n\n".join(
+            b.text if b.type == "text" else "[image]" for b in src.content)
+        attrs = f' title="{block.title}"' if block.title else ""
+        context = f"{block.context}\n" if block.context else ""
+        return f"<document{attrs}>\n{context}{body}\n</document>"
+    if block.type == "search_result":
+        body = "\n".join(b.text for b in block.content)
+        return f'<search_result source="{block.source}" title="{block.title}">\n{body}\n</search_result>'
+    if block.type == "tool_reference":
+        return f"Tool {block.tool_name} is now available."
+    return getattr(block, "text", "")
+
+
+def system_text(blocks: list[TextBlock]) -> str:
+    """Join the system blocks, without Claude Code's per-version billing pseudo-header."""
+    return "\n\n".join(b.text for b in blocks if not b.text.startswith(BILLING_HEADER_PREFIX))
+
+
+def build_conversation(req: MessagesRequest, system_messages: str = "reminder") -> Conversation:
+    """Anthropic messages -> neutral turns. Deterministic: turn N's output is a prefix of turn N+1's.
+
+    `role: "system"` messages inside `messages` follow the strategy: `reminder` (default) keeps the
+    text in place as a <system-reminder> in the neighbouring user turn (stable prefix, any template);
+    `hoist` appends it to the leading system prompt; `inline` keeps a system message in place."""
+    system = system_text(req.system)
+    merged: list[Message] = []
+    for message in req.messages:
+        role, content = message.role, message.content
+        if role == "system":
+            text = "\n\n".join(b.text for b in content if b.text)
+            if not text:
+                continue
+            if system_messages == "hoist":
+                system = f"{system}\n\n{text}" if system else text
+                continue
+            if system_messages == "reminder":
+                role, content = "user", [TextBlock(f"<system-reminder>\n{text}\n</system-reminder>")]
+        if merged and merged[-1].role == role and role != "system":
+            merged[-1] = Message(role, merged[-1].content + content)
+        else:
+            merged.append(Message(role, list(content)))
+    turns: list[Turn] = []
+    for message in merged:
+        if message.role == "assistant":
+            turns.append(_assistant_turn(message.content))
+        elif message.role == "system":
+            turns.append(Turn("system", [("text", "\n\n".join(b.text for b in message.content))]))
+        else:
+            turns.extend(_user_turns(message.content))
+    return Conversation(system, turns, visible_tools(req))
+
+
+def _assistant_turn(blocks: list[Any]) -> Turn:
+    turn = Turn("assistant")
+    reasoning = []
+    for block in blocks:
+        kind = block.type
+        if kind == "text":
+            if block.text:
+                turn.parts.append(("text", block.text))
+        elif kind == "tool_use":
+            turn.tool_calls.append(block)
+        elif kind == "thinking":
+            text = block.thinking or reasoning_from_signature(block.signature)
+            if text:
+                reasoning.append(text)
+        elif kind != "redacted_thinking":  # redacted thinking is Anthropic-encrypted: nothing to send
+            turn.parts.append(("text", render_block_text(block)))
+    turn.reasoning = "\n\n".join(reasoning) if reasoning else None
+    return turn
+
+
+def _user_turns(blocks: list[Any]) -> list[Turn]:
+    """A user message -> [tool turns, in call order] + [one user turn with everything else]."""
+    turns: list[Turn] = []
+    user = Turn("user")
+    tool_images: list[ImageSource] = []
+    for block in blocks:
+        if block.type == "tool_result":
+            texts = []
+            for inner in block.content:
+                if inner.type == "image":
+                    tool_images.append(inner.source)
+                else:
+                    texts.append(render_block_text(inner))
+            images = sum(1 for inner in block.content if inner.type == "image")
+            if images:
+                texts.append(f"[{images} image(s) from this tool result follow in the next user message]")
+            text = "\n".join(t for t in texts if t)
+            if block.is_error:
+                text = f"Error: {text}" if text else "Error"
+            turns.append(Turn("tool", [("text", text)], tool_call_id=block.tool_use_id))
+        elif block.type == "image":
+            user.parts.append(("image", block.source))
+        else:
+            text = render_block_text(block)
+            if text:
+                user.parts.append(("text", text))
+    if tool_images:
+        user.parts[:0] = [("text", "Image(s) returned by the tool call(s) above:")] + [
+            ("image", src) for src in tool_images]
+    if user.parts or not turns:
+        turns.append(user)
+    return turns
+
+
+def visible_tools(req: MessagesRequest) -> list[Tool]:
+    """Client tools the backend model may see: typed/server tools are dropped (the backend cannot run
+    them), deferred tools stay hidden until a tool_result reveals them with a tool_reference block."""
+    tools = req.tools or []
+    revealed = set()
+    if any(t.defer_loading for t in tools):
+        for message in req.messages:
+            for block in message.content:
+                if block.type == "tool_result":
+                    revealed.update(b.tool_name for b in block.content if b.type == "tool_reference")
+    out = []
+    for tool in tools:
+        if not tool.is_custom:
+            warn_once(f"dropping tool {tool.name!r} of type {tool.type!r}: it runs on Anthropic's servers "
+                      "or needs a built-in schema, and the backend model cannot use it")
+        elif not tool.defer_loading or tool.name in revealed:
+            out.append(tool)
+    return out
+
+
+def tool_parameters(schema: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The tool's JSON schema as is, minus the `$schema` meta key; an object schema always has properties."""
+    params = {k: v for k, v in (schema or {}).items() if k != "$schema"}
+    if params.get("type", "object") == "object":
+        params.setdefault("type", "object")
+        params.setdefault("properties", {})
+    return params
+
+
+def effective_max_tokens(req: MessagesRequest, route: Route) -> int:
+    value = req.max_tokens or 0
+    return min(value, route.max_tokens) if route.max_tokens else value
+
+
+def reasoning_effort(req: MessagesRequest) -> Optional[str]:
+    """Anthropic thinking/effort -> a low/medium/high style level, or None to leave the backend's default."""
+    thinking = req.thinking
+    if thinking is None or thinking.type == "disabled":
+        return None
+    effort = req.output_config.effort if req.output_config else None
+    if effort:
+        return effort
+    if thinking.type == "enabled" and thinking.budget_tokens:
+        budget = thinking.budget_tokens
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    return None
+
+
+_OPENAI_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def openai_tool_name(name: str) -> str:
+    """OpenAI function names are [A-Za-z0-9_-]{1,64}; longer or odd names get a stable short alias."""
+    if _OPENAI_NAME.match(name):
+        return name
+    import hashlib
+    clean = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:55]
+    return f"{clean}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def openai_request(conv: Conversation, req: MessagesRequest, route: Route, *, official: bool = False,
+                   reasoning_history: bool = False) -> dict[str, Any]:
+    """Chat Completions body. Tool ids are passed byte for byte; the backend is always streamed."""
+    messages: list[dict[str, Any]] = []
+    if conv.system:
+        messages.append({"role": "system", "content": conv.system})
+    for turn in conv.turns:
+        if turn.role == "tool":
+            messages.append({"role": "tool", "tool_call_id": turn.tool_call_id, "content": turn.text})
+        elif turn.role == "assistant":
+            msg: dict[str, Any] = {"role": "assistant", "content": turn.text}
+            if turn.tool_calls:
+                msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": openai_tool_name(c.name), "arguments": dumps(c.input)}} for c in turn.tool_calls]
+            if reasoning_history and (turn.reasoning or turn.tool_calls):
+                msg["reasoning_content"] = turn.reasoning or ""
+            messages.append(msg)
+        elif turn.images:
+            messages.append({"role": turn.role, "content": [
+                {"type": "text", "text": value} if kind == "text" else
+                {"type": "image_url", "image_url": {"url": image_url(value)}} for kind, value in turn.parts]})
+        else:
+            messages.append({"role": turn.role, "content": turn.text})
+    body: dict[str, Any] = {"model": route.model, "messages": messages, "max_tokens": effective_max_tokens(req, route),
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if req.stop_sequences:
+        body["stop"] = req.stop_sequences
+    if req.temperature is not None:
+        body["temperature"] = req.temperature
+    if req.top_p is not None:
+        body["top_p"] = req.top_p
+    if req.top_k is not None and not official:
+        body["top_k"] = req.top_k
+    if req.metadata and req.metadata.user_id:
+        body["user"] = req.metadata.user_id
+    effort = reasoning_effort(req)
+    if effort:
+        body["reasoning_effort"] = effort
+    if conv.tools:
+        body["tools"] = [{"type": "function", "function": {
+            "name": openai_tool_name(t.name), "description": t.description or "",
+            "parameters": tool_parameters(t.input_schema)}} for t in conv.tools]
+        choice = req.tool_choice
+        if choice:
+            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(choice.type) or {
+                "type": "function", "function": {"name": openai_tool_name(choice.name or "")}}
+            if choice.disable_parallel_tool_use:
+                body["parallel_tool_calls"] = False
+    fmt = req.output_config.format if req.output_config else None
+    if fmt and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    return body
+
+
+def image_url(src: ImageSource) -> str:
+    return src.url if src.type == "url" else f"data:{src.media_type};base64,{src.data}"
+
+
+def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> dict[str, Any]:
+    """Ollama /api/chat body: string content, raw base64 images, object tool arguments, options."""
+    messages: list[dict[str, Any]] = []
+    if conv.system:
+        messages.append({"role": "system", "content": conv.system})
+    names = {c.id: c.name for t in conv.turns for c in t.tool_calls}
+    for turn in conv.turns:
+        msg: dict[str, Any] = {"role": turn.role, "content": turn.text}
+        if turn.role == "tool":
+            msg["tool_call_id"] = turn.tool_call_id
+            if turn.tool_call_id in names:
+                msg["tool_name"] = names[turn.tool_call_id]
+        if turn.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.input}}
+                                 for i, c in enumerate(turn.tool_calls)]
+        if turn.reasoning:
+            msg["thinking"] = turn.reasoning
+        images = turn.images
+        if images:
+            for src in images:
+                if src.type != "base64":
+                    raise invalid("messages", "Ollama accepts only base64 images; this request has an image "
+                                              "url (send base64, or use an OpenAI-compatible backend)")
+            msg["images"] = [src.data for src in images]
+        messages.append(msg)
+    options: dict[str, Any] = {"num_predict": effective_max_tokens(req, route)}
+    if req.temperature is not None:
+        options["temperature"] = req.temperature
+    if req.top_p is not None:
+        options["top_p"] = req.top_p
+    if req.top_k is not None:
+        options["top_k"] = req.top_k
+    if req.stop_sequences:
+        options["stop"] = req.stop_sequences
+    if route.context_window:
+        options["num_ctx"] = route.context_window
+    body: dict[str, Any] = {"model": route.model, "messages": messages, "stream": True, "options": options}
+    if conv.tools and not (req.tool_choice and req.tool_choice.type == "none"):
+        body["tools"] = [{"type": "function", "function": {
+            "name": t.name, "description": t.description or "",
+            "parameters": tool_parameters(t.input_schema)}} for t in conv.tools]
+    if req.thinking:
+        if req.thinking.type == "disabled":
+            body["think"] = False
+        elif req.thinking.type == "enabled":
+            body["think"] = True
+    fmt = req.output_config.format if req.output_config else None
+    if fmt and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        body["format"] = fmt["schema"]
+    return body
+
+
+# --- tool arguments: stream only what the client can parse, repair what small models break ----
+
+_STR_STOP = re.compile(r'["\\\x00-\x1f]')
+_LITERAL = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
+_LITERAL_CHARS = frozenset("0123456789+-.eEtrufalsn")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# parser states
+_VALUE, _KEY_OR_END, _KEY, _COLON, _AFTER, _STRING, _ESCAPE, _UNICODE, _LIT, _ITEM_OR_END, _BAD = range(11)
+
+
+class JsonPrefix:
+    """Incremental check that text is a prefix of one JSON object. `safe` is how much of what was
+    fed is certainly valid (a half-read literal or escape is held back); `complete` is True once
+    the object has closed. Strings are skipped with one regex search, so long arguments are cheap."""
+
+    __slots__ = ("stack", "state", "in_key", "held", "lit", "safe", "fed", "uni")
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.state, self.in_key, self.held, self.lit, self.safe, self.fed, self.uni = _VALUE, False, 0, "", 0, 0, 0
+
+    @property
+    def complete(self) -> bool:
+        return self.state == _AFTER and not self.stack
+
+    @property
+    def broken(self) -> bool:
+        return self.state == _BAD
+
+    def feed(self, s: str) -> int:
+        """Consume s; return the new `safe` length (of everything fed so far)."""
+        i, n, base = 0, len(s), self.fed
+        while i < n and self.state != _BAD:
+            st = self.state
+            if st == _STRING:
+                m = _STR_STOP.search(s, i)
+                if m is None:
+                    i = n
+                    break
+                i = m.start()
+                c = s[i]
+                if c == '"':
+                    self.state = _COLON if self.in_key else _AFTER
+                elif c == "\\":
+                    self.state, self.held = _ESCAPE, base + i
+                else:
+                    self.state = _BAD
+                    break
+                i += 1
+                continue
+            c = s[i]
+            if st == _ESCAPE:
+                if c == "u":
+                    self.state, self.uni = _UNICODE, 0
+                elif c in '"\\/bfnrt':
+                    self.state = _STRING
+                else:
+                    self.state = _BAD
+                    break
+                i += 1
+                continue
+            if st == _UNICODE:
+                if c not in _HEX:
+                    self.state = _BAD
+                    break
+                self.uni += 1
+                if self.uni == 4:
+                    self.state = _STRING
+                i += 1
+                continue
+            if st == _LIT:
+                if c in _LITERAL_CHARS:
+                    self.lit += c
+                    i += 1
+                    continue
+                if not _LITERAL.fullmatch(self.lit):
+                    self.state = _BAD
+                    break
+                self.state, self.lit = _AFTER, ""
+                st = _AFTER
+            if c in " \t\r\n":
+                i += 1
+                continue
+            if st in (_VALUE, _ITEM_OR_END):
+                if st == _ITEM_OR_END and c == "]":
+                    self.stack.pop()
+                    self.state = _AFTER
+                elif not self.stack and c != "{":
+                    self.state = _BAD  # the top level must be an object
+                elif c == "{":
+                    self.stack.append("}")
+                    self.state = _KEY_OR_END
+                elif c == "[":
+                    self.stack.append("]")
+                    self.state = _ITEM_OR_END
+                elif c == '"':
+                    self.state, self.in_key = _STRING, False
+                elif c in _LITERAL_CHARS:
+                    self.state, self.lit, self.held = _LIT, c, base + i
+                else:
+                    self.state = _BAD
+            elif st in (_KEY_OR_END, _KEY):
+                if c == '"':
+                    self.state, self.in_key = _STRING, True
+                elif c == "}" and st == _KEY_OR_END:
+                    self.stack.pop()
+                    self.state = _AFTER
+                else:
+                    self.state = _BAD
+            elif st == _COLON:
+                self.state = _VALUE if c == ":" else _BAD
+            elif st == _AFTER:
+                if not self.stack:
+                    self.state = _BAD  # trailing text after the object
+                elif c == ",":
+                    self.state = _KEY if self.stack[-1] == "}" else _VALUE
+                elif c == self.stack[-1]:
+                    self.stack.pop()
+                else:
+                    self.state = _BAD
+            if self.state == _BAD:
+                break
+            i += 1
+        self.fed = base + n
+        if self.state in (_LIT, _ESCAPE, _UNICODE) or (self.state == _BAD and self.lit):
+            self.safe = self.held  # a literal or escape not yet known to be valid is held back
+        elif self.state == _BAD:
+            self.safe = base + i
+        else:
+            self.safe = self.fed
+        return self.safe
+
+    def closing(self) -> str:
+        """Text that turns the fed prefix (ending in a clean state) into a complete object."""
+        tail = {_STRING: '"' + (":null" if self.in_key else ""), _COLON: ":null", _VALUE: "null",
+                _KEY: '"_":null'}.get(self.state, "")
+        if self.state == _VALUE and not self.stack:
+            return "{}"
+        return tail + "".join(reversed(self.stack))
+
+
+_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", re.S)
+
+
+def repair_arguments(text: str) -> Optional[str]:
+    """Arguments as the model wrote them -> JSON text of an object, or None when beyond repair.
+    Handles: empty, code fences, trailing text, a double-encoded string, missing closing braces,
+    single quotes / Python literals."""
+    s = text.strip()
+    if not s:
+        return "{}"
+    fence = _FENCE.match(s)
+    if fence:
+        s = fence.group(1).strip()
+    try:
+        value = json.loads(s)
+        if isinstance(value, dict):
+            return s
+        if isinstance(value, str):
+            inner = json.loads(value)
+            return dumps(inner) if isinstance(inner, dict) else None
+        return None
+    except ValueError:
+        pass
+    start = s.find("{")
+    if start >= 0:
+        try:
+            value, end = json.JSONDecoder().raw_decode(s, start)
+            if isinstance(value, dict):
+                return s[start:end]
+        except ValueError:
+            pass
+        checker = JsonPrefix()
+        checker.feed(s[start:])
+        if not checker.broken and checker.state not in (_ESCAPE, _UNICODE) and (
+                checker.state != _LIT or _LITERAL.fullmatch(checker.lit)):
+            candidate = s[start:] + checker.closing()
+            try:
+                if isinstance(json.loads(candidate), dict):
+                    return candidate
+            except ValueError:
+                pass
+    try:
+        import ast
+        py = re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", re.sub(r"\bnull\b", "None", s)))
+        value = ast.literal_eval(py)
+        if isinstance(value, dict):
+            return dumps(value)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        pass
+    return None
+
+
+class _Call:
+    __slots__ = ("key", "id", "name", "args", "sent", "checker", "state")
+
+    def __init__(self, key: Any) -> None:
+        self.key, self.id, self.name, self.args, self.sent = key, "", "", "", 0
+        self.checker = JsonPrefix()
+        self.state = "pending"  # pending -> open -> done
+
+
+# --- the response fold ---------------------------------------------------------------------------
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+                "content_filter": "refusal", "end_turn": "end_turn", "max_tokens": "max_tokens"}
+SIGNATURE_PREFIX = "cpx1."
+
+
+def new_id(prefix: str, n: int = 24) -> str:
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    return prefix + "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def thinking_signature(text: str, keep_text: bool) -> str:
+    """A non-empty signature the proxy can read back. With display "omitted" the client never sees
+    the reasoning, so the signature carries it (compressed) to restore it exactly next turn."""
+    if keep_text:
+        return SIGNATURE_PREFIX
+    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(zlib.compress(text.encode(), 6)).decode()
+
+
+def reasoning_from_signature(signature: Optional[str]) -> str:
+    if not signature or not signature.startswith(SIGNATURE_PREFIX) or len(signature) == len(SIGNATURE_PREFIX):
+        return ""
+    try:
+        return zlib.decompress(base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX):]),
+                               bufsize=1 << 16).decode()
+    except (ValueError, zlib.error, UnicodeDecodeError):
+        return ""
+
+
+class EventBuilder:
+    """Backend deltas in, Anthropic stream events out: a pure state machine (no I/O).
+
+    Call start(), then text()/thinking()/tool()/finish()/usage() as the backend's data arrives,
+    then end(); after each call, `take()` returns the events produced so far as (name, payload).
+    One block is open at a time and indexes count up across thinking, text and tool_use blocks.
+    A tool call streams its arguments live while they are a valid JSON prefix; calls that
+    interleave with the open one are buffered and emitted whole when it closes."""
+
+    def __init__(self, msg_id: str, model: str, input_estimate: int, *,
+                 tool_names: Optional[dict[str, str]] = None, show_thinking: bool = True) -> None:
+        self.msg_id, self.model, self.input_estimate = msg_id, model, input_estimate
+        self.tool_names = tool_names or {}
+        self.show_thinking = show_thinking
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.index = -1
+        self.open: Optional[str] = None  # "text" | "thinking" | "tool"
+        self.thinking_parts: list[str] = []
+        self.calls: dict[Any, _Call] = {}
+        self.active: Optional[_Call] = None
+        self.last_key: Any = None
+        self.ids: set[str] = set()
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Optional[str] = None  # final, set by end()
+        self.stop_sequence: Optional[str] = None
+        self.finished = False  # the backend said it was done (finish_reason / done / [DONE])
+        self.tool_blocks = 0
+        self.out_chars = 0
+        self.usage_in: Optional[int] = None
+        self.usage_out: Optional[int] = None
+        self.cache_read = 0
+
+    def take(self) -> list[tuple[str, dict[str, Any]]]:
+        events, self.events = self.events, []
+        return events
+
+    def start(self) -> None:
+        self.events.append(("message_start", {"type": "message_start", "message": {
+            "id": self.msg_id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.input_estimate, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 1}}}))
+
+    # -- blocks --
+    def _open(self, kind: str, block: dict[str, Any]) -> None:
+        self._close()
+        self.index += 1
+        self.open = kind
+        self.events.append(("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                    "content_block": block}))
+
+    def _delta(self, delta: dict[str, Any]) -> None:
+        self.events.append(("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                    "delta": delta}))
+
+    def _close(self) -> None:
+        if self.open is None:
+            return
+        if self.open == "thinking":
+            text = "".join(self.thinking_parts)
+            self.thinking_parts = []
+            self._delta({"type": "signature_delta", "signature": thinking_signature(text, self.show_thinking)})
+        elif self.open == "tool":
+            self._finish_call(self.active)
+            self.active = None
+        self.events.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        self.open = None
+
+    def text(self, text: str) -> None:
+        if not text:
+            return
+        if self.open != "text":
+            self._open("text", {"type": "text", "text": ""})
+        self.out_chars += len(text)
+        self._delta({"type": "text_delta", "text": text})
+
+    def thinking(self, text: str) -> None:
+        if not text:
+            return
+        if self.open != "thinking":
+            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        self.out_chars += len(text)
+        self.thinking_parts.append(text)
+        if self.show_thinking:
+            self._delta({"type": "thinking_delta", "thinking": text})
+
+    # -- tool calls --
+    def tool(self, key: Any, call_id: Optional[str], name: Optional[str], arguments: Any) -> None:
+        """One tool-call fragment. key: the backend's index (None when it gives none)."""
+        if key is None:  # servers that omit `index`: a new id starts a new call
+            last = self.calls.get(self.last_key)
+            key = self.last_key if self.last_key is not None else 0
+            if call_id and last is not None and last.id and call_id != last.id:
+                key = ("auto", len(self.calls))
+        call = self.calls.get(key)
+        if call is None or call.state == "done" and (call_id and call_id != call.id):
+            if call is not None:  # the same index reused for a new call after the old one closed
+                key = (key, len(self.calls))
+            call = self.calls[key] = _Call(key)
+        self.last_key = key
+        if call_id and not call.id:
+            call.id = call_id
+        if name and not call.name:
+            call.name = name
+        if arguments is not None and not isinstance(arguments, str):
+            arguments = dumps(arguments)
+        if arguments:
+            if len(call.args) >= 2 and arguments.startswith(call.args):
+                arguments = arguments[len(call.args):]  # a server that sends cumulative snapshots
+            call.args += arguments
+        if call.state == "done":
+            if arguments:
+                warn_once("tool call arguments arrived after the call's block was closed; ignored")
+            return
+        if call is self.active:
+            self._stream_args(call)
+        elif call.name and (self.active is None or self.active.checker.complete):
+            self._start_call(call)
+
+    def _start_call(self, call: _Call) -> None:
+        name = self.tool_names.get(call.name, call.name)
+        if not call.id or call.id in self.ids or len(call.id) < 8:
+            call.id = new_id("toolu_")
+        self.ids.add(call.id)
+        self._open("tool", {"type": "tool_use", "id": call.id, "name": name, "input": {}})
+        call.state = "open"
+        self.active = call
+        self.tool_blocks += 1
+        self._stream_args(call)
+
+    def _stream_args(self, call: _Call) -> None:
+        if len(call.args) == call.checker.fed:
+            return
+        safe = call.checker.feed(call.args[call.checker.fed:])
+        if safe > call.sent:
+            self._delta({"type": "input_json_delta", "partial_json": call.args[call.sent:safe]})
+            self.out_chars += safe - call.sent
+            call.sent = safe
+
+    def _finish_call(self, call: Optional[_Call]) -> None:
+        """Close the open call's JSON: deliver the rest of its repaired arguments (or `{}`)."""
+        if call is None:
+            return
+        call.state = "done"
+        self._stream_args(call)
+        sent = call.args[:call.sent]
+        if call.checker.complete and call.sent == len(call.args.rstrip()):
+            return
+        repaired = repair_arguments(call.args)
+        if repaired is None:
+            log.warning("tool %s: arguments are not valid JSON and could not be repaired; "
+                        "delivering what was valid", call.name)
+        if repaired is not None and repaired.startswith(sent):
+            rest = repaired[len(sent):]
+        else:
+            check = JsonPrefix()
+            check.feed(sent)
+            rest = check.closing()
+            if repaired is not None:
+                log.warning("tool %s: repaired arguments differ from what was streamed; closed the streamed part",
+                            call.name)
+        if rest:
+            self._delta({"type": "input_json_delta", "partial_json": rest})
+
+    # -- the end --
+    def finish(self, reason: Optional[str], stop_sequence: Optional[str] = None) -> None:
+        self.finished = True
+        if reason:
+            self.finish_reason = STOP_REASONS.get(reason, "end_turn")
+        if stop_sequence:
+            self.finish_reason, self.stop_sequence = "stop_sequence", stop_sequence
+
+    def usage(self, input_tokens: Optional[int], output_tokens: Optional[int], cache_read: int = 0) -> None:
+        if input_tokens is not None:
+            self.usage_in = max(0, input_tokens - cache_read)
+            self.cache_read = cache_read
+        if output_tokens is not None:
+            self.usage_out = output_tokens
+
+    def end(self) -> None:
+        self._close()
+        for call in self.calls.values():  # calls that could not stream live go out whole, in order
+            if call.state == "pending":
+                if not call.name:
+                    log.warning("dropping a tool call without a name (arguments %r)", call.args[:200])
+                    continue
+                self._start_call(call)
+                self._close()
+        stop = self.finish_reason or "end_turn"
+        if self.tool_blocks and stop != "max_tokens":
+            stop = "tool_use"
+        self.stop_reason = stop
+        usage = {"input_tokens": self.usage_in if self.usage_in is not None else self.input_estimate,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": self.cache_read,
+                 "output_tokens": self.usage_out if self.usage_out is not None else max(1, self.out_chars // 4)}
+        self.events.append(("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": stop, "stop_sequence": self.stop_sequence}, "usage": usage}))
+        self.events.append(("message_stop", {"type": "message_stop"}))
+
+
+def fold_events(events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Anthropic stream events -> the Message they describe (what the SDK's accumulator does)."""
+    message: dict[str, Any] = {}
+    parts: list[list[str]] = []
+    for name, data in events:
+        if name == "message_start":
+            message = dict(data["message"], content=[])
+            message["usage"] = dict(message["usage"])
+        elif name == "content_block_start":
+            message["content"].append(dict(data["content_block"]))
+            parts.append([])
+        elif name == "content_block_delta":
+            delta = data["delta"]
+            kind = delta["type"]
+            if kind == "signature_delta":
+                message["content"][data["index"]]["signature"] = delta["signature"]
+            else:
+                parts[data["index"]].append(delta.get("text") or delta.get("thinking") or delta.get("partial_json", ""))
+        elif name == "content_block_stop":
+            block = message["content"][data["index"]]
+            joined = "".join(parts[data["index"]])
+            if block["type"] == "text":
+                block["text"] = joined
+            elif block["type"] == "thinking":
+                block["thinking"] = joined
+            elif block["type"] == "tool_use":
+                block["input"] = json.loads(joined) if joined else {}
+        elif name == "message_delta":
+            message.update(data["delta"])
+            message["usage"].update(data["usage"])
+    return message
+
+
+def sse(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+    return "".join(f"event: {name}\ndata: {dumps(data)}\n\n" for name, data in events).encode()
+
+
+# --- backend payloads -> builder calls (one function per provider, both pure) ---------------------
+
+def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
+    """One Chat Completions object (a stream chunk, or a whole non-streaming response)."""
+    error = obj.get("error")
+    if error:
+        raise stream_error(error)
+    usage = obj.get("usage")
+    if usage:
+        details = usage.get("prompt_tokens_details") or {}
+        ev.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("cached_tokens") or 0)
+    for choice in obj.get("choices") or ():
+        if choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta") or choice.get("message") or {}
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if not reasoning and delta.get("reasoning_details"):
+            reasoning = "".join(d.get("text") or d.get("summary") or "" for d in delta["reasoning_details"]
+                                if isinstance(d, dict))
+        if reasoning:
+            ev.thinking(reasoning)
+        content = delta.get("content")
+        if content:
+            ev.text(content if isinstance(content, str) else "".join(
+                p.get("text", "") for p in content if isinstance(p, dict)))
+        for i, call in enumerate(delta.get("tool_calls") or ()):
+            fn = call.get("function") or {}
+            key = call.get("index", None if "delta" in choice else i)
+            ev.tool(key, call.get("id"), fn.get("name"), fn.get("arguments"))
+        finish = choice.get("finish_reason")
+        if finish:
+            stop = choice.get("stop_reason")  # vLLM: the stop string that matched
+            ev.finish(finish, stop if isinstance(stop, str) and finish == "stop" else None)
+
+
+def ollama_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
+    """One /api/chat object (an NDJSON line, or the whole non-streaming response)."""
+    error = obj.get("error")
+    if error:
+        raise stream_error(error)
+    message = obj.get("message") or {}
+    if message.get("thinking"):
+        ev.thinking(message["thinking"])
+    if message.get("content"):
+        ev.text(message["content"])
+    for i, call in enumerate(message.get("tool_calls") or ()):
+        fn = call.get("function") or {}
+        ev.tool(("ollama", len(ev.calls)), call.get("id"), fn.get("name"),
+                fn.get("arguments") if fn.get("arguments") is not None else {})
+    if obj.get("done"):
+        ev.usage(obj.get("prompt_eval_count"), obj.get("eval_count"))
+        ev.finish(obj.get("done_reason") or "stop")
+
+
+def stream_error(error: Any) -> ApiError:
+    """An error object inside a backend stream -> the ApiError for `event: error`."""
+    if isinstance(error, dict):
+        message = str(error.get("message") or error)
+        kind = str(error.get("type") or "")
+    else:
+        message, kind = str(error), ""
+    overloaded = any(w in (message + kind).lower() for w in ("overload", "capacity", "queue", "unavailable"))
+    return ApiError(529 if overloaded else 500, f"backend error during the stream: {message}"[:2000])
+
+
+# ======================================================================================
+# 5. PROVIDERS
+# ======================================================================================
+# A provider is small: where to POST, how the stream is framed, which pure functions build
+# the body and decode the answer, and how to list models. All I/O is shared (section 6).
+
+class Provider:
+    name: str
+    chat_path: str
+    models_path: str
+    framing: str  # "sse" or "ndjson"
+    decode = staticmethod(openai_decode)
+
+    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
+        """-> (backend body, backend tool name -> client tool name for names the backend renamed)."""
+        raise NotImplementedError
+
+    def models(self, data: Any) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class OpenAIProvider(Provider):
+    name, chat_path, models_path, framing = "openai", "/chat/completions", "/models", "sse"
+    decode = staticmethod(openai_decode)
+
+    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
+        official = "api.openai.com" in route.base_url
+        history = route.reasoning_history
+        if history is None:  # DeepSeek's thinking mode rejects tool turns without their reasoning
+            history = "deepseek" in route.base_url or "deepseek" in route.model.lower()
+        body = openai_request(conv, req, route, official=official, reasoning_history=history)
+        renamed = {openai_tool_name(t.name): t.name for t in conv.tools if openai_tool_name(t.name) != t.name}
+        return body, renamed
+
+    def models(self, data: Any) -> list[dict[str, Any]]:
+        return [{"name": m["id"], "context_window": m.get("max_model_len")}
+                for m in (data or {}).get("data") or () if isinstance(m, dict) and m.get("id")]
+
+
+class OllamaProvider(Provider):
+    name, chat_path, models_path, framing = "ollama", "/api/chat", "/api/tags", "ndjson"
+    decode = staticmethod(ollama_decode)
+
+    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
+        return ollama_request(conv, req, route), {}
+
+    def models(self, data: Any) -> list[dict[str, Any]]:
+        return [{"name": m["name"], "size": m.get("size")}
+                for m in (data or {}).get("models") or () if isinstance(m, dict) and m.get("name")]
+
+
+PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": OllamaProvider()}
+
+# Fields a backend may reject for a model; on a 400 that names one, it is dropped (and remembered).
+OPTIONAL_FIELDS = ("reasoning_effort", "response_format", "top_k", "parallel_tool_calls", "user",
+                   "think", "format", "stream_options")
+_CONTEXT_PATTERNS = [
+    # OpenAI / vLLM: "maximum context length is 8192 tokens. However, you requested 9000 tokens"
+    re.compile(r"maximum context length is (\d+) tokens.*?(?:resulted in|requested|has) (\d+)", re.S | re.I),
+    # llama.cpp: "request (9000 tokens) exceeds the available context size (8192 tokens)"
+    re.compile(r"\((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", re.I),
+]
+
+
+def backend_error_text(raw: bytes) -> str:
+    """The backend's own error message from whatever body it sent (OpenAI, vLLM, Ollama, HTML, text)."""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
+        text = title.group(1) if title else re.sub(r"<[^>]+>", " ", text)
+        return " ".join(text.split())[:500] or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            return str(error.get("message") or error.get("detail") or dumps(error))[:2000]
+        return str(error)[:2000]
+    return text[:500]
+
+
+def map_backend_error(status: int, message: str, retry_after: Optional[str] = None) -> ApiError:
+    """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint)."""
+    lowered = message.lower()
+    if status in (400, 413, 422) and ("context" in lowered or "too long" in lowered):
+        for pattern in _CONTEXT_PATTERNS:
+            match = pattern.search(message)
+            if match:
+                a, b = int(match.group(1)), int(match.group(2))
+                limit, used = (a, b) if pattern is _CONTEXT_PATTERNS[0] else (b, a)
+                return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", retry=False)
+        if "context_length_exceeded" in lowered or "exceeds the available context" in lowered:
+            return ApiError(400, f"prompt is too long: {message}", retry=False)
+    text = f"backend returned HTTP {status}: {message}"
+    if status == 401:
+        return ApiError(401, f"the backend rejected the proxy's API key (PROVIDER_API_KEY): {message}", retry=False)
+    if status in (400, 403, 404, 413):
+        return ApiError(status, text, retry=False)
+    if status == 422:
+        return ApiError(400, text, retry=False)
+    if status == 429:
+        return ApiError(429, text, retry=True, retry_after=retry_after)
+    if status in (503, 529):
+        return ApiError(529, text, retry=True, retry_after=retry_after)
+    if status in (408, 504):
+        return ApiError(504, text, retry=True)
+    if status >= 500:
+        return ApiError(502 if status == 502 else 500, text)
+    return ApiError(400, text, retry=False)
+
+
+# ======================================================================================
+# 6. STREAMING AND BACKEND I/O
+# ======================================================================================
+
+@dataclass
+class Job:
+    """One client request, translated and ready to send."""
+
+    req: MessagesRequest
+    route: Route
+    provider: Provider
+    body: dict[str, Any]
+    builder: EventBuilder
+    request_id: str
+    info: dict[str, Any]  # for the request's log line
+
+
+def public_url(url: str) -> str:
+    """A URL safe to show in logs and errors: no user:password@."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
+class Backend:
+    """The shared HTTP client, model discovery, and what each backend model was seen to reject."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.session: Optional[aiohttp.ClientSession] = None
+        self.rejected: dict[tuple[str, str], set[str]] = {}
+        self.discovered: dict[str, str] = {}  # family -> backend model (zero-config)
+        self.backend_models: list[str] = []
+        self._discovered_at = 0.0
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                             timeout=self.timeout(), json_serialize=dumps)
+
+    def timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
+                                     sock_read=self.config.timeout)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def headers(self, route: Route, request_id: str) -> dict[str, str]:
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        if route.api_key:
+            headers["authorization"] = f"Bearer {route.api_key}"
+        return headers
+
+    async def discover(self, *, force: bool = False) -> None:
+        """Zero-config: ask the backend which models it has (at start, and on demand when a
+        request maps to nothing; at most every 5 s)."""
+        if not force and time.monotonic() - self._discovered_at < 5:
+            return
+        self._discovered_at = time.monotonic()
+        config = self.config
+        provider = PROVIDER_IMPLS[config.provider]
+        url = config.base_url + provider.models_path
+        assert self.session is not None
+        try:
+            async with self.session.get(url, headers=self.headers(config.default_route(""), new_id("req_")),
+                                        timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                if resp.status != 200:
+                    log.warning("backend %s answered HTTP %d to %s", public_url(config.base_url), resp.status,
+                                provider.models_path)
+                    return
+                models = provider.models(await resp.json(content_type=None, loads=loads))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            log.warning("backend %s is unreachable (%s); the proxy is up and will retry on demand",
+                        public_url(config.base_url), type(exc).__name__)
+            return
+        self.backend_models = [m["name"] for m in models]
+        self.discovered = pick_models(models)
+        if self.discovered:
+            log.info("backend models: %s; unmapped Claude models go to %s (haiku-class: %s)",
+                     ", ".join(self.backend_models[:20]), self.discovered["*"], self.discovered["haiku"])
+        else:
+            log.warning("backend %s lists no models", public_url(config.base_url))
+
+    async def route(self, model: str) -> Route:
+        config = self.config
+        route = resolve_route(config, model, self.discovered)
+        if route is None and model in self.backend_models:
+            route = config.default_route(model)
+        if route is None and config.discover and not config.default_model:
+            await self.discover()
+            route = resolve_route(config, model, self.discovered)
+        if route is None:
+            raise ApiError(400, f"model {model!r} is not mapped to a backend model: add it to the model map "
+                                f"(--model-map / MODEL_MAP_JSON, e.g. {{\"{model}\": \"qwen3-coder\"}}) or set a "
+                                "default with --model / DEFAULT_MODEL", retry=False)
+        return route
+
+    async def open(self, job: Job) -> aiohttp.ClientResponse:
+        """POST the job to its backend; return the 2xx response, or raise the mapped ApiError.
+        Connection failures before any response byte are retried; HTTP errors and timeouts are not."""
+        assert self.session is not None
+        route, body = job.route, job.body
+        url = route.base_url + job.provider.chat_path
+        memory = self.rejected.setdefault((route.base_url, route.model), set())
+        for name in memory & body.keys():
+            del body[name]
+        attempt = 0
+        while True:
+            try:
+                resp = await self.session.post(url, data=dumps(body).encode(),
+                                               headers=self.headers(route, job.request_id))
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientOSError) as exc:
+                if attempt < self.config.retries:
+                    attempt += 1
+                    job.info["retries"] = attempt
+                    await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
+                    continue
+                raise ApiError(502, f"backend {public_url(route.base_url)} is unreachable: "
+                                    f"{type(exc).__name__}: {exc}"[:500], retry=True) from None
+            except asyncio.TimeoutError:
+                raise ApiError(504, f"backend {public_url(route.base_url)} did not answer within "
+                                    f"{self.config.timeout:g} s", retry=True) from None
+            except aiohttp.ClientError as exc:
+                raise ApiError(502, f"backend request failed: {type(exc).__name__}: {exc}"[:500], retry=True) from None
+            if resp.status < 300:
+                return resp
+            try:
+                raw = await resp.content.read(1 << 20)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                raw = b""
+            finally:
+                resp.release()
+            message = backend_error_text(raw)
+            if resp.status in (400, 422):
+                rejected = next((f for f in OPTIONAL_FIELDS if f in body and (
+                    f in message or (f == "think" and "thinking" in message))), None)
+                if rejected:
+                    memory.add(rejected)
+                    del body[rejected]
+                    log.warning("backend model %s rejected %r; sending requests without it from now on",
+                                route.model, rejected)
+                    continue
+            raise map_backend_error(resp.status, message, resp.headers.get("retry-after"))
+
+
+async def pump(resp: aiohttp.ClientResponse, job: Job, emit: Any) -> None:
+    """Read the backend's answer as it arrives, decode each SSE data line / NDJSON line (or a whole
+    JSON body from a server that ignored `stream`), fold it into events, and emit them per read."""
+    ev, decode = job.builder, job.provider.decode
+    ctype = resp.headers.get("content-type", "")
+    if "json" in ctype and "ndjson" not in ctype:  # a non-streaming answer
+        decode(_json_or_error(await resp.read()), ev)
+        ev.finished = True
+        ev.end()
+        await emit(ev.take())
+        return
+    sse_framing = job.provider.framing == "sse"
+    buf = b""
+    done = False
+    async for data in resp.content.iter_any():
+        buf += data
+        if b"\n" not in data:
+            if len(buf) > 64 << 20:
+                raise ApiError(502, "backend sent a line longer than 64 MiB")
+            continue
+        lines = buf.split(b"\n")
+        buf = lines.pop()
+        for line in lines:
+            if sse_framing:
+                if not line.startswith(b"data:"):
+                    continue
+                line = line[5:].strip()
+                if line == b"[DONE]":
+                    done = True
+                    break
+            elif not line.strip():
+                continue
+            decode(_json_or_error(line), ev)
+        events = ev.take()
+        if events:
+            await emit(events)
+        if done:
+            break
+    if buf.strip() and not done:
+        tail = buf.strip()
+        if sse_framing and tail.startswith(b"data:"):
+            tail = tail[5:].strip()
+        if tail == b"[DONE]":
+            done = True
+        else:
+            decode(_json_or_error(tail), ev)
+    if not (ev.finished or done):
+        raise ApiError(502, "backend stream ended before the answer was complete (connection closed early)")
+    ev.end()
+    await emit(ev.take())
+
+
+def _json_or_error(raw: bytes) -> Any:
+    try:
+        obj = loads(raw)
+    except ValueError:
+        raise ApiError(502, f"backend sent malformed JSON: {raw[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(502, f"backend sent unexpected JSON: {raw[:200]!r}")
+    return obj
+
+
+def _mid_stream_error(exc: BaseException, config: Config) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError):
+        return ApiError(504, f"backend sent nothing for {config.timeout:g} s", retry=True)
+    return ApiError(502, f"backend connection lost: {type(exc).__name__}: {exc}"[:500], retry=True)
+
+
+async def complete(backend: Backend, job: Job) -> dict[str, Any]:
+    """Non-streaming: stream from the backend anyway (no first-byte timeout on long answers), fold."""
+    resp = await backend.open(job)
+    job.builder.start()
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def collect(batch: list[tuple[str, dict[str, Any]]]) -> None:
+        events.extend(batch)
+
+    try:
+        await pump(resp, job, collect)
+    except (ApiError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        resp.close()
+        raise _mid_stream_error(exc, backend.config) from None
+    resp.release()
+    message = fold_events(events)
+    job.info.update(stop=message.get("stop_reason"), usage=message.get("usage"))
+    return message
+
+
+PING = sse([("ping", {"type": "ping"})])
+
+
+async def stream(request: web.Request, backend: Backend, job: Job) -> web.StreamResponse:
+    """Streaming: open the client's stream as soon as the backend answers 2xx, ping while it is
+    silent, forward every read as it arrives, end with `event: error` if the backend fails."""
+    resp = await backend.open(job)
+    out = web.StreamResponse(status=200, headers={
+        "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
+        "request-id": job.request_id, "x-accel-buffering": "no"})
+    task = asyncio.current_task()
+    state = {"last": time.monotonic(), "gone": False}
+    interval = backend.config.ping_interval
+
+    async def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
+        if "ttft" not in job.info:
+            job.info["ttft"] = time.monotonic()
+        await out.write(sse(events))
+        state["last"] = time.monotonic()
+
+    async def pinger() -> None:
+        while True:
+            await asyncio.sleep(min(1.0, interval))
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                state["gone"] = True
+                task.cancel()
+                return
+            if time.monotonic() - state["last"] >= interval:
+                state["last"] = time.monotonic()
+                await out.write(PING)
+
+    ping_task = None
+    ok = False
+    try:
+        await out.prepare(request)
+        job.builder.start()
+        await out.write(sse(job.builder.take()) + PING)
+        ping_task = asyncio.create_task(pinger())
+        try:
+            await pump(resp, job, emit)
+            ok = True
+        except (ApiError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            error = _mid_stream_error(exc, backend.config)
+            job.info["error"] = error.message
+            await out.write(sse([("error", error.body())]))
+        await out.write_eof()
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        task.uncancel()
+        job.info["error"] = "client disconnected"
+    except ConnectionError:
+        job.info["error"] = "client disconnected"
+    finally:
+        if ping_task is not None:
+            ping_task.cancel()
+        if ok:
+            resp.release()
+        else:
+            resp.close()  # the backend sees its connection closed and stops generating
+    if ok:
+        job.info.update(stop=job.builder.stop_reason, usage={
+            "input_tokens": job.builder.usage_in, "output_tokens": job.builder.usage_out})
+    return out
+
+
+# ======================================================================================
+# 7. HTTP APP
+# ======================================================================================
+
+BACKEND: web.AppKey[Backend] = web.AppKey("backend", Backend)
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+OPEN_PATHS = ("/health", "/", "/api/hello")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def error_response(error: ApiError, request_id: str) -> web.Response:
+    headers = error.headers()
+    headers["request-id"] = request_id
+    return web.Response(status=error.status, text=dumps(error.body(request_id)),
+                        content_type="application/json", headers=headers)
+
+
+def json_response(data: Any, request_id: str) -> web.Response:
+    return web.Response(text=dumps(data), content_type="application/json", headers={"request-id": request_id})
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    given = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Request ids, inbound auth, Anthropic-shaped errors for everything, one log line per request."""
+    incoming = request.headers.get("x-request-id", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else new_id("req_")
+    request["request_id"] = request_id
+    info: dict[str, Any] = {}
+    request["info"] = info
+    started = time.monotonic()
+    config = request.app[CONFIG]
+    try:
+        if config.auth_token and request.path not in OPEN_PATHS and not _authorized(request, config.auth_token):
+            raise ApiError(401, "invalid x-api-key: this proxy requires its --auth-token", retry=False)
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc, request_id)
+        info["error"] = exc.message
+    except web.HTTPException as exc:
+        if exc.status == 405:
+            error = ApiError(405, f"method {request.method} is not allowed for {request.path}", retry=False)
+        elif exc.status == 413:
+            error = ApiError(413, f"request body is larger than {config.max_body_bytes} bytes", retry=False)
+        elif exc.status == 404:
+            error = ApiError(404, f"not found: {request.method} {request.path}", retry=False)
+        else:
+            error = ApiError(exc.status, exc.reason or "error")
+        response = error_response(error, request_id)
+    except Exception:  # a bug: never a traceback to the client, always one in the log
+        log.exception("internal error handling %s %s", request.method, request.path)
+        response = error_response(ApiError(500, "internal proxy error (see the proxy's log)"), request_id)
+    if not response.prepared:
+        response.headers.setdefault("request-id", request_id)
+    if request.path.startswith("/v1/messages") or response.status >= 400:
+        log_request(request, response.status, started, info)
+    return response
+
+
+def log_request(request: web.Request, status: int, started: float, info: dict[str, Any]) -> None:
+    usage = info.get("usage") or {}
+    parts = [f"{request.method} {request.path}", f"status={status}"]
+    if "model" in info:
+        parts.append(f"model={info['model']}->{info['backend_model']} ({info['provider']})")
+        parts.append(f"stream={info['stream']}")
+    if "ttft" in info:
+        parts.append(f"ttft={(info['ttft'] - started) * 1000:.0f}ms")
+    parts.append(f"time={(time.monotonic() - started) * 1000:.0f}ms")
+    if usage:
+        parts.append(f"tokens={usage.get('input_tokens')}/{usage.get('output_tokens')}")
+    if info.get("stop"):
+        parts.append(f"stop={info['stop']}")
+    if info.get("retries"):
+        parts.append(f"retries={info['retries']}")
+    if info.get("error"):
+        parts.append(f"error={info['error'][:300]!r}")
+    log.info("[%s] %s", request["request_id"], " ".join(parts))
+
+
+async def read_json(request: web.Request) -> Any:
+    ctype = request.headers.get("content-type", "application/json")
+    if "json" not in ctype.lower():
+        raise ApiError(400, f"content-type must be application/json, got {ctype!r}"[:200], retry=False)
+    raw = await request.read()
+    try:
+        return loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}"[:300], retry=False) from None
+
+
+async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
+    """Route the request and translate it (all translation is in the pure functions above)."""
+    backend = request.app[BACKEND]
+    config = request.app[CONFIG]
+    route = await backend.route(req.model)
+    provider = PROVIDER_IMPLS[route.provider]
+    conv = build_conversation(req, config.system_messages)
+    body, tool_names = provider.body(conv, req, route)
+    show_thinking = not (req.thinking and req.thinking.display == "omitted")
+    builder = EventBuilder(new_id("msg_"), req.model, count_request_tokens(req), tool_names=tool_names,
+                           show_thinking=show_thinking)
+    info = request["info"]
+    info.update(model=req.model, backend_model=route.model, provider=route.provider, stream=bool(req.stream))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("[%s] backend request to %s: %s", request["request_id"], public_url(route.base_url),
+                  dumps(body)[:20000])
+    return Job(req, route, provider, body, builder, request["request_id"], info)
+
+
+async def handle_messages(request: web.Request) -> web.StreamResponse:
+    req = parse_request(await read_json(request))
+    job = await prepare_job(request, req)
+    if req.stream:
+        return await stream(request, request.app[BACKEND], job)
+    return json_response(await complete(request.app[BACKEND], job), job.request_id)
+
+
+async def handle_count_tokens(request: web.Request) -> web.Response:
+    req = parse_request(await read_json(request), count_only=True)
+    return json_response({"input_tokens": count_request_tokens(req)}, request["request_id"])
+
+
+def model_list(config: Config, backend: Backend) -> list[dict[str, Any]]:
+    names = [n for n in config.model_map if not _GLOB_CHARS.search(n)]
+    if config.default_model:
+        names.append(config.default_model)
+    names.extend(backend.backend_models)
+    seen: dict[str, None] = dict.fromkeys(names)
+    return [{"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+            for name in seen]
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    models = model_list(request.app[CONFIG], request.app[BACKEND])
+    ids = [m["id"] for m in models]
+    query = request.query
+    try:
+        limit = max(1, min(1000, int(query.get("limit", "20"))))
+    except ValueError:
+        raise ApiError(400, "limit: expected an integer", retry=False) from None
+    start, end = 0, len(models)
+    if query.get("after_id") in ids:
+        start = ids.index(query["after_id"]) + 1
+    if query.get("before_id") in ids:
+        end = ids.index(query["before_id"])
+        start = max(start, end - limit)
+    page = models[start:end][:limit]
+    return json_response({"data": page, "has_more": start + len(page) < end,
+                          "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None}, request["request_id"])
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    for model in model_list(request.app[CONFIG], request.app[BACKEND]):
+        if model["id"] == model_id:
+            return json_response(model, request["request_id"])
+    raise ApiError(404, f"model: {model_id}", retry=False)
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"}, request["request_id"])
+
+
+async def handle_hello(request: web.Request) -> web.Response:
+    return web.Response(status=200, headers={"request-id": request["request_id"]})
+
+
+def create_app(config: Optional[Config] = None) -> web.Application:
+    """The aiohttp Application (also for other servers: gunicorn, aiohttp.web.run_app, tests)."""
+    config = config or load_config([])
+    app = web.Application(middlewares=[middleware], client_max_size=config.max_body_bytes)
+    backend = Backend(config)
+    app[CONFIG] = config
+    app[BACKEND] = backend
+
+    async def startup(app: web.Application) -> None:
+        await backend.start()
+        if config.discover and not config.default_model:
+            await backend.discover(force=True)
+
+    async def cleanup(app: web.Application) -> None:
+        await backend.close()
+
+    app.on_startup.append(startup)
+    app.on_cleanup.append(cleanup)
+    app.router.add_post("/v1/messages", handle_messages)
+    app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/v1/models/{model_id}", handle_model)
+    app.router.add_get("/health", handle_health)
+    for path in ("/", "/api/hello"):
+        app.router.add_route("HEAD", path, handle_hello)
+        app.router.add_get(path, handle_hello, allow_head=False)
+    return app
+
+
+# ======================================================================================
+# 8. CLI
+# ======================================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="claude_proxy.py",
+        description="Serve Anthropic's Messages API (for Claude Code and the Anthropic SDKs) on top of an "
+                    "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
+                    "variable in brackets, or in a .env file in the working directory (flags win, then the "
+                    "environment, then .env, then the defaults).")
+    p.add_argument("--host", help="address to listen on [HOST] (default 127.0.0.1; anything else exposes "
+                                  "the proxy to the network)")
+    p.add_argument("--port", help="port to listen on [PORT] (default 8080)")
+    p.add_argument("--provider", help="backend kind: openai (any Chat Completions server) or ollama (native "
+                                      "/api/chat) [PROVIDER] (default ollama)")
+    p.add_argument("--base-url", help="backend base URL [PROVIDER_BASE_URL] (default http://127.0.0.1:11434 for "
+                                      "ollama, http://127.0.0.1:8000/v1 for openai: give OpenAI URLs with their /v1)")
+    p.add_argument("--api-key", help="key sent to the backend as 'Authorization: Bearer' [PROVIDER_API_KEY]; "
+                                     "the client's own key is never forwarded")
+    p.add_argument("--model", help="backend model for client models the map does not name [DEFAULT_MODEL]")
+    p.add_argument("--model-map", help="JSON file mapping client model names or glob patterns to backend "
+                                       "models [MODEL_MAP_FILE]; MODEL_MAP_JSON may hold the same JSON inline")
+    p.add_argument("--timeout", help="seconds to wait for the backend's first byte and between chunks "
+                                     "[PROVIDER_TIMEOUT_MS, in milliseconds] (default 120)")
+    p.add_argument("--system-messages", help="what to do with role 'system' messages inside messages "
+                                             "[SYSTEM_MESSAGES]: reminder (default: wrap them in <system-reminder> "
+                                             "in the neighbouring user turn), hoist (append to the system prompt), "
+                                             "inline (keep a system message in place)")
+    p.add_argument("--retries", help="retries of connection failures before any byte [PROVIDER_RETRIES] (default 2)")
+    p.add_argument("--max-body-mb", help="largest request body in MiB [MAX_BODY_MB] (default 32)")
+    p.add_argument("--auth-token", help="require this key from clients (x-api-key or Authorization: Bearer) "
+                                        "[PROXY_AUTH_TOKEN]")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR [LOG_LEVEL] (default INFO; DEBUG logs "
+                                       "translated requests)")
+    p.add_argument("--version", action="version", version=f"claude-proxy {__version__}")
+    return p
+
+
+def load_config(argv: Optional[list[str]] = None, environ: Optional[dict[str, str]] = None,
+                dotenv_path: str = ".env") -> Config:
+    """Flags, then environment, then .env, then defaults. Raises ConfigError on bad values."""
+    args = build_parser().parse_args(argv)
+    env = dict(environ if environ is not None else os.environ)
+    if dotenv_path and os.path.isfile(dotenv_path):
+        for key, value in parse_dotenv(_read_file(dotenv_path)).items():
+            env.setdefault(key, value)
+            if environ is None:
+                os.environ.setdefault(key, value)
+
+    def pick(flag: Optional[str], *names: str) -> Optional[str]:
+        if flag is not None:
+            return flag
+        return next((env[n] for n in names if env.get(n)), None)
+
+    def number(value: Optional[str], what: str, default: float, scale: float = 1.0) -> float:
+        if value is None:
+            return default
+        try:
+            return float(value) * scale
+        except ValueError:
+            raise ConfigError(f"{what}: expected a number, got {value!r}") from None
+
+    timeout_ms = env.get("PROVIDER_TIMEOUT_MS")
+    timeout = number(args.timeout, "--timeout", 120.0) if args.timeout is not None else \
+        number(timeout_ms, "PROVIDER_TIMEOUT_MS", 120.0, 0.001)
+    port = pick(args.port, "PORT") or "8080"
+    if not port.isdigit():
+        raise ConfigError(f"bad port {port!r}: must be a number 1-65535")
+    return Config(
+        host=pick(args.host, "HOST") or "127.0.0.1",
+        port=int(port),
+        provider=(pick(args.provider, "PROVIDER") or "ollama").lower(),
+        base_url=pick(args.base_url, "PROVIDER_BASE_URL") or "",
+        api_key=pick(args.api_key, "PROVIDER_API_KEY"),
+        default_model=pick(args.model, "DEFAULT_MODEL"),
+        model_map=load_model_map(pick(args.model_map, "MODEL_MAP_FILE"), env.get("MODEL_MAP_JSON")),
+        timeout=timeout,
+        log_level=(pick(args.log_level, "LOG_LEVEL") or "INFO").upper(),
+        system_messages=pick(args.system_messages, "SYSTEM_MESSAGES") or "reminder",
+        retries=int(number(pick(args.retries, "PROVIDER_RETRIES"), "--retries", 2)),
+        max_body_bytes=int(number(pick(args.max_body_mb, "MAX_BODY_MB"), "--max-body-mb", 32) * 1024 * 1024),
+        auth_token=pick(args.auth_token, "PROXY_AUTH_TOKEN"),
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"claude-proxy: {exc}\n")
+        return 2
+    if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        sys.stderr.write(f"claude-proxy: unknown log level {config.log_level!r}\n")
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.auth_token:
+        log.warning("listening on %s without --auth-token: anyone who can reach this address can use the backend",
+                    config.host)
+    url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
+    print(f"claude-proxy {__version__} listening on {url} -> {config.provider} at {public_url(config.base_url)}\n"
+          f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=any claude", flush=True)
+    try:
+        web.run_app(create_app(config), host=config.host, port=config.port, print=None,
+                    access_log=None, shutdown_timeout=5)
+    except OSError as exc:
+        sys.stderr.write(f"claude-proxy: cannot listen on {url}: {exc.strerror}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
