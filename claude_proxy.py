@@ -1989,6 +1989,9 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
 BACKEND: web.AppKey[Backend] = web.AppKey("backend", Backend)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 OPEN_PATHS = ("/health", "/", "/api/hello")
+_RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.14; plain strings before
+REQUEST_ID: Any = _RequestKey("request_id", str) if _RequestKey else "request_id"
+INFO: Any = _RequestKey("info", dict) if _RequestKey else "info"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -2016,9 +2019,9 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Request ids, inbound auth, Anthropic-shaped errors for everything, one log line per request."""
     incoming = request.headers.get("x-request-id", "")
     request_id = incoming if _REQUEST_ID.match(incoming) else new_id("req_")
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     info: dict[str, Any] = {}
-    request["info"] = info
+    request[INFO] = info
     started = time.monotonic()
     config = request.app[CONFIG]
     try:
@@ -2065,7 +2068,7 @@ def log_request(request: web.Request, status: int, started: float, info: dict[st
         parts.append(f"retries={info['retries']}")
     if info.get("error"):
         parts.append(f"error={info['error'][:300]!r}")
-    log.info("[%s] %s", request["request_id"], " ".join(parts))
+    log.info("[%s] %s", request[REQUEST_ID], " ".join(parts))
 
 
 async def read_json(request: web.Request) -> Any:
@@ -2090,12 +2093,12 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
     builder = EventBuilder(new_id("msg_"), req.model, count_request_tokens(req), tool_names=tool_names,
                            show_thinking=show_thinking)
-    info = request["info"]
+    info = request[INFO]
     info.update(model=req.model, backend_model=route.model, provider=route.provider, stream=bool(req.stream))
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("[%s] backend request to %s: %s", request["request_id"], public_url(route.base_url),
+        log.debug("[%s] backend request to %s: %s", request[REQUEST_ID], public_url(route.base_url),
                   dumps(body)[:20000])
-    return Job(req, route, provider, body, builder, request["request_id"], info)
+    return Job(req, route, provider, body, builder, request[REQUEST_ID], info)
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
@@ -2108,7 +2111,7 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
     req = parse_request(await read_json(request), count_only=True)
-    return json_response({"input_tokens": count_request_tokens(req)}, request["request_id"])
+    return json_response({"input_tokens": count_request_tokens(req)}, request[REQUEST_ID])
 
 
 def model_list(config: Config, backend: Backend) -> list[dict[str, Any]]:
@@ -2138,23 +2141,23 @@ async def handle_models(request: web.Request) -> web.Response:
     page = models[start:end][:limit]
     return json_response({"data": page, "has_more": start + len(page) < end,
                           "first_id": page[0]["id"] if page else None,
-                          "last_id": page[-1]["id"] if page else None}, request["request_id"])
+                          "last_id": page[-1]["id"] if page else None}, request[REQUEST_ID])
 
 
 async def handle_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     for model in model_list(request.app[CONFIG], request.app[BACKEND]):
         if model["id"] == model_id:
-            return json_response(model, request["request_id"])
+            return json_response(model, request[REQUEST_ID])
     raise ApiError(404, f"model: {model_id}", retry=False)
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"}, request["request_id"])
+    return json_response({"status": "ok"}, request[REQUEST_ID])
 
 
 async def handle_hello(request: web.Request) -> web.Response:
-    return web.Response(status=200, headers={"request-id": request["request_id"]})
+    return web.Response(status=200, headers={"request-id": request[REQUEST_ID]})
 
 
 def create_app(config: Optional[Config] = None) -> web.Application:

@@ -1,30 +1,31 @@
 #!/usr/bin/env python3
 """claude-proxy benchmark: what does the Anthropic<->OpenAI translation cost?
 
-Run (from the repo root; ~45 s on 2 cores, loopback only):
+Run from the repo root (about 40 s on 2 cores; loopback only; every server it starts is stopped
+on exit, Ctrl-C and errors included):
 
-    python bench/bench.py                  # full benchmark, streaming + non-streaming
+    python bench/bench.py                  # streaming + non-streaming, concurrency 32
     python bench/bench.py --stress         # 500 concurrent 50-chunk streams through the proxy
-    python bench/bench.py --duration 10 --concurrency 64 --modes stream
+    python bench/bench.py --duration 10 --concurrency 64 --modes stream --strict
 
-It starts three servers on 127.0.0.1, each in its own subprocess:
-  (a) backend      fake OpenAI-compatible /v1/chat/completions (canned 50-chunk answer:
-                   role chunk, text chunks, one tool call in fragments, finish, usage, [DONE])
+Three servers on 127.0.0.1, each its own subprocess:
+  (a) backend      fake OpenAI-compatible /v1/chat/completions; canned 50-chunk stream (role, 42
+                   text pieces, one tool call in fragments, finish, usage, [DONE]) or chat.completion
   (b) passthrough  minimal aiohttp proxy relaying bytes untranslated to (a): the Python limit
-  (c) proxy        claude_proxy.py --provider openai --base-url (a)
-and drives each with Claude Code-shaped requests (bench/claude_code_*_turn2.json: ~7 KB system
-prompt, 12 tools, multi-turn history; (a)/(b) get the equivalent Chat Completions body).
-Every response is validated (event order, text, tool-call JSON, chunk count) and the backend
-counts the requests it served, so nothing can win by returning garbage or skipping the backend.
+  (c) proxy        claude_proxy.py --provider openai --base-url (a)/v1 --model bench-model
+Requests are Claude Code-shaped (bench/claude_code_2.1.331_parallel_tools_turn2.json: ~7 KB system
+prompt, 12 tools, multi-turn history, ~50 KB); (a) and (b) get the equivalent Chat Completions body.
+Every response is validated (SSE event grammar, text, tool-call JSON, chunk count), and the backend
+counts what it served, so nothing can win by returning garbage or by skipping the backend.
 
-Per target it reports requests/s and latency/TTFE (time to first body byte = first SSE event)
-p50/p99 at --concurrency (loaded) and at concurrency 1 (unloaded), CPU ms per request and RSS
-(idle, peak under load) of the server process under test ((a): the backend itself).
+Reported per target: req/s and latency/TTFE (time to the first body bytes = the first SSE event)
+p50/p99 loaded (--concurrency) and unloaded (c=1), CPU ms per request and RSS (idle, peak) of the
+server under test (for (a) the backend itself), and the ratios c/a, c/b.
 
-Targets for (c):   streaming throughput >= 70% of (b), non-streaming >= 80% of (b);
-                   added latency vs (a) at concurrency 1: p50 <= 2 ms, p99 <= 10 ms;
-                   added TTFE p50 <= 2 ms; proxy RSS idle < 80 MB.
-Exit status: 1 if any response failed validation (or --strict and a target was missed).
+Targets for (c): streaming throughput >= 70% of (b), non-streaming >= 80% of (b); added latency vs
+(a) at c=1 p50 <= 2 ms, p99 <= 10 ms; added TTFE p50 <= 2 ms; RSS idle < 80 MB. On 2 cores the load
+generator itself may be the limit (see cli%): then CPU ms/request is the fairer comparison.
+Exit status: 1 if any response failed validation (or, with --strict, a target was missed).
 """
 import argparse, asyncio, ctypes, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -38,31 +39,26 @@ FIXTURE = HERE / "claude_code_2.1.331_parallel_tools_turn2.json"
 PROXY = HERE.parent / "claude_proxy.py"
 MODEL = "bench-model"
 
-# ----------------------------------------------------------------- the canned answer
+# ------------------------------------------------------------------------------ the canned answer
 TEXT = ("I'll run both commands in parallel and then summarise what they printed for you.\n\n"
-        "The first printed \"one\" and the second printed \"two\" — both exited cleanly, "
-        "so next I'll list the working directory. Then I'll check the file sizes and report back.")
-_words = TEXT.split(" ")
-TEXT_PIECES = [w if i == 0 else " " + w for i, w in enumerate(_words)]  # ~ one token each
+        "The first printed \"one\" and the second printed \"two\" — both exited cleanly, so next I'll "
+        "list the working directory. Then I'll check the file sizes and report back.")
+TEXT_PIECES = [w if i == 0 else " " + w for i, w in enumerate(TEXT.split(" "))]  # ~ one token each
 TOOL_ID, TOOL_NAME = "call_bench9f3c2a7e", "Bash"
 TOOL_ARGS = {"command": "ls -la \"$PWD\" | head -n 20", "description": "List the directory — first 20"}
-_args = json.dumps(TOOL_ARGS)
-_q = len(_args) // 4
-ARG_PIECES = [_args[:_q], _args[_q:2 * _q], _args[2 * _q:3 * _q], _args[3 * _q:]]
+ARGS_JSON = json.dumps(TOOL_ARGS)
+ARG_PIECES = [ARGS_JSON[i * len(ARGS_JSON) // 4:(i + 1) * len(ARGS_JSON) // 4] for i in range(4)]
 USAGE = {"prompt_tokens": 14210, "completion_tokens": 71, "total_tokens": 14281,
          "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
+HEAD = {"id": "chatcmpl-bench0123456789", "created": 1764230400, "model": MODEL, "system_fingerprint": "fp_bench"}
 
 
 def openai_chunks(include_usage):
-    """The streamed answer as wire bytes: role, text pieces, tool call header + fragments, finish, usage, [DONE]."""
-    head = {"id": "chatcmpl-bench0123456789", "object": "chat.completion.chunk", "created": 1764230400,
-            "model": MODEL, "system_fingerprint": "fp_bench"}
-
+    """The streamed answer as wire bytes, one item per SSE event (B.6 of PROTOCOL.md)."""
     def chunk(delta, finish=None):
-        c = dict(head, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
-        if include_usage:
-            c["usage"] = None
-        return c
+        extra = {"usage": None} if include_usage else {}
+        return dict(HEAD, object="chat.completion.chunk", **extra,
+                    choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
     out = [chunk({"role": "assistant", "content": "", "refusal": None})]
     out += [chunk({"content": p}) for p in TEXT_PIECES]
     out.append(chunk({"tool_calls": [{"index": 0, "id": TOOL_ID, "type": "function",
@@ -70,22 +66,20 @@ def openai_chunks(include_usage):
     out += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in ARG_PIECES]
     out.append(chunk({}, "tool_calls"))
     if include_usage:
-        out.append(dict(head, choices=[], usage=USAGE))
+        out.append(dict(HEAD, object="chat.completion.chunk", choices=[], usage=USAGE))
     return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in out] + [b"data: [DONE]\n\n"]
 
 
-N_CHUNKS = len(openai_chunks(True)) - 1  # data chunks before [DONE] (with usage): 50
-NONSTREAM_BODY = json.dumps({
-    "id": "chatcmpl-bench0123456789", "object": "chat.completion", "created": 1764230400, "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": TEXT, "refusal": None, "tool_calls": [
-        {"id": TOOL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": _args}}]},
-        "logprobs": None, "finish_reason": "tool_calls"}],
-    "usage": USAGE}).encode()
+N_CHUNKS = len(openai_chunks(True)) - 1  # data events before [DONE], usage chunk included: 50
+NONSTREAM_BODY = json.dumps(dict(HEAD, object="chat.completion", usage=USAGE, choices=[{
+    "index": 0, "logprobs": None, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": TEXT, "refusal": None, "tool_calls": [
+            {"id": TOOL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": ARGS_JSON}}]}}])).encode()
 
 
-# ----------------------------------------------------------------- server roles (subprocesses)
+# ------------------------------------------------------------------------------ server roles (subprocesses)
 def serve_backend(port, chunk_delay):
-    stream_u, stream_nu = openai_chunks(True), openai_chunks(False)
+    streams = {True: openai_chunks(True), False: openai_chunks(False)}
     stats = {"requests": 0, "bad": 0, "inflight": 0, "max_inflight": 0}
 
     async def completions(request):
@@ -93,18 +87,17 @@ def serve_backend(port, chunk_delay):
         req = json.loads(await request.read())  # a real backend parses the body too
         if req.get("model") != MODEL or not req.get("messages") or not req.get("tools"):
             stats["bad"] += 1
-            return web.json_response({"error": {"message": "bench backend: bad request shape",
+            return web.json_response({"error": {"message": "bench backend: unexpected request shape",
                                                 "type": "invalid_request_error", "param": None, "code": None}}, status=400)
         if not req.get("stream"):
             return web.Response(body=NONSTREAM_BODY, content_type="application/json")
-        chunks = stream_u if (req.get("stream_options") or {}).get("include_usage") else stream_nu
         stats["inflight"] += 1
         stats["max_inflight"] = max(stats["max_inflight"], stats["inflight"])
         try:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await resp.prepare(request)
-            for c in chunks:  # one write per chunk, like a real token stream
-                await resp.write(c)
+            for c in streams[bool((req.get("stream_options") or {}).get("include_usage"))]:
+                await resp.write(c)  # one write per chunk, like a real token stream
                 if chunk_delay:
                     await asyncio.sleep(chunk_delay)
             await resp.write_eof()
@@ -115,30 +108,25 @@ def serve_backend(port, chunk_delay):
     async def models(request):
         return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]})
 
-    async def get_stats(request):
-        return web.json_response(stats)
-
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/bench/stats", get_stats)
+    app.router.add_get("/bench/stats", lambda request: web.json_response(stats))
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 def serve_passthrough(port, upstream):
-    async def on_startup(app):
+    async def session(app):
         app["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
                                          timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
-
-    async def on_cleanup(app):
+        yield
         await app["s"].close()
 
     async def relay(request):
         body = await request.read()
         async with request.app["s"].post(upstream + request.path_qs, data=body,
                                          headers={"Content-Type": request.content_type}) as r:
-            resp = web.StreamResponse(status=r.status,
-                                      headers={"Content-Type": r.headers.get("Content-Type", "application/json")})
+            resp = web.StreamResponse(status=r.status, headers={"Content-Type": r.headers.get("Content-Type", "")})
             await resp.prepare(request)
             async for data in r.content.iter_any():
                 await resp.write(data)
@@ -146,131 +134,99 @@ def serve_passthrough(port, upstream):
             return resp
 
     app = web.Application(client_max_size=64 << 20)
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    app.cleanup_ctx.append(session)
     app.router.add_post("/{tail:.*}", relay)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-# ----------------------------------------------------------------- request bodies
-def load_anthropic_body():
-    return json.loads(FIXTURE.read_text())["body"]
-
-
+# ------------------------------------------------------------------------------ request bodies
 def openai_equivalent(a, stream):
     """A Chat Completions body carrying the same content as the Anthropic fixture body."""
     msgs = [{"role": "system", "content": "\n\n".join(b["text"] for b in a["system"])}]
     for m in a["messages"]:
-        if isinstance(m["content"], str):
-            msgs.append({"role": m["role"], "content": m["content"]})
-            continue
-        texts = [b["text"] for b in m["content"] if b["type"] == "text"]
-        calls = [{"id": b["id"], "type": "function", "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
-                 for b in m["content"] if b["type"] == "tool_use"]
-        for b in m["content"]:
+        blocks = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+        for b in blocks:
             if b["type"] == "tool_result":
                 c = b["content"]
                 msgs.append({"role": "tool", "tool_call_id": b["tool_use_id"],
                              "content": c if isinstance(c, str) else "\n".join(x.get("text", "") for x in c)})
+        texts = [b["text"] for b in blocks if b["type"] == "text"]
+        calls = [{"id": b["id"], "type": "function", "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
+                 for b in blocks if b["type"] == "tool_use"]
         if texts or calls:
             msgs.append(dict({"role": m["role"], "content": "\n\n".join(texts) or None}, **({"tool_calls": calls} if calls else {})))
     tools = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
                                                "parameters": t["input_schema"]}} for t in a["tools"]]
     body = {"model": MODEL, "messages": msgs, "tools": tools, "max_tokens": 32000, "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
+    return dict(body, stream_options={"include_usage": True}) if stream else body
 
 
-# ----------------------------------------------------------------- validators (return None or an error string)
+# ------------------------------------------------------------------------------ validators: None or an error string
 def check_openai_stream(data):
     if not data.endswith(b"data: [DONE]\n\n"):
         return "stream does not end with data: [DONE]"
     events = [e for e in data.split(b"\n\n") if e.strip()][:-1]
-    if len(events) != N_CHUNKS:
-        return f"expected {N_CHUNKS} chunks, got {len(events)}"
-    text, args = [], []
-    for e in events:
-        if not e.startswith(b"data: "):
-            return f"bad chunk line {e[:60]!r}"
-        for ch in json.loads(e[6:])["choices"]:
-            d = ch["delta"]
-            text.append(d.get("content") or "")
-            args += [tc["function"].get("arguments", "") for tc in d.get("tool_calls") or []]
-    if "".join(text) != TEXT or json.loads("".join(args)) != TOOL_ARGS:
+    if len(events) != N_CHUNKS or not all(e.startswith(b"data: {") for e in events):
+        return f"expected {N_CHUNKS} 'data: {{...}}' chunks, got {len(events)}"
+    deltas = [ch["delta"] for e in events for ch in json.loads(e[6:])["choices"]]
+    args = "".join(tc["function"].get("arguments", "") for d in deltas for tc in d.get("tool_calls") or [])
+    if "".join(d.get("content") or "" for d in deltas) != TEXT or json.loads(args) != TOOL_ARGS:
         return "text or tool arguments differ"
 
 
 def check_openai_json(data):
     ch = json.loads(data)["choices"][0]
     tc = ch["message"]["tool_calls"][0]["function"]
-    if ch["message"]["content"] != TEXT or tc["name"] != TOOL_NAME or json.loads(tc["arguments"]) != TOOL_ARGS:
-        return "content or tool call differ"
-    if ch["finish_reason"] != "tool_calls":
-        return f"finish_reason {ch['finish_reason']!r}"
+    if ch["message"]["content"] != TEXT or tc["name"] != TOOL_NAME or json.loads(tc["arguments"]) != TOOL_ARGS \
+            or ch["finish_reason"] != "tool_calls":
+        return "content, tool call or finish_reason differ"
 
 
 def check_anthropic_sse(data):
+    """A.9 grammar: message_start, blocks 0,1,.. one at a time, message_delta, message_stop; named events."""
     events = []
     for raw in data.replace(b"\r\n", b"\n").split(b"\n\n"):
-        name, payload = None, []
-        for line in raw.split(b"\n"):
-            if line.startswith(b"event:"):
-                name = line[6:].strip().decode()
-            elif line.startswith(b"data:"):
-                payload.append(line[5:].strip())
+        lines = raw.split(b"\n")
+        name = next((ln[6:].strip().decode() for ln in lines if ln.startswith(b"event:")), None)
+        payload = [ln[5:].strip() for ln in lines if ln.startswith(b"data:")]
         if name is None and not payload:
-            continue  # blank / comment-only
+            continue  # blank or comment-only
         obj = json.loads(b"\n".join(payload))
         if name is None or obj.get("type") != name:
             return f"event name {name!r} != data type {obj.get('type')!r}"
         if name != "ping":
             events.append(obj)
-    if not events or events[0]["type"] != "message_start":
-        return "first event is not message_start"
+    if not events or events[0]["type"] != "message_start" or events[-1]["type"] != "message_stop":
+        return "stream must start with message_start and end with message_stop"
     if events[0]["message"].get("content") != [] or events[0]["message"].get("role") != "assistant":
         return "message_start.message must have role assistant and content []"
-    if events[-1]["type"] != "message_stop":
-        return "last event is not message_stop"
-    blocks, open_idx, stop_reason = [], None, None
+    blocks, cur, stop_reason = [], None, None
     for e in events[1:-1]:
-        t = e["type"]
+        t, idx = e["type"], e.get("index")
         if t == "content_block_start":
-            if open_idx is not None or e["index"] != len(blocks):
-                return f"content_block_start index {e['index']} while block {open_idx} open / {len(blocks)} started"
-            b = e["content_block"]
-            blocks.append({"type": b["type"], "text": [], "json": [], "start": b})
-            open_idx = e["index"]
+            if cur is not None or idx != len(blocks):
+                return f"content_block_start {idx}: block {cur} still open or index not {len(blocks)}"
+            blocks.append(dict(e["content_block"], parts=[]))
+            cur = idx
+        elif t in ("content_block_delta", "content_block_stop") and idx != cur:
+            return f"{t} for block {idx} but the open block is {cur}"
         elif t == "content_block_delta":
-            if e["index"] != open_idx:
-                return f"delta for block {e['index']} but open is {open_idx}"
-            d, b = e["delta"], blocks[open_idx]
-            if d["type"] == "text_delta" and b["type"] == "text":
-                b["text"].append(d["text"])
-            elif d["type"] == "input_json_delta" and b["type"] == "tool_use":
-                b["json"].append(d["partial_json"])
-            else:
-                return f"delta {d['type']} on {b['type']} block"
+            d, kind = e["delta"], blocks[cur]["type"]
+            if (d["type"], kind) not in (("text_delta", "text"), ("input_json_delta", "tool_use")):
+                return f"{d['type']} on a {kind} block"
+            blocks[cur]["parts"].append(d.get("text", d.get("partial_json")))
         elif t == "content_block_stop":
-            if e["index"] != open_idx:
-                return f"stop for block {e['index']} but open is {open_idx}"
-            open_idx = None
-        elif t == "message_delta":
-            if open_idx is not None:
-                return "message_delta while a block is open"
+            cur = None
+        elif t == "message_delta" and cur is None and isinstance(e.get("usage", {}).get("output_tokens"), int):
             stop_reason = e["delta"].get("stop_reason")
-            if not isinstance(e.get("usage", {}).get("output_tokens"), int):
-                return "message_delta without usage.output_tokens"
         else:
-            return f"unexpected event {t}"
-    text = "".join("".join(b["text"]) for b in blocks if b["type"] == "text")
+            return f"unexpected {t} (open block {cur})"
     tools = [b for b in blocks if b["type"] == "tool_use"]
-    if text != TEXT:
-        return f"text differs: {text[:80]!r}"
-    if len(tools) != 1 or tools[0]["start"].get("name") != TOOL_NAME or tools[0]["start"].get("input") != {} \
-            or not tools[0]["start"].get("id"):
-        return f"expected one tool_use block {TOOL_NAME} with id and input {{}}, got {[b['start'] for b in tools]}"
-    if json.loads("".join(tools[0]["json"])) != TOOL_ARGS:
+    if "".join("".join(b["parts"]) for b in blocks if b["type"] == "text") != TEXT:
+        return "text differs"
+    if len(tools) != 1 or tools[0].get("name") != TOOL_NAME or tools[0].get("input") != {} or not tools[0].get("id"):
+        return f"expected one tool_use block {TOOL_NAME} with an id and input {{}}, got {tools}"
+    if json.loads("".join(tools[0]["parts"])) != TOOL_ARGS:
         return "tool input_json_delta concatenation differs"
     if stop_reason != "tool_use":
         return f"stop_reason {stop_reason!r}"
@@ -278,26 +234,25 @@ def check_anthropic_sse(data):
 
 def check_anthropic_json(data):
     m = json.loads(data)
-    if m.get("type") != "message" or m.get("role") != "assistant" or m.get("stop_reason") != "tool_use":
-        return f"bad message envelope type={m.get('type')!r} stop_reason={m.get('stop_reason')!r}"
     text = "".join(b["text"] for b in m["content"] if b["type"] == "text")
     tools = [b for b in m["content"] if b["type"] == "tool_use"]
+    if m.get("type") != "message" or m.get("role") != "assistant" or m.get("stop_reason") != "tool_use" \
+            or not isinstance(m.get("usage", {}).get("output_tokens"), int):
+        return f"bad message envelope type={m.get('type')!r} stop_reason={m.get('stop_reason')!r}"
     if text != TEXT or len(tools) != 1 or tools[0]["name"] != TOOL_NAME or tools[0]["input"] != TOOL_ARGS:
         return "content differs"
-    if not isinstance(m.get("usage", {}).get("output_tokens"), int):
-        return "usage.output_tokens missing"
 
 
-# ----------------------------------------------------------------- process helpers
+# ------------------------------------------------------------------------------ processes and /proc
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _die_with_parent():
-    os.setsid()
-    try:  # PR_SET_PDEATHSIG: the child gets SIGTERM if the bench dies, even from SIGKILL
+def _child_setup():
+    os.setsid()  # Ctrl-C reaches only the bench, which then stops the servers itself
+    try:  # PR_SET_PDEATHSIG: the server gets SIGTERM if the bench dies, even by SIGKILL
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except OSError:
         pass
@@ -305,33 +260,31 @@ def _die_with_parent():
 
 class Procs:
     def __init__(self):
-        self.logdir = Path(tempfile.mkdtemp(prefix="claude-proxy-bench-"))
-        self.procs = {}
+        self.logdir, self.procs = Path(tempfile.mkdtemp(prefix="claude-proxy-bench-")), {}
 
     def start(self, name, argv, port, timeout=20.0):
-        log = open(self.logdir / f"{name}.log", "wb")
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             preexec_fn=_die_with_parent, cwd=HERE.parent)
-        self.procs[name] = p
+        with open(self.logdir / f"{name}.log", "wb") as log:
+            p = self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                    preexec_fn=_child_setup, cwd=HERE.parent)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited with {p.returncode}:\n{self.tail(name)}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return p
+                return p.pid
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"{name} did not listen on {port} within {timeout}s:\n{self.tail(name)}")
+        raise RuntimeError(f"{name} did not listen on port {port} within {timeout}s:\n{self.tail(name)}")
 
-    def tail(self, name, n=2000):
-        return (self.logdir / f"{name}.log").read_bytes()[-n:].decode(errors="replace")
+    def tail(self, name):
+        return (self.logdir / f"{name}.log").read_bytes()[-2000:].decode(errors="replace")
 
     def stop_all(self):
         for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             try:
                 p.wait(timeout=3)
             except subprocess.TimeoutExpired:
@@ -339,7 +292,7 @@ class Procs:
                 p.wait(timeout=3)
 
 
-def cpu_seconds(pid):
+def cpu_seconds(pid):  # utime + stime of the process
     with open(f"/proc/{pid}/stat") as f:
         rest = f.read().rsplit(")", 1)[1].split()
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
@@ -347,70 +300,63 @@ def cpu_seconds(pid):
 
 def rss_mb(pid):
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+        return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:")), 0.0)
 
 
-def pct(xs, q):
+def pct(xs, q):  # in ms
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1000 if xs else float("nan")
 
 
-# ----------------------------------------------------------------- load generation
+# ------------------------------------------------------------------------------ load generation
 async def one(session, t, res):
     t0 = time.perf_counter()
     first, parts = None, []
     try:
         async with session.post(t.url, data=t.body, headers=t.headers) as r:
             async for data in r.content.iter_any():
-                if first is None:
-                    first = time.perf_counter()
+                first = first or time.perf_counter()
                 parts.append(data)
             t1 = time.perf_counter()
-            status = r.status
         body = b"".join(parts)
-        err = f"HTTP {status}: {body[:200]!r}" if status != 200 else t.check(body)
+        err = f"HTTP {r.status}: {body[:200]!r}" if r.status != 200 else t.check(body)
     except Exception as e:  # noqa: BLE001 — every failure is counted, none is fatal
         err = f"{type(e).__name__}: {e}"
+    res["sent"] += 1
     if err:
         res["errors"] += 1
-        if len(res["samples"]) < 3:
-            res["samples"].append(err)
+        res["samples"] += [err][:3 - len(res["samples"])]
     else:
         res["lat"].append(t1 - t0)
         res["ttfe"].append(first - t0)
-    res["sent"] += 1
 
 
 async def run_phase(t, concurrency, duration, max_requests, max_seconds):
+    """`concurrency` workers, each sending one request after another until time or count runs out."""
     res = {"lat": [], "ttfe": [], "errors": 0, "samples": [], "sent": 0, "rss_peak": rss_mb(t.pid)}
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=max_seconds + 30)
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout, auto_decompress=False) as s:
-        stop = time.perf_counter() + min(duration or max_seconds, max_seconds)
-        issued = 0
+    stop, issued = time.perf_counter() + min(duration or max_seconds, max_seconds), 0
 
-        async def worker():
-            nonlocal issued
-            while time.perf_counter() < stop and (max_requests is None or issued < max_requests):
-                issued += 1
-                await one(s, t, res)
+    async def worker():
+        nonlocal issued
+        while time.perf_counter() < stop and (max_requests is None or issued < max_requests):
+            issued += 1
+            await one(s, t, res)
 
-        async def sampler():
-            while True:
-                res["rss_peak"] = max(res["rss_peak"], rss_mb(t.pid))
-                await asyncio.sleep(0.1)
+    async def sample_rss():
+        while True:
+            res["rss_peak"] = max(res["rss_peak"], rss_mb(t.pid))
+            await asyncio.sleep(0.1)
 
-        smp = asyncio.create_task(sampler())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), auto_decompress=False,
+                                     timeout=aiohttp.ClientTimeout(total=max_seconds + 30)) as s:
+        sampler = asyncio.create_task(sample_rss())
         cpu0, own0, w0 = cpu_seconds(t.pid), sum(os.times()[:2]), time.perf_counter()
-        async with asyncio.timeout(max_seconds + 60):  # each request times out after max_seconds + 30
+        async with asyncio.timeout(max_seconds + 60):
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - w0
-        res["cpu_ms"] = (cpu_seconds(t.pid) - cpu0) * 1000 / max(1, res["sent"])
-        res["client_pct"] = (sum(os.times()[:2]) - own0) * 100 / wall
-        smp.cancel()
+        sampler.cancel()
+    res["cpu_ms"] = (cpu_seconds(t.pid) - cpu0) * 1000 / max(1, res["sent"])
+    res["client_pct"] = (sum(os.times()[:2]) - own0) * 100 / wall
     res["rps"] = len(res["lat"]) / wall
     return res
 
@@ -421,26 +367,24 @@ async def backend_stats(url):
 
 
 async def bench_target(t, a):
-    """Warm up, then a loaded run at --concurrency and an unloaded run at concurrency 1."""
-    b0 = await backend_stats(t.backend_url)
-    warm = await run_phase(t, a.concurrency, None, 2 * a.concurrency, 10)
-    load = await run_phase(t, a.concurrency, a.duration, a.requests, a.max_phase_seconds)
-    solo = await run_phase(t, 1, None, a.solo_requests, a.max_phase_seconds)
-    b1 = await backend_stats(t.backend_url)
-    sent = warm["sent"] + load["sent"] + solo["sent"]
-    errors = warm["errors"] + load["errors"] + solo["errors"]
-    served = b1["requests"] - b0["requests"]
-    samples = warm["samples"] + load["samples"] + solo["samples"]
-    if served < sent - errors:
-        samples.append(f"backend served {served} requests for {sent - errors} good responses (cached or faked?)")
-        errors += 1
-    return {"load": load, "solo": solo, "errors": errors, "samples": samples, "sent": sent, "served": served,
-            "bad": b1["bad"] - b0["bad"]}
+    """Warm up, then a loaded run at --concurrency and an unloaded one at concurrency 1."""
+    b0 = await backend_stats(t.backend)
+    phases = [await run_phase(t, a.concurrency, None, 2 * a.concurrency, 10),
+              await run_phase(t, a.concurrency, a.duration, a.requests, a.max_phase_seconds),
+              await run_phase(t, 1, None, a.solo_requests, a.max_phase_seconds)]
+    b1 = await backend_stats(t.backend)
+    r = {k: sum((p[k] for p in phases), [] if k == "samples" else 0) for k in ("sent", "errors", "samples")}
+    r.update(load=phases[1], solo=phases[2], bad=b1["bad"] - b0["bad"])
+    served, good = b1["requests"] - b0["requests"], r["sent"] - r["errors"]
+    if served < good:
+        r["errors"] += 1
+        r["samples"].append(f"backend served {served} requests for {good} good responses (cached or faked?)")
+    return r
 
 
-def proxy_usable():
+def proxy_problem():
     if not PROXY.exists():
-        return "claude_proxy.py does not exist"
+        return f"{PROXY} does not exist"
     try:
         r = subprocess.run([sys.executable, str(PROXY), "--help"], capture_output=True, timeout=20)
     except subprocess.TimeoutExpired:
@@ -450,44 +394,36 @@ def proxy_usable():
 
 
 def start_servers(procs, a, chunk_delay=0.0):
-    me = [sys.executable, str(Path(__file__).resolve())]
-    ports = {"backend": free_port()}
+    me, ports = [sys.executable, str(Path(__file__).resolve())], {n: free_port() for n in ["backend"] + a.targets}
     backend = f"http://127.0.0.1:{ports['backend']}"
     pids = {"backend": procs.start("backend", me + ["--role", "backend", "--port", str(ports["backend"]),
-                                                    "--chunk-delay", str(chunk_delay)], ports["backend"]).pid}
+                                                    "--chunk-delay", str(chunk_delay)], ports["backend"])}
     if "passthrough" in a.targets:
-        ports["passthrough"] = free_port()
-        pids["passthrough"] = procs.start("passthrough", me + ["--role", "passthrough", "--port", str(ports["passthrough"]),
-                                                               "--upstream", backend], ports["passthrough"]).pid
-    if "proxy" in a.targets:
-        why = proxy_usable()
-        if why:
-            print(f"!! skipping (c) proxy: {why}")
-            a.targets = [x for x in a.targets if x != "proxy"]
-        else:
-            ports["proxy"] = free_port()
-            pids["proxy"] = procs.start("proxy", [sys.executable, str(PROXY), "--provider", "openai", "--base-url",
-                                                  backend + "/v1", "--model", MODEL, "--port", str(ports["proxy"]),
-                                                  "--log-level", "warning"], ports["proxy"]).pid
+        pids["passthrough"] = procs.start("passthrough", me + ["--role", "passthrough", "--port",
+                                                               str(ports["passthrough"]), "--upstream", backend], ports["passthrough"])
+    if "proxy" in a.targets and (why := proxy_problem()):
+        print(f"!! skipping (c) claude_proxy: {why}")
+        a.targets.remove("proxy")
+    elif "proxy" in a.targets:
+        pids["proxy"] = procs.start("proxy", [sys.executable, str(PROXY), "--provider", "openai", "--base-url", backend + "/v1",
+                                              "--model", MODEL, "--port", str(ports["proxy"]), "--log-level", "warning"], ports["proxy"])
     return backend, ports, pids
 
 
 def make_target(name, stream, ports, pids, backend):
-    anth = load_anthropic_body()
+    fixture = json.loads(FIXTURE.read_text())
     if name == "proxy":
-        fx = json.loads(FIXTURE.read_text())
-        hdr = {k: v for k, v in fx["headers"].items() if k.lower() not in ("accept", "user-agent")}
-        body = json.dumps(dict(anth, stream=stream)).encode()
-        url = f"http://127.0.0.1:{ports['proxy']}/v1/messages?beta=true"
+        headers = {k: v for k, v in fixture["headers"].items() if k.lower() not in ("accept", "user-agent")}
+        body, url = dict(fixture["body"], stream=stream), f"http://127.0.0.1:{ports[name]}/v1/messages?beta=true"
         check = check_anthropic_sse if stream else check_anthropic_json
     else:
-        hdr = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
-        body = json.dumps(openai_equivalent(anth, stream)).encode()
-        url = f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+        body, url = openai_equivalent(fixture["body"], stream), f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
         check = check_openai_stream if stream else check_openai_json
-    return SimpleNamespace(name=name, url=url, body=body, headers=hdr, check=check, pid=pids[name], backend_url=backend)
+    return SimpleNamespace(url=url, body=json.dumps(body).encode(), headers=headers, check=check, pid=pids[name], backend=backend)
 
 
+# ------------------------------------------------------------------------------ reporting and entry points
 def report(results, idle, a):
     label = {"backend": "(a) backend", "passthrough": "(b) passthrough", "proxy": "(c) claude_proxy"}
     print(f"\nloaded = concurrency {a.concurrency} for {a.duration}s; c=1 = {a.solo_requests} sequential requests; times in ms;"
@@ -502,11 +438,9 @@ def report(results, idle, a):
                   + " |" + "".join(f"{pct(S[k], q):>{w}.2f}" for k, q, w in (("lat", .5, 10), ("lat", .99, 6), ("ttfe", .5, 7), ("ttfe", .99, 7)))
                   + f" |{L['cpu_ms']:>6.2f}{idle[name]:>6.1f}{max(L['rss_peak'], S['rss_peak']):>6.1f}{L['client_pct']:>5.0f}{r['errors']:>5}")
     misses = []
-    for mode, per in results.items():
-        if "proxy" not in per:
-            continue
+    for mode, per in [(m, p) for m, p in results.items() if "proxy" in p]:
         c = per["proxy"]
-        print(f"\n[{mode}] claude_proxy (c) vs baselines; added ms = c minus baseline")
+        print(f"\n[{mode}] claude_proxy (c) against the baselines; added ms = c minus baseline")
         for base in [b for b in ("backend", "passthrough") if b in per]:
             B = per[base]
             d = lambda ph, k, q: pct(c[ph][k], q) - pct(B[ph][k], q)  # noqa: E731
@@ -539,9 +473,8 @@ async def main_bench(a, procs):
     for mode in a.modes:
         results[mode] = {}
         for name in a.targets:
-            t = make_target(name, mode == "stream", ports, pids, backend)
             print(f"running {mode:<9} {name:<12} ...", end=" ", flush=True)
-            r = results[mode][name] = await bench_target(t, a)
+            r = results[mode][name] = await bench_target(make_target(name, mode == "stream", ports, pids, backend), a)
             errors += r["errors"]
             print(f"{r['load']['rps']:.0f} req/s, {r['sent']} requests, {r['errors']} errors"
                   + (f", backend rejected {r['bad']} translated requests" if r["bad"] else ""))
@@ -554,15 +487,14 @@ async def main_bench(a, procs):
 
 
 async def main_stress(a, procs):
-    a.targets = ["backend", a.stress_target]
+    a.targets = [a.stress_target]
     backend, ports, pids = start_servers(procs, a, chunk_delay=a.stress_chunk_delay_ms / 1000)
-    if a.stress_target not in ports:
+    if a.stress_target not in pids:
         return 1
     t, n = make_target(a.stress_target, True, ports, pids, backend), a.stress_streams
     print(f"stress: {n} concurrent streams of {N_CHUNKS} chunks, {a.stress_chunk_delay_ms} ms apart, via {a.stress_target}")
-    rss0, b0 = rss_mb(t.pid), await backend_stats(backend)
-    w0 = time.perf_counter()
-    r = await run_phase(t, n, None, n, 120)  # n workers, one stream each, all at once
+    rss0, b0, w0 = rss_mb(t.pid), await backend_stats(backend), time.perf_counter()
+    r = await run_phase(t, n, None, n, 120)  # n workers, one stream each, all started at once
     wall, st = time.perf_counter() - w0, await backend_stats(backend)
     print(f"  {len(r['lat'])} ok, {r['errors']} errors in {wall:.2f}s (one stream alone takes >= "
           f"{N_CHUNKS * a.stress_chunk_delay_ms:.0f} ms)\n  stream duration p50 {pct(r['lat'], .5):.0f} ms "
@@ -572,8 +504,7 @@ async def main_stress(a, procs):
           f"rss {rss0:.1f} MB idle -> {r['rss_peak']:.1f} MB peak")
     for e in r["samples"]:
         print("  error:", e)
-    print(f"  {'PASS' if r['errors'] == 0 else 'FAIL'}: errors must be 0"
-          + (f"   (server logs: {procs.logdir})" if r["errors"] else ""))
+    print(f"  {'PASS' if r['errors'] == 0 else 'FAIL'}: errors must be 0" + (f" (server logs: {procs.logdir})" if r["errors"] else ""))
     return 1 if r["errors"] else 0
 
 
@@ -581,30 +512,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per loaded run (default 3)")
-    p.add_argument("--requests", type=int, default=None, help="stop each loaded run after N requests instead")
-    p.add_argument("--solo-requests", type=int, default=150, help="requests in each concurrency-1 latency run")
-    p.add_argument("--max-phase-seconds", type=float, default=30.0, help="hard cap for any one run")
-    p.add_argument("--modes", default="stream,nonstream", help="comma list of stream,nonstream")
-    p.add_argument("--targets", default="backend,passthrough,proxy", help="comma list of backend,passthrough,proxy")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed too")
-    p.add_argument("--stress", action="store_true", help="500 concurrent streams through the proxy; errors must be 0")
+    p.add_argument("--requests", type=int, help="end each loaded run after N requests instead (capped by --max-phase-seconds)")
+    p.add_argument("--solo-requests", type=int, default=150, help="requests in each concurrency-1 run (default 150)")
+    p.add_argument("--max-phase-seconds", type=float, default=30.0, help="hard cap for any one run (default 30)")
+    p.add_argument("--modes", default="stream,nonstream", help="comma list (default stream,nonstream)")
+    p.add_argument("--targets", default="backend,passthrough,proxy", help="comma list (default backend,passthrough,proxy)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed, too")
+    p.add_argument("--stress", action="store_true", help="only the stress test: concurrent streams, errors must be 0")
     p.add_argument("--stress-streams", type=int, default=500)
-    p.add_argument("--stress-chunk-delay-ms", type=float, default=2.0, help="backend delay between chunks in --stress")
+    p.add_argument("--stress-chunk-delay-ms", type=float, default=2.0, help="backend pause between chunks (default 2)")
     p.add_argument("--stress-target", default="proxy", choices=["proxy", "passthrough"])
-    p.add_argument("--role", choices=["backend", "passthrough"], help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--upstream", help=argparse.SUPPRESS)
-    p.add_argument("--chunk-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    for hidden in ("--role", "--port", "--upstream", "--chunk-delay"):  # used by the server subprocesses
+        p.add_argument(hidden, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.role == "backend":
-        return serve_backend(a.port, a.chunk_delay)
+        return serve_backend(int(a.port), float(a.chunk_delay or 0))
     if a.role == "passthrough":
-        return serve_passthrough(a.port, a.upstream)
-    a.modes = [m for m in a.modes.split(",") if m]
-    a.targets = [t for t in a.targets.split(",") if t]
-    procs = Procs()
+        return serve_passthrough(int(a.port), a.upstream)
+    a.modes, a.targets = [m for m in a.modes.split(",") if m], [t for t in a.targets.split(",") if t]
+    procs, rc = Procs(), 2
 
-    async def guarded():  # Ctrl-C / SIGTERM cancel the run; `finally` below then stops the servers
+    async def guarded():  # Ctrl-C / SIGTERM cancel the run; `finally` below stops the servers
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, asyncio.current_task().cancel)
         try:
@@ -612,7 +540,6 @@ def main():
         except asyncio.CancelledError:
             print("\ninterrupted", file=sys.stderr)
             return 130
-    rc = 2
     try:
         rc = asyncio.run(guarded())
     except RuntimeError as e:

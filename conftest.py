@@ -1,0 +1,302 @@
+"""Test harness: fake backends that speak the real wire formats, and the proxy, on loopback.
+
+The servers run on one asyncio loop in a background thread, so tests can drive the proxy with the
+official (synchronous) anthropic SDK exactly as a user would. Each fake backend serves a queue of
+scripted answers and records every request it received.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import anthropic
+import pytest
+from aiohttp import web
+
+import claude_proxy
+
+
+# --- a loop in a thread ---------------------------------------------------------------------------
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def loop_thread():
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+async def start_site(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, port
+
+
+# --- what real servers send -------------------------------------------------------------------------
+
+def oai_chunk(delta: Optional[dict] = None, finish: Optional[str] = None, *, model: str = "m",
+              usage: Any = None, choices: Optional[list] = None, **extra: Any) -> dict:
+    """One chat.completion.chunk as OpenAI/vLLM send it."""
+    chunk = {"id": "chatcmpl-7f3a9c", "object": "chat.completion.chunk", "created": 1764230400, "model": model,
+             "system_fingerprint": "fp_44709d6fcb"}
+    if choices is None:
+        choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+        choice.update(extra)
+        choices = [choice]
+    chunk["choices"] = choices
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def oai_usage(prompt: int = 12, completion: int = 7, cached: int = 0, reasoning: int = 0) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def oai_text_stream(*pieces: str, finish: str = "stop", usage: Optional[dict] = None, **extra: Any) -> list:
+    """role chunk, one content chunk per piece, finish chunk, usage chunk (choices: [])."""
+    chunks = [oai_chunk({"role": "assistant", "content": ""})]
+    chunks += [oai_chunk({"content": p}) for p in pieces]
+    chunks.append(oai_chunk({}, finish, **extra))
+    chunks.append(oai_chunk(choices=[], usage=usage or oai_usage()))
+    return chunks
+
+
+def oai_tool_call_chunks(index: int, call_id: str, name: str, *arg_pieces: str) -> list:
+    """OpenAI shape: first fragment has index, id, type, name and empty arguments; then argument pieces."""
+    first = oai_chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                       "function": {"name": name, "arguments": ""}}]})
+    rest = [oai_chunk({"tool_calls": [{"index": index, "function": {"arguments": p}}]}) for p in arg_pieces]
+    return [first] + rest
+
+
+def oai_completion(content: Optional[str] = "Hi", tool_calls: Optional[list] = None, finish: str = "stop",
+                   usage: Optional[dict] = None, **message_extra: Any) -> dict:
+    message = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    message.update(message_extra)
+    return {"id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT", "object": "chat.completion", "created": 1741569952,
+            "model": "m", "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage or oai_usage()}
+
+
+def ollama_chunk(content: str = "", *, thinking: Optional[str] = None, tool_calls: Optional[list] = None,
+                 done: bool = False, done_reason: str = "stop", prompt: int = 26, completion: int = 10,
+                 model: str = "qwen3:8b") -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if thinking is not None:
+        message["thinking"] = thinking
+    if tool_calls is not None:
+        message["tool_calls"] = tool_calls
+    obj: dict[str, Any] = {"model": model, "created_at": "2026-11-27T10:00:00.123456789Z", "message": message,
+                           "done": done}
+    if done:
+        obj.update(done_reason=done_reason, total_duration=4883583458, load_duration=1334875,
+                   prompt_eval_count=prompt, prompt_eval_duration=342546000, eval_count=completion,
+                   eval_duration=4535599000)
+    return obj
+
+
+def ollama_text_stream(*pieces: str, done_reason: str = "stop", prompt: int = 26, completion: int = 10) -> list:
+    return [ollama_chunk(p) for p in pieces] + [ollama_chunk(done=True, done_reason=done_reason, prompt=prompt,
+                                                             completion=completion)]
+
+
+# --- scripted answers -------------------------------------------------------------------------------
+
+@dataclass
+class SSE:
+    """An OpenAI-style event stream: `data: <json>\\n\\n` per chunk, then `data: [DONE]`."""
+    chunks: list
+    done: bool = True
+    delay: float = 0.0  # between chunks
+    first_delay: float = 0.0  # before the first chunk (after the headers)
+    crlf: bool = False
+
+
+@dataclass
+class NDJSON:
+    """Ollama's stream: one JSON object per line."""
+    objects: list
+    delay: float = 0.0
+    first_delay: float = 0.0
+
+
+@dataclass
+class Reply:
+    """A plain HTTP answer (JSON errors, non-streaming bodies, HTML pages)."""
+    status: int = 200
+    body: Any = None  # dict/list -> JSON; str/bytes as is
+    headers: dict = field(default_factory=dict)
+    content_type: str = "application/json"
+    delay: float = 0.0
+
+
+class FakeBackend:
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/models) and an Ollama one (/api/chat,
+    /api/tags) in one app. `script` is a queue of answers; `requests` records what arrived."""
+
+    def __init__(self) -> None:
+        self.script: list[Any] = []
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.models_openai = [{"id": "qwen3-coder", "object": "model", "created": 1700000000, "owned_by": "vllm",
+                               "max_model_len": 32768}]
+        self.models_ollama = [{"name": "qwen3:8b", "model": "qwen3:8b", "size": 5200000000},
+                              {"name": "qwen3:1.7b", "model": "qwen3:1.7b", "size": 1400000000}]
+        self.disconnects = 0
+        self.port = 0
+
+    def queue(self, *answers: Any) -> None:
+        self.script.extend(answers)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/api/chat", self.chat)
+        app.router.add_get("/v1/models", self.openai_models)
+        app.router.add_get("/api/tags", self.ollama_tags)
+        return app
+
+    async def openai_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self.models_openai})
+
+    async def ollama_tags(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": self.models_ollama})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        ollama = request.path == "/api/chat"
+        answer = self.script.pop(0) if self.script else (
+            NDJSON(ollama_text_stream("Hello", "!")) if ollama else SSE(oai_text_stream("Hello", "!")))
+        if callable(answer):
+            return await answer(request)
+        try:
+            if isinstance(answer, Reply):
+                await asyncio.sleep(answer.delay)
+                data = answer.body
+                if isinstance(data, (dict, list)):
+                    data = json.dumps(data)
+                return web.Response(status=answer.status, body=data if isinstance(data, bytes) else
+                                    (data or "").encode(), headers={"content-type": answer.content_type,
+                                                                    **answer.headers})
+            if isinstance(answer, SSE):
+                resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+                await resp.prepare(request)
+                await asyncio.sleep(answer.first_delay)
+                end = b"\r\n\r\n" if answer.crlf else b"\n\n"
+                for i, chunk in enumerate(answer.chunks):
+                    if i and answer.delay:
+                        await asyncio.sleep(answer.delay)
+                    raw = chunk if isinstance(chunk, bytes) else (
+                        b"data: " + (chunk if isinstance(chunk, str) else json.dumps(chunk)).encode() + end)
+                    await resp.write(raw)
+                if answer.done:
+                    await resp.write(b"data: [DONE]" + end)
+                return resp
+            if isinstance(answer, NDJSON):
+                resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+                await resp.prepare(request)
+                await asyncio.sleep(answer.first_delay)
+                for i, obj in enumerate(answer.objects):
+                    if i and answer.delay:
+                        await asyncio.sleep(answer.delay)
+                    await resp.write(obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode())
+                return resp
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            raise
+        raise AssertionError(f"unknown scripted answer {answer!r}")
+
+
+@dataclass
+class Stack:
+    backend: FakeBackend
+    backend_url: str
+    proxy_url: str
+    config: claude_proxy.Config
+    app: web.Application
+    loop: LoopThread
+
+    def client(self, **kw: Any) -> anthropic.Anthropic:
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("api_key", "sk-ant-test")
+        return anthropic.Anthropic(base_url=self.proxy_url, **kw)
+
+
+@pytest.fixture
+def make_stack(loop_thread):
+    """make_stack(provider="openai", **config) -> a fake backend and a proxy in front of it."""
+    runners: list[web.AppRunner] = []
+
+    def make(provider: str = "openai", **overrides: Any) -> Stack:
+        backend = FakeBackend()
+        runner, port = loop_thread.run(start_site(backend.app()))
+        runners.append(runner)
+        backend.port = port
+        base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
+        options = {"provider": provider, "base_url": base, "default_model": "backend-model", "timeout": 5.0,
+                   "ping_interval": 10.0}
+        options.update(overrides)
+        config = claude_proxy.Config(**options)
+        app = claude_proxy.create_app(config)
+        prunner, pport = loop_thread.run(start_site(app))
+        runners.append(prunner)
+        return Stack(backend, base, f"http://127.0.0.1:{pport}", config, app, loop_thread)
+
+    yield make
+    for runner in reversed(runners):
+        loop_thread.run(runner.cleanup())
+
+
+@pytest.fixture(params=["openai", "ollama"])
+def provider(request) -> str:
+    return request.param
+
+
+def raw_sse(text: str) -> list[tuple[str, dict]]:
+    """Parse an SSE body into (event, data) pairs, asserting every event is named and typed."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = block.split("\n")
+        assert lines[0].startswith("event: "), block
+        name = lines[0][7:]
+        assert lines[1].startswith("data: "), block
+        data = json.loads(lines[1][6:])
+        assert data["type"] == name
+        events.append((name, data))
+    return events
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
