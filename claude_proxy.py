@@ -1238,6 +1238,17 @@ class _Call:
 
 # --- the response fold ---------------------------------------------------------------------------
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a beginning of `tag` (a tag split across chunks)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal", "end_turn": "end_turn", "max_tokens": "max_tokens"}
 SIGNATURE_PREFIX = "cpx1."
@@ -1297,6 +1308,8 @@ class EventBuilder:
         self.usage_in: Optional[int] = None
         self.usage_out: Optional[int] = None
         self.cache_read = 0
+        self.think_tags = "start"  # start -> inside -> off: inline <think> only at the answer's start
+        self.pending = ""
 
     def take(self) -> list[tuple[str, dict[str, Any]]]:
         events, self.events = self.events, []
@@ -1333,6 +1346,35 @@ class EventBuilder:
             self.active = None
         self.events.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         self.open = None
+
+    def content(self, text: str) -> None:
+        """Backend content: text, except reasoning that a model writes inline as <think>...</think> at
+        the start of its answer (tags may be split across chunks), which becomes a thinking block."""
+        if self.think_tags == "off":
+            return self.text(text)
+        self.pending += text
+        while self.pending:
+            if self.think_tags == "start":
+                head = self.pending.lstrip()
+                if head.startswith(THINK_OPEN):
+                    self.pending, self.think_tags = head[len(THINK_OPEN):], "inside"
+                elif THINK_OPEN.startswith(head):
+                    return  # could still become <think>: wait for more
+                else:
+                    self.think_tags, text, self.pending = "off", self.pending, ""
+                    return self.text(text)
+            elif self.think_tags == "inside":
+                end = self.pending.find(THINK_CLOSE)
+                if end >= 0:
+                    self.thinking(self.pending[:end])
+                    self.pending, self.think_tags = self.pending[end + len(THINK_CLOSE):].lstrip(), "off"
+                    text, self.pending = self.pending, ""
+                    return self.text(text)
+                keep = _partial_suffix(self.pending, THINK_CLOSE)
+                self.thinking(self.pending[:len(self.pending) - keep])
+                self.pending = self.pending[len(self.pending) - keep:]
+                return
+        return None
 
     def text(self, text: str) -> None:
         if not text:
@@ -1446,6 +1488,9 @@ class EventBuilder:
             self.usage_out = output_tokens
 
     def end(self) -> None:
+        if self.pending:  # an unfinished "<thi" or an unclosed <think> at the very end
+            text, self.pending = self.pending, ""
+            self.thinking(text) if self.think_tags == "inside" else self.text(text)
         self._close()
         for call in self.calls.values():  # calls that could not stream live go out whole, in order
             if call.state == "pending":
@@ -1526,7 +1571,7 @@ def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
             ev.thinking(reasoning)
         content = delta.get("content")
         if content:
-            ev.text(content if isinstance(content, str) else "".join(
+            ev.content(content if isinstance(content, str) else "".join(
                 p.get("text", "") for p in content if isinstance(p, dict)))
         for i, call in enumerate(delta.get("tool_calls") or ()):
             fn = call.get("function") or {}
@@ -1547,7 +1592,7 @@ def ollama_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
     if message.get("thinking"):
         ev.thinking(message["thinking"])
     if message.get("content"):
-        ev.text(message["content"])
+        ev.content(message["content"])
     for i, call in enumerate(message.get("tool_calls") or ()):
         fn = call.get("function") or {}
         ev.tool(("ollama", len(ev.calls)), call.get("id"), fn.get("name"),
@@ -1588,6 +1633,11 @@ class Provider:
     def models(self, data: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    @staticmethod
+    def max_tokens_of(body: dict[str, Any]) -> dict[str, Any]:
+        """The dict that holds the body's max output tokens under "max_tokens" or "num_predict"."""
+        return body.get("options", body)
+
 
 class OpenAIProvider(Provider):
     name, chat_path, models_path, framing = "openai", "/chat/completions", "/models", "sse"
@@ -1624,12 +1674,25 @@ PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": Oll
 # Fields a backend may reject for a model; on a 400 that names one, it is dropped (and remembered).
 OPTIONAL_FIELDS = ("reasoning_effort", "response_format", "top_k", "parallel_tool_calls", "user",
                    "think", "format", "stream_options")
-_CONTEXT_PATTERNS = [
-    # OpenAI / vLLM: "maximum context length is 8192 tokens. However, you requested 9000 tokens"
-    re.compile(r"maximum context length is (\d+) tokens.*?(?:resulted in|requested|has) (\d+)", re.S | re.I),
-    # llama.cpp: "request (9000 tokens) exceeds the available context size (8192 tokens)"
-    re.compile(r"\((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", re.I),
+_LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (numbers by name)
+    re.compile(r"maximum context length is (?P<ctx>\d+) tokens.{0,120}?\((?P<prompt>\d+) in the messages", re.S | re.I),
+    re.compile(r"maximum context length is (?P<ctx>\d+) tokens and your request has (?P<prompt>\d+) input", re.I),
+    re.compile(r"maximum context length is (?P<ctx>\d+) tokens.{0,60}?(?:resulted in|requested) (?P<prompt>\d+) tok",
+               re.S | re.I),
+    re.compile(r"n_prompt_tokens=(?P<prompt>\d+), n_ctx=(?P<ctx>\d+)"),  # llama.cpp (fields of its error)
+    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<ctx>\d+) tokens\)", re.I),
+    re.compile(r"supports at most (?P<cap>\d+) completion tokens", re.I),
 ]
+
+
+def context_limits(message: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
+    """(context window, prompt tokens, max completion tokens) from a backend's 400 text, where given."""
+    for pattern in _LIMIT_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            found = match.groupdict()
+            return tuple(int(found[k]) if found.get(k) else None for k in ("ctx", "prompt", "cap"))  # type: ignore
+    return None, None, None
 
 
 def backend_error_text(raw: bytes) -> str:
@@ -1644,7 +1707,10 @@ def backend_error_text(raw: bytes) -> str:
     if isinstance(data, dict):
         error = data.get("error", data)
         if isinstance(error, dict):
-            return str(error.get("message") or error.get("detail") or dumps(error))[:2000]
+            message = str(error.get("message") or error.get("detail") or dumps(error))[:2000]
+            if "n_prompt_tokens" in error and "n_ctx" in error:
+                message += f" (n_prompt_tokens={error['n_prompt_tokens']}, n_ctx={error['n_ctx']})"
+            return message
         return str(error)[:2000]
     return text[:500]
 
@@ -1652,13 +1718,10 @@ def backend_error_text(raw: bytes) -> str:
 def map_backend_error(status: int, message: str, retry_after: Optional[str] = None) -> ApiError:
     """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint)."""
     lowered = message.lower()
-    if status in (400, 413, 422) and ("context" in lowered or "too long" in lowered):
-        for pattern in _CONTEXT_PATTERNS:
-            match = pattern.search(message)
-            if match:
-                a, b = int(match.group(1)), int(match.group(2))
-                limit, used = (a, b) if pattern is _CONTEXT_PATTERNS[0] else (b, a)
-                return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", retry=False)
+    if status in (400, 413, 422):
+        ctx, prompt, _ = context_limits(message)
+        if ctx and prompt and prompt >= ctx:  # Claude Code compacts on exactly this wording
+            return ApiError(400, f"prompt is too long: {prompt} tokens > {ctx} maximum", retry=False)
         if "context_length_exceeded" in lowered or "exceeds the available context" in lowered:
             return ApiError(400, f"prompt is too long: {message}", retry=False)
     text = f"backend returned HTTP {status}: {message}"
@@ -1708,6 +1771,7 @@ class Backend:
         self.config = config
         self.session: Optional[aiohttp.ClientSession] = None
         self.rejected: dict[tuple[str, str], set[str]] = {}
+        self.limits: dict[tuple[str, str], tuple[Optional[int], Optional[int]]] = {}  # (context, max output)
         self.discovered: dict[str, str] = {}  # family -> backend model (zero-config)
         self.backend_models: list[str] = []
         self._discovered_at = 0.0
@@ -1782,9 +1846,17 @@ class Backend:
         assert self.session is not None
         route, body = job.route, job.body
         url = route.base_url + job.provider.chat_path
-        memory = self.rejected.setdefault((route.base_url, route.model), set())
+        key = (route.base_url, route.model)
+        memory = self.rejected.setdefault(key, set())
         for name in memory & body.keys():
             del body[name]
+        holder = job.provider.max_tokens_of(body)
+        mt_field = "num_predict" if "num_predict" in holder else "max_tokens"
+        context, cap = self.limits.get(key, (None, None))
+        if cap and holder.get(mt_field, 0) > cap:
+            holder[mt_field] = cap
+        if context and holder.get(mt_field, 0) > context - job.builder.input_estimate:
+            holder[mt_field] = max(1, context - job.builder.input_estimate)
         attempt = 0
         while True:
             try:
@@ -1814,6 +1886,13 @@ class Backend:
                 resp.release()
             message = backend_error_text(raw)
             if resp.status in (400, 422):
+                ctx, prompt, cap = context_limits(message)
+                allowed = cap or (ctx - prompt if ctx and prompt and prompt < ctx else None)
+                if allowed and allowed < holder.get(mt_field, 0):  # max_tokens too large for this model
+                    self.limits[key] = (ctx or context, cap or self.limits.get(key, (None, None))[1])
+                    holder[mt_field] = allowed
+                    log.info("backend model %s: max_tokens lowered to %d to fit its limits", route.model, allowed)
+                    continue
                 rejected = next((f for f in OPTIONAL_FIELDS if f in body and (
                     f in message or (f == "think" and "thinking" in message))), None)
                 if rejected:
@@ -1825,10 +1904,16 @@ class Backend:
             raise map_backend_error(resp.status, message, resp.headers.get("retry-after"))
 
 
-async def pump(resp: aiohttp.ClientResponse, job: Job, emit: Any) -> None:
+async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> None:
     """Read the backend's answer as it arrives, decode each SSE data line / NDJSON line (or a whole
-    JSON body from a server that ignored `stream`), fold it into events, and emit them per read."""
+    JSON body from a server that ignored `stream`), fold it into events, and emit them per read.
+    resp None: `max_tokens: 0` (a cache pre-warm), which asks for no output at all."""
     ev, decode = job.builder, job.provider.decode
+    if resp is None:
+        ev.finish("length")
+        ev.end()
+        await emit(ev.take())
+        return
     ctype = resp.headers.get("content-type", "")
     if "json" in ctype and "ndjson" not in ctype:  # a non-streaming answer
         decode(_json_or_error(await resp.read()), ev)
@@ -1897,7 +1982,7 @@ def _mid_stream_error(exc: BaseException, config: Config) -> ApiError:
 
 async def complete(backend: Backend, job: Job) -> dict[str, Any]:
     """Non-streaming: stream from the backend anyway (no first-byte timeout on long answers), fold."""
-    resp = await backend.open(job)
+    resp = await backend.open(job) if job.req.max_tokens else None
     job.builder.start()
     events: list[tuple[str, dict[str, Any]]] = []
 
@@ -1907,9 +1992,11 @@ async def complete(backend: Backend, job: Job) -> dict[str, Any]:
     try:
         await pump(resp, job, collect)
     except (ApiError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
-        resp.close()
+        if resp is not None:
+            resp.close()
         raise _mid_stream_error(exc, backend.config) from None
-    resp.release()
+    if resp is not None:
+        resp.release()
     message = fold_events(events)
     job.info.update(stop=message.get("stop_reason"), usage=message.get("usage"))
     return message
@@ -1921,7 +2008,7 @@ PING = sse([("ping", {"type": "ping"})])
 async def stream(request: web.Request, backend: Backend, job: Job) -> web.StreamResponse:
     """Streaming: open the client's stream as soon as the backend answers 2xx, ping while it is
     silent, forward every read as it arrives, end with `event: error` if the backend fails."""
-    resp = await backend.open(job)
+    resp = await backend.open(job) if job.req.max_tokens else None
     out = web.StreamResponse(status=200, headers={
         "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
         "request-id": job.request_id, "x-accel-buffering": "no"})
@@ -1972,10 +2059,8 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
     finally:
         if ping_task is not None:
             ping_task.cancel()
-        if ok:
-            resp.release()
-        else:
-            resp.close()  # the backend sees its connection closed and stops generating
+        if resp is not None:
+            resp.release() if ok else resp.close()  # close: the backend sees it and stops generating  # the backend sees its connection closed and stops generating
     if ok:
         job.info.update(stop=job.builder.stop_reason, usage={
             "input_tokens": job.builder.usage_in, "output_tokens": job.builder.usage_out})
@@ -2170,7 +2255,7 @@ def create_app(config: Optional[Config] = None) -> web.Application:
 
     async def startup(app: web.Application) -> None:
         await backend.start()
-        if config.discover and not config.default_model:
+        if config.discover:  # the start-up probe: lists the backend's models, only warns when it is down
             await backend.discover(force=True)
 
     async def cleanup(app: web.Application) -> None:

@@ -444,7 +444,7 @@ def report(results, idle, a):
         for base in [b for b in ("backend", "passthrough") if b in per]:
             B = per[base]
             d = lambda ph, k, q: pct(c[ph][k], q) - pct(B[ph][k], q)  # noqa: E731
-            print(f"  c/{base[0]}: throughput {c['load']['rps'] / B['load']['rps']:.2f}x, cpu/request "
+            print(f"  c/{label[base][1]}: throughput {c['load']['rps'] / B['load']['rps']:.2f}x, cpu/request "
                   f"{c['load']['cpu_ms'] / max(B['load']['cpu_ms'], 1e-9):.1f}x; added c=1 lat p50 {d('solo', 'lat', .5):+.2f} "
                   f"p99 {d('solo', 'lat', .99):+.2f} ttfe p50 {d('solo', 'ttfe', .5):+.2f}; loaded lat p50 "
                   f"{d('load', 'lat', .5):+.1f} p99 {d('load', 'lat', .99):+.1f}")
