@@ -2060,7 +2060,7 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
         if ping_task is not None:
             ping_task.cancel()
         if resp is not None:
-            resp.release() if ok else resp.close()  # close: the backend sees it and stops generating  # the backend sees its connection closed and stops generating
+            resp.release() if ok else resp.close()  # close: the backend sees it and stops generating
     if ok:
         job.info.update(stop=job.builder.stop_reason, usage={
             "input_tokens": job.builder.usage_in, "output_tokens": job.builder.usage_out})
