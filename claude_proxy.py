@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextvars
 import dataclasses
 import fnmatch
 import hmac
@@ -99,12 +100,14 @@ class Config:
     timeout: float = 120.0  # seconds to the backend's first byte and between chunks
     connect_timeout: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json"
     system_messages: str = "reminder"
     ping_interval: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024
     retries: int = 2
     auth_token: Optional[str] = None
     discover: bool = True  # ask the backend for its models when no map/default applies
+    check: bool = False  # --check: test the backend and exit
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -119,6 +122,8 @@ class Config:
                               f"use one of {', '.join(SYSTEM_MESSAGE_STRATEGIES)}")
         if self.timeout <= 0:
             raise ConfigError("timeout must be positive")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"unknown log format {self.log_format!r}: use text or json")
         self.routes = {name: self._route_of(name, entry) for name, entry in self.model_map.items()}
 
     def _route_of(self, name: str, entry: Any) -> Route:
@@ -1835,7 +1840,9 @@ class Backend:
             await self.discover()
             route = resolve_route(config, model, self.discovered)
         if route is None:
-            raise ApiError(400, f"model {model!r} is not mapped to a backend model: add it to the model map "
+            hint = "" if self.backend_models or not config.discover else (
+                f" (the proxy could not list the backend's models at {public_url(config.base_url)}: is it running?)")
+            raise ApiError(400, f"model {model!r} is not mapped to a backend model{hint}: add it to the model map "
                                 f"(--model-map / MODEL_MAP_JSON, e.g. {{\"{model}\": \"qwen3-coder\"}}) or set a "
                                 "default with --model / DEFAULT_MODEL", retry=False)
         return route
@@ -2036,6 +2043,8 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
 
     ping_task = None
     ok = False
+    metrics = request.app[METRICS]
+    metrics.active_streams += 1
     try:
         await out.prepare(request)
         job.builder.start()
@@ -2057,6 +2066,7 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
     except ConnectionError:
         job.info["error"] = "client disconnected"
     finally:
+        metrics.active_streams -= 1
         if ping_task is not None:
             ping_task.cancel()
         if resp is not None:
@@ -2073,6 +2083,7 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
 
 BACKEND: web.AppKey[Backend] = web.AppKey("backend", Backend)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 OPEN_PATHS = ("/health", "/", "/api/hello")
 _RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.14; plain strings before
 REQUEST_ID: Any = _RequestKey("request_id", str) if _RequestKey else "request_id"
@@ -2105,6 +2116,7 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     incoming = request.headers.get("x-request-id", "")
     request_id = incoming if _REQUEST_ID.match(incoming) else new_id("req_")
     request[REQUEST_ID] = request_id
+    current_request_id.set(request_id)  # every log line of this request carries it
     info: dict[str, Any] = {}
     request[INFO] = info
     started = time.monotonic()
@@ -2137,23 +2149,112 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def log_request(request: web.Request, status: int, started: float, info: dict[str, Any]) -> None:
+    """The one INFO line per request (text or JSON), and the metrics that go with it."""
     usage = info.get("usage") or {}
-    parts = [f"{request.method} {request.path}", f"status={status}"]
+    now = time.monotonic()
+    fields: dict[str, Any] = {"method": request.method, "path": request.path, "status": status}
     if "model" in info:
-        parts.append(f"model={info['model']}->{info['backend_model']} ({info['provider']})")
-        parts.append(f"stream={info['stream']}")
+        fields.update(model=info["model"], backend_model=info["backend_model"], provider=info["provider"],
+                      stream=info["stream"])
     if "ttft" in info:
-        parts.append(f"ttft={(info['ttft'] - started) * 1000:.0f}ms")
-    parts.append(f"time={(time.monotonic() - started) * 1000:.0f}ms")
+        fields["ttft_ms"] = round((info["ttft"] - started) * 1000, 1)
+    fields["time_ms"] = round((now - started) * 1000, 1)
     if usage:
-        parts.append(f"tokens={usage.get('input_tokens')}/{usage.get('output_tokens')}")
-    if info.get("stop"):
-        parts.append(f"stop={info['stop']}")
-    if info.get("retries"):
-        parts.append(f"retries={info['retries']}")
-    if info.get("error"):
-        parts.append(f"error={info['error'][:300]!r}")
-    log.info("[%s] %s", request[REQUEST_ID], " ".join(parts))
+        fields.update(input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"))
+    for key in ("stop", "retries", "error"):
+        if info.get(key):
+            fields[key] = info[key] if key != "error" else str(info[key])[:300]
+    text = " ".join(f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items()
+                    if k not in ("method", "path"))
+    log.info("%s %s %s", request.method, request.path, text, extra={"fields": fields})
+    request.app[METRICS].observe(fields, now - started)
+
+
+class Metrics:
+    """Prometheus text exposition, written here: counters, histograms and gauges in plain dicts."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+    def __init__(self) -> None:
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.histograms: dict[str, tuple[list[int], list[float]]] = {}
+        self.active_streams = 0
+
+    def inc(self, name: str, value: float = 1, **labels: Any) -> None:
+        key = (name, tuple(sorted((k, str(v)) for k, v in labels.items())))
+        self.counters[key] = self.counters.get(key, 0) + value
+
+    def histogram(self, name: str, value: float) -> None:
+        counts, total = self.histograms.setdefault(name, ([0] * (len(self.BUCKETS) + 1), [0.0]))
+        for i, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                counts[i] += 1
+                break
+        else:
+            counts[-1] += 1
+        total[0] += value
+
+    def observe(self, fields: dict[str, Any], seconds: float) -> None:
+        route = fields["path"] if fields["path"].startswith(("/v1/messages", "/v1/models")) else "other"
+        if route.startswith("/v1/models/"):
+            route = "/v1/models/{id}"
+        model = fields.get("model", "")
+        self.inc("claude_proxy_requests_total", route=route, status=fields["status"], model=model)
+        if route == "/v1/messages":
+            self.histogram("claude_proxy_request_duration_seconds", seconds)
+            if "ttft_ms" in fields:
+                self.histogram("claude_proxy_time_to_first_token_seconds", fields["ttft_ms"] / 1000)
+            if fields.get("input_tokens"):
+                self.inc("claude_proxy_input_tokens_total", fields["input_tokens"], model=model)
+            if fields.get("output_tokens"):
+                self.inc("claude_proxy_output_tokens_total", fields["output_tokens"], model=model)
+            if fields.get("retries"):
+                self.inc("claude_proxy_backend_retries_total", fields["retries"])
+            if fields.get("error") or fields["status"] >= 500:
+                self.inc("claude_proxy_backend_errors_total", kind=error_kind(fields))
+
+    def render(self) -> str:
+        helps = {"claude_proxy_requests_total": "Requests by route, status and client model.",
+                 "claude_proxy_input_tokens_total": "Input tokens reported by the backend.",
+                 "claude_proxy_output_tokens_total": "Output tokens reported by the backend.",
+                 "claude_proxy_backend_retries_total": "Connection retries to the backend.",
+                 "claude_proxy_backend_errors_total": "Failed /v1/messages requests by kind."}
+        lines = []
+        for name in sorted(helps):
+            lines += [f"# HELP {name} {helps[name]}", f"# TYPE {name} counter"]
+            for (metric, labels), value in sorted(self.counters.items()):
+                if metric == name:
+                    label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+                    lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
+        for name, what in (("claude_proxy_request_duration_seconds", "Time to serve /v1/messages."),
+                           ("claude_proxy_time_to_first_token_seconds", "Time to the first streamed event.")):
+            counts, total = self.histograms.get(name, ([0] * (len(self.BUCKETS) + 1), [0.0]))
+            lines += [f"# HELP {name} {what}", f"# TYPE {name} histogram"]
+            running = 0
+            for bound, count in zip(self.BUCKETS + (float("inf"),), counts):
+                running += count
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                lines.append(f'{name}_bucket{{le="{le}"}} {running}')
+            lines += [f"{name}_sum {total[0]:g}", f"{name}_count {running}"]
+        lines += ["# HELP claude_proxy_active_streams Streams being relayed now.",
+                  "# TYPE claude_proxy_active_streams gauge", f"claude_proxy_active_streams {self.active_streams}"]
+        return "\n".join(lines) + "\n"
+
+
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def error_kind(fields: dict[str, Any]) -> str:
+    error = str(fields.get("error", "")).lower()
+    for kind in ("client disconnected", "unreachable", "timed out", "did not answer", "sent nothing",
+                 "connection lost", "malformed", "ended before", "too long"):
+        if kind in error:
+            return kind.replace(" ", "_")
+    return f"http_{fields['status']}"
 
 
 async def read_json(request: web.Request) -> Any:
@@ -2237,6 +2338,11 @@ async def handle_model(request: web.Request) -> web.Response:
     raise ApiError(404, f"model: {model_id}", retry=False)
 
 
+async def handle_metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[METRICS].render(), content_type="text/plain",
+                        headers={"request-id": request[REQUEST_ID]})
+
+
 async def handle_health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"}, request[REQUEST_ID])
 
@@ -2252,6 +2358,7 @@ def create_app(config: Optional[Config] = None) -> web.Application:
     backend = Backend(config)
     app[CONFIG] = config
     app[BACKEND] = backend
+    app[METRICS] = Metrics()
 
     async def startup(app: web.Application) -> None:
         await backend.start()
@@ -2268,6 +2375,7 @@ def create_app(config: Optional[Config] = None) -> web.Application:
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{model_id}", handle_model)
     app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
     for path in ("/", "/api/hello"):
         app.router.add_route("HEAD", path, handle_hello)
         app.router.add_get(path, handle_hello, allow_head=False)
@@ -2309,6 +2417,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "[PROXY_AUTH_TOKEN]")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR [LOG_LEVEL] (default INFO; DEBUG logs "
                                        "translated requests)")
+    p.add_argument("--log-format", help="text or json (one JSON object per line) [LOG_FORMAT] (default text)")
+    p.add_argument("--check", action="store_true", help="contact the backend, send a one-token request for each "
+                                                        "mapped model, print what works, exit non-zero on failure")
     p.add_argument("--version", action="version", version=f"claude-proxy {__version__}")
     return p
 
@@ -2353,11 +2464,74 @@ def load_config(argv: Optional[list[str]] = None, environ: Optional[dict[str, st
         model_map=load_model_map(pick(args.model_map, "MODEL_MAP_FILE"), env.get("MODEL_MAP_JSON")),
         timeout=timeout,
         log_level=(pick(args.log_level, "LOG_LEVEL") or "INFO").upper(),
+        log_format=(pick(args.log_format, "LOG_FORMAT") or "text").lower(),
         system_messages=pick(args.system_messages, "SYSTEM_MESSAGES") or "reminder",
         retries=int(number(pick(args.retries, "PROVIDER_RETRIES"), "--retries", 2)),
         max_body_bytes=int(number(pick(args.max_body_mb, "MAX_BODY_MB"), "--max-body-mb", 32) * 1024 * 1024),
         auth_token=pick(args.auth_token, "PROXY_AUTH_TOKEN"),
+        check=args.check,
     )
+
+
+async def run_check(config: Config, out: Any = sys.stdout) -> int:
+    """--check: list the backend's models, send a one-token request for each mapped model, print a
+    table of what works; 0 when everything does."""
+    backend = Backend(config)
+    await backend.start()
+    rows: list[tuple[str, str, str]] = []
+    try:
+        await backend.discover(force=True)
+        reachable = bool(backend.backend_models)
+        rows.append(("(backend)", public_url(config.base_url),
+                     f"ok: {len(backend.backend_models)} models" if reachable else "FAIL: unreachable or no models"))
+        names = [n for n in config.model_map if not _GLOB_CHARS.search(n)] or ["claude-opus-5-5", "claude-haiku-5-5"]
+        for name in names:
+            req = MessagesRequest(model=name, messages=[Message("user", [TextBlock("Reply with OK.")])],
+                                  max_tokens=1)
+            try:
+                route = await backend.route(name)
+                provider = PROVIDER_IMPLS[route.provider]
+                body, names_map = provider.body(build_conversation(req), req, route)
+                job = Job(req, route, provider, body, EventBuilder(new_id("msg_"), name, 0, tool_names=names_map),
+                          new_id("req_"), {})
+                await complete(backend, job)
+                rows.append((name, f"{route.model} ({route.provider})", "ok"))
+            except ApiError as exc:
+                rows.append((name, "", f"FAIL: {exc.status} {exc.message}"[:200]))
+    finally:
+        await backend.close()
+    width = [max(len(r[i]) for r in rows + [("client model", "backend model", "")]) for i in range(2)]
+    out.write(f"{'client model':<{width[0]}}  {'backend model':<{width[1]}}  result\n")
+    for row in rows:
+        out.write(f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {row[2]}\n")
+    return 1 if any(r[2].startswith("FAIL") for r in rows) else 0
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname,
+               "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return dumps(out)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -2369,8 +2543,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         sys.stderr.write(f"claude-proxy: unknown log level {config.log_level!r}\n")
         return 2
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    setup_logging(config)
+    if config.check:
+        return asyncio.run(run_check(config))
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.auth_token:
         log.warning("listening on %s without --auth-token: anyone who can reach this address can use the backend",
                     config.host)

@@ -80,7 +80,7 @@ NONSTREAM_BODY = json.dumps(dict(HEAD, object="chat.completion", usage=USAGE, ch
 # ------------------------------------------------------------------------------ server roles (subprocesses)
 def serve_backend(port, chunk_delay):
     streams = {True: openai_chunks(True), False: openai_chunks(False)}
-    stats = {"requests": 0, "bad": 0, "inflight": 0, "max_inflight": 0}
+    stats = {"requests": 0, "streamed": 0, "bad": 0, "inflight": 0, "max_inflight": 0}
 
     async def completions(request):
         stats["requests"] += 1
@@ -91,6 +91,7 @@ def serve_backend(port, chunk_delay):
                                                 "type": "invalid_request_error", "param": None, "code": None}}, status=400)
         if not req.get("stream"):
             return web.Response(body=NONSTREAM_BODY, content_type="application/json")
+        stats["streamed"] += 1
         stats["inflight"] += 1
         stats["max_inflight"] = max(stats["max_inflight"], stats["inflight"])
         try:
@@ -293,14 +294,20 @@ class Procs:
 
 
 def cpu_seconds(pid):  # utime + stime of the process
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # it died: the failed requests say so
+        return float("nan")
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:")), 0.0)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
 
 
 def pct(xs, q):  # in ms
@@ -374,8 +381,9 @@ async def bench_target(t, a):
               await run_phase(t, 1, None, a.solo_requests, a.max_phase_seconds)]
     b1 = await backend_stats(t.backend)
     r = {k: sum((p[k] for p in phases), [] if k == "samples" else 0) for k in ("sent", "errors", "samples")}
-    r.update(load=phases[1], solo=phases[2], bad=b1["bad"] - b0["bad"], pid=t.pid)
     served, good = b1["requests"] - b0["requests"], r["sent"] - r["errors"]
+    r.update(load=phases[1], solo=phases[2], bad=b1["bad"] - b0["bad"], pid=t.pid, served=served,
+             streamed=b1["streamed"] - b0["streamed"])
     if served < good:
         r["errors"] += 1
         r["samples"].append(f"backend served {served} requests for {good} good responses (cached or faked?)")
@@ -479,10 +487,12 @@ async def main_bench(a, procs):
             print(f"running {mode:<9} {name:<12} ...", end=" ", flush=True)
             r = results[mode][name] = await bench_target(make_target(name, mode == "stream", ports, pids, backend), a)
             errors += r["errors"]
-            print(f"{r['load']['rps']:.0f} req/s, {r['sent']} requests, {r['errors']} errors"
-                  + (f", backend rejected {r['bad']} translated requests" if r["bad"] else ""))
+            print(f"{r['load']['rps']:.0f} req/s, {r['sent']} requests, {r['errors']} errors; the backend served "
+                  f"{r['served']} ({r['streamed']} streamed" + (f", {r['bad']} rejected)" if r["bad"] else ")"))
             for s in r["samples"]:
                 print("    error:", s)
+            if procs.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} died (exit {procs.procs[name].returncode}):\n{procs.tail(name)}")
     misses = report(results, idle, a)
     if errors:
         print(f"\nserver logs: {procs.logdir}")
