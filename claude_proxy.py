@@ -108,6 +108,8 @@ class Config:
     auth_token: Optional[str] = None
     discover: bool = True  # ask the backend for its models when no map/default applies
     check: bool = False  # --check: test the backend and exit
+    fetch_images: bool = False  # Ollama: download image URLs (it accepts only base64)
+    scale_usage: bool = False  # report input tokens scaled to a 200k window (see README)
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -1008,8 +1010,8 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
         if images:
             for src in images:
                 if src.type != "base64":
-                    raise invalid("messages", "Ollama accepts only base64 images; this request has an image "
-                                              "url (send base64, or use an OpenAI-compatible backend)")
+                    raise invalid("messages", "Ollama accepts only base64 images and this request has an image "
+                                              "url: send base64, or start the proxy with --fetch-images")
             msg["images"] = [src.data for src in images]
         messages.append(msg)
     options: dict[str, Any] = {"num_predict": effective_max_tokens(req, route)}
@@ -1292,8 +1294,11 @@ class EventBuilder:
     interleave with the open one are buffered and emitted whole when it closes."""
 
     def __init__(self, msg_id: str, model: str, input_estimate: int, *,
-                 tool_names: Optional[dict[str, str]] = None, show_thinking: bool = True) -> None:
-        self.msg_id, self.model, self.input_estimate = msg_id, model, input_estimate
+                 tool_names: Optional[dict[str, str]] = None, show_thinking: bool = True,
+                 usage_scale: float = 1.0) -> None:
+        self.msg_id, self.model = msg_id, model
+        self.usage_scale = usage_scale  # --scale-usage; 1.0 reports the backend's raw counts
+        self.input_estimate = round(input_estimate * usage_scale)
         self.tool_names = tool_names or {}
         self.show_thinking = show_thinking
         self.events: list[tuple[str, dict[str, Any]]] = []
@@ -1487,8 +1492,8 @@ class EventBuilder:
 
     def usage(self, input_tokens: Optional[int], output_tokens: Optional[int], cache_read: int = 0) -> None:
         if input_tokens is not None:
-            self.usage_in = max(0, input_tokens - cache_read)
-            self.cache_read = cache_read
+            self.usage_in = round(max(0, input_tokens - cache_read) * self.usage_scale)
+            self.cache_read = round(cache_read * self.usage_scale)
         if output_tokens is not None:
             self.usage_out = output_tokens
 
@@ -1769,6 +1774,10 @@ def public_url(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
+CLIENT_CONTEXT_WINDOW = 200_000
+MAX_IMAGE_BYTES = 20 << 20
+
+
 class Backend:
     """The shared HTTP client, model discovery, and what each backend model was seen to reject."""
 
@@ -1779,6 +1788,7 @@ class Backend:
         self.limits: dict[tuple[str, str], tuple[Optional[int], Optional[int]]] = {}  # (context, max output)
         self.discovered: dict[str, str] = {}  # family -> backend model (zero-config)
         self.backend_models: list[str] = []
+        self.context_windows: dict[str, int] = {}
         self._discovered_at = 0.0
 
     async def start(self) -> None:
@@ -1824,12 +1834,42 @@ class Backend:
                         public_url(config.base_url), type(exc).__name__)
             return
         self.backend_models = [m["name"] for m in models]
+        self.context_windows = {m["name"]: m["context_window"] for m in models if m.get("context_window")}
         self.discovered = pick_models(models)
         if self.discovered:
             log.info("backend models: %s; unmapped Claude models go to %s (haiku-class: %s)",
                      ", ".join(self.backend_models[:20]), self.discovered["*"], self.discovered["haiku"])
         else:
             log.warning("backend %s lists no models", public_url(config.base_url))
+
+    def usage_scale(self, route: Route) -> float:
+        """--scale-usage: Claude Code compacts near 200k input tokens; make a smaller window look full."""
+        window = route.context_window or self.context_windows.get(route.model)
+        return CLIENT_CONTEXT_WINDOW / window if self.config.scale_usage and window else 1.0
+
+    async def fetch_images(self, req: MessagesRequest) -> None:
+        """Replace image URLs with their bytes (base64), for backends that take no URLs (Ollama)."""
+        assert self.session is not None
+        for message in req.messages:
+            for block in message.content:
+                sources = [b.source for b in (block.content if block.type == "tool_result" else [block])
+                           if b.type == "image" and b.source.type == "url"]
+                for src in sources:
+                    url = src.url or ""
+                    if not url.lower().startswith(("http://", "https://")):
+                        raise invalid("messages", f"image url {url[:100]!r}: only http and https URLs can be fetched")
+                    try:
+                        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                            ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+                            data = await resp.content.read(MAX_IMAGE_BYTES + 1)
+                            if resp.status != 200 or ctype not in IMAGE_MEDIA_TYPES or len(data) > MAX_IMAGE_BYTES:
+                                raise invalid("messages", f"image url {url[:100]!r}: got HTTP {resp.status}, "
+                                                          f"{ctype or 'no type'}, {len(data)} bytes (need an image "
+                                                          f"of at most {MAX_IMAGE_BYTES >> 20} MiB)")
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                        raise invalid("messages", f"image url {url[:100]!r} could not be fetched: "
+                                                  f"{type(exc).__name__}") from None
+                    src.type, src.media_type, src.data = "base64", ctype, base64.b64encode(data).decode()
 
     async def route(self, model: str) -> Route:
         config = self.config
@@ -2274,16 +2314,17 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
     config = request.app[CONFIG]
     route = await backend.route(req.model)
     provider = PROVIDER_IMPLS[route.provider]
+    if route.provider == "ollama" and config.fetch_images:
+        await backend.fetch_images(req)
     conv = build_conversation(req, config.system_messages)
     body, tool_names = provider.body(conv, req, route)
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
     builder = EventBuilder(new_id("msg_"), req.model, count_request_tokens(req), tool_names=tool_names,
-                           show_thinking=show_thinking)
+                           show_thinking=show_thinking, usage_scale=backend.usage_scale(route))
     info = request[INFO]
     info.update(model=req.model, backend_model=route.model, provider=route.provider, stream=bool(req.stream))
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("[%s] backend request to %s: %s", request[REQUEST_ID], public_url(route.base_url),
-                  dumps(body)[:20000])
+        log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:20000])
     return Job(req, route, provider, body, builder, request[REQUEST_ID], info)
 
 
@@ -2297,7 +2338,13 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
     req = parse_request(await read_json(request), count_only=True)
-    return json_response({"input_tokens": count_request_tokens(req)}, request[REQUEST_ID])
+    count = count_request_tokens(req)
+    if request.app[CONFIG].scale_usage:
+        try:
+            count = round(count * request.app[BACKEND].usage_scale(await request.app[BACKEND].route(req.model)))
+        except ApiError:
+            pass
+    return json_response({"input_tokens": count}, request[REQUEST_ID])
 
 
 def model_list(config: Config, backend: Backend) -> list[dict[str, Any]]:
@@ -2417,6 +2464,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "[PROXY_AUTH_TOKEN]")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR [LOG_LEVEL] (default INFO; DEBUG logs "
                                        "translated requests)")
+    p.add_argument("--fetch-images", action="store_true", default=None,
+                   help="for Ollama, download image URLs in requests (http/https, at most 20 MiB each) "
+                        "[FETCH_IMAGES=1]; off by default: the proxy then fetches URLs chosen by its clients")
+    p.add_argument("--scale-usage", action="store_true", default=None,
+                   help="report input tokens scaled from the model's context window (map context_window, or "
+                        "the backend's max_model_len) to Claude's 200k, so Claude Code compacts before the "
+                        "backend overflows [SCALE_USAGE=1]; reported usage is then no longer raw")
     p.add_argument("--log-format", help="text or json (one JSON object per line) [LOG_FORMAT] (default text)")
     p.add_argument("--check", action="store_true", help="contact the backend, send a one-token request for each "
                                                         "mapped model, print what works, exit non-zero on failure")
@@ -2448,6 +2502,9 @@ def load_config(argv: Optional[list[str]] = None, environ: Optional[dict[str, st
         except ValueError:
             raise ConfigError(f"{what}: expected a number, got {value!r}") from None
 
+    def flag(value: Optional[bool], name: str) -> bool:
+        return bool(value) if value is not None else env.get(name, "").lower() in ("1", "true", "yes", "on")
+
     timeout_ms = env.get("PROVIDER_TIMEOUT_MS")
     timeout = number(args.timeout, "--timeout", 120.0) if args.timeout is not None else \
         number(timeout_ms, "PROVIDER_TIMEOUT_MS", 120.0, 0.001)
@@ -2470,6 +2527,8 @@ def load_config(argv: Optional[list[str]] = None, environ: Optional[dict[str, st
         max_body_bytes=int(number(pick(args.max_body_mb, "MAX_BODY_MB"), "--max-body-mb", 32) * 1024 * 1024),
         auth_token=pick(args.auth_token, "PROXY_AUTH_TOKEN"),
         check=args.check,
+        fetch_images=flag(args.fetch_images, "FETCH_IMAGES"),
+        scale_usage=flag(args.scale_usage, "SCALE_USAGE"),
     )
 
 

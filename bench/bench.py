@@ -7,6 +7,7 @@ on exit, Ctrl-C and errors included):
     python bench/bench.py                  # streaming + non-streaming, concurrency 32
     python bench/bench.py --stress         # 500 concurrent 50-chunk streams through the proxy
     python bench/bench.py --duration 10 --concurrency 64 --modes stream --strict
+    python bench/bench.py --chunk-delay-ms 1   # chunks spaced like a real token stream (latency-bound)
 
 Three servers on 127.0.0.1, each its own subprocess:
   (a) backend      fake OpenAI-compatible /v1/chat/completions; canned 50-chunk stream (role, 42
@@ -358,8 +359,7 @@ async def run_phase(t, concurrency, duration, max_requests, max_seconds):
                                      timeout=aiohttp.ClientTimeout(total=max_seconds + 30)) as s:
         sampler = asyncio.create_task(sample_rss())
         cpu0, own0, w0 = cpu_seconds(t.pid), sum(os.times()[:2]), time.perf_counter()
-        async with asyncio.timeout(max_seconds + 60):
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))  # bounded: each request times out too
         wall = time.perf_counter() - w0
         sampler.cancel()
     res["cpu_ms"] = (cpu_seconds(t.pid) - cpu0) * 1000 / max(1, res["sent"])
@@ -382,7 +382,7 @@ async def bench_target(t, a):
     b1 = await backend_stats(t.backend)
     r = {k: sum((p[k] for p in phases), [] if k == "samples" else 0) for k in ("sent", "errors", "samples")}
     served, good = b1["requests"] - b0["requests"], r["sent"] - r["errors"]
-    r.update(load=phases[1], solo=phases[2], bad=b1["bad"] - b0["bad"], pid=t.pid, served=served,
+    r.update(load=phases[1], solo=phases[2], bad=b1["bad"] - b0["bad"], served=served,
              streamed=b1["streamed"] - b0["streamed"])
     if served < good:
         r["errors"] += 1
@@ -401,11 +401,11 @@ def proxy_problem():
         return f"claude_proxy.py --help does not work yet (rc {r.returncode}) {r.stderr.decode()[-300:]}"
 
 
-def start_servers(procs, a, chunk_delay=0.0):
+def start_servers(procs, a, chunk_delay_ms=0.0):
     me, ports = [sys.executable, str(Path(__file__).resolve())], {n: free_port() for n in ["backend"] + a.targets}
     backend = f"http://127.0.0.1:{ports['backend']}"
     pids = {"backend": procs.start("backend", me + ["--role", "backend", "--port", str(ports["backend"]),
-                                                    "--chunk-delay", str(chunk_delay)], ports["backend"])}
+                                                    "--chunk-delay-ms", str(chunk_delay_ms)], ports["backend"])}
     if "passthrough" in a.targets:
         pids["passthrough"] = procs.start("passthrough", me + ["--role", "passthrough", "--port",
                                                                str(ports["passthrough"]), "--upstream", backend], ports["passthrough"])
@@ -432,10 +432,11 @@ def make_target(name, stream, ports, pids, backend):
 
 
 # ------------------------------------------------------------------------------ reporting and entry points
-def report(results, idle, a):
+def report(results, idle, after, a):
     label = {"backend": "(a) backend", "passthrough": "(b) passthrough", "proxy": "(c) claude_proxy"}
     print(f"\nloaded = concurrency {a.concurrency} for {a.duration}s; c=1 = {a.solo_requests} sequential requests; times in ms;"
-          "\ncpu = CPU ms/request of the server under test; rss in MB; cli% = load generator CPU (100 = it is the limit)")
+          + (f" backend pauses {a.chunk_delay_ms:g} ms between chunks;" if a.chunk_delay_ms else "")
+          + "\ncpu = CPU ms/request of the server under test; rss in MB; cli% = load generator CPU (100 = it is the limit)")
     hdr = (f"{'mode':<9}{'target':<17}{'req/s':>7}{'lat50':>7}{'lat99':>7}{'ttfe50':>7}{'ttfe99':>7} |{'c=1 lat50':>10}"
            f"{'lat99':>6}{'ttfe50':>7}{'ttfe99':>7} |{'cpu':>6}{'rss':>6}{'peak':>6}{'cli%':>5}{'errs':>5}")
     print(hdr + "\n" + "-" * len(hdr))
@@ -472,13 +473,13 @@ def report(results, idle, a):
     if "proxy" in idle:
         ok = idle["proxy"] < 80
         print(f"\n  {'PASS' if ok else 'MISS'}  proxy RSS idle < 80 MB: {idle['proxy']:.1f} MB "
-              f"(after the runs: {rss_mb(results[a.modes[0]]['proxy']['pid']):.1f} MB)")
+              f"(after the runs: {after['proxy']:.1f} MB)")
         misses += [] if ok else ["RSS idle"]
     return misses
 
 
 async def main_bench(a, procs):
-    backend, ports, pids = start_servers(procs, a)
+    backend, ports, pids = start_servers(procs, a, a.chunk_delay_ms or 0)
     idle = {n: rss_mb(p) for n, p in pids.items()}
     results, errors = {}, 0
     for mode in a.modes:
@@ -493,7 +494,7 @@ async def main_bench(a, procs):
                 print("    error:", s)
             if procs.procs[name].poll() is not None:
                 raise RuntimeError(f"{name} died (exit {procs.procs[name].returncode}):\n{procs.tail(name)}")
-    misses = report(results, idle, a)
+    misses = report(results, idle, {n: rss_mb(p) for n, p in pids.items()}, a)
     if errors:
         print(f"\nserver logs: {procs.logdir}")
     return 1 if errors or (a.strict and misses) else 0
@@ -501,16 +502,17 @@ async def main_bench(a, procs):
 
 async def main_stress(a, procs):
     a.targets = [a.stress_target]
-    backend, ports, pids = start_servers(procs, a, chunk_delay=a.stress_chunk_delay_ms / 1000)
+    delay_ms = 2.0 if a.chunk_delay_ms is None else a.chunk_delay_ms
+    backend, ports, pids = start_servers(procs, a, delay_ms)
     if a.stress_target not in pids:
         return 1
     t, n = make_target(a.stress_target, True, ports, pids, backend), a.stress_streams
-    print(f"stress: {n} concurrent streams of {N_CHUNKS} chunks, {a.stress_chunk_delay_ms} ms apart, via {a.stress_target}")
+    print(f"stress: {n} concurrent streams of {N_CHUNKS} chunks, {delay_ms:g} ms apart, via {a.stress_target}")
     rss0, b0, w0 = rss_mb(t.pid), await backend_stats(backend), time.perf_counter()
     r = await run_phase(t, n, None, n, 120)  # n workers, one stream each, all started at once
     wall, st = time.perf_counter() - w0, await backend_stats(backend)
     print(f"  {len(r['lat'])} ok, {r['errors']} errors in {wall:.2f}s (one stream alone takes >= "
-          f"{N_CHUNKS * a.stress_chunk_delay_ms:.0f} ms)\n  stream duration p50 {pct(r['lat'], .5):.0f} ms "
+          f"{N_CHUNKS * delay_ms:.0f} ms)\n  stream duration p50 {pct(r['lat'], .5):.0f} ms "
           f"p99 {pct(r['lat'], .99):.0f} ms; ttfe p50 {pct(r['ttfe'], .5):.0f} ms p99 {pct(r['ttfe'], .99):.0f} ms")
     print(f"  backend: served {st['requests'] - b0['requests']}, max concurrent streams {st['max_inflight']}, "
           f"rejected {st['bad'] - b0['bad']}\n  {a.stress_target}: cpu {r['cpu_ms']:.2f} ms/stream, "
@@ -533,16 +535,18 @@ def main():
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed, too")
     p.add_argument("--stress", action="store_true", help="only the stress test: concurrent streams, errors must be 0")
     p.add_argument("--stress-streams", type=int, default=500)
-    p.add_argument("--stress-chunk-delay-ms", type=float, default=2.0, help="backend pause between chunks (default 2)")
+    p.add_argument("--chunk-delay-ms", type=float, help="backend pause between stream chunks (default 0; 2 with --stress)")
     p.add_argument("--stress-target", default="proxy", choices=["proxy", "passthrough"])
-    for hidden in ("--role", "--port", "--upstream", "--chunk-delay"):  # used by the server subprocesses
+    for hidden in ("--role", "--port", "--upstream"):  # used by the server subprocesses
         p.add_argument(hidden, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.role == "backend":
-        return serve_backend(int(a.port), float(a.chunk_delay or 0))
+        return serve_backend(int(a.port), (a.chunk_delay_ms or 0) / 1000)
     if a.role == "passthrough":
         return serve_passthrough(int(a.port), a.upstream)
     a.modes, a.targets = [m for m in a.modes.split(",") if m], [t for t in a.targets.split(",") if t]
+    if not set(a.modes) <= {"stream", "nonstream"} or not set(a.targets) <= {"backend", "passthrough", "proxy"}:
+        p.error("--modes takes stream,nonstream and --targets backend,passthrough,proxy")
     procs, rc = Procs(), 2
 
     async def guarded():  # Ctrl-C / SIGTERM cancel the run; `finally` below stops the servers
