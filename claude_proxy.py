@@ -423,9 +423,9 @@ class DocumentSource:
         if self.type == "content" and self.content is None:
             raise invalid(f"{path}.content", "field required")
         if self.type in ("base64", "url", "file"):
-            what = self.media_type or ("a PDF" if self.type != "base64" else "binary data")
-            raise invalid(path, f"{self.type} documents ({what}) cannot be read by the backend model: "
-                                "the proxy passes documents on as text only; send the text "
+            what = "PDF" if self.type != "base64" or self.media_type == "application/pdf" else repr(self.media_type)
+            raise invalid(path, f"{what} documents ({self.type} source) cannot be read by the backend model: "
+                                "the proxy passes documents on as text only; send the document's text "
                                 "(source type \"text\" or \"content\")")
 
 

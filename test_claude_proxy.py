@@ -200,3 +200,193 @@ def test_map_cap_and_context_window():
     route = cp.Route("small", "ollama", "http://h", max_tokens=8192, context_window=32768)
     body = cp.ollama_request(cp.build_conversation(req), req, route)
     assert body["options"]["num_predict"] == 8192 and body["options"]["num_ctx"] == 32768
+
+
+# ======================================================================================
+# Thinking, images, documents (both directions)
+# ======================================================================================
+
+THINK_REQ = dict(model="claude-opus-5-5", max_tokens=200, messages=USER_HI)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "reasoning_details"])
+def test_openai_reasoning_fields_become_thinking(make_stack, field):
+    stack = make_stack("openai")
+    piece = (lambda t: {"reasoning_details": [{"type": "reasoning.text", "text": t}]}) if field == "reasoning_details" \
+        else (lambda t: {field: t})
+    chunks = [oai_chunk({"role": "assistant", "content": ""}), oai_chunk(piece("Let me ")), oai_chunk(piece("think.")),
+              oai_chunk({"content": "Answer."}), oai_chunk({}, "stop"), oai_chunk(choices=[], usage=oai_usage(10, 30,
+                                                                                                          reasoning=20))]
+    stack.backend.queue(SSE(chunks))
+    with stack.client().messages.stream(**THINK_REQ) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "Let me think."
+    assert final.content[0].signature  # non-empty: Claude Code drops thinking blocks without one
+    assert final.content[1].text == "Answer."
+    assert final.usage.output_tokens == 30  # reasoning tokens stay inside output_tokens
+
+
+def test_ollama_thinking_and_inline_think_tags(make_stack):
+    stack = make_stack("ollama")
+    stack.backend.queue(NDJSON([ollama_chunk("", thinking="Check."), ollama_chunk("Done."), ollama_chunk(done=True)]))
+    stack.backend.queue(NDJSON([ollama_chunk("<thi"), ollama_chunk("nk>hidden plan</th"), ollama_chunk("ink>\n\nVisible"),
+                                ollama_chunk(done=True)]))
+    client = stack.client()
+    first = client.messages.create(**THINK_REQ)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in first.content] == [
+        ("thinking", "Check."), ("text", "Done.")]
+    with client.messages.stream(**THINK_REQ) as s:
+        second = s.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in second.content] == [
+        ("thinking", "hidden plan"), ("text", "Visible")]
+
+
+def test_thinking_display_omitted_round_trips_through_signature(make_stack):
+    """Claude Code asks for display "omitted": the text is hidden, and restored from the signature when the
+    conversation is sent back (DeepSeek needs it on tool turns)."""
+    stack = make_stack("openai")
+    stack.backend.queue(SSE([oai_chunk({"reasoning_content": "secret plan"}), oai_chunk({"content": "ok"}),
+                             oai_chunk({}, "stop")]))
+    msg = stack.client().messages.create(model="m", max_tokens=50, messages=USER_HI,
+                                         thinking={"type": "adaptive", "display": "omitted"})
+    block = msg.content[0]
+    assert block.type == "thinking" and block.thinking == "" and block.signature.startswith("cpx1.")
+    assert cp.reasoning_from_signature(block.signature) == "secret plan"
+    req = cp.parse_request({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [block.model_dump(), {"type": "tool_use", "id": "toolu_1", "name": "T",
+                                                                "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}]}]})
+    route = cp.Route("deepseek-chat", "openai", "https://api.deepseek.com/v1")
+    body = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]
+    assert body["messages"][1]["reasoning_content"] == "secret plan"
+    ollama = cp.ollama_request(cp.build_conversation(req), req, ROUTE_OLLAMA)
+    assert ollama["messages"][1]["thinking"] == "secret plan"
+    plain = backend_body(req, "openai")  # not DeepSeek, no reasoning_history: not sent
+    assert "reasoning_content" not in plain["messages"][1]
+
+
+def test_thinking_request_switches():
+    def req(**kw):
+        return cp.parse_request({"model": "m", "max_tokens": 5, "messages": USER_HI, **kw})
+    assert backend_body(req(thinking={"type": "enabled", "budget_tokens": 2048}), "openai")["reasoning_effort"] == "low"
+    assert backend_body(req(thinking={"type": "enabled", "budget_tokens": 20000}), "openai")["reasoning_effort"] == "high"
+    assert backend_body(req(thinking={"type": "adaptive"}, output_config={"effort": "high"}),
+                        "openai")["reasoning_effort"] == "high"
+    assert "reasoning_effort" not in backend_body(req(thinking={"type": "disabled"}), "openai")
+    assert backend_body(req(thinking={"type": "enabled", "budget_tokens": 2048}), "ollama")["think"] is True
+    assert backend_body(req(thinking={"type": "disabled"}), "ollama")["think"] is False
+    assert "think" not in backend_body(req(thinking={"type": "adaptive"}), "ollama")
+
+
+def test_backend_rejecting_reasoning_effort_is_retried_without_it(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(Reply(400, {"error": {"message": "Unrecognized request argument supplied: reasoning_effort",
+                                              "type": "invalid_request_error", "param": None, "code": None}}),
+                        SSE(oai_text_stream("fine")), SSE(oai_text_stream("again")))
+    client = stack.client()
+    kwargs = dict(model="m", max_tokens=50, messages=USER_HI, thinking={"type": "adaptive"},
+                  output_config={"effort": "medium"})
+    assert client.messages.create(**kwargs).content[0].text == "fine"
+    assert client.messages.create(**kwargs).content[0].text == "again"
+    sent = stack.backend.requests
+    assert "reasoning_effort" in sent[0] and "reasoning_effort" not in sent[1] and "reasoning_effort" not in sent[2]
+
+
+PNG_1x1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
+
+
+def test_images_both_providers(make_stack, provider):
+    stack = make_stack(provider)
+    content = [{"type": "text", "text": "What is this?"},
+               {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1x1}}]
+    stack.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
+    sent = stack.backend.requests[0]["messages"][-1]
+    if provider == "openai":
+        assert sent["content"] == [{"type": "text", "text": "What is this?"},
+                                   {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1x1}}]
+    else:
+        assert sent["content"] == "What is this?" and sent["images"] == [PNG_1x1]
+
+
+def test_image_url_openai_passes_through_and_ollama_needs_flag(make_stack):
+    content = [{"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]
+    openai = make_stack("openai")
+    openai.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
+    assert openai.backend.requests[0]["messages"][-1]["content"][0]["image_url"]["url"] == "https://example.com/cat.png"
+    ollama = make_stack("ollama")
+    with pytest.raises(anthropic.BadRequestError) as err:
+        ollama.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
+    assert "--fetch-images" in err.value.message and ollama.backend.requests == []
+
+
+def test_documents_text_and_pdf(make_stack):
+    stack = make_stack("openai")
+    doc = {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain", "data": "alpha"}}
+    stack.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": [doc]}])
+    assert stack.backend.requests[0]["messages"][-1]["content"] == '<document title="Notes">\nalpha\n</document>'
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}}
+    with pytest.raises(anthropic.BadRequestError) as err:
+        stack.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": [pdf]}])
+    assert "messages.0.content.0.source" in err.value.message and "PDF" in err.value.message
+
+
+def test_cached_tokens_and_stop_sequence(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(100, 5, cached=80))))
+    stack.backend.queue(SSE(oai_text_stream("y", finish="stop", stop_reason="###")))
+    client = stack.client()
+    msg = client.messages.create(model="m", max_tokens=20, messages=USER_HI)
+    assert (msg.usage.input_tokens, msg.usage.cache_read_input_tokens) == (20, 80)
+    msg = client.messages.create(model="m", max_tokens=20, messages=USER_HI, stop_sequences=["###"])
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
+
+
+def test_length_and_content_filter_stop_reasons(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(SSE(oai_text_stream("cut", finish="length")) if provider == "openai" else
+                        NDJSON(ollama_text_stream("cut", done_reason="length")))
+    msg = stack.client().messages.create(model="m", max_tokens=1, messages=USER_HI)
+    assert msg.stop_reason == "max_tokens"
+
+
+def test_max_tokens_too_large_is_lowered_and_remembered(make_stack):
+    stack = make_stack("openai")
+    vllm = {"object": "error", "type": "BadRequestError", "param": None, "code": 400, "message":
+            "'max_tokens' or 'max_completion_tokens' is too large: 128000. This model's maximum context length is "
+            "32768 tokens and your request has 1234 input tokens (128000 > 32768 - 1234)."}
+    stack.backend.queue(Reply(400, vllm), SSE(oai_text_stream("ok")), SSE(oai_text_stream("ok")))
+    client = stack.client(timeout=60)  # an explicit timeout lets the SDK send 128000 without streaming
+    assert client.messages.create(model="m", max_tokens=128000, messages=USER_HI).content[0].text == "ok"
+    assert [r["max_tokens"] for r in stack.backend.requests] == [128000, 32768 - 1234]
+    client.messages.create(model="m", max_tokens=128000, messages=USER_HI)
+    assert stack.backend.requests[2]["max_tokens"] <= 32768 - 1  # clamped up front from now on
+
+
+def test_max_tokens_zero_is_a_prewarm(make_stack):
+    stack = make_stack("openai")
+    msg = stack.client().messages.create(model="m", max_tokens=0, messages=USER_HI)
+    assert msg.content == [] and msg.stop_reason == "max_tokens"
+    assert stack.backend.requests == []
+
+
+def test_structured_output(make_stack, provider):
+    stack = make_stack(provider)
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    stack.backend.queue(text_answer(provider, '{"title": "x"}'))
+    stack.client().messages.create(model="m", max_tokens=20, messages=USER_HI,
+                                   output_config={"format": {"type": "json_schema", "schema": schema}})
+    sent = stack.backend.requests[0]
+    if provider == "openai":
+        assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    else:
+        assert sent["format"] == schema
+
+
+def test_scale_usage(make_stack):
+    stack = make_stack("openai", scale_usage=True, model_map={"claude-haiku-5-5": {"model": "small",
+                                                                                   "context_window": 50000}})
+    stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(1000, 5))))
+    msg = stack.client().messages.create(model="claude-haiku-5-5", max_tokens=20, messages=USER_HI)
+    assert msg.usage.input_tokens == 4000 and msg.usage.output_tokens == 5  # 200k / 50k = 4x

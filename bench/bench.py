@@ -311,6 +311,14 @@ def rss_mb(pid):
         return 0.0
 
 
+def foreign_cpu(pids):
+    """CPU seconds used so far by the whole machine minus this bench and its servers: other load skews results."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    return busy - sum(os.times()[:2]) - sum(cpu_seconds(p) for p in pids.values())
+
+
 def pct(xs, q):  # in ms
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1000 if xs else float("nan")
@@ -481,7 +489,7 @@ def report(results, idle, after, a):
 async def main_bench(a, procs):
     backend, ports, pids = start_servers(procs, a, a.chunk_delay_ms or 0)
     idle = {n: rss_mb(p) for n, p in pids.items()}
-    results, errors = {}, 0
+    results, errors, other0, w0 = {}, 0, foreign_cpu(pids), time.perf_counter()
     for mode in a.modes:
         results[mode] = {}
         for name in a.targets:
@@ -494,7 +502,10 @@ async def main_bench(a, procs):
                 print("    error:", s)
             if procs.procs[name].poll() is not None:
                 raise RuntimeError(f"{name} died (exit {procs.procs[name].returncode}):\n{procs.tail(name)}")
+    other = (foreign_cpu(pids) - other0) * 100 / (time.perf_counter() - w0)
     misses = report(results, idle, {n: rss_mb(p) for n, p in pids.items()}, a)
+    print(f"\nother processes used {other:.0f}% of a core ({os.cpu_count()} cores) during the runs"
+          + (": the numbers are skewed, run again on a quiet machine" if other > 15 else ""))
     if errors:
         print(f"\nserver logs: {procs.logdir}")
     return 1 if errors or (a.strict and misses) else 0
