@@ -390,3 +390,159 @@ def test_scale_usage(make_stack):
     stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(1000, 5))))
     msg = stack.client().messages.create(model="claude-haiku-5-5", max_tokens=20, messages=USER_HI)
     assert msg.usage.input_tokens == 4000 and msg.usage.output_tokens == 5  # 200k / 50k = 4x
+
+
+# ======================================================================================
+# Configuration, model map, discovery, CLI
+# ======================================================================================
+
+def test_config_precedence_flags_env_dotenv(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text('# comment\nexport PORT=9001\nPROVIDER="openai"\nDEFAULT_MODEL=from-dotenv\n'
+                      "PROVIDER_TIMEOUT_MS=2500\n")
+    config = cp.load_config([], environ={"DEFAULT_MODEL": "from-env"}, dotenv_path=str(dotenv))
+    assert (config.port, config.provider, config.default_model, config.timeout) == (9001, "openai", "from-env", 2.5)
+    assert config.base_url == "http://127.0.0.1:8000/v1" and config.host == "127.0.0.1"
+    config = cp.load_config(["--model", "from-flag", "--port", "9002", "--timeout", "7"],
+                            environ={"DEFAULT_MODEL": "from-env"}, dotenv_path=str(dotenv))
+    assert (config.default_model, config.port, config.timeout) == ("from-flag", 9002, 7.0)
+
+
+def test_model_map_resolution(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"claude-*haiku*": "small", "claude-opus-5-5": "big", "claude-*": "mid",
+                                "claude-sonnet-4-5": {"model": "sonnet-ish", "max_tokens": 4096}}))
+    config = cp.load_config(["--model-map", str(path)], environ={}, dotenv_path="")
+    route = lambda name: (cp.resolve_route(config, name) or cp.Route("-", "", "")).model  # noqa: E731
+    assert route("claude-opus-5-5") == "big"
+    assert route("claude-haiku-5-5") == "small"  # first matching pattern wins
+    assert route("claude-sonnet-4-5-20250929") == "sonnet-ish"  # dated name -> undated key
+    assert cp.resolve_route(config, "claude-sonnet-4-5").max_tokens == 4096
+    assert route("claude-fable-5-2") == "mid"
+    assert cp.resolve_route(config, "gpt-4o") is None
+
+
+def test_example_model_map_is_valid():
+    config = cp.Config(model_map=cp.load_model_map(str(HERE / "model_map.example.json"), None))
+    for name in ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5", "claude-haiku-4-5-20251001"):
+        assert cp.resolve_route(config, name) is not None
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--provider", "bedrock"], {}, "unknown provider"),
+    (["--port", "http"], {}, "bad port"),
+    (["--port", "70000"], {}, "bad port"),
+    (["--model-map", "/nonexistent/map.json"], {}, "cannot read model map"),
+    ([], {"MODEL_MAP_JSON": "{not json"}, "not valid JSON"),
+    ([], {"MODEL_MAP_JSON": '{"claude-x": 5}'}, "model map entry"),
+    ([], {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "provider": "vertex"}}'}, "unknown provider"),
+    ([], {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "max_tokens": -1}}'}, "max_tokens"),
+    ([], {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "api_key_env": "NOPE_NOT_SET"}}'}, "NOPE_NOT_SET"),
+])
+def test_bad_configuration_exits_2_with_one_line(tmp_path, args, env, message):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_MAP", "PROVIDER", "PORT"))}
+    environ.update(env)
+    result = subprocess.run([sys.executable, str(HERE / "claude_proxy.py"), *args], env=environ, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_documents_every_option():
+    result = subprocess.run([sys.executable, str(HERE / "claude_proxy.py"), "--help"], capture_output=True,
+                            text=True, timeout=30)
+    for option in ("--host", "--port", "--provider", "--base-url", "--api-key", "--model", "--model-map",
+                   "--timeout", "--log-level", "--system-messages", "--auth-token", "--check", "--log-format"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("provider", ["openai", "ollama"])
+def test_zero_config_discovers_backend_models(make_stack, provider):
+    stack = make_stack(provider, default_model=None)
+    stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
+    stack.client().messages.create(model="claude-haiku-5-5", max_tokens=10, messages=USER_HI)
+    models = [r["model"] for r in stack.backend.requests]
+    assert models == (["qwen3-coder", "qwen3-coder"] if provider == "openai" else ["qwen3:8b", "qwen3:1.7b"])
+    listed = stack.client().models.list()
+    assert provider == "openai" and [m.id for m in listed.data] == ["qwen3-coder"] or \
+        [m.id for m in listed.data] == ["qwen3:8b", "qwen3:1.7b"]
+
+
+def test_unmapped_model_is_a_clear_400(make_stack):
+    stack = make_stack("openai", default_model=None, discover=False)
+    with pytest.raises(anthropic.BadRequestError) as err:
+        stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
+    assert "claude-opus-5-5" in err.value.message and "model map" in err.value.message
+
+
+def test_models_endpoints(make_stack):
+    stack = make_stack("openai", discover=False, model_map={"claude-opus-5-5": "big", "claude-*haiku*": "small",
+                                                            "claude-sonnet-5-5": "mid"})
+    client = stack.client()
+    page = client.models.list(limit=2)
+    assert [m.id for m in page.data] == ["claude-opus-5-5", "claude-sonnet-5-5"] and page.has_more
+    assert [m.id for m in client.models.list()] == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
+    model = client.models.retrieve("claude-sonnet-5-5")
+    assert (model.type, model.id, model.display_name) == ("model", "claude-sonnet-5-5", "claude-sonnet-5-5")
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("claude-nope")
+
+
+def test_metrics_parse_and_move(make_stack):
+    parser = pytest.importorskip("prometheus_client.parser")
+    stack = make_stack("openai")
+    stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
+    with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=10, messages=USER_HI) as s:
+        s.get_final_message()
+    status, _, text = http(stack, "GET", "/metrics")
+    assert status == 200
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    requests = [s for s in families["claude_proxy_requests"].samples
+                if s.labels.get("route") == "/v1/messages" and s.labels.get("status") == "200"]
+    assert requests and requests[0].value == 2
+    assert any(s.value == 7 * 2 for s in families["claude_proxy_output_tokens"].samples)
+    counts = [s for s in families["claude_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert counts[0].value == 1
+    assert families["claude_proxy_active_streams"].samples[0].value == 0
+
+
+def test_check_command_reports_and_exits(make_stack, capsys):
+    stack = make_stack("openai")
+    good = cp.Config(provider="openai", base_url=stack.backend_url, default_model="backend-model")
+    assert stack.loop.run(cp.run_check(good, out=sys.stdout)) == 0
+    assert "ok" in capsys.readouterr().out
+    stack.backend.queue(Reply(404, {"error": {"message": "model 'nope' not found", "type": "not_found_error"}}))
+    bad = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "nope"})
+    assert stack.loop.run(cp.run_check(bad, out=sys.stdout)) == 1
+    assert "FAIL: 404" in capsys.readouterr().out
+
+
+def test_runs_under_gunicorn_with_two_workers(make_stack, tmp_path):
+    pytest.importorskip("gunicorn")
+    import socket
+    stack = make_stack("openai")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PROVIDER="openai", PROVIDER_BASE_URL=stack.backend_url, DEFAULT_MODEL="gm")
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "claude_proxy:create_app()", "-k",
+                             "aiohttp.GunicornWebWorker", "-w", "2", "-b", f"127.0.0.1:{port}"],
+                            cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+        assert wait_for(lambda: _health(port), timeout=20)
+        for _ in range(4):
+            assert client.messages.create(model="claude-opus-5-5", max_tokens=5, messages=USER_HI).content
+        assert {r["model"] for r in stack.backend.requests} == {"gm"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _health(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
