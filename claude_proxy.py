@@ -110,6 +110,7 @@ class Config:
     check: bool = False  # --check: test the backend and exit
     fetch_images: bool = False  # Ollama: download image URLs (it accepts only base64)
     scale_usage: bool = False  # report input tokens scaled to a 200k window (see README)
+    count_tokens: str = "heuristic"  # or "backend": the model's own tokenizer where the server has one
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -124,6 +125,8 @@ class Config:
                               f"use one of {', '.join(SYSTEM_MESSAGE_STRATEGIES)}")
         if self.timeout <= 0:
             raise ConfigError("timeout must be positive")
+        if self.count_tokens not in ("heuristic", "backend"):
+            raise ConfigError(f"unknown --count-tokens {self.count_tokens!r}: use heuristic or backend")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"unknown log format {self.log_format!r}: use text or json")
         self.routes = {name: self._route_of(name, entry) for name, entry in self.model_map.items()}
@@ -1789,6 +1792,7 @@ class Backend:
         self.discovered: dict[str, str] = {}  # family -> backend model (zero-config)
         self.backend_models: list[str] = []
         self.context_windows: dict[str, int] = {}
+        self.token_cache: dict[str, int] = {}
         self._discovered_at = 0.0
 
     async def start(self) -> None:
@@ -1870,6 +1874,49 @@ class Backend:
                         raise invalid("messages", f"image url {url[:100]!r} could not be fetched: "
                                                   f"{type(exc).__name__}") from None
                     src.type, src.media_type, src.data = "base64", ctype, base64.b64encode(data).decode()
+
+    async def backend_token_count(self, req: MessagesRequest, route: Route) -> Optional[int]:
+        """--count-tokens backend: the model's own tokenizer with its chat template applied (vLLM's
+        /tokenize with messages, else llama.cpp's /apply-template + /tokenize). Cached; None -> heuristic."""
+        if route.provider != "openai":
+            return None
+        assert self.session is not None
+        body = openai_request(build_conversation(req, self.config.system_messages), req, route)
+        payload = {"model": route.model, "messages": body["messages"], "add_generation_prompt": True}
+        if "tools" in body:
+            payload["tools"] = body["tools"]
+        key = dumps(payload)
+        if key in self.token_cache:
+            return self.token_cache[key]
+        root = re.sub(r"/v1$", "", route.base_url)
+        headers = self.headers(route, current_request_id.get())
+        timeout = aiohttp.ClientTimeout(total=5)
+        count = None
+        try:
+            async with self.session.post(root + "/tokenize", data=key, headers=headers, timeout=timeout) as resp:
+                data = await resp.json(content_type=None, loads=loads) if resp.status == 200 else {}
+            if isinstance(data.get("count"), int):  # vLLM
+                count = data["count"]
+            else:  # llama.cpp: render the chat template, then tokenize the prompt
+                async with self.session.post(root + "/apply-template", data=dumps({"messages": body["messages"]}),
+                                             headers=headers, timeout=timeout) as resp:
+                    prompt = (await resp.json(content_type=None, loads=loads)).get("prompt") \
+                        if resp.status == 200 else None
+                if isinstance(prompt, str):
+                    async with self.session.post(root + "/tokenize", headers=headers, timeout=timeout,
+                                                 data=dumps({"content": prompt, "add_special": True})) as resp:
+                        tokens = (await resp.json(content_type=None, loads=loads)).get("tokens") \
+                            if resp.status == 200 else None
+                    count = len(tokens) if isinstance(tokens, list) else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+            count = None
+        if count is None:
+            warn_once(f"backend {public_url(root)} has no usable tokenizer endpoint; count_tokens uses the heuristic")
+            return None
+        if len(self.token_cache) > 512:
+            self.token_cache.clear()
+        self.token_cache[key] = count
+        return count
 
     async def route(self, model: str) -> Route:
         config = self.config
@@ -2338,12 +2385,20 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
     req = parse_request(await read_json(request), count_only=True)
-    count = count_request_tokens(req)
-    if request.app[CONFIG].scale_usage:
+    config, backend = request.app[CONFIG], request.app[BACKEND]
+    count = None
+    if config.count_tokens == "backend" or config.scale_usage:
         try:
-            count = round(count * request.app[BACKEND].usage_scale(await request.app[BACKEND].route(req.model)))
+            route = await backend.route(req.model)
         except ApiError:
-            pass
+            route = None
+        if route and config.count_tokens == "backend":
+            count = await backend.backend_token_count(req, route)
+        count = count_request_tokens(req) if count is None else count
+        if route:
+            count = round(count * backend.usage_scale(route))
+    else:
+        count = count_request_tokens(req)
     return json_response({"input_tokens": count}, request[REQUEST_ID])
 
 
@@ -2471,6 +2526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report input tokens scaled from the model's context window (map context_window, or "
                         "the backend's max_model_len) to Claude's 200k, so Claude Code compacts before the "
                         "backend overflows [SCALE_USAGE=1]; reported usage is then no longer raw")
+    p.add_argument("--count-tokens", help="heuristic (default: no backend call) or backend: count_tokens asks the "
+                                          "server's tokenizer (vLLM /tokenize, llama.cpp /apply-template + "
+                                          "/tokenize), cached, falling back to the heuristic [COUNT_TOKENS]")
     p.add_argument("--log-format", help="text or json (one JSON object per line) [LOG_FORMAT] (default text)")
     p.add_argument("--check", action="store_true", help="contact the backend, send a one-token request for each "
                                                         "mapped model, print what works, exit non-zero on failure")
@@ -2522,6 +2580,7 @@ def load_config(argv: Optional[list[str]] = None, environ: Optional[dict[str, st
         timeout=timeout,
         log_level=(pick(args.log_level, "LOG_LEVEL") or "INFO").upper(),
         log_format=(pick(args.log_format, "LOG_FORMAT") or "text").lower(),
+        count_tokens=(pick(args.count_tokens, "COUNT_TOKENS") or "heuristic").lower(),
         system_messages=pick(args.system_messages, "SYSTEM_MESSAGES") or "reminder",
         retries=int(number(pick(args.retries, "PROVIDER_RETRIES"), "--retries", 2)),
         max_body_bytes=int(number(pick(args.max_body_mb, "MAX_BODY_MB"), "--max-body-mb", 32) * 1024 * 1024),

@@ -168,6 +168,7 @@ class FakeBackend:
         self.models_ollama = [{"name": "qwen3:8b", "model": "qwen3:8b", "size": 5200000000},
                               {"name": "qwen3:1.7b", "model": "qwen3:1.7b", "size": 1400000000}]
         self.disconnects = 0
+        self.tokenizer: Optional[str] = None  # None, "vllm" or "llamacpp": which /tokenize it serves
         self.port = 0
 
     def queue(self, *answers: Any) -> None:
@@ -179,7 +180,27 @@ class FakeBackend:
         app.router.add_post("/api/chat", self.chat)
         app.router.add_get("/v1/models", self.openai_models)
         app.router.add_get("/api/tags", self.ollama_tags)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/apply-template", self.apply_template)
         return app
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM: {"messages": [...]} -> {"count"}; llama.cpp: {"content": str} -> {"tokens": [...]}."""
+        body = await request.json()
+        self.requests.append({"tokenize": body})
+        if self.tokenizer == "vllm" and "messages" in body:
+            return web.json_response({"count": 321, "max_model_len": 32768, "tokens": list(range(321))})
+        if self.tokenizer == "llamacpp" and "content" in body:
+            return web.json_response({"tokens": list(range(len(body["content"].split())))})
+        return web.json_response({"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}},
+                                 status=404)
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.tokenizer != "llamacpp":
+            return web.Response(status=404, text="Not Found")
+        return web.json_response({"prompt": " ".join(m["content"] for m in body["messages"]
+                                                     if isinstance(m.get("content"), str))})
 
     async def openai_models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": self.models_openai})

@@ -546,3 +546,20 @@ def _health(port: int) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("tokenizer", ["vllm", "llamacpp", None])
+def test_count_tokens_with_backend_tokenizer(make_stack, tokenizer, caplog):
+    stack = make_stack("openai", count_tokens="backend")
+    stack.backend.tokenizer = tokenizer
+    kwargs = dict(model="claude-opus-5-5", system="sys words here",
+                  messages=[{"role": "user", "content": "one two three four"}])
+    counts = [stack.client().messages.count_tokens(**kwargs).input_tokens for _ in range(2)]
+    heuristic = cp.count_request_tokens(cp.parse_request(dict(kwargs), count_only=True))
+    expected = {"vllm": 321, "llamacpp": 7, None: heuristic}[tokenizer]
+    assert counts == [expected, expected]
+    calls = [r for r in stack.backend.requests if "tokenize" in r]
+    if tokenizer == "vllm":
+        assert len(calls) == 1 and calls[0]["tokenize"]["messages"][0]["role"] == "system"  # cached after one call
+    if tokenizer is None:
+        assert "no usable tokenizer" in caplog.text
