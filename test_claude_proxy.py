@@ -563,3 +563,48 @@ def test_count_tokens_with_backend_tokenizer(make_stack, tokenizer, caplog):
         assert len(calls) == 1 and calls[0]["tokenize"]["messages"][0]["role"] == "system"  # cached after one call
     if tokenizer is None:
         assert "no usable tokenizer" in caplog.text
+
+
+# ======================================================================================
+# Token counting
+# ======================================================================================
+
+def test_token_counter_accuracy_by_category():
+    """count_text_tokens() is within 10% of tiktoken cl100k_base for every
+    category of fixtures/token_corpus.json (counts precomputed in the file),
+    and never under-counts a long sample by more than 10%."""
+    import json
+    import os
+    from collections import defaultdict
+
+    from claude_proxy import count_text_tokens
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "token_corpus.json")
+    with open(path, encoding="utf-8") as f:
+        corpus = json.load(f)
+    ref, est = defaultdict(int), defaultdict(int)
+    under = []
+    for sample in corpus:
+        n = count_text_tokens(sample["text"])
+        ref[sample["category"]] += sample["cl100k"]
+        est[sample["category"]] += n
+        if len(sample["text"]) >= 4000 and n < 0.9 * sample["cl100k"]:
+            under.append((sample["category"], sample.get("source"), n, sample["cl100k"]))
+    assert set(ref) >= {"prose", "code_python", "code_js", "code_go_or_rust", "json",
+                        "shell_output", "cjk", "base64_noise"}
+    errors = {cat: est[cat] / ref[cat] - 1 for cat in ref}
+    off = {cat: f"{100 * e:+.1f}% ({est[cat]} vs {ref[cat]})" for cat, e in errors.items() if abs(e) > 0.10}
+    assert not off, f"token estimate off by more than 10%: {off}"
+    assert not under, f"long samples under-counted by more than 10%: {under}"
+
+
+def test_count_tokens_claude_code_request_and_images():
+    req = parse_fixture(2)
+    count = cp.count_request_tokens(req)
+    # cl100k over exactly what the backend receives (message contents, tool-call arguments, compact tool
+    # definitions) is 10,718 tokens; the estimate adds a few per message and per tool for the template.
+    assert abs(count - 10718) / 10718 < 0.10
+    import base64
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (800).to_bytes(4, "big") + (600).to_bytes(4, "big")
+    assert cp.image_tokens("image/png", base64.b64encode(header + b"\x08\x06\x00\x00\x00").decode()) == 640
+    assert cp.image_tokens("image/png", "not base64 at all") == 1600  # unknown: Anthropic's maximum
