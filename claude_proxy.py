@@ -304,71 +304,83 @@ def _kind(value: Any) -> str:
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
 
 
-_HINTS: dict[type, list[tuple[str, Any, Any, bool]]] = {}
+_PARSERS: dict[Any, Any] = {}
 
 
 def parse_as(tp: Any, value: Any, path: str) -> Any:
     """Validate `value` against the type `tp` and build it. Raises ApiError(400) naming `path`."""
+    parser = _PARSERS.get(tp)
+    if parser is None:
+        parser = _PARSERS[tp] = _compile(tp)
+    return parser(value, path)
+
+
+def _compile(tp: Any) -> Any:
+    """A type -> a function (value, path) -> parsed value; built once per type from its hints."""
     if tp is Any:
-        return value
+        return lambda value, path: value
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise invalid(path, f"expected an object, got {_kind(value)}")
-        fields = _HINTS.get(tp)
-        if fields is None:
-            hints = typing.get_type_hints(tp)
-            fields = _HINTS[tp] = [(f.name, hints[f.name], f.metadata.get("parse"),
-                                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-                                   for f in dataclasses.fields(tp) if f.init]
-        kwargs = {}
-        for name, ftp, custom, required in fields:
-            sub = f"{path}.{name}" if path else name
-            if name not in value:
-                if required:
-                    raise invalid(sub, "field required")
-                continue
-            item = value[name]
-            kwargs[name] = custom(item, sub) if custom else parse_as(ftp, item, sub)
-        obj = tp(**kwargs)
-        check = getattr(obj, "check", None)
-        if check:
-            check(path)
-        return obj
-    origin = typing.get_origin(tp)
+        hints = typing.get_type_hints(tp)
+        fields = [(f.name, f.metadata.get("parse") or _Lazy(hints[f.name]),
+                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                  for f in dataclasses.fields(tp) if f.init]
+        has_check = hasattr(tp, "check")
+
+        def parse_dataclass(value: Any, path: str) -> Any:
+            if not isinstance(value, dict):
+                raise invalid(path, f"expected an object, got {_kind(value)}")
+            kwargs = {}
+            for name, parse, required in fields:
+                if name in value:
+                    kwargs[name] = parse(value[name], f"{path}.{name}" if path else name)
+                elif required:
+                    raise invalid(f"{path}.{name}" if path else name, "field required")
+            obj = tp(**kwargs)
+            if has_check:
+                obj.check(path)
+            return obj
+        return parse_dataclass
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return parse_as(inner[0], value, path)
+        inner = _Lazy(next(a for a in args if a is not type(None)))
+        return lambda value, path: None if value is None else inner(value, path)
     if origin is list:
-        if not isinstance(value, list):
-            raise invalid(path, f"expected a list, got {_kind(value)}")
-        (item_tp,) = typing.get_args(tp)
-        return [parse_as(item_tp, item, f"{path}.{i}") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise invalid(path, f"expected an object, got {_kind(value)}")
-        return value
+        item = _Lazy(args[0])
+
+        def parse_list(value: Any, path: str) -> list[Any]:
+            if not isinstance(value, list):
+                raise invalid(path, f"expected a list, got {_kind(value)}")
+            return [item(v, f"{path}.{i}") for i, v in enumerate(value)]
+        return parse_list
     if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise invalid(path, f"expected one of {', '.join(map(repr, allowed))}, got {value!r}"[:300])
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise invalid(path, f"expected a boolean, got {_kind(value)}")
-    elif tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise invalid(path, f"expected an integer, got {_kind(value)}")
-    elif tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise invalid(path, f"expected a number, got {_kind(value)}")
-        return float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise invalid(path, f"expected a string, got {_kind(value)}")
-    return value
+        def parse_literal(value: Any, path: str) -> Any:
+            if value not in args:
+                raise invalid(path, f"expected one of {', '.join(map(repr, args))}, got {value!r}"[:300])
+            return value
+        return parse_literal
+    kinds = {dict: (dict, "an object"), bool: (bool, "a boolean"), int: (int, "an integer"),
+             float: ((int, float), "a number"), str: (str, "a string")}
+    accepted, name = kinds[origin or tp]
+
+    def parse_value(value: Any, path: str) -> Any:
+        if not isinstance(value, accepted) or (isinstance(value, bool) and tp in (int, float)):
+            raise invalid(path, f"expected {name}, got {_kind(value)}")
+        return float(value) if tp is float else value
+    return parse_value
+
+
+class _Lazy:
+    """Compile a field's type on first use (dataclasses may refer to ones defined later)."""
+
+    __slots__ = ("tp", "parser")
+
+    def __init__(self, tp: Any) -> None:
+        self.tp, self.parser = tp, None
+
+    def __call__(self, value: Any, path: str) -> Any:
+        if self.parser is None:
+            self.parser = _PARSERS.get(self.tp) or _PARSERS.setdefault(self.tp, _compile(self.tp))
+        return self.parser(value, path)
 
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
@@ -724,7 +736,7 @@ _CLASS_TABLE = bytes(_char_class(i) for i in range(256))
 _WIDE_TABLE = bytes(_wide_class(i) for i in range(256))
 _UTF8_CONT = bytes(range(0x80, 0xC0))
 _ASCII_AND_CONT = bytes(range(0xC0))
-_LANE_MASKS = {}                            # n -> lane masks, cached per text length
+_LANE_MASKS: dict[int, tuple] = {}         # padded length (a power of two) -> lane masks
 _CHUNK = 16384                              # chars per big-int pass
 
 try:
@@ -779,13 +791,14 @@ def _chunk_features(text: str) -> tuple:
     n = len(cls)
     if not n:
         return (0,) * len(_TOKEN_WEIGHTS)
-    masks = _LANE_MASKS.get(n)
+    # Pad to a power of two with class-0 bytes (no class bits: they add no feature), so that a few
+    # cached lane masks serve every length.
+    size = 1 << max(6, (n - 1).bit_length())
+    cls += bytes(size - n)
+    masks = _LANE_MASKS.get(size)
     if masks is None:
-        m0 = int.from_bytes(b"\x01" * n, "little")
-        masks = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2))
-        if n > 4096:
-            _LANE_MASKS.clear()             # keep at most one big entry
-        _LANE_MASKS[n] = masks
+        m0 = int.from_bytes(b"\x01" * size, "little")
+        masks = _LANE_MASKS[size] = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2))
     M0, M1, M2, M3, M4, M5, M02 = masks
     pc = _popcount
     # Character i is byte i of X (bits 8i..8i+7, one bit per class).  A left
@@ -951,8 +964,22 @@ def count_request_tokens(req: MessagesRequest) -> int:
         texts.append(tool.description or "")
         texts.append(dumps(tool_parameters(tool.input_schema)))
         total += 8
-    total += sum(count_text_tokens(t) for t in texts)
-    return total + 3
+    small = [t for t in texts if len(t) < 2048]
+    big = sum(_cached_count(t) for t in texts if len(t) >= 2048)  # system prompt, tools, history: same each turn
+    return total + big + count_text_tokens("\n".join(small)) + 3
+
+
+_COUNTS: dict[tuple[int, int], int] = {}  # (hash, length) of a long text -> its count; keeps no text alive
+
+
+def _cached_count(text: str) -> int:
+    key = (hash(text), len(text))
+    count = _COUNTS.get(key)
+    if count is None:
+        if len(_COUNTS) >= 8192:
+            _COUNTS.clear()
+        count = _COUNTS[key] = count_text_tokens(text)
+    return count
 
 
 def _block_tokens(block: Any, texts: list[str]) -> int:
@@ -1204,7 +1231,8 @@ def openai_tool_name(name: str) -> str:
 
 def openai_request(conv: Conversation, req: MessagesRequest, route: Route, *, official: bool = False,
                    reasoning_history: bool = False) -> dict[str, Any]:
-    """Chat Completions body. Tool ids are passed byte for byte; the backend is always streamed."""
+    """Chat Completions body. Tool ids are passed byte for byte. The backend is always streamed: the
+    timeout then bounds silence, not the length of an answer, for non-streaming clients too."""
     messages: list[dict[str, Any]] = []
     if conv.system:
         messages.append({"role": "system", "content": conv.system})
@@ -1577,9 +1605,15 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 SIGNATURE_PREFIX = "cpx1."
 
 
+_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ids = random.Random(secrets.randbits(128))
+if hasattr(os, "register_at_fork"):  # pre-forking servers (gunicorn --preload): no two workers share a sequence
+    os.register_at_fork(after_in_child=lambda: _ids.seed(secrets.randbits(128)))
+
+
 def new_id(prefix: str, n: int = 24) -> str:
-    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-    return prefix + "".join(secrets.choice(alphabet) for _ in range(n))
+    """msg_/toolu_/req_ ids: unique, not secret (a seeded PRNG is ~10x faster than secrets per id)."""
+    return prefix + "".join(_ids.choices(_ID_ALPHABET, k=n))
 
 
 def thinking_signature(text: str, keep_text: bool) -> str:
@@ -2079,9 +2113,11 @@ def map_backend_error(status: int, message: str, retry_after: Optional[str] = No
 
 @dataclass
 class Job:
-    """One client request, translated and ready to send."""
+    """One client request, translated and ready to send (the parsed request itself is not kept:
+    a stream holds only what it needs)."""
 
-    req: MessagesRequest
+    max_tokens: int
+    stream: bool
     route: Route
     provider: Provider
     body: dict[str, Any]
@@ -2114,7 +2150,7 @@ class Backend:
         self._discovered_at = 0.0
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(limit=1024, limit_per_host=1024, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                              timeout=self.timeout(), json_serialize=dumps)
 
@@ -2397,8 +2433,9 @@ def _mid_stream_error(exc: BaseException, config: Config) -> ApiError:
 
 
 async def complete(backend: Backend, job: Job) -> dict[str, Any]:
-    """Non-streaming: stream from the backend anyway (no first-byte timeout on long answers), fold."""
-    resp = await backend.open(job) if job.req.max_tokens else None
+    """Non-streaming: stream from the backend anyway (the timeout bounds silence, not the answer's
+    length), fold the events into one Message. A backend that answers with one JSON body works too."""
+    resp = await backend.open(job) if job.max_tokens else None
     job.builder.start()
     events: list[tuple[str, dict[str, Any]]] = []
 
@@ -2424,7 +2461,8 @@ PING = sse([("ping", {"type": "ping"})])
 async def stream(request: web.Request, backend: Backend, job: Job) -> web.StreamResponse:
     """Streaming: open the client's stream as soon as the backend answers 2xx, ping while it is
     silent, forward every read as it arrives, end with `event: error` if the backend fails."""
-    resp = await backend.open(job) if job.req.max_tokens else None
+    resp = await backend.open(job) if job.max_tokens else None
+    job.body = {}  # sent: not kept for the length of the stream
     out = web.StreamResponse(status=200, headers={
         "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
         "request-id": job.request_id, "x-accel-buffering": "no"})
@@ -2694,13 +2732,12 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
     info.update(model=req.model, backend_model=route.model, provider=route.provider, stream=bool(req.stream))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:20000])
-    return Job(req, route, provider, body, builder, request[REQUEST_ID], info)
+    return Job(req.max_tokens or 0, bool(req.stream), route, provider, body, builder, request[REQUEST_ID], info)
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
-    req = parse_request(await read_json(request))
-    job = await prepare_job(request, req)
-    if req.stream:
+    job = await prepare_job(request, parse_request(await read_json(request)))
+    if job.stream:
         return await stream(request, request.app[BACKEND], job)
     return json_response(await complete(request.app[BACKEND], job), job.request_id)
 
@@ -2932,7 +2969,7 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
                 route = await backend.route(name)
                 provider = PROVIDER_IMPLS[route.provider]
                 body, names_map = provider.body(build_conversation(req), req, route)
-                job = Job(req, route, provider, body, EventBuilder(new_id("msg_"), name, 0, tool_names=names_map),
+                job = Job(1, False, route, provider, body, EventBuilder(new_id("msg_"), name, 0, tool_names=names_map),
                           new_id("req_"), {})
                 await complete(backend, job)
                 rows.append((name, f"{route.model} ({route.provider})", "ok"))

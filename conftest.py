@@ -215,6 +215,10 @@ class FakeBackend:
         ollama = request.path == "/api/chat"
         answer = self.script.pop(0) if self.script else (
             NDJSON(ollama_text_stream("Hello", "!")) if ollama else SSE(oai_text_stream("Hello", "!")))
+        if body.get("stream") and not ollama and not (body.get("stream_options") or {}).get("include_usage") \
+                and isinstance(answer, SSE):
+            answer = SSE([c for c in answer.chunks if not (isinstance(c, dict) and c.get("choices") == [])],
+                         answer.done, answer.delay, answer.first_delay, answer.crlf)
         if callable(answer):
             return await answer(request)
         try:

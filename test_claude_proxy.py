@@ -67,7 +67,7 @@ def test_create_non_streaming(make_stack, provider):
     assert (msg.usage.input_tokens, msg.usage.output_tokens) == expected
     sent = stack.backend.requests[0]
     assert sent["model"] == "backend-model"
-    assert sent["stream"] is True
+    assert sent["stream"] is True  # streamed from the backend even for a non-streaming client
 
 
 def test_stream_accumulates(make_stack, provider):
@@ -180,7 +180,7 @@ def test_system_message_strategies(strategy):
 
 
 def test_sampling_and_stop_parameters():
-    req = cp.parse_request({"model": "m", "max_tokens": 300, "temperature": 0.2, "top_p": 0.9, "top_k": 40,
+    req = cp.parse_request({"model": "m", "max_tokens": 300, "temperature": 0.2, "top_p": 0.9, "top_k": 40, "stream": True,
                             "stop_sequences": ["###"], "metadata": {"user_id": "u-1"},
                             "messages": [{"role": "user", "content": "x"}]})
     openai = backend_body(req, "openai")
