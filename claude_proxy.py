@@ -309,10 +309,14 @@ _PARSERS: dict[Any, Any] = {}
 
 def parse_as(tp: Any, value: Any, path: str) -> Any:
     """Validate `value` against the type `tp` and build it. Raises ApiError(400) naming `path`."""
+    return _parser(tp)(value, path)
+
+
+def _parser(tp: Any) -> Any:
     parser = _PARSERS.get(tp)
     if parser is None:
         parser = _PARSERS[tp] = _compile(tp)
-    return parser(value, path)
+    return parser
 
 
 def _compile(tp: Any) -> Any:
@@ -321,7 +325,7 @@ def _compile(tp: Any) -> Any:
         return lambda value, path: value
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        fields = [(f.name, f.metadata.get("parse") or _Lazy(hints[f.name]),
+        fields = [(f.name, f.metadata.get("parse") or _parser(hints[f.name]),
                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
                   for f in dataclasses.fields(tp) if f.init]
         has_check = hasattr(tp, "check")
@@ -342,10 +346,10 @@ def _compile(tp: Any) -> Any:
         return parse_dataclass
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
-        inner = _Lazy(next(a for a in args if a is not type(None)))
+        inner = _parser(next(a for a in args if a is not type(None)))
         return lambda value, path: None if value is None else inner(value, path)
     if origin is list:
-        item = _Lazy(args[0])
+        item = _parser(args[0])
 
         def parse_list(value: Any, path: str) -> list[Any]:
             if not isinstance(value, list):
@@ -367,20 +371,6 @@ def _compile(tp: Any) -> Any:
             raise invalid(path, f"expected {name}, got {_kind(value)}")
         return float(value) if tp is float else value
     return parse_value
-
-
-class _Lazy:
-    """Compile a field's type on first use (dataclasses may refer to ones defined later)."""
-
-    __slots__ = ("tp", "parser")
-
-    def __init__(self, tp: Any) -> None:
-        self.tp, self.parser = tp, None
-
-    def __call__(self, value: Any, path: str) -> Any:
-        if self.parser is None:
-            self.parser = _PARSERS.get(self.tp) or _PARSERS.setdefault(self.tp, _compile(self.tp))
-        return self.parser(value, path)
 
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
@@ -964,8 +954,8 @@ def count_request_tokens(req: MessagesRequest) -> int:
         texts.append(tool.description or "")
         texts.append(dumps(tool_parameters(tool.input_schema)))
         total += 8
-    small = [t for t in texts if len(t) < 2048]
-    big = sum(_cached_count(t) for t in texts if len(t) >= 2048)  # system prompt, tools, history: same each turn
+    small = [t for t in texts if len(t) < 256]
+    big = sum(_cached_count(t) for t in texts if len(t) >= 256)  # system prompt, tools, history: same each turn
     return total + big + count_text_tokens("\n".join(small)) + 3
 
 
@@ -1906,8 +1896,23 @@ def fold_events(events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     return message
 
 
+_DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json",
+                 "signature_delta": "signature"}
+
+
 def sse(events: list[tuple[str, dict[str, Any]]]) -> bytes:
-    return "".join(f"event: {name}\ndata: {dumps(data)}\n\n" for name, data in events).encode()
+    """Events -> SSE bytes, each with its `event:` line. Deltas (most events) are formatted directly:
+    the same compact JSON as dumps() would give, without building and walking two dicts."""
+    out = []
+    for name, data in events:
+        delta = data.get("delta") if name == "content_block_delta" else None
+        field_name = _DELTA_FIELDS.get(delta["type"]) if delta else None
+        if field_name and len(delta) == 2:
+            out.append(f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{data["index"]},'
+                       f'"delta":{{"type":"{delta["type"]}","{field_name}":{dumps(delta[field_name])}}}}}\n\n')
+        else:
+            out.append(f"event: {name}\ndata: {dumps(data)}\n\n")
+    return "".join(out).encode()
 
 
 # --- backend payloads -> builder calls (one function per provider, both pure) ---------------------
@@ -1925,16 +1930,20 @@ def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
         if choice.get("index", 0) != 0:
             continue
         delta = choice.get("delta") or choice.get("message") or {}
+        content = delta.get("content")
+        if len(delta) == 1 and content:  # the common chunk: one piece of text
+            ev.content(content if isinstance(content, str) else _parts_text(content))
+            if choice.get("finish_reason"):
+                ev.finish(choice["finish_reason"])
+            continue
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if not reasoning and delta.get("reasoning_details"):
             reasoning = "".join(d.get("text") or d.get("summary") or "" for d in delta["reasoning_details"]
                                 if isinstance(d, dict))
         if reasoning:
             ev.thinking(reasoning)
-        content = delta.get("content")
         if content:
-            ev.content(content if isinstance(content, str) else "".join(
-                p.get("text", "") for p in content if isinstance(p, dict)))
+            ev.content(content if isinstance(content, str) else _parts_text(content))
         for i, call in enumerate(delta.get("tool_calls") or ()):
             fn = call.get("function") or {}
             key = call.get("index", None if "delta" in choice else i)
@@ -1943,6 +1952,11 @@ def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
         if finish:
             stop = choice.get("stop_reason")  # vLLM: the stop string that matched
             ev.finish(finish, stop if isinstance(stop, str) and finish == "stop" else None)
+
+
+def _parts_text(parts: Any) -> str:
+    """Content given as a list of parts (some servers): its text."""
+    return "".join(p.get("text", "") for p in parts if isinstance(p, dict)) if isinstance(parts, list) else ""
 
 
 def ollama_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
