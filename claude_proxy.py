@@ -50,6 +50,8 @@ except ImportError:  # pragma: no cover
 try:  # optional speed-up: same compact output as json.dumps below
     import orjson as _orjson
 
+    dumps_bytes = _orjson.dumps
+
     def dumps(obj: Any) -> str:
         return _orjson.dumps(obj).decode()
 
@@ -59,6 +61,9 @@ except ImportError:  # pragma: no cover - exercised when orjson is absent
     _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
     dumps = _encoder.encode
     loads = json.loads
+
+    def dumps_bytes(obj: Any) -> bytes:
+        return _encoder.encode(obj).encode()
 
 __version__ = "0.1.0"
 log = logging.getLogger("claude_proxy")
@@ -2322,7 +2327,7 @@ class Backend:
         attempt = 0
         while True:
             try:
-                resp = await self.session.post(url, data=dumps(body).encode(),
+                resp = await self.session.post(url, data=dumps_bytes(body),
                                                headers=self.headers(route, job.request_id))
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
                     aiohttp.ClientOSError) as exc:
@@ -2560,7 +2565,7 @@ def error_response(error: ApiError, request_id: str) -> web.Response:
 
 
 def json_response(data: Any, request_id: str) -> web.Response:
-    return web.Response(text=dumps(data), content_type="application/json", headers={"request-id": request_id})
+    return web.Response(body=dumps_bytes(data), content_type="application/json", headers={"request-id": request_id})
 
 
 def _authorized(request: web.Request, token: str) -> bool:
