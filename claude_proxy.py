@@ -2527,7 +2527,8 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
     except asyncio.CancelledError:
         if not state["gone"]:
             raise
-        task.uncancel()
+        if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation was ours, and it is handled
+            task.uncancel()
         job.info["error"] = "client disconnected"
     except ConnectionError:
         job.info["error"] = "client disconnected"
