@@ -2833,8 +2833,12 @@ async def handle_hello(request: web.Request) -> web.Response:
 
 
 def create_app(config: Optional[Config] = None) -> web.Application:
-    """The aiohttp Application (also for other servers: gunicorn, aiohttp.web.run_app, tests)."""
-    config = config or load_config([])
+    """The aiohttp Application (also for other servers: gunicorn, aiohttp.web.run_app, tests).
+    Without a config it reads the environment and .env, as the command line would without flags."""
+    if config is None:
+        config = load_config([])
+        if not logging.getLogger().handlers:
+            setup_logging(config)
     app = web.Application(middlewares=[middleware], client_max_size=config.max_body_bytes)
     backend = Backend(config)
     app[CONFIG] = config
