@@ -1258,6 +1258,8 @@ def openai_request(conv: Conversation, req: MessagesRequest, route: Route, *, of
         body["top_p"] = req.top_p
     if req.top_k is not None and not official:
         body["top_k"] = req.top_k
+    if official:  # OpenAI's own API: reasoning models accept only max_completion_tokens
+        body["max_completion_tokens"] = body.pop("max_tokens")
     if req.metadata and req.metadata.user_id:
         body["user"] = req.metadata.user_id
     effort = reasoning_effort(req)
@@ -2025,7 +2027,7 @@ class OpenAIProvider(Provider):
     decode = staticmethod(openai_decode)
 
     def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
-        official = "api.openai.com" in route.base_url
+        official = "openai.com" in route.base_url or "openai.azure.com" in route.base_url
         history = route.reasoning_history
         if history is None:  # DeepSeek's thinking mode rejects tool turns without their reasoning
             history = "deepseek" in route.base_url or "deepseek" in route.model.lower()
@@ -2067,6 +2069,9 @@ _LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (nu
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<ctx>\d+) tokens\)", re.I),
     re.compile(r"supports at most (?P<cap>\d+) completion tokens", re.I),
 ]
+
+
+_WANTS_COMPLETION_TOKENS = re.compile(r"use .?max_completion_tokens.? instead|max_tokens.? is not supported", re.I)
 
 
 def context_limits(message: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
@@ -2316,9 +2321,12 @@ class Backend:
         key = (route.base_url, route.model)
         memory = self.rejected.setdefault(key, set())
         for name in memory & body.keys():
-            del body[name]
+            if name == "max_tokens":  # this backend wants the newer name
+                body["max_completion_tokens"] = body.pop("max_tokens")
+            else:
+                del body[name]
         holder = job.provider.max_tokens_of(body)
-        mt_field = "num_predict" if "num_predict" in holder else "max_tokens"
+        mt_field = next(f for f in ("num_predict", "max_completion_tokens", "max_tokens") if f in holder)
         context, cap = self.limits.get(key, (None, None))
         if cap and holder.get(mt_field, 0) > cap:
             holder[mt_field] = cap
@@ -2353,6 +2361,12 @@ class Backend:
                 resp.release()
             message = backend_error_text(raw)
             if resp.status in (400, 422):
+                if "max_tokens" in body and _WANTS_COMPLETION_TOKENS.search(message):
+                    memory.add("max_tokens")
+                    body["max_completion_tokens"] = body.pop("max_tokens")
+                    mt_field = "max_completion_tokens"
+                    log.warning("backend model %s wants max_completion_tokens; sending that from now on", route.model)
+                    continue
                 ctx, prompt, cap = context_limits(message)
                 allowed = cap or (ctx - prompt if ctx and prompt and prompt < ctx else None)
                 if allowed and allowed < holder.get(mt_field, 0):  # max_tokens too large for this model
