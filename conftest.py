@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import aiohttp
 import anthropic
 import pytest
 from aiohttp import web
@@ -44,7 +49,7 @@ def loop_thread():
 
 
 async def start_site(app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.05)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -125,6 +130,16 @@ def ollama_text_stream(*pieces: str, done_reason: str = "stop", prompt: int = 26
                                                              completion=completion)]
 
 
+def sse_bytes(chunk: Any, end: bytes = b"\n\n") -> bytes:
+    """One event of an OpenAI-style stream on the wire: `data: <chunk>` (a dict as JSON, a str as is)."""
+    return b"data: " + (chunk if isinstance(chunk, str) else json.dumps(chunk)).encode() + end
+
+
+def ndjson_bytes(obj: Any) -> bytes:
+    """One line of an Ollama stream on the wire."""
+    return (json.dumps(obj) + "\n").encode()
+
+
 # --- scripted answers -------------------------------------------------------------------------------
 
 @dataclass
@@ -153,6 +168,11 @@ class Reply:
     headers: dict = field(default_factory=dict)
     content_type: str = "application/json"
     delay: float = 0.0
+
+
+def text_answer(provider: str, *texts: str) -> Any:
+    """A plain text answer, streamed the way the provider streams it."""
+    return SSE(oai_text_stream(*texts)) if provider == "openai" else NDJSON(ollama_text_stream(*texts))
 
 
 class FakeBackend:
@@ -238,11 +258,9 @@ class FakeBackend:
                 for i, chunk in enumerate(answer.chunks):
                     if i and answer.delay:
                         await asyncio.sleep(answer.delay)
-                    raw = chunk if isinstance(chunk, bytes) else (
-                        b"data: " + (chunk if isinstance(chunk, str) else json.dumps(chunk)).encode() + end)
-                    await resp.write(raw)
+                    await resp.write(chunk if isinstance(chunk, bytes) else sse_bytes(chunk, end))
                 if answer.done:
-                    await resp.write(b"data: [DONE]" + end)
+                    await resp.write(sse_bytes("[DONE]", end))
                 return resp
             if isinstance(answer, NDJSON):
                 resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
@@ -251,12 +269,15 @@ class FakeBackend:
                 for i, obj in enumerate(answer.objects):
                     if i and answer.delay:
                         await asyncio.sleep(answer.delay)
-                    await resp.write(obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode())
+                    await resp.write(obj if isinstance(obj, bytes) else ndjson_bytes(obj))
                 return resp
         except (ConnectionResetError, asyncio.CancelledError):
             self.disconnects += 1
             raise
         raise AssertionError(f"unknown scripted answer {answer!r}")
+
+
+_SSL_CONTEXT = ssl.create_default_context()
 
 
 @dataclass
@@ -268,16 +289,23 @@ class Stack:
     app: web.Application
     loop: LoopThread
 
+    clients: list = field(default_factory=list)
+
     def client(self, **kw: Any) -> anthropic.Anthropic:
         kw.setdefault("max_retries", 0)
         kw.setdefault("api_key", "sk-ant-test")
-        return anthropic.Anthropic(base_url=self.proxy_url, **kw)
+        # The SDK's default HTTP client loads the CA bundle (~30 ms) for every client: share one SSL context.
+        kw.setdefault("http_client", anthropic.DefaultHttpxClient(verify=_SSL_CONTEXT))
+        client = anthropic.Anthropic(base_url=self.proxy_url, **kw)
+        self.clients.append(client)
+        return client
 
 
 @pytest.fixture
 def make_stack(loop_thread):
     """make_stack(provider="openai", **config) -> a fake backend and a proxy in front of it."""
     runners: list[web.AppRunner] = []
+    stacks: list[Stack] = []
 
     def make(provider: str = "openai", **overrides: Any) -> Stack:
         backend = FakeBackend()
@@ -292,9 +320,13 @@ def make_stack(loop_thread):
         app = claude_proxy.create_app(config)
         prunner, pport = loop_thread.run(start_site(app))
         runners.append(prunner)
-        return Stack(backend, base, f"http://127.0.0.1:{pport}", config, app, loop_thread)
+        stacks.append(Stack(backend, base, f"http://127.0.0.1:{pport}", config, app, loop_thread))
+        return stacks[-1]
 
     yield make
+    for stack in stacks:
+        for client in stack.clients:
+            client.close()
     for runner in reversed(runners):
         loop_thread.run(runner.cleanup())
 
@@ -304,18 +336,72 @@ def provider(request) -> str:
     return request.param
 
 
+# --- talking to the proxy -----------------------------------------------------------------------------
+
+def http(stack: Stack, method: str, path: str, body: Any = None, headers: Optional[dict] = None,
+         timeout: float = 10) -> tuple[int, dict, str]:
+    """A raw HTTP call to the proxy -> (status, headers with lower-case names, text). For what the SDK cannot
+    send or would hide."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    hdrs = {"content-type": "application/json"}
+    hdrs.update(headers or {})
+    request = urllib.request.Request(stack.proxy_url + path, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read().decode()
+
+
+def parse_event(block: str) -> tuple[str, dict]:
+    """One SSE event block -> (event, data), asserting the event is named and its data typed the same."""
+    lines = block.split("\n")
+    assert lines[0].startswith("event: "), block
+    assert lines[1].startswith("data: "), block
+    name, data = lines[0][7:], json.loads(lines[1][6:])
+    assert data["type"] == name
+    return name, data
+
+
 def raw_sse(text: str) -> list[tuple[str, dict]]:
-    """Parse an SSE body into (event, data) pairs, asserting every event is named and typed."""
-    events = []
-    for block in text.strip().split("\n\n"):
-        lines = block.split("\n")
-        assert lines[0].startswith("event: "), block
-        name = lines[0][7:]
-        assert lines[1].startswith("data: "), block
-        data = json.loads(lines[1][6:])
-        assert data["type"] == name
-        events.append((name, data))
-    return events
+    """Parse a whole SSE body into (event, data) pairs, asserting every event is named and typed."""
+    return [parse_event(block) for block in text.strip().split("\n\n")]
+
+
+async def _read_stream(url: str, body: dict, headers: Optional[dict], stop: Optional[Callable]) -> tuple:
+    t0 = time.monotonic()
+    blocks: list[tuple[float, str]] = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/messages", json=body, headers=headers or {}) as resp:
+            status, hdrs = resp.status, {k.lower(): v for k, v in resp.headers.items()}
+            if status != 200:
+                return status, hdrs, await resp.text(), []
+            buf = b""
+            async for data in resp.content.iter_any():
+                buf += data
+                while b"\n\n" in buf:
+                    block, buf = buf.split(b"\n\n", 1)
+                    blocks.append((time.monotonic() - t0, block.decode()))
+                    if stop and stop(blocks[-1][1]):
+                        resp.close()  # the client hangs up
+                        return status, hdrs, "", blocks
+    return status, hdrs, "", blocks
+
+
+def raw_stream(stack: Stack, body: dict, headers: Optional[dict] = None, stop: Optional[Callable] = None,
+               timeout: float = 10) -> tuple[int, dict, str, list[tuple[float, str, dict]]]:
+    """POST a streaming request with aiohttp, reading events as they come -> (status, headers, error text,
+    [(seconds since sent, event, data)]). stop(raw event block) -> True: the client hangs up after that event."""
+    status, hdrs, text, blocks = stack.loop.run(_read_stream(stack.proxy_url, {**body, "stream": True}, headers,
+                                                             stop), timeout)
+    return status, hdrs, text, [(t, *parse_event(block.strip("\r\n"))) for t, block in blocks]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
