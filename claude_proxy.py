@@ -955,26 +955,34 @@ def count_request_tokens(req: MessagesRequest) -> int:
         for block in message.content:
             total += _block_tokens(block, texts)
     for tool in visible_tools(req):  # as the backend sees them: no server tools, no hidden deferred ones
-        texts.append(tool.name)
-        texts.append(tool.description or "")
-        texts.append(dumps(tool_parameters(tool.input_schema)))
-        total += 8
+        total += _tool_tokens(tool) + 8
     small = [t for t in texts if len(t) < 256]
-    big = sum(_cached_count(t) for t in texts if len(t) >= 256)  # system prompt, tools, history: same each turn
+    big = sum(_cached_count(t) for t in texts if len(t) >= 256)  # the system prompt and history repeat each turn
     return total + big + count_text_tokens("\n".join(small)) + 3
 
 
-_COUNTS: dict[tuple[int, int], int] = {}  # (hash, length) of a long text -> its count; keeps no text alive
+_COUNTS: dict[Any, int] = {}  # (hash, length) of a long text, or a tool's key -> its count; keeps no text alive
+
+
+def _memo(key: Any, count: Any) -> int:
+    value = _COUNTS.get(key)
+    if value is None:
+        if len(_COUNTS) >= 8192:
+            _COUNTS.clear()
+        value = _COUNTS[key] = count()
+    return value
 
 
 def _cached_count(text: str) -> int:
-    key = (hash(text), len(text))
-    count = _COUNTS.get(key)
-    if count is None:
-        if len(_COUNTS) >= 8192:
-            _COUNTS.clear()
-        count = _COUNTS[key] = count_text_tokens(text)
-    return count
+    return _memo((hash(text), len(text)), lambda: count_text_tokens(text))
+
+
+def _tool_tokens(tool: Tool) -> int:
+    """A tool definition's tokens. Claude Code sends the same dozen tools every turn: they are counted
+    once, keyed by name and description (a schema that changes under the same description is not
+    noticed: it is an estimate)."""
+    return _memo(("tool", tool.name, hash(tool.description), len(tool.description or "")), lambda: count_text_tokens(
+        f"{tool.name}\n{tool.description or ''}\n{dumps(tool_parameters(tool.input_schema))}"))
 
 
 def _block_tokens(block: Any, texts: list[str]) -> int:
