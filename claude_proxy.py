@@ -47,20 +47,40 @@ except ImportError:  # pragma: no cover
     sys.stderr.write("claude-proxy needs aiohttp: pip install aiohttp\n")
     raise SystemExit(2)
 
-try:  # optional speed-up: same compact output as json.dumps below
+try:  # optional speed-up; the fallback below gives the same output and rejects the same input
     import orjson as _orjson
 
     dumps_bytes = _orjson.dumps
+    loads = _orjson.loads
 
     def dumps(obj: Any) -> str:
         return _orjson.dumps(obj).decode()
-
-    loads = _orjson.loads
-except ImportError:  # pragma: no cover - exercised when orjson is absent
+except ImportError:  # exercised by the tests with orjson hidden
     _orjson = None
-    _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     dumps = _encoder.encode
-    loads = json.loads
+    # What orjson refuses, refuse here too: NaN/Infinity, numbers beyond a double, lone surrogates.
+    _HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    _LONE_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*(?:" + _HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW + rb")")
+
+    def _no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    def _finite(text: str) -> Any:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text[:20]}... is out of range")
+        return value
+
+    def _int(text: str) -> Any:
+        return int(text) if len(text) < 20 else _finite(text)
+
+    def loads(raw: Any) -> Any:
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogatepass")
+        if b"\\u" in raw and _LONE_SURROGATE.search(raw):
+            raise ValueError("lone surrogate in a string (\\uD800-\\uDFFF without its pair)")
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite, parse_int=_int)
 
     def dumps_bytes(obj: Any) -> bytes:
         return _encoder.encode(obj).encode()
@@ -298,6 +318,15 @@ class ApiError(Exception):
         if self.retry_after:
             headers["retry-after"] = self.retry_after
         return headers
+
+
+def too_deep(exc: BaseException) -> bool:
+    """JSON nested deeper than the encoder goes (orjson stops at 255 levels, json at the recursion limit)."""
+    return isinstance(exc, RecursionError) or "ecursion" in str(exc)
+
+
+TOO_DEEP = ApiError(400, "the request nests JSON too deeply to be forwarded (tool schemas or tool inputs deeper "
+                         "than 250 levels)", retry=False)
 
 
 def invalid(path: str, message: str) -> ApiError:
@@ -1360,12 +1389,13 @@ class JsonPrefix:
     fed is certainly valid (a half-read literal or escape is held back); `complete` is True once
     the object has closed. Strings are skipped with one regex search, so long arguments are cheap."""
 
-    __slots__ = ("stack", "state", "in_key", "held", "lit", "safe", "fed", "uni", "comma")
+    __slots__ = ("stack", "state", "in_key", "held", "lit", "safe", "fed", "uni", "comma", "key_start")
 
     def __init__(self) -> None:
         self.stack: list[str] = []
         self.state, self.in_key, self.held, self.lit, self.safe, self.fed, self.uni = _VALUE, False, 0, "", 0, 0, 0
         self.comma = -1  # a comma with nothing after it yet is held back: `{"a": 1,` may end there
+        self.key_start = 0  # where the current key began: a key is held back until its value is sound
 
     @property
     def complete(self) -> bool:
@@ -1377,7 +1407,7 @@ class JsonPrefix:
 
     def feed(self, s: str) -> int:
         """Consume s; return the new `safe` length (of everything fed so far)."""
-        i, n, base = 0, len(s), self.fed
+        i, n, base, st = 0, len(s), self.fed, self.state
         if self.state == _BAD:
             self.fed += n
             return self.safe
@@ -1452,7 +1482,7 @@ class JsonPrefix:
                     self.state = _BAD
             elif st in (_KEY_OR_END, _KEY):
                 if c == '"':
-                    self.state, self.in_key = _STRING, True
+                    self.state, self.in_key, self.key_start = _STRING, True, base + i
                 elif c == "}" and st == _KEY_OR_END:
                     self.stack.pop()
                     self.state = _AFTER
@@ -1482,15 +1512,33 @@ class JsonPrefix:
             self.safe = self.fed
         if self.comma >= 0:
             self.safe = min(self.safe, self.comma)
+        if self._in_member(st if self.state == _BAD else self.state):
+            self.safe = min(self.safe, self.key_start)
         return self.safe
 
-    def closing(self) -> str:
-        """Text that turns the fed prefix (ending in a clean state) into a complete object."""
-        tail = {_STRING: '"' + (":null" if self.in_key else ""), _COLON: ":null", _VALUE: "null",
-                _KEY: '"_":null'}.get(self.state, "")
+    def _in_member(self, state: int) -> bool:
+        """Inside an object member whose value has not begun soundly: its key may not be sent yet."""
+        return bool(self.stack) and self.stack[-1] == "}" and (
+            state in (_COLON, _VALUE, _LIT) or (state in (_STRING, _ESCAPE, _UNICODE) and self.in_key))
+
+    def completed(self, text: str) -> str:
+        """The fed text (not broken) made into a whole object without inventing anything: an
+        unfinished member or element is dropped, an open value string is closed, brackets closed."""
         if self.state == _VALUE and not self.stack:
             return "{}"
-        return tail + "".join(reversed(self.stack))
+        state, cut = self.state, None
+        if self._in_member(state) and not (state == _LIT and _LITERAL.fullmatch(self.lit)):
+            cut = self.key_start  # `{"a": 1, "b` / `{"a": tru` -> drop the member
+        elif state == _LIT and not _LITERAL.fullmatch(self.lit) or state in (_ESCAPE, _UNICODE):
+            cut = self.held  # a half literal in a list, or a half escape in a value string
+        if cut is not None:
+            text = text[:cut]
+        if state in (_STRING, _ESCAPE, _UNICODE) and cut != self.key_start:
+            return text + '"' + "".join(reversed(self.stack))
+        text = text.rstrip()
+        if text.endswith(","):
+            text = text[:-1]
+        return text + "".join(reversed(self.stack))
 
 
 _JSON_WORDS = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\b(true|false|null)\b""")
@@ -1528,9 +1576,8 @@ def repair_arguments(text: str) -> Optional[str]:
             pass
         checker = JsonPrefix()
         checker.feed(s[start:])
-        if not checker.broken and checker.state not in (_ESCAPE, _UNICODE) and (
-                checker.state != _LIT or _LITERAL.fullmatch(checker.lit)):
-            candidate = s[start:] + checker.closing()
+        if not checker.broken:
+            candidate = checker.completed(s[start:])
             try:
                 if isinstance(json.loads(candidate), dict):
                     return candidate
@@ -1547,7 +1594,6 @@ def repair_arguments(text: str) -> Optional[str]:
     return None
 
 
-_STRING_EVENTS = re.compile(r'["\\\x00-\x1f]')
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
 
 
@@ -1569,12 +1615,13 @@ class _Call:
         if len(self.raw) >= 1 and fragment.startswith(self.raw):
             fragment = fragment[len(self.raw):]  # a server that sends cumulative snapshots
         self.raw += fragment
-        if not _STRING_EVENTS.search(fragment):
+        if not _STR_STOP.search(fragment):
             self.args += fragment
+            self.escaped = self.escaped and not fragment  # a pending escape applies to this first character
             return
         out, last = [], 0
         escaped_at = 0 if self.escaped else -1  # the character after a backslash inside a string
-        for match in _STRING_EVENTS.finditer(fragment):
+        for match in _STR_STOP.finditer(fragment):
             pos, c = match.start(), match.group()
             if pos == escaped_at:
                 continue
@@ -1608,6 +1655,7 @@ def _partial_suffix(text: str, tag: str) -> int:
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal", "end_turn": "end_turn", "max_tokens": "max_tokens"}
 SIGNATURE_PREFIX = "cpx1."
+MAX_REASONING_BYTES = 4 << 20
 
 
 _ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -1633,8 +1681,9 @@ def reasoning_from_signature(signature: Optional[str]) -> str:
     if not signature or not signature.startswith(SIGNATURE_PREFIX) or len(signature) == len(SIGNATURE_PREFIX):
         return ""
     try:
-        return zlib.decompress(base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX):]),
-                               bufsize=1 << 16).decode()
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX):]), MAX_REASONING_BYTES)
+        return "" if inflate.unconsumed_tail else text.decode()  # larger than any real reasoning: not ours
     except (ValueError, zlib.error, UnicodeDecodeError):
         return ""
 
@@ -1828,7 +1877,7 @@ class EventBuilder:
         else:
             check = JsonPrefix()
             check.feed(sent)
-            rest = check.closing()
+            rest = check.completed(sent)[len(sent):]  # the streamed part never ends inside a member
             if repaired is not None:
                 log.warning("tool %s: repaired arguments differ from what was streamed; closed the streamed part",
                             call.name)
@@ -2148,8 +2197,9 @@ class Job:
     """One client request, translated and ready to send (the parsed request itself is not kept:
     a stream holds only what it needs)."""
 
-    max_tokens: int
+    prewarm: bool  # max_tokens 0: no backend call, an empty answer
     stream: bool
+    input_estimate: int  # heuristic prompt tokens (unscaled), for clamping max_tokens
     route: Route
     provider: Provider
     body: dict[str, Any]
@@ -2322,82 +2372,135 @@ class Backend:
 
     async def open(self, job: Job) -> aiohttp.ClientResponse:
         """POST the job to its backend; return the 2xx response, or raise the mapped ApiError.
-        Connection failures before any response byte are retried; HTTP errors and timeouts are not."""
-        assert self.session is not None
-        route, body = job.route, job.body
-        url = route.base_url + job.provider.chat_path
-        key = (route.base_url, route.model)
-        memory = self.rejected.setdefault(key, set())
-        for name in memory & body.keys():
-            if name == "max_tokens":  # this backend wants the newer name
-                body["max_completion_tokens"] = body.pop("max_tokens")
-            else:
-                del body[name]
-        holder = job.provider.max_tokens_of(body)
-        mt_field = next(f for f in ("num_predict", "max_completion_tokens", "max_tokens") if f in holder)
-        context, cap = self.limits.get(key, (None, None))
-        if cap and holder.get(mt_field, 0) > cap:
-            holder[mt_field] = cap
-        if context and holder.get(mt_field, 0) > context - job.builder.input_estimate:
-            holder[mt_field] = max(1, context - job.builder.input_estimate)
-        attempt = 0
+        A 400 that names what the model cannot take (an optional field, max_tokens over its
+        limit) is answered by adapting the body and sending it again; the lesson is remembered."""
+        key = (job.route.base_url, job.route.model)
+        self._apply_lessons(job, key)
         while True:
-            try:
-                resp = await self.session.post(url, data=dumps_bytes(body),
-                                               headers=self.headers(route, job.request_id))
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientOSError) as exc:
-                if attempt < self.config.retries:
-                    attempt += 1
-                    job.info["retries"] = attempt
-                    await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
-                    continue
-                raise ApiError(502, f"backend {public_url(route.base_url)} is unreachable: "
-                                    f"{type(exc).__name__}: {exc}"[:500], retry=True) from None
-            except asyncio.TimeoutError:
-                raise ApiError(504, f"backend {public_url(route.base_url)} did not answer within "
-                                    f"{self.config.timeout:g} s", retry=True) from None
-            except aiohttp.ClientError as exc:
-                raise ApiError(502, f"backend request failed: {type(exc).__name__}: {exc}"[:500], retry=True) from None
+            resp = await self._post(job)
             if resp.status < 300:
                 return resp
             try:
-                raw = await resp.content.read(1 << 20)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+                raw = await read_capped(resp, 1 << 20)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ApiError):
                 raw = b""
             finally:
                 resp.release()
             message = backend_error_text(raw)
-            if resp.status in (400, 422):
-                if "max_tokens" in body and _WANTS_COMPLETION_TOKENS.search(message):
-                    memory.add("max_tokens")
-                    body["max_completion_tokens"] = body.pop("max_tokens")
-                    mt_field = "max_completion_tokens"
-                    log.warning("backend model %s wants max_completion_tokens; sending that from now on", route.model)
-                    continue
-                ctx, prompt, cap = context_limits(message)
-                allowed = cap or (ctx - prompt if ctx and prompt and prompt < ctx else None)
-                if allowed and allowed < holder.get(mt_field, 0):  # max_tokens too large for this model
-                    self.limits[key] = (ctx or context, cap or self.limits.get(key, (None, None))[1])
-                    holder[mt_field] = allowed
-                    log.info("backend model %s: max_tokens lowered to %d to fit its limits", route.model, allowed)
-                    continue
-                rejected = next((f for f in OPTIONAL_FIELDS if f in body and (
-                    f in message or (f == "think" and "thinking" in message))), None)
-                if rejected:
-                    memory.add(rejected)
-                    del body[rejected]
-                    log.warning("backend model %s rejected %r; sending requests without it from now on",
-                                route.model, rejected)
-                    continue
+            if resp.status in (400, 422) and self._learn(job, key, message):
+                continue
             raise map_backend_error(resp.status, message, resp.headers.get("retry-after"))
+
+    def _apply_lessons(self, job: Job, key: tuple[str, str]) -> None:
+        body = job.body
+        for name in self.rejected.get(key, set()) & body.keys():
+            if name == "max_tokens":  # this backend wants the newer name
+                body["max_completion_tokens"] = body.pop("max_tokens")
+            else:
+                del body[name]
+        holder, field_name = _max_tokens_slot(body)
+        context, cap = self.limits.get(key, (None, None))
+        if cap and holder[field_name] > cap:
+            holder[field_name] = cap
+        if context and holder[field_name] > context - job.input_estimate:
+            holder[field_name] = max(1, context - job.input_estimate)
+
+    def _learn(self, job: Job, key: tuple[str, str], message: str) -> bool:
+        """Adapt the body to a 400 that says what the model cannot take; False if nothing applies."""
+        body, model = job.body, job.route.model
+        memory = self.rejected.setdefault(key, set())
+        if "max_tokens" in body and _WANTS_COMPLETION_TOKENS.search(message):
+            memory.add("max_tokens")
+            body["max_completion_tokens"] = body.pop("max_tokens")
+            log.warning("backend model %s wants max_completion_tokens; sending that from now on", model)
+            return True
+        holder, field_name = _max_tokens_slot(body)
+        ctx, prompt, cap = context_limits(message)
+        allowed = cap or (ctx - prompt if ctx and prompt and prompt < ctx else None)
+        if allowed and allowed < holder[field_name]:
+            known_ctx, known_cap = self.limits.get(key, (None, None))
+            self.limits[key] = (ctx or known_ctx, cap or known_cap)
+            holder[field_name] = allowed
+            log.info("backend model %s: max_tokens lowered to %d to fit its limits", model, allowed)
+            return True
+        rejected = next((f for f in OPTIONAL_FIELDS if f in body and _names_field(message, f)), None)
+        if rejected:
+            memory.add(rejected)
+            del body[rejected]
+            log.warning("backend model %s rejected %r; sending requests without it from now on", model, rejected)
+            return True
+        return False
+
+    async def _post(self, job: Job) -> aiohttp.ClientResponse:
+        """One POST; connection failures before any response byte are retried (jittered backoff)."""
+        assert self.session is not None
+        route = job.route
+        where = public_url(route.base_url)
+        try:
+            data = dumps_bytes(job.body)
+        except (TypeError, ValueError, RecursionError) as exc:
+            if not too_deep(exc):
+                raise
+            raise TOO_DEEP from None
+        attempt = 0
+        while True:
+            try:
+                return await self.session.post(route.base_url + job.provider.chat_path, data=data,
+                                               headers=self.headers(route, job.request_id))
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if attempt >= self.config.retries:
+                    raise ApiError(502, f"backend {where} is unreachable: {type(exc).__name__}: {exc}"[:500],
+                                   retry=True) from None
+                attempt += 1
+                job.info["retries"] = attempt
+                await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
+            except asyncio.TimeoutError as exc:
+                if isinstance(exc, _CONNECT_TIMEOUT):
+                    raise ApiError(504, f"could not connect to backend {where} within "
+                                        f"{self.config.connect_timeout:g} s", retry=True) from None
+                raise ApiError(504, f"backend {where} did not answer within {self.config.timeout:g} s",
+                               retry=True) from None
+            except aiohttp.ClientError as exc:
+                raise ApiError(502, f"backend request failed: {type(exc).__name__}: {exc}"[:500], retry=True) from None
+
+
+_CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10 tells connecting apart
+
+
+def _max_tokens_slot(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Where a backend body keeps its output limit: (the dict, the key)."""
+    holder = body.get("options", body)
+    return holder, next(f for f in ("num_predict", "max_completion_tokens", "max_tokens") if f in holder)
+
+
+def _names_field(message: str, name: str) -> bool:
+    """Does a backend's 400 text name this request field as the problem (not merely contain the word)?"""
+    if name == "think" and "does not support thinking" in message:
+        return True
+    return re.search(rf"""['"`]{name}['"`]|(?:argument|parameter|field|property|key)s?(?: supplied)?:? {name}\b""",
+                     message, re.I) is not None
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A body, read to its end or to `limit` bytes (then one byte more, so the caller can tell)."""
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client closed its connection: stop, close the backend request, log one INFO line."""
 
 
 async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> None:
     """Read the backend's answer as it arrives, decode each SSE data line / NDJSON line (or a whole
     JSON body from a server that ignored `stream`), fold it into events, and emit them per read.
     resp None: `max_tokens: 0` (a cache pre-warm), which asks for no output at all."""
-    ev, decode = job.builder, job.provider.decode
+    ev = job.builder
     if resp is None:
         ev.finish("length")
         ev.end()
@@ -2405,22 +2508,26 @@ async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> N
         return
     ctype = resp.headers.get("content-type", "")
     if "json" in ctype and "ndjson" not in ctype:  # a non-streaming answer
-        decode(_json_or_error(await resp.read()), ev)
+        raw = await read_capped(resp, MAX_LINE_BYTES)
+        if len(raw) > MAX_LINE_BYTES:
+            raise ApiError(502, f"backend answer is larger than {MAX_LINE_BYTES >> 20} MiB")
+        _decode(job, raw)
         ev.finished = True
         ev.end()
         await emit(ev.take())
         return
     sse_framing = job.provider.framing == "sse"
-    buf = b""
+    buf = bytearray()
     done = False
     async for data in resp.content.iter_any():
         buf += data
-        if b"\n" not in data:
-            if len(buf) > 64 << 20:
-                raise ApiError(502, "backend sent a line longer than 64 MiB")
+        end = buf.rfind(b"\n")
+        if end < 0:
+            if len(buf) > MAX_LINE_BYTES:
+                raise ApiError(502, f"backend sent a line longer than {MAX_LINE_BYTES >> 20} MiB")
             continue
-        lines = buf.split(b"\n")
-        buf = lines.pop()
+        lines = bytes(buf[:end]).split(b"\n")
+        del buf[:end + 1]
         for line in lines:
             if sse_framing:
                 if not line.startswith(b"data:"):
@@ -2432,7 +2539,7 @@ async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> N
             elif not line.strip():
                 continue
             try:
-                decode(_json_or_error(line), ev)
+                _decode(job, line)
             except ApiError:
                 await emit(ev.take())  # what the backend produced before the fault still reaches the client
                 raise
@@ -2441,59 +2548,113 @@ async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> N
             await emit(events)
         if done:
             break
-    if buf.strip() and not done:
-        tail = buf.strip()
+    tail = bytes(buf).strip()
+    if tail and not done:
         if sse_framing and tail.startswith(b"data:"):
             tail = tail[5:].strip()
         if tail == b"[DONE]":
             done = True
         else:
-            decode(_json_or_error(tail), ev)
+            _decode(job, tail)
     if not (ev.finished or done):
         raise ApiError(502, "backend stream ended before the answer was complete (connection closed early)")
     ev.end()
     await emit(ev.take())
 
 
-def _json_or_error(raw: bytes) -> Any:
+MAX_LINE_BYTES = 64 << 20
+
+
+def _decode(job: Job, raw: bytes) -> None:
+    """One backend JSON object into the job's fold; any malformed or odd-shaped data is a 502."""
     try:
         obj = loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ApiError(502, f"backend sent malformed JSON: {raw[:200]!r}") from None
     if not isinstance(obj, dict):
         raise ApiError(502, f"backend sent unexpected JSON: {raw[:200]!r}")
-    return obj
+    try:
+        job.provider.decode(obj, job.builder)
+    except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as exc:
+        raise ApiError(502, f"backend sent JSON of an unexpected shape ({type(exc).__name__}): {raw[:200]!r}") from None
 
 
 def _mid_stream_error(exc: BaseException, config: Config) -> ApiError:
+    """Whatever ended a relay early -> the error the client sees (HTTP error or `event: error`)."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, asyncio.TimeoutError):
         return ApiError(504, f"backend sent nothing for {config.timeout:g} s", retry=True)
-    return ApiError(502, f"backend connection lost: {type(exc).__name__}: {exc}"[:500], retry=True)
+    if isinstance(exc, aiohttp.ClientError):
+        return ApiError(502, f"backend connection lost: {type(exc).__name__}: {exc}"[:500], retry=True)
+    log.exception("internal error while relaying the backend's answer")
+    return ApiError(500, "internal proxy error (see the proxy's log)")
 
 
-async def complete(backend: Backend, job: Job) -> dict[str, Any]:
+async def watch_client(request: web.Request, task: asyncio.Task, state: dict[str, Any], interval: float,
+                       out: Optional[web.StreamResponse] = None) -> None:
+    """While the backend works: notice a client that went away (then cancel the request's task, which
+    closes the backend connection at once), and with `out`, send a ping after `interval` s of silence."""
+    try:
+        while True:
+            await asyncio.sleep(min(1.0, interval))
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break
+            if out is not None and time.monotonic() - state["last"] >= interval:
+                state["last"] = time.monotonic()
+                await out.write(PING)
+    except (ConnectionError, RuntimeError):
+        pass
+    state["gone"] = True
+    task.cancel()
+
+
+async def _stop(watcher: Optional[asyncio.Task]) -> None:
+    if watcher is not None and not watcher.done():
+        watcher.cancel()
+        try:
+            await watcher
+        except asyncio.CancelledError:
+            pass
+
+
+async def complete(backend: Backend, job: Job, request: Optional[web.Request] = None) -> dict[str, Any]:
     """Non-streaming: stream from the backend anyway (the timeout bounds silence, not the answer's
     length), fold the events into one Message. A backend that answers with one JSON body works too."""
-    resp = await backend.open(job) if job.max_tokens else None
-    job.builder.start()
+    task = asyncio.current_task()
+    state: dict[str, Any] = {"last": time.monotonic(), "gone": False}
+    watcher = asyncio.create_task(watch_client(request, task, state, backend.config.ping_interval)) \
+        if request is not None and task is not None else None
+    resp = None
     events: list[tuple[str, dict[str, Any]]] = []
 
     async def collect(batch: list[tuple[str, dict[str, Any]]]) -> None:
         events.extend(batch)
 
     try:
+        resp = await backend.open(job) if not job.prewarm else None
+        job.builder.start()
         await pump(resp, job, collect)
-    except (ApiError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
-        if resp is not None:
-            resp.close()
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        _uncancel(task)
+        raise ClientGone() from None
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an Anthropic error
         raise _mid_stream_error(exc, backend.config) from None
-    if resp is not None:
-        resp.release()
+    finally:
+        await _stop(watcher)
+        if resp is not None:
+            resp.release() if events and events[-1][0] == "message_stop" else resp.close()
     message = fold_events(events)
     job.info.update(stop=message.get("stop_reason"), usage=message.get("usage"))
     return message
+
+
+def _uncancel(task: Optional[asyncio.Task]) -> None:
+    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: the cancellation was ours, handled
+        task.uncancel()
 
 
 PING = sse([("ping", {"type": "ping"})])
@@ -2502,34 +2663,25 @@ PING = sse([("ping", {"type": "ping"})])
 async def stream(request: web.Request, backend: Backend, job: Job) -> web.StreamResponse:
     """Streaming: open the client's stream as soon as the backend answers 2xx, ping while it is
     silent, forward every read as it arrives, end with `event: error` if the backend fails."""
-    resp = await backend.open(job) if job.max_tokens else None
+    resp = await backend.open(job) if not job.prewarm else None
     job.body = {}  # sent: not kept for the length of the stream
     out = web.StreamResponse(status=200, headers={
         "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
         "request-id": job.request_id, "x-accel-buffering": "no"})
     task = asyncio.current_task()
-    state = {"last": time.monotonic(), "gone": False}
-    interval = backend.config.ping_interval
+    assert task is not None
+    state: dict[str, Any] = {"last": time.monotonic(), "gone": False}
 
     async def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
         if "ttft" not in job.info:
             job.info["ttft"] = time.monotonic()
-        await out.write(sse(events))
+        try:
+            await out.write(sse(events))
+        except (ConnectionError, RuntimeError) as exc:
+            raise ClientGone() from exc
         state["last"] = time.monotonic()
 
-    async def pinger() -> None:
-        while True:
-            await asyncio.sleep(min(1.0, interval))
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                state["gone"] = True
-                task.cancel()
-                return
-            if time.monotonic() - state["last"] >= interval:
-                state["last"] = time.monotonic()
-                await out.write(PING)
-
-    ping_task = None
+    watcher = None
     ok = False
     metrics = request.app[METRICS]
     metrics.active_streams += 1
@@ -2537,27 +2689,29 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
         await out.prepare(request)
         job.builder.start()
         await out.write(sse(job.builder.take()) + PING)
-        ping_task = asyncio.create_task(pinger())
+        watcher = asyncio.create_task(watch_client(request, task, state, backend.config.ping_interval, out))
         try:
             await pump(resp, job, emit)
             ok = True
-        except (ApiError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except ClientGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
             error = _mid_stream_error(exc, backend.config)
             job.info["error"] = error.message
+            await _stop(watcher)
             await out.write(sse([("error", error.body())]))
+        await _stop(watcher)  # no ping may follow the end of the stream
         await out.write_eof()
     except asyncio.CancelledError:
         if not state["gone"]:
             raise
-        if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation was ours, and it is handled
-            task.uncancel()
+        _uncancel(task)
         job.info["error"] = "client disconnected"
-    except ConnectionError:
+    except (ClientGone, ConnectionError, RuntimeError):
         job.info["error"] = "client disconnected"
     finally:
         metrics.active_streams -= 1
-        if ping_task is not None:
-            ping_task.cancel()
+        await _stop(watcher)
         if resp is not None:
             resp.release() if ok else resp.close()  # close: the backend sees it and stops generating
     if ok:
@@ -2765,23 +2919,34 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
     provider = PROVIDER_IMPLS[route.provider]
     if route.provider == "ollama" and config.fetch_images:
         await backend.fetch_images(req)
-    conv = build_conversation(req, config.system_messages)
-    body, tool_names = provider.body(conv, req, route)
+    try:
+        conv = build_conversation(req, config.system_messages)
+        body, tool_names = provider.body(conv, req, route)
+        estimate = count_request_tokens(req)
+    except (TypeError, ValueError, RecursionError) as exc:
+        if not too_deep(exc):
+            raise
+        raise TOO_DEEP from None
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
-    builder = EventBuilder(new_id("msg_"), req.model, count_request_tokens(req), tool_names=tool_names,
+    builder = EventBuilder(new_id("msg_"), req.model, estimate, tool_names=tool_names,
                            show_thinking=show_thinking, usage_scale=backend.usage_scale(route))
     info = request[INFO]
     info.update(model=req.model, backend_model=route.model, provider=route.provider, stream=bool(req.stream))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:20000])
-    return Job(req.max_tokens or 0, bool(req.stream), route, provider, body, builder, request[REQUEST_ID], info)
+    return Job(req.max_tokens == 0, bool(req.stream), estimate, route, provider, body, builder, request[REQUEST_ID],
+               info)
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
     job = await prepare_job(request, parse_request(await read_json(request)))
     if job.stream:
         return await stream(request, request.app[BACKEND], job)
-    return json_response(await complete(request.app[BACKEND], job), job.request_id)
+    try:
+        return json_response(await complete(request.app[BACKEND], job, request), job.request_id)
+    except ClientGone:
+        request[INFO]["error"] = "client disconnected"
+        return web.Response(status=499)  # nobody reads it: the connection is gone
 
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
@@ -3015,7 +3180,7 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
                 route = await backend.route(name)
                 provider = PROVIDER_IMPLS[route.provider]
                 body, names_map = provider.body(build_conversation(req), req, route)
-                job = Job(1, False, route, provider, body, EventBuilder(new_id("msg_"), name, 0, tool_names=names_map),
+                job = Job(False, False, 0, route, provider, body, EventBuilder(new_id("msg_"), name, 0, tool_names=names_map),
                           new_id("req_"), {})
                 await complete(backend, job)
                 rows.append((name, f"{route.model} ({route.provider})", "ok"))
