@@ -25,6 +25,7 @@ import binascii
 import contextvars
 import dataclasses
 import fnmatch
+import hashlib
 import hmac
 import json
 import logging
@@ -177,14 +178,14 @@ class Config:
                 raise ConfigError(f"{where}: {key} must be a positive integer")
         if "reasoning_history" in entry and not isinstance(entry["reasoning_history"], bool):
             raise ConfigError(f"{where}: reasoning_history must be true or false")
-        api_key = self.api_key
+        base_url = (entry.get("base_url") or (self.base_url if provider == self.provider
+                                              else DEFAULT_BASE_URLS[provider])).rstrip("/")
+        api_key = self.api_key if base_url == self.base_url else None  # never the main key to another host
         if entry.get("api_key_env"):
             api_key = os.environ.get(entry["api_key_env"])
             if api_key is None:
                 raise ConfigError(f"{where}: environment variable {entry['api_key_env']} is not set")
-        base_url = entry.get("base_url") or (self.base_url if provider == self.provider
-                                              else DEFAULT_BASE_URLS[provider])
-        return Route(entry["model"], provider, base_url.rstrip("/"), api_key, entry.get("max_tokens"),
+        return Route(entry["model"], provider, base_url, api_key, entry.get("max_tokens"),
                      entry.get("context_window"), entry.get("reasoning_history"))
 
     def default_route(self, model: str) -> Route:
@@ -1047,7 +1048,10 @@ _warned: set[str] = set()
 
 
 def warn_once(message: str) -> None:
+    """Log a warning the first time it happens (a bounded memory: clients choose some of the words)."""
     if message not in _warned:
+        if len(_warned) >= 1000:
+            _warned.clear()
         _warned.add(message)
         log.warning(message)
 
@@ -1061,7 +1065,6 @@ class Turn:
     tool_calls: list[ToolUseBlock] = field(default_factory=list)
     reasoning: Optional[str] = None  # assistant: earlier thinking, for backends that want it back
     tool_call_id: Optional[str] = None
-    tool_name: Optional[str] = None
 
     @property
     def text(self) -> str:
@@ -1256,7 +1259,6 @@ def openai_tool_name(name: str) -> str:
     """OpenAI function names are [A-Za-z0-9_-]{1,64}; longer or odd names get a stable short alias."""
     if _OPENAI_NAME.match(name):
         return name
-    import hashlib
     clean = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:55]
     return f"{clean}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
@@ -1337,8 +1339,8 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
         if turn.tool_calls:
             msg["tool_calls"] = [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.input}}
                                  for i, c in enumerate(turn.tool_calls)]
-        if turn.reasoning:
-            msg["thinking"] = turn.reasoning
+        if turn.reasoning and route.reasoning_history is not False:
+            msg["thinking"] = turn.reasoning  # Ollama's docs: send thinking back with tool-calling turns
         images = turn.images
         if images:
             for src in images:
@@ -1363,11 +1365,8 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
         body["tools"] = [{"type": "function", "function": {
             "name": t.name, "description": t.description or "",
             "parameters": tool_parameters(t.input_schema)}} for t in conv.tools]
-    if req.thinking:
-        if req.thinking.type == "disabled":
-            body["think"] = False
-        elif req.thinking.type == "enabled":
-            body["think"] = True
+    if req.thinking:  # a model without thinking answers 400, and the proxy then drops `think` for it
+        body["think"] = req.thinking.type != "disabled"
     fmt = req.output_config.format if req.output_config else None
     if fmt and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
         body["format"] = fmt["schema"]
@@ -1811,6 +1810,10 @@ class EventBuilder:
     # -- tool calls --
     def tool(self, key: Any, call_id: Optional[str], name: Optional[str], arguments: Any) -> None:
         """One tool-call fragment. key: the backend's index (None when it gives none)."""
+        if self.think_tags == "start":  # text held back in case it began a <think>: it precedes the call
+            held, self.pending, self.think_tags = self.pending, "", "off"
+            if held.strip():
+                self.text(held)
         if key is None:  # servers that omit `index`: a new id starts a new call
             last = self.calls.get(self.last_key)
             key = self.last_key if self.last_key is not None else 0
@@ -2064,7 +2067,7 @@ class Provider:
     chat_path: str
     models_path: str
     framing: str  # "sse" or "ndjson"
-    decode = staticmethod(openai_decode)
+    decode: Any  # staticmethod (backend JSON object, EventBuilder) -> None, in section 4
 
     def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
         """-> (backend body, backend tool name -> client tool name for names the backend renamed)."""
@@ -2213,6 +2216,21 @@ def public_url(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
+async def _public_host(url: str) -> None:
+    """--fetch-images fetches URLs that clients choose: only from hosts on the public internet."""
+    import ipaddress
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname or "", parts.port or 443)
+    except OSError:
+        raise invalid("messages", f"image url {url[:100]!r}: host not found") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise invalid("messages", f"image url {url[:100]!r}: {address} is not a public address")
+
+
 CLIENT_CONTEXT_WINDOW = 200_000
 MAX_IMAGE_BYTES = 20 << 20
 
@@ -2298,14 +2316,16 @@ class Backend:
                     url = src.url or ""
                     if not url.lower().startswith(("http://", "https://")):
                         raise invalid("messages", f"image url {url[:100]!r}: only http and https URLs can be fetched")
+                    await _public_host(url)
                     try:
-                        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=15),
+                                                    allow_redirects=False) as resp:
                             ctype = resp.headers.get("content-type", "").split(";")[0].strip()
-                            data = await resp.content.read(MAX_IMAGE_BYTES + 1)
+                            data = await read_capped(resp, MAX_IMAGE_BYTES)
                             if resp.status != 200 or ctype not in IMAGE_MEDIA_TYPES or len(data) > MAX_IMAGE_BYTES:
                                 raise invalid("messages", f"image url {url[:100]!r}: got HTTP {resp.status}, "
                                                           f"{ctype or 'no type'}, {len(data)} bytes (need an image "
-                                                          f"of at most {MAX_IMAGE_BYTES >> 20} MiB)")
+                                                          f"of at most {MAX_IMAGE_BYTES >> 20} MiB, no redirect)")
                     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                         raise invalid("messages", f"image url {url[:100]!r} could not be fetched: "
                                                   f"{type(exc).__name__}") from None
@@ -2321,7 +2341,8 @@ class Backend:
         payload = {"model": route.model, "messages": body["messages"], "add_generation_prompt": True}
         if "tools" in body:
             payload["tools"] = body["tools"]
-        key = dumps(payload)
+        data = dumps_bytes(payload)
+        key = hashlib.sha256(data).hexdigest()
         if key in self.token_cache:
             return self.token_cache[key]
         root = re.sub(r"/v1$", "", route.base_url)
@@ -2329,7 +2350,7 @@ class Backend:
         timeout = aiohttp.ClientTimeout(total=5)
         count = None
         try:
-            async with self.session.post(root + "/tokenize", data=key, headers=headers, timeout=timeout) as resp:
+            async with self.session.post(root + "/tokenize", data=data, headers=headers, timeout=timeout) as resp:
                 data = await resp.json(content_type=None, loads=loads) if resp.status == 200 else {}
             if isinstance(data.get("count"), int):  # vLLM
                 count = data["count"]
@@ -2786,13 +2807,15 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         response = error_response(ApiError(500, "internal proxy error (see the proxy's log)"), request_id)
     if not response.prepared:
         response.headers.setdefault("request-id", request_id)
-    if request.path.startswith("/v1/messages") or response.status >= 400:
-        log_request(request, response.status, started, info)
+    quiet = request.path in ("/health", "/metrics") or request.method == "HEAD"  # probes and scrapes
+    log_request(request, response.status, started, info, logging.DEBUG if quiet and response.status < 400
+                else logging.INFO)
     return response
 
 
-def log_request(request: web.Request, status: int, started: float, info: dict[str, Any]) -> None:
-    """The one INFO line per request (text or JSON), and the metrics that go with it."""
+def log_request(request: web.Request, status: int, started: float, info: dict[str, Any],
+                level: int = logging.INFO) -> None:
+    """The one line per request (text or JSON; health checks and scrapes at DEBUG), and its metrics."""
     usage = info.get("usage") or {}
     now = time.monotonic()
     fields: dict[str, Any] = {"method": request.method, "path": request.path, "status": status}
@@ -2809,7 +2832,7 @@ def log_request(request: web.Request, status: int, started: float, info: dict[st
             fields[key] = info[key] if key != "error" else str(info[key])[:300]
     text = " ".join(f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items()
                     if k not in ("method", "path"))
-    log.info("%s %s %s", request.method, request.path, text, extra={"fields": fields})
+    log.log(level, "%s %s %s", request.method, request.path, text, extra={"fields": fields})
     request.app[METRICS].observe(fields, now - started)
 
 
@@ -2841,7 +2864,7 @@ class Metrics:
         route = fields["path"] if fields["path"].startswith(("/v1/messages", "/v1/models")) else "other"
         if route.startswith("/v1/models/"):
             route = "/v1/models/{id}"
-        model = fields.get("model", "")
+        model = fields.get("backend_model", "")  # bounded by the configuration, unlike client model names
         self.inc("claude_proxy_requests_total", route=route, status=fields["status"], model=model)
         if route == "/v1/messages":
             self.histogram("claude_proxy_request_duration_seconds", seconds)
@@ -2993,7 +3016,8 @@ async def handle_models(request: web.Request) -> web.Response:
         end = ids.index(query["before_id"])
         start = max(start, end - limit)
     page = models[start:end][:limit]
-    return json_response({"data": page, "has_more": start + len(page) < end,
+    more = start > 0 if "before_id" in query else start + len(page) < end
+    return json_response({"data": page, "has_more": more,
                           "first_id": page[0]["id"] if page else None,
                           "last_id": page[-1]["id"] if page else None}, request[REQUEST_ID])
 
@@ -3045,7 +3069,7 @@ def create_app(config: Optional[Config] = None) -> web.Application:
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
     app.router.add_get("/v1/models", handle_models)
-    app.router.add_get("/v1/models/{model_id}", handle_model)
+    app.router.add_get("/v1/models/{model_id:.+}", handle_model)  # vLLM ids look like Qwen/Qwen3-8B
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     for path in ("/", "/api/hello"):
@@ -3126,9 +3150,12 @@ def load_config(argv: Optional[list[str]] = None, environ: Optional[dict[str, st
         if value is None:
             return default
         try:
-            return float(value) * scale
+            number = float(value) * scale
         except ValueError:
-            raise ConfigError(f"{what}: expected a number, got {value!r}") from None
+            number = math.nan
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(f"{what}: expected a non-negative number, got {value!r}")
+        return number
 
     def flag(value: Optional[bool], name: str) -> bool:
         return bool(value) if value is not None else env.get(name, "").lower() in ("1", "true", "yes", "on")

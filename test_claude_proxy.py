@@ -1332,6 +1332,41 @@ def test_event_builder_broken_arguments_always_valid_json(fragments):
     assert isinstance(cp.fold_events(events)["content"][0]["input"], dict)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('{"path": "a.txt",', {"path": "a.txt"}),            # a dangling comma: no invented key
+    ('{"path": "a.txt", "mode', {"path": "a.txt"}),      # a half key is dropped
+    ('{"path": "a.txt", "mode":', {"path": "a.txt"}),    # a key without its value too
+    ('{"a": tru', {}),                                   # a half literal drops its member
+    ('{"a": [1, tr', {"a": [1]}),
+    ('{"a": "x\\u00', {"a": "x"}),                       # a half escape in a value string
+    ('{"a": {"b": [1, 2', {"a": {"b": [1, 2]}}),
+])
+def test_repair_never_invents_members(text, expected):
+    assert json.loads(cp.repair_arguments(text)) == expected
+
+
+def test_keys_are_held_back_until_their_value_begins():
+    check = cp.JsonPrefix()
+    assert check.feed('{"pa') == 1 and check.feed('th": "a') == 11 and check.feed('.txt", "x": tr') == 18
+    assert check.feed("ue}") == 28 and check.complete
+
+
+def test_escape_split_across_fragments():
+    call = cp._Call(0)
+    for fragment in ['{"content": "x = 1\\', "nprint(x)", '",\n  "file_path": "a.py"}']:
+        call.add(fragment)
+    assert json.loads(call.args) == {"content": "x = 1\nprint(x)", "file_path": "a.py"}
+
+
+def test_whitespace_before_a_tool_call_is_not_emitted_after_it(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE([oai_chunk({"role": "assistant", "content": ""}), oai_chunk({"content": "\n\n"})]
+                            + oai_tool_call_chunks(0, "call_abcdefgh1", "get_weather", '{"city": "Paris"}')
+                            + [oai_chunk({}, "tool_calls")]))
+    msg = stack.client().messages.create(model="m", max_tokens=50, messages=USER_HI)
+    assert [b.type for b in msg.content] == ["tool_use"]
+
+
 # ======================================================================================
 # Thinking, images, documents (both directions)
 # ======================================================================================
@@ -1407,7 +1442,8 @@ def test_thinking_request_switches():
     assert "reasoning_effort" not in backend_body(parsed(thinking={"type": "disabled"}), "openai")
     assert backend_body(parsed(thinking={"type": "enabled", "budget_tokens": 2048}), "ollama")["think"] is True
     assert backend_body(parsed(thinking={"type": "disabled"}), "ollama")["think"] is False
-    assert "think" not in backend_body(parsed(thinking={"type": "adaptive"}), "ollama")
+    assert backend_body(parsed(thinking={"type": "adaptive"}), "ollama")["think"] is True
+    assert "think" not in backend_body(parsed(), "ollama")
 
 
 def test_backend_rejecting_reasoning_effort_is_retried_without_it(make_stack):
@@ -1932,6 +1968,49 @@ def test_unmapped_model_is_400_naming_it(make_stack, stream):
     assert stack.backend.requests == []
 
 
+def test_json_nested_deeper_than_the_encoder_is_a_400(make_stack):
+    stack = make_stack("openai")
+    schema: dict = {"type": "object"}
+    for _ in range(300):
+        schema = {"type": "object", "properties": {"x": schema}}
+    body = req(tools=[{"name": "deep", "input_schema": schema}])
+    code, headers, text = http(stack, "POST", "/v1/messages", body)
+    assert "too deeply" in assert_error(code, headers, text, 400, "invalid_request_error", "false")
+
+
+def test_signature_inflation_is_bounded():
+    import zlib
+    bomb = cp.SIGNATURE_PREFIX + base64.urlsafe_b64encode(zlib.compress(b"a" * (64 << 20))).decode()
+    started = time.monotonic()
+    assert cp.reasoning_from_signature(bomb) == ""
+    assert time.monotonic() - started < 1.0
+
+
+def test_stdlib_json_rejects_what_orjson_rejects():
+    """Without orjson (the minimal install), the same inputs are refused and the same bytes written."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("claude_proxy_stdlib_json", HERE / "claude_proxy.py")
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get("orjson")
+    sys.modules["orjson"] = None  # type: ignore[assignment]
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+        if saved is None:
+            sys.modules.pop("orjson", None)
+        else:
+            sys.modules["orjson"] = saved
+    assert module._orjson is None
+    for raw in [b'{"a":"\\ud83d"}', b'{"a":"\\udc00"}', b'{"a":NaN}', b'{"a":1e400}', b'{"a":' + b"9" * 400 + b"}"]:
+        with pytest.raises(ValueError):
+            module.loads(raw)
+    assert module.loads(b'{"a":"\\ud83d\\ude00","b":"\\\\ud83d"}') == {"a": "\U0001F600", "b": "\\ud83d"}
+    value = {"t": "naïve \u2028 \"q\" \\ \n\t\x01 😀", "n": [1, 2.5, None, True, -3]}
+    assert module.dumps_bytes(value) == cp.dumps_bytes(value) and module.dumps(value) == cp.dumps(value)
+
+
 # ======================================================================================
 # Routes, probes, body limits
 # ======================================================================================
@@ -2054,6 +2133,31 @@ def test_header_injection_in_model_name_and_request_id(make_stack):
         assert err.code == 400 and "X-Evil" not in err.headers and err.headers["request-id"].startswith("req_")
         assert "model" in json.loads(err.read())["error"]["message"]
 
+
+def test_model_ids_with_slashes_and_backward_paging(make_stack):
+    stack = make_stack("openai", default_model="Qwen/Qwen3-8B", discover=False,
+                       model_map={"claude-a": "x", "claude-b": "y", "claude-c": "z"})
+    code, _, text = http(stack, "GET", "/v1/models/Qwen/Qwen3-8B")
+    assert code == 200 and json.loads(text)["id"] == "Qwen/Qwen3-8B"
+    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-c&limit=1")
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-b"] and page["has_more"] is True
+    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-b&limit=5")
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-a"] and page["has_more"] is False
+
+
+def test_optional_field_is_dropped_only_when_the_backend_names_it(make_stack):
+    stack = make_stack("openai")
+    alternate = {"object": "error", "message": "Conversation roles must alternate user/assistant/user/assistant/...",
+                 "type": "BadRequestError", "param": None, "code": 400}
+    stack.backend.queue(Reply(400, alternate))
+    body = req(metadata={"user_id": "u-1"})
+    code, headers, text = http(stack, "POST", "/v1/messages", body)
+    assert_error(code, headers, text, 400, "invalid_request_error", "false")
+    assert len(stack.backend.requests) == 1  # not retried without `user`
+    http(stack, "POST", "/v1/messages", body)
+    assert stack.backend.requests[1]["user"] == "u-1"  # and not dropped for later requests
 
 
 # ======================================================================================
@@ -2215,6 +2319,35 @@ def test_stream_with_finish_but_without_done_is_complete(make_stack):
     stack.backend.queue(SSE(oai_text_stream("ok"), done=False))
     _, _, _, events = raw_stream(stack, VALID)
     assert [n for _, n, _ in events][-1] == "message_stop"
+
+
+@pytest.mark.parametrize("chunk", [
+    {"choices": [{"index": 0, "delta": "x"}]},                       # delta a string
+    {"choices": [{"index": 0, "delta": {"reasoning": 5}}]},          # reasoning a number
+    {"usage": {"prompt_tokens": "12"}, "choices": []},               # usage as strings
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "f"}]}}]},
+])
+def test_odd_shaped_backend_json_is_an_error_event_not_a_broken_stream(make_stack, chunk):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE([oai_chunk({"content": "Hel"}), chunk]), SSE([oai_chunk({"content": "Hel"}), chunk]))
+    status, _, _, events = raw_stream(stack, req())
+    assert status == 200
+    names = [e[1] for e in events]
+    assert names[-1] == "error" and "message_stop" not in names
+    assert events[-1][2]["error"]["type"] == "api_error" and "unexpected shape" in events[-1][2]["error"]["message"]
+    code, headers, text = http(stack, "POST", "/v1/messages", req())  # non-streaming: a clean 502
+    assert_error(code, headers, text, 502, "api_error")
+    assert_serves(stack, "openai")
+    assert not stack.app[cp.BACKEND].session.connector._acquired  # every backend response released
+
+
+def test_non_streaming_client_disconnect_closes_the_backend(make_stack):
+    stack = make_stack("openai", ping_interval=0.05)
+    stack.backend.queue(SSE(oai_text_stream(*["x"] * 40), delay=0.05))
+    with pytest.raises(Exception):
+        http(stack, "POST", "/v1/messages", req(), timeout=0.3)  # the client gives up
+    assert wait_for(lambda: stack.backend.disconnects >= 1, timeout=3)
+    assert_serves(stack, "openai")
 
 
 # ======================================================================================
@@ -2466,6 +2599,38 @@ def test_open_paths_without_auth(make_stack, method, path):
     stack = make_stack("openai", auth_token="s3cret")
     code, _, _ = http(stack, method, path)
     assert code == 200
+
+
+def test_main_api_key_never_goes_to_another_host():
+    config = cp.Config(provider="openai", base_url="http://127.0.0.1:8000/v1", api_key="sk-local", model_map={
+        "claude-a": "local-model", "claude-b": {"model": "hosted", "base_url": "https://api.example.com/v1"}})
+    assert cp.resolve_route(config, "claude-a").api_key == "sk-local"
+    assert cp.resolve_route(config, "claude-b").api_key is None
+
+
+def test_fetch_images_refuses_private_addresses_and_reads_whole_images(make_stack, monkeypatch):
+    stack = make_stack("ollama", fetch_images=True)
+    png = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + (2 << 20) * b"\0"  # 2 MiB, larger than one read
+    big = web.Application()
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=png, content_type="image/png")
+    big.router.add_get("/cat.png", image)
+    from conftest import start_site
+    runner, port = stack.loop.run(start_site(big))
+    try:
+        url = f"http://127.0.0.1:{port}/cat.png"
+        content = [{"type": "image", "source": {"type": "url", "url": url}}]
+        with pytest.raises(anthropic.BadRequestError) as err:
+            stack.client().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": content}])
+        assert "not a public address" in err.value.message
+        async def anywhere(url: str) -> None:
+            return None
+        monkeypatch.setattr(cp, "_public_host", anywhere)
+        stack.client().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": content}])
+        assert base64.b64decode(stack.backend.requests[-1]["messages"][-1]["images"][0]) == png
+    finally:
+        stack.loop.run(runner.cleanup())
 
 
 # ======================================================================================
