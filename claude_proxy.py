@@ -2394,11 +2394,15 @@ class Backend:
     async def open(self, job: Job) -> aiohttp.ClientResponse:
         """POST the job to its backend; return the 2xx response, or raise the mapped ApiError.
         A 400 that names what the model cannot take (an optional field, max_tokens over its
-        limit) is answered by adapting the body and sending it again; the lesson is remembered."""
+        limit) is answered by adapting the body and sending it again; the lesson is remembered.
+        Only the encoded body is kept while the backend thinks (a dict of it costs several times more)."""
         key = (job.route.base_url, job.route.model)
-        self._apply_lessons(job, key)
+        body, job.body = job.body, {}
+        self._apply_lessons(job, key, body)
+        data = _encode(body)
+        del body
         while True:
-            resp = await self._post(job)
+            resp = await self._post(job, data)
             if resp.status < 300:
                 return resp
             try:
@@ -2408,12 +2412,14 @@ class Backend:
             finally:
                 resp.release()
             message = backend_error_text(raw)
-            if resp.status in (400, 422) and self._learn(job, key, message):
-                continue
+            if resp.status in (400, 422):
+                body = loads(data)
+                if self._learn(job, key, body, message):
+                    data = _encode(body)
+                    continue
             raise map_backend_error(resp.status, message, resp.headers.get("retry-after"))
 
-    def _apply_lessons(self, job: Job, key: tuple[str, str]) -> None:
-        body = job.body
+    def _apply_lessons(self, job: Job, key: tuple[str, str], body: dict[str, Any]) -> None:
         for name in self.rejected.get(key, set()) & body.keys():
             if name == "max_tokens":  # this backend wants the newer name
                 body["max_completion_tokens"] = body.pop("max_tokens")
@@ -2426,9 +2432,9 @@ class Backend:
         if context and holder[field_name] > context - job.input_estimate:
             holder[field_name] = max(1, context - job.input_estimate)
 
-    def _learn(self, job: Job, key: tuple[str, str], message: str) -> bool:
+    def _learn(self, job: Job, key: tuple[str, str], body: dict[str, Any], message: str) -> bool:
         """Adapt the body to a 400 that says what the model cannot take; False if nothing applies."""
-        body, model = job.body, job.route.model
+        model = job.route.model
         memory = self.rejected.setdefault(key, set())
         if "max_tokens" in body and _WANTS_COMPLETION_TOKENS.search(message):
             memory.add("max_tokens")
@@ -2452,17 +2458,11 @@ class Backend:
             return True
         return False
 
-    async def _post(self, job: Job) -> aiohttp.ClientResponse:
+    async def _post(self, job: Job, data: bytes) -> aiohttp.ClientResponse:
         """One POST; connection failures before any response byte are retried (jittered backoff)."""
         assert self.session is not None
         route = job.route
         where = public_url(route.base_url)
-        try:
-            data = dumps_bytes(job.body)
-        except (TypeError, ValueError, RecursionError) as exc:
-            if not too_deep(exc):
-                raise
-            raise TOO_DEEP from None
         attempt = 0
         while True:
             try:
@@ -2483,6 +2483,15 @@ class Backend:
                                retry=True) from None
             except aiohttp.ClientError as exc:
                 raise ApiError(502, f"backend request failed: {type(exc).__name__}: {exc}"[:500], retry=True) from None
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return dumps_bytes(body)
+    except (TypeError, ValueError, RecursionError) as exc:
+        if not too_deep(exc):
+            raise
+        raise TOO_DEEP from None
 
 
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10 tells connecting apart
@@ -2685,7 +2694,6 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
     """Streaming: open the client's stream as soon as the backend answers 2xx, ping while it is
     silent, forward every read as it arrives, end with `event: error` if the backend fails."""
     resp = await backend.open(job) if not job.prewarm else None
-    job.body = {}  # sent: not kept for the length of the stream
     out = web.StreamResponse(status=200, headers={
         "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
         "request-id": job.request_id, "x-accel-buffering": "no"})
@@ -2927,7 +2935,16 @@ async def read_json(request: web.Request) -> Any:
     ctype = request.headers.get("content-type", "application/json")
     if "json" not in ctype.lower():
         raise ApiError(400, f"content-type must be application/json, got {ctype!r}"[:200], retry=False)
-    raw = await request.read()
+    limit = request.app[CONFIG].max_body_bytes
+    if (request.content_length or 0) > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes", retry=False)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():  # not kept by aiohttp, as request.read() would be
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is larger than {limit} bytes", retry=False)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return loads(raw)
     except ValueError as exc:
