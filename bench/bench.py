@@ -6,6 +6,7 @@ on exit, Ctrl-C and errors included):
 
     python bench/bench.py                  # streaming + non-streaming, concurrency 32
     python bench/bench.py --stress         # 500 concurrent 50-chunk streams through the proxy
+    python bench/bench.py --soak           # 10000 requests mixed with faults: the proxy must not leak
     python bench/bench.py --duration 10 --concurrency 64 --modes stream --strict
     python bench/bench.py --chunk-delay-ms 1   # chunks spaced like a real token stream (latency-bound)
 
@@ -85,7 +86,12 @@ def serve_backend(port, chunk_delay):
 
     async def completions(request):
         stats["requests"] += 1
-        req = json.loads(await request.read())  # a real backend parses the body too
+        raw = await request.read()
+        req = json.loads(raw)  # a real backend parses the body too
+        fault = raw.partition(b"<bench-fault:")[2].partition(b">")[0]  # --soak marks requests in a user text
+        if fault == b"http500":
+            return web.json_response({"error": {"message": "bench backend: injected failure", "type": "server_error",
+                                                "param": None, "code": None}}, status=500)
         if req.get("model") != MODEL or not req.get("messages") or not req.get("tools"):
             stats["bad"] += 1
             return web.json_response({"error": {"message": "bench backend: unexpected request shape",
@@ -98,10 +104,13 @@ def serve_backend(port, chunk_delay):
         try:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await resp.prepare(request)
-            for c in streams[bool((req.get("stream_options") or {}).get("include_usage"))]:
+            for n, c in enumerate(streams[bool((req.get("stream_options") or {}).get("include_usage"))]):
+                if fault == b"break" and n == 5:  # hang up mid-stream: no [DONE], the chunked body left open
+                    request.transport.close()
+                    return resp
                 await resp.write(c)  # one write per chunk, like a real token stream
-                if chunk_delay:
-                    await asyncio.sleep(chunk_delay)
+                if chunk_delay or fault == b"slow":
+                    await asyncio.sleep(chunk_delay or 0.01)
             await resp.write_eof()
             return resp
         finally:
@@ -534,6 +543,104 @@ async def main_stress(a, procs):
     return 1 if r["errors"] else 0
 
 
+def fd_count(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def soak_body(t, fault=None, **override):
+    """The target's body, with `<bench-fault:NAME>` first in the first user text (the backend acts on it)."""
+    body = dict(json.loads(t.body), **override)
+    if fault:
+        first = body["messages"][0]
+        body["messages"] = [dict(first, content=[{"type": "text", "text": f"<bench-fault:{fault}>"}] + first["content"])] \
+            + body["messages"][1:]
+    return json.dumps(body).encode()
+
+
+def anthropic_error(kind):
+    return lambda data: None if json.loads(data).get("error", {}).get("type") == kind else f"expected error type {kind}"
+
+
+SOAK_MIX = ["stream", "nonstream", "stream", "disconnect", "stream", "invalid", "stream", "backend_500",
+            "nonstream", "backend_break"]  # request i is SOAK_MIX[i % 10]
+
+
+async def soak_one(s, t, kind, body, status, check):
+    """None when the proxy answered as expected, else what went wrong."""
+    try:
+        async with s.post(t.url, data=body, headers=t.headers) as r:
+            if kind == "disconnect":  # the first SSE event, then hang up mid-stream
+                data = await r.content.readuntil(b"\n\n")
+                r.close()
+            else:
+                data = await r.read()
+        return f"HTTP {r.status}: {data[:200]!r}" if r.status != status else check(data)
+    except Exception as e:  # noqa: BLE001 — every failure is counted, none is fatal
+        return f"{type(e).__name__}: {e}"
+
+
+async def main_soak(a, procs):
+    a.targets = ["proxy"]
+    backend, ports, pids = start_servers(procs, a)
+    if "proxy" not in pids:
+        return 1
+    (ts, tn), n = (make_target("proxy", stream, ports, pids, backend) for stream in (True, False)), a.soak_requests
+    cases = {"stream": (ts.body, 200, ts.check), "nonstream": (tn.body, 200, tn.check),
+             "disconnect": (soak_body(ts, "slow"), 200,  # the backend paces this stream: the client leaves mid-way
+                            lambda d: None if d.startswith(b"event: message_start") else "no message_start"),
+             "invalid": (soak_body(ts, messages="x"), 400, anthropic_error("invalid_request_error")),
+             "backend_500": (soak_body(ts, "http500"), 500, anthropic_error("api_error")),
+             "backend_break": (soak_body(ts, "break"), 200, lambda d: None if b"event: error" in d and b"message_stop" not in d
+                               else f"no event: error at the end: {d[-200:]!r}")}
+    res = {"ok": dict.fromkeys(cases, 0), "bad": dict.fromkeys(cases, 0), "samples": []}
+    print(f"soak: {n} requests at concurrency {a.soak_concurrency} through the proxy; mix per 10 requests: "
+          + ", ".join(f"{SOAK_MIX.count(k)} {k}" for k in cases))
+    w0 = time.perf_counter()
+    deadline = w0 + 300  # hard cap; the budget is ~2 minutes
+
+    async def run(todo):
+        async def worker():
+            for i in todo:
+                if time.perf_counter() > deadline:
+                    break
+                kind = SOAK_MIX[i % len(SOAK_MIX)]
+                err = await soak_one(s, ts, kind, *cases[kind])
+                res["bad" if err else "ok"][kind] += 1
+                if err:
+                    res["samples"] += [f"#{i} {kind}: {err}"][:5 - len(res["samples"])]
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=a.soak_concurrency), auto_decompress=False,
+                                         timeout=aiohttp.ClientTimeout(total=30)) as s:  # closed: no idle keep-alives
+            await asyncio.gather(*(worker() for _ in range(a.soak_concurrency)))
+        await asyncio.sleep(1.0)  # idle: in-flight work on the proxy finishes
+        return rss_mb(ts.pid), fd_count(ts.pid)
+
+    warm = await run(iter(range(n // 5)))
+    end = await run(iter(range(n // 5, n)))
+    wall, st = time.perf_counter() - w0, await backend_stats(backend)
+    done = sum(res["ok"].values()) + sum(res["bad"].values())
+    unexpected = sum(res["bad"].values()) + n - done
+    print("  " + ", ".join(f"{k} {res['ok'][k]} ok" + (f" / {res['bad'][k]} UNEXPECTED" if res["bad"][k] else "")
+                           for k in cases) + f"; unexpected {unexpected}"
+          + (f" ({n - done} not sent: 300 s cap)" if done < n else ""))
+    for e in res["samples"]:
+        print("  error:", e)
+    print(f"  {done} requests in {wall:.1f}s, the 2 idle pauses included ({done / (wall - 2):.0f} req/s)"
+          + (" — OVER the ~2 minute budget" if wall > 120 else "")
+          + f"; backend served {st['requests']}, streams still open there after the idle pause: {st['inflight']}")
+    rss_ok, fd_ok = end[0] <= warm[0] * 1.10, 0 <= end[1] <= warm[1] + 5
+    print(f"  proxy after warm-up ({n // 5} requests + 1 s idle): rss {warm[0]:.1f} MB, {warm[1]} fds; at the end "
+          f"(+1 s idle): rss {end[0]:.1f} MB ({(end[0] / warm[0] - 1) * 100:+.1f}%), {end[1]} fds ({end[1] - warm[1]:+d})")
+    for what, ok in (("rss at the end <= warm-up + 10%", rss_ok), ("open fds at the end <= warm-up + 5", fd_ok),
+                     ("every request got the expected outcome", unexpected == 0)):
+        print(f"  {'PASS' if ok else 'FAIL'}  {what}")
+    ok = rss_ok and fd_ok and unexpected == 0 and procs.procs["proxy"].poll() is None
+    print(f"  {'PASS' if ok else 'FAIL'}" + ("" if ok else f" (server logs: {procs.logdir})"))
+    return 0 if ok else 1
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", type=int, default=32)
@@ -548,6 +655,9 @@ def main():
     p.add_argument("--stress-streams", type=int, default=500)
     p.add_argument("--chunk-delay-ms", type=float, help="backend pause between stream chunks (default 0; 2 with --stress)")
     p.add_argument("--stress-target", default="proxy", choices=["proxy", "passthrough"])
+    p.add_argument("--soak", action="store_true", help="only the soak test: requests mixed with faults, no leaks allowed")
+    p.add_argument("--soak-requests", type=int, default=10000)
+    p.add_argument("--soak-concurrency", type=int, default=16)
     for hidden in ("--role", "--port", "--upstream"):  # used by the server subprocesses
         p.add_argument(hidden, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -564,7 +674,7 @@ def main():
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, asyncio.current_task().cancel)
         try:
-            return await (main_stress(a, procs) if a.stress else main_bench(a, procs))
+            return await (main_soak(a, procs) if a.soak else main_stress(a, procs) if a.stress else main_bench(a, procs))
         except asyncio.CancelledError:
             print("\ninterrupted", file=sys.stderr)
             return 130
