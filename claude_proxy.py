@@ -1177,13 +1177,13 @@ def _user_turns(blocks: list[Any]) -> list[Turn]:
     tool_images: list[ImageSource] = []
     for block in blocks:
         if block.type == "tool_result":
-            texts = []
+            texts, images = [], 0
             for inner in block.content:
                 if inner.type == "image":
                     tool_images.append(inner.source)
+                    images += 1
                 else:
                     texts.append(render_block_text(inner))
-            images = sum(1 for inner in block.content if inner.type == "image")
             if images:
                 texts.append(f"[{images} image(s) from this tool result follow in the next user message]")
             text = "\n".join(t for t in texts if t)
@@ -1803,9 +1803,10 @@ class EventBuilder:
         if self.open != "thinking":
             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
         self.out_chars += len(text)
-        self.thinking_parts.append(text)
         if self.show_thinking:
             self._delta({"type": "thinking_delta", "thinking": text})
+        else:  # hidden from the client: kept for the signature, which carries it
+            self.thinking_parts.append(text)
 
     # -- tool calls --
     def tool(self, key: Any, call_id: Optional[str], name: Optional[str], arguments: Any) -> None:
