@@ -2627,8 +2627,9 @@ async def watch_client(request: web.Request, task: asyncio.Task, state: dict[str
     """While the backend works: notice a client that went away (then cancel the request's task, which
     closes the backend connection at once), and with `out`, send a ping after `interval` s of silence."""
     try:
-        while True:
-            await asyncio.sleep(min(1.0, interval))
+        while True:  # wake every second, and (streams) exactly when a ping falls due
+            due = interval - (time.monotonic() - state["last"]) if out is not None else 1.0
+            await asyncio.sleep(max(0.01, min(1.0, due)))
             transport = request.transport
             if transport is None or transport.is_closing():
                 break
