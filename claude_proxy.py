@@ -2548,6 +2548,7 @@ async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> N
         await emit(ev.take())
         return
     sse_framing = job.provider.framing == "sse"
+    debug = log.isEnabledFor(logging.DEBUG)
     buf = bytearray()
     done = False
     async for data in resp.content.iter_any():
@@ -2559,6 +2560,8 @@ async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> N
             continue
         lines = bytes(buf[:end]).split(b"\n")
         del buf[:end + 1]
+        if debug:
+            log.debug("backend answer: %s", b"\n".join(lines)[:4000].decode("utf-8", "replace"))
         for line in lines:
             if sse_framing:
                 if not line.startswith(b"data:"):
