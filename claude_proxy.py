@@ -1388,13 +1388,15 @@ class JsonPrefix:
     fed is certainly valid (a half-read literal or escape is held back); `complete` is True once
     the object has closed. Strings are skipped with one regex search, so long arguments are cheap."""
 
-    __slots__ = ("stack", "state", "in_key", "held", "lit", "safe", "fed", "uni", "comma", "key_start")
+    __slots__ = ("stack", "state", "in_key", "held", "lit", "safe", "fed", "uni", "code", "high_at", "comma",
+                 "key_start")
 
     def __init__(self) -> None:
         self.stack: list[str] = []
         self.state, self.in_key, self.held, self.lit, self.safe, self.fed, self.uni = _VALUE, False, 0, "", 0, 0, 0
         self.comma = -1  # a comma with nothing after it yet is held back: `{"a": 1,` may end there
-        self.key_start = 0  # where the current key began: a key is held back until its value is sound
+        self.key_start = 0  # where the current member began: a key is held back until its value is sound
+        self.code, self.high_at = 0, -1  # a \uD8xx high surrogate waits for its low half (the SDK rejects halves)
 
     @property
     def complete(self) -> bool:
@@ -1417,8 +1419,14 @@ class JsonPrefix:
                 if m is None:
                     i = n
                     break
+                if self.high_at >= 0 and m.start() != i:
+                    self.state = _BAD  # a high surrogate escape not followed by its low half
+                    break
                 i = m.start()
                 c = s[i]
+                if self.high_at >= 0 and c != "\\":
+                    self.state = _BAD
+                    break
                 if c == '"':
                     self.state = _COLON if self.in_key else _AFTER
                 elif c == "\\":
@@ -1431,8 +1439,8 @@ class JsonPrefix:
             c = s[i]
             if st == _ESCAPE:
                 if c == "u":
-                    self.state, self.uni = _UNICODE, 0
-                elif c in '"\\/bfnrt':
+                    self.state, self.uni, self.code = _UNICODE, 0, 0
+                elif c in '"\\/bfnrt' and self.high_at < 0:
                     self.state = _STRING
                 else:
                     self.state = _BAD
@@ -1444,8 +1452,16 @@ class JsonPrefix:
                     self.state = _BAD
                     break
                 self.uni += 1
+                self.code = self.code * 16 + int(c, 16)
                 if self.uni == 4:
                     self.state = _STRING
+                    if 0xD800 <= self.code <= 0xDBFF and self.high_at < 0:
+                        self.high_at = self.held
+                    elif 0xDC00 <= self.code <= 0xDFFF and self.high_at >= 0:
+                        self.high_at = -1
+                    elif 0xD800 <= self.code <= 0xDFFF or self.high_at >= 0:
+                        self.state = _BAD  # half a surrogate pair
+                        break
                 i += 1
                 continue
             if st == _LIT:
@@ -1475,13 +1491,14 @@ class JsonPrefix:
                     self.state = _ITEM_OR_END
                 elif c == '"':
                     self.state, self.in_key = _STRING, False
-                elif c in _LITERAL_CHARS:
-                    self.state, self.lit, self.held = _LIT, c, base + i
+                elif c in _LITERAL_CHARS:  # held from the comma before it, if any: `[1,` may end there
+                    self.state, self.lit, self.held = _LIT, c, self.comma if self.comma >= 0 else base + i
                 else:
                     self.state = _BAD
             elif st in (_KEY_OR_END, _KEY):
-                if c == '"':
-                    self.state, self.in_key, self.key_start = _STRING, True, base + i
+                if c == '"':  # the member begins at its comma, if any: `{"a": 1, "b` may end there
+                    self.state, self.in_key = _STRING, True
+                    self.key_start = self.comma if self.comma >= 0 else base + i
                 elif c == "}" and st == _KEY_OR_END:
                     self.stack.pop()
                     self.state = _AFTER
@@ -1503,7 +1520,7 @@ class JsonPrefix:
             self.comma = base + i if c == "," else -1
             i += 1
         self.fed = base + n
-        if self.state in (_LIT, _ESCAPE, _UNICODE) or (self.state == _BAD and self.lit):
+        if self.state in (_LIT, _ESCAPE, _UNICODE) or (self.state == _BAD and st in (_LIT, _ESCAPE, _UNICODE)):
             self.safe = self.held  # a literal or escape not yet known to be valid is held back
         elif self.state == _BAD:
             self.safe = base + i
@@ -1513,6 +1530,8 @@ class JsonPrefix:
             self.safe = min(self.safe, self.comma)
         if self._in_member(st if self.state == _BAD else self.state):
             self.safe = min(self.safe, self.key_start)
+        if self.high_at >= 0:
+            self.safe = min(self.safe, self.high_at)
         return self.safe
 
     def _in_member(self, state: int) -> bool:
@@ -1525,19 +1544,18 @@ class JsonPrefix:
         unfinished member or element is dropped, an open value string is closed, brackets closed."""
         if self.state == _VALUE and not self.stack:
             return "{}"
-        state, cut = self.state, None
+        state, closers = self.state, "".join(reversed(self.stack))
         if self._in_member(state) and not (state == _LIT and _LITERAL.fullmatch(self.lit)):
-            cut = self.key_start  # `{"a": 1, "b` / `{"a": tru` -> drop the member
-        elif state == _LIT and not _LITERAL.fullmatch(self.lit) or state in (_ESCAPE, _UNICODE):
-            cut = self.held  # a half literal in a list, or a half escape in a value string
-        if cut is not None:
-            text = text[:cut]
-        if state in (_STRING, _ESCAPE, _UNICODE) and cut != self.key_start:
-            return text + '"' + "".join(reversed(self.stack))
-        text = text.rstrip()
-        if text.endswith(","):
-            text = text[:-1]
-        return text + "".join(reversed(self.stack))
+            text = text[:self.key_start]  # `{"a": 1, "b` / `{"a": tru` -> drop the member
+        elif state in (_STRING, _ESCAPE, _UNICODE):  # a value string: closed, without half an escape or pair
+            cut = self.high_at if self.high_at >= 0 else self.held if state != _STRING else len(text)
+            return text[:cut] + '"' + closers
+        elif state == _LIT and not _LITERAL.fullmatch(self.lit):
+            text = text[:self.held]  # `[1, tr` -> `[1`
+        stripped = text.rstrip()
+        if stripped.endswith(","):
+            text = stripped[:-1]
+        return text + closers
 
 
 _JSON_WORDS = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\b(true|false|null)\b""")
@@ -1548,49 +1566,49 @@ _FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", re.S)
 def repair_arguments(text: str) -> Optional[str]:
     """Arguments as the model wrote them -> JSON text of an object, or None when beyond repair.
     Handles: empty, code fences, trailing text, a double-encoded string, missing closing braces,
-    single quotes / Python literals."""
+    single quotes / Python literals. Every answer passes the same strict parser the client uses."""
     s = text.strip()
     if not s:
         return "{}"
     fence = _FENCE.match(s)
     if fence:
         s = fence.group(1).strip()
+    if _is_object(s):
+        return s
     try:
-        value = json.loads(s)
-        if isinstance(value, dict):
-            return s
-        if isinstance(value, str):
-            inner = json.loads(value)
-            return dumps(inner) if isinstance(inner, dict) else None
-        return None
-    except ValueError:
-        pass
+        inner = loads(s)  # a JSON string holding the object
+    except (ValueError, RecursionError):
+        inner = None
+    if isinstance(inner, str) and _is_object(inner.strip()):
+        return inner.strip()
     start = s.find("{")
     if start >= 0:
         try:
-            value, end = json.JSONDecoder().raw_decode(s, start)
-            if isinstance(value, dict):
+            end = json.JSONDecoder().raw_decode(s, start)[1]  # the object, then trailing text
+            if _is_object(s[start:end]):
                 return s[start:end]
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         checker = JsonPrefix()
         checker.feed(s[start:])
-        if not checker.broken:
-            candidate = checker.completed(s[start:])
-            try:
-                if isinstance(json.loads(candidate), dict):
-                    return candidate
-            except ValueError:
-                pass
+        if not checker.broken and _is_object(checker.completed(s[start:])):
+            return checker.completed(s[start:])
     try:
         import ast
-        py = _JSON_WORDS.sub(lambda m: _PY_WORDS[m.group(1)] if m.group(1) else m.group(), s)
-        value = ast.literal_eval(py)
-        if isinstance(value, dict):
-            return dumps(value)
+        value = ast.literal_eval(_JSON_WORDS.sub(lambda m: _PY_WORDS[m.group(1)] if m.group(1) else m.group(), s))
+        candidate = dumps(value) if isinstance(value, dict) else None
+        if candidate and _is_object(candidate):
+            return candidate
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         pass
     return None
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
@@ -1870,7 +1888,7 @@ class EventBuilder:
         call.state = "done"
         self._stream_args(call)
         sent = call.args[:call.sent]
-        if call.checker.complete and call.sent == len(call.args.rstrip()):
+        if call.checker.complete and call.sent >= len(call.args.rstrip()):
             return
         repaired = repair_arguments(call.args)
         if repaired is None:
@@ -1954,8 +1972,8 @@ def fold_events(events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                 block["thinking"] = joined
             elif block["type"] == "tool_use":
                 try:
-                    block["input"] = json.loads(joined) if joined else {}
-                except ValueError:  # cannot happen with EventBuilder's output; never a 500 if it does
+                    block["input"] = loads(joined) if joined else {}
+                except (ValueError, RecursionError):  # cannot happen with EventBuilder's output; never a 500 if it does
                     log.error("tool %s: streamed arguments are not valid JSON: %r", block.get("name"), joined[:200])
                     block["input"] = {}
         elif name == "message_delta":
@@ -2646,12 +2664,10 @@ async def watch_client(request: web.Request, task: asyncio.Task, state: dict[str
 
 
 async def _stop(watcher: Optional[asyncio.Task]) -> None:
+    """Cancel the watcher and wait for it (asyncio.wait: a cancellation of our own task still propagates)."""
     if watcher is not None and not watcher.done():
         watcher.cancel()
-        try:
-            await watcher
-        except asyncio.CancelledError:
-            pass
+        await asyncio.wait([watcher])
 
 
 async def complete(backend: Backend, job: Job, request: Optional[web.Request] = None) -> dict[str, Any]:
