@@ -1367,6 +1367,44 @@ def test_whitespace_before_a_tool_call_is_not_emitted_after_it(make_stack):
     assert [b.type for b in msg.content] == ["tool_use"]
 
 
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12)
+
+
+def _streamed_arguments(fragments: list, reason: str) -> list:
+    ev = cp.EventBuilder("msg_1", "m", 10)
+    ev.start()
+    for fragment in fragments:
+        ev.tool(0, "call_abcdefgh", "name", fragment)
+    ev.finish(reason)
+    ev.end()
+    return [d["delta"]["partial_json"] for name, d in ev.take()
+            if name == "content_block_delta" and d["delta"]["type"] == "input_json_delta"]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=5), st.sampled_from([None, 1, 2]),
+       st.booleans(), st.lists(st.integers(0, 10**6), max_size=8), st.integers(0, 10**6))
+def test_property_streamed_arguments_always_parse(value, indent, ascii_only, cuts, truncate_at):
+    """Any object, split anywhere: every streamed prefix is one the SDK's partial parser accepts and the
+    whole is the object; cut off anywhere (max_tokens), the whole is still a valid object."""
+    from jiter import from_json
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    fragments = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+    parts = _streamed_arguments(fragments, "tool_calls")
+    assert json.loads("".join(parts)) == value
+    sent = ""
+    for part in parts:
+        sent += part
+        from_json(sent.encode(), partial_mode="trailing-strings")
+    cut = truncate_at % (len(text) + 1)
+    assert isinstance(json.loads("".join(_streamed_arguments([text[:cut]], "length"))), dict)
+
+
 # ======================================================================================
 # Thinking, images, documents (both directions)
 # ======================================================================================
