@@ -2643,69 +2643,87 @@ def _mid_stream_error(exc: BaseException, config: Config) -> ApiError:
     return ApiError(500, "internal proxy error (see the proxy's log)")
 
 
-async def watch_client(request: web.Request, task: asyncio.Task, state: dict[str, Any], interval: float,
-                       out: Optional[web.StreamResponse] = None) -> None:
-    """While the backend works: notice a client that went away (then cancel the request's task, which
-    closes the backend connection at once), and with `out`, send a ping after `interval` s of silence."""
-    try:
-        while True:  # wake every second, and (streams) exactly when a ping falls due
-            due = interval - (time.monotonic() - state["last"]) if out is not None else 1.0
-            await asyncio.sleep(max(0.01, min(1.0, due)))
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                break
-            if out is not None and time.monotonic() - state["last"] >= interval:
-                state["last"] = time.monotonic()
-                await out.write(PING)
-    except (ConnectionError, RuntimeError):
-        pass
-    state["gone"] = True
-    task.cancel()
+class Watch:
+    """`async with Watch(...)` around backend work: notices a client that went away (the request's
+    task is cancelled, which closes the backend connection at once, and ClientGone comes out of the
+    block) and, given the stream `out`, pings after `interval` s without a write (`last`)."""
+
+    def __init__(self, request: web.Request, interval: float, out: Optional[web.StreamResponse] = None) -> None:
+        self.request, self.interval, self.out = request, interval, out
+        self.last = time.monotonic()
+        self.gone = False
+        self.task: Optional[asyncio.Task] = None
+        self.watcher: Optional[asyncio.Task] = None
+
+    async def __aenter__(self) -> "Watch":
+        self.task = asyncio.current_task()
+        self.watcher = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if not self.watcher.done():  # type: ignore[union-attr]
+            self.watcher.cancel()  # type: ignore[union-attr]
+            await asyncio.wait([self.watcher])  # type: ignore[list-item]  # our own cancellation still propagates
+        if kind is asyncio.CancelledError and self.gone:
+            if hasattr(self.task, "uncancel"):  # Python 3.11+: the cancellation was ours, and it is handled
+                self.task.uncancel()  # type: ignore[union-attr]
+            raise ClientGone() from None
+        return False
+
+    async def _watch(self) -> None:
+        try:
+            while True:  # wake every second, and (streams) exactly when a ping falls due
+                due = self.interval - (time.monotonic() - self.last) if self.out is not None else 1.0
+                await asyncio.sleep(max(0.01, min(1.0, due)))
+                transport = self.request.transport
+                if transport is None or transport.is_closing():
+                    break
+                if self.out is not None and time.monotonic() - self.last >= self.interval:
+                    self.last = time.monotonic()
+                    await self.out.write(PING)
+        except (ConnectionError, RuntimeError):
+            pass
+        self.gone = True
+        self.task.cancel()  # type: ignore[union-attr]
 
 
-async def _stop(watcher: Optional[asyncio.Task]) -> None:
-    """Cancel the watcher and wait for it (asyncio.wait: a cancellation of our own task still propagates)."""
-    if watcher is not None and not watcher.done():
-        watcher.cancel()
-        await asyncio.wait([watcher])
+async def open_backend(request: Optional[web.Request], backend: Backend, job: Job) -> Optional[aiohttp.ClientResponse]:
+    """backend.open(job), abandoned at once if the client leaves meanwhile (a local model can take
+    minutes before its first byte). None for a pre-warm (max_tokens 0): nothing to ask."""
+    if job.prewarm:
+        return None
+    if request is None:
+        return await backend.open(job)
+    async with Watch(request, backend.config.ping_interval):
+        return await backend.open(job)
 
 
 async def complete(backend: Backend, job: Job, request: Optional[web.Request] = None) -> dict[str, Any]:
     """Non-streaming: stream from the backend anyway (the timeout bounds silence, not the answer's
     length), fold the events into one Message. A backend that answers with one JSON body works too."""
-    task = asyncio.current_task()
-    state: dict[str, Any] = {"last": time.monotonic(), "gone": False}
-    watcher = asyncio.create_task(watch_client(request, task, state, backend.config.ping_interval)) \
-        if request is not None and task is not None else None
-    resp = None
+    resp = await open_backend(request, backend, job)
     events: list[tuple[str, dict[str, Any]]] = []
 
     async def collect(batch: list[tuple[str, dict[str, Any]]]) -> None:
         events.extend(batch)
 
     try:
-        resp = await backend.open(job) if not job.prewarm else None
         job.builder.start()
-        await pump(resp, job, collect)
-    except asyncio.CancelledError:
-        if not state["gone"]:
-            raise
-        _uncancel(task)
-        raise ClientGone() from None
+        if request is None:
+            await pump(resp, job, collect)
+        else:
+            async with Watch(request, backend.config.ping_interval):
+                await pump(resp, job, collect)
+    except ClientGone:
+        raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Anthropic error
         raise _mid_stream_error(exc, backend.config) from None
     finally:
-        await _stop(watcher)
         if resp is not None:
             resp.release() if events and events[-1][0] == "message_stop" else resp.close()
     message = fold_events(events)
     job.info.update(stop=message.get("stop_reason"), usage=message.get("usage"))
     return message
-
-
-def _uncancel(task: Optional[asyncio.Task]) -> None:
-    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: the cancellation was ours, handled
-        task.uncancel()
 
 
 PING = sse([("ping", {"type": "ping"})])
@@ -2714,13 +2732,11 @@ PING = sse([("ping", {"type": "ping"})])
 async def stream(request: web.Request, backend: Backend, job: Job) -> web.StreamResponse:
     """Streaming: open the client's stream as soon as the backend answers 2xx, ping while it is
     silent, forward every read as it arrives, end with `event: error` if the backend fails."""
-    resp = await backend.open(job) if not job.prewarm else None
+    resp = await open_backend(request, backend, job)
     out = web.StreamResponse(status=200, headers={
         "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
         "request-id": job.request_id, "x-accel-buffering": "no"})
-    task = asyncio.current_task()
-    assert task is not None
-    state: dict[str, Any] = {"last": time.monotonic(), "gone": False}
+    watch = Watch(request, backend.config.ping_interval, out)
 
     async def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
         if "ttft" not in job.info:
@@ -2729,39 +2745,32 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
             await out.write(sse(events))
         except (ConnectionError, RuntimeError) as exc:
             raise ClientGone() from exc
-        state["last"] = time.monotonic()
+        watch.last = time.monotonic()
 
-    watcher = None
     ok = False
+    error: Optional[ApiError] = None
     metrics = request.app[METRICS]
     metrics.active_streams += 1
     try:
         await out.prepare(request)
         job.builder.start()
         await out.write(sse(job.builder.take()) + PING)
-        watcher = asyncio.create_task(watch_client(request, task, state, backend.config.ping_interval, out))
-        try:
-            await pump(resp, job, emit)
-            ok = True
-        except ClientGone:
-            raise
-        except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
-            error = _mid_stream_error(exc, backend.config)
+        async with watch:  # stopped before the end: no ping may follow the last event
+            try:
+                await pump(resp, job, emit)
+                ok = True
+            except ClientGone:
+                raise
+            except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
+                error = _mid_stream_error(exc, backend.config)
+        if error is not None:
             job.info["error"] = error.message
-            await _stop(watcher)
             await out.write(sse([("error", error.body())]))
-        await _stop(watcher)  # no ping may follow the end of the stream
         await out.write_eof()
-    except asyncio.CancelledError:
-        if not state["gone"]:
-            raise
-        _uncancel(task)
-        job.info["error"] = "client disconnected"
     except (ClientGone, ConnectionError, RuntimeError):
         job.info["error"] = "client disconnected"
     finally:
         metrics.active_streams -= 1
-        await _stop(watcher)
         if resp is not None:
             resp.release() if ok else resp.close()  # close: the backend sees it and stops generating
     if ok:
@@ -3001,9 +3010,9 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
     job = await prepare_job(request, parse_request(await read_json(request)))
-    if job.stream:
-        return await stream(request, request.app[BACKEND], job)
     try:
+        if job.stream:
+            return await stream(request, request.app[BACKEND], job)
         return json_response(await complete(request.app[BACKEND], job, request), job.request_id)
     except ClientGone:
         request[INFO]["error"] = "client disconnected"

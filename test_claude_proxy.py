@@ -2388,6 +2388,27 @@ def test_non_streaming_client_disconnect_closes_the_backend(make_stack):
     assert_serves(stack, "openai")
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_client_leaving_before_the_backend_answers_closes_the_backend(make_stack, streaming):
+    """A local model may think for minutes before its first byte: a client that gives up meanwhile (Esc in
+    Claude Code) must not leave the backend computing."""
+    stack = make_stack("openai")
+    closed = []
+
+    async def slow_headers(request: web.Request) -> web.StreamResponse:
+        for _ in range(150):  # up to 3 s before any byte, watching our side of the connection
+            await asyncio.sleep(0.02)
+            if request.transport is None or request.transport.is_closing():
+                closed.append(True)
+                return web.Response(status=499)
+        return web.Response(status=500)
+    stack.backend.queue(slow_headers)
+    with pytest.raises(Exception):
+        http(stack, "POST", "/v1/messages", req(stream=streaming), timeout=0.3)
+    assert wait_for(lambda: bool(closed), timeout=2.5)
+    assert_serves(stack, "openai")
+
+
 # ======================================================================================
 # Reliability: connection-level retries inside the proxy
 # ======================================================================================
