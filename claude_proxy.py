@@ -61,8 +61,9 @@ except ImportError:  # exercised by the tests with orjson hidden
     _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     dumps = _encoder.encode
     # What orjson refuses, refuse here too: NaN/Infinity, numbers beyond a double, lone surrogates.
-    _HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-    _LONE_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*(?:" + _HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW + rb")")
+    # escapes read left to right: a whole pair, or a lone half (group 1), or any other escaped character
+    _ESCAPES = re.compile(r"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(u[dD][89a-fA-F][0-9a-fA-F]{2})|.)",
+                          re.S)
 
     def _no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -74,14 +75,17 @@ except ImportError:  # exercised by the tests with orjson hidden
         return value
 
     def _int(text: str) -> Any:
-        return int(text) if len(text) < 20 else _finite(text)
+        value = int(text)
+        return value if -(1 << 63) <= value < (1 << 64) else _finite(text)  # orjson: 64-bit ints, else a double
 
     def loads(raw: Any) -> Any:
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8", "surrogatepass")
-        if b"\\u" in raw and _LONE_SURROGATE.search(raw):
+        text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")  # strict: no surrogates, BOM or UTF-16
+        if "\\u" in text and any(m.group(1) for m in _ESCAPES.finditer(text)):
             raise ValueError("lone surrogate in a string (\\uD800-\\uDFFF without its pair)")
-        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite, parse_int=_int)
+        try:
+            return json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_int)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
     def dumps_bytes(obj: Any) -> bytes:
         return _encoder.encode(obj).encode()
@@ -2969,15 +2973,18 @@ async def read_json(request: web.Request) -> Any:
     if (request.content_length or 0) > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes", retry=False)
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():  # not kept by aiohttp, as request.read() would be
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is larger than {limit} bytes", retry=False)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_any():  # not kept by aiohttp, as request.read() would be
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is larger than {limit} bytes", retry=False)
+            chunks.append(chunk)
+    except (aiohttp.web_protocol.RequestPayloadError, ConnectionError) as exc:  # bad gzip, cut-off upload
+        raise ApiError(400, f"request body could not be read: {exc}"[:300], retry=False) from None
     raw = b"".join(chunks)
     try:
         return loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # orjson: RecursionError past 1024 levels
         raise ApiError(400, f"request body is not valid JSON: {exc}"[:300], retry=False) from None
 
 

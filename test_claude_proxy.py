@@ -2041,9 +2041,16 @@ def test_stdlib_json_rejects_what_orjson_rejects():
         else:
             sys.modules["orjson"] = saved
     assert module._orjson is None
-    for raw in [b'{"a":"\\ud83d"}', b'{"a":"\\udc00"}', b'{"a":NaN}', b'{"a":1e400}', b'{"a":' + b"9" * 400 + b"}"]:
+    for raw in [b'{"a":"\\ud83d"}', b'{"a":"\\udc00"}', b'{"a":NaN}', b'{"a":1e400}', b'{"a":' + b"9" * 400 + b"}",
+                b'{"a":"\\\\\\\\ud800\\udc00"}', b'{"a":"\xed\xa0\x80"}', b'\xef\xbb\xbf{"a":1}', '{"a":1}'.encode("utf-16")]:
         with pytest.raises(ValueError):
             module.loads(raw)
+        with pytest.raises(ValueError):
+            cp.loads(raw)  # orjson refuses the same
+    with pytest.raises(ValueError):  # nesting beyond the recursion limit: a clean error, never a crash
+        module.loads(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert module.loads(b'{"a":18446744073709551615,"b":-9223372036854775808}') == cp.loads(
+        b'{"a":18446744073709551615,"b":-9223372036854775808}')
     assert module.loads(b'{"a":"\\ud83d\\ude00","b":"\\\\ud83d"}') == {"a": "\U0001F600", "b": "\\ud83d"}
     value = {"t": "naïve \u2028 \"q\" \\ \n\t\x01 😀", "n": [1, 2.5, None, True, -3]}
     assert module.dumps_bytes(value) == cp.dumps_bytes(value) and module.dumps(value) == cp.dumps(value)
