@@ -1615,6 +1615,12 @@ def _is_object(text: str) -> bool:
         return False
 
 
+def _breaks(text: str) -> bool:
+    check = JsonPrefix()
+    check.feed(text)
+    return check.broken
+
+
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
 
 
@@ -1622,19 +1628,20 @@ class _Call:
     """One tool call being received: `args` is what the client gets (raw control characters inside
     strings escaped, as small models emit real newlines in file contents); `raw` the backend's text."""
 
-    __slots__ = ("key", "id", "name", "args", "raw", "sent", "checker", "state", "in_string", "escaped")
+    __slots__ = ("key", "id", "name", "args", "raw", "sent", "checker", "state", "in_string", "escaped", "snapshots")
 
     def __init__(self, key: Any) -> None:
         self.key, self.id, self.name, self.args, self.raw, self.sent = key, "", "", "", "", 0
         self.checker = JsonPrefix()
         self.state = "pending"  # pending -> open -> done
-        self.in_string = self.escaped = False
+        self.in_string = self.escaped = self.snapshots = False
 
     def add(self, fragment: str) -> None:
         if not self.raw:
             fragment = fragment.lstrip()  # a whitespace-only first piece is no JSON value yet
-        if len(self.raw) >= 1 and fragment.startswith(self.raw):
-            fragment = fragment[len(self.raw):]  # a server that sends cumulative snapshots
+        if self.raw and fragment.startswith(self.raw) and (self.snapshots or _breaks(self.raw + fragment)):
+            self.snapshots = True  # a server that sends cumulative snapshots (appending would break the JSON)
+            fragment = fragment[len(self.raw):]
         self.raw += fragment
         if not _STR_STOP.search(fragment):
             self.args += fragment

@@ -1351,6 +1351,18 @@ def test_keys_are_held_back_until_their_value_begins():
     assert check.feed("ue}") == 28 and check.complete
 
 
+@pytest.mark.parametrize("fragments, expected", [
+    (['{"a":', '{"a":1}}'], {"a": {"a": 1}}),                       # a delta that repeats the text so far
+    (['{', '{"city"', '{"city": "Paris"}'], {"city": "Paris"}),      # cumulative snapshots
+    (['{"a":1', '{"a":1,"b":2}'], {"a": 1, "b": 2}),
+])
+def test_snapshots_told_apart_from_deltas(fragments, expected):
+    call = cp._Call(0)
+    for fragment in fragments:
+        call.add(fragment)
+    assert json.loads(call.args) == expected
+
+
 def test_escape_split_across_fragments():
     call = cp._Call(0)
     for fragment in ['{"content": "x = 1\\', "nprint(x)", '",\n  "file_path": "a.py"}']:
