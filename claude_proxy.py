@@ -2106,11 +2106,6 @@ class Provider:
     def models(self, data: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    @staticmethod
-    def max_tokens_of(body: dict[str, Any]) -> dict[str, Any]:
-        """The dict that holds the body's max output tokens under "max_tokens" or "num_predict"."""
-        return body.get("options", body)
-
 
 class OpenAIProvider(Provider):
     name, chat_path, models_path, framing = "openai", "/chat/completions", "/models", "sse"
