@@ -2577,8 +2577,10 @@ async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> N
     done = False
     async for data in resp.content.iter_any():
         buf += data
-        end = buf.rfind(b"\n")
-        if end < 0:
+        end = data.rfind(b"\n")  # only the new bytes can hold a new line end
+        if end >= 0:
+            end += len(buf) - len(data)
+        else:
             if len(buf) > MAX_LINE_BYTES:
                 raise ApiError(502, f"backend sent a line longer than {MAX_LINE_BYTES >> 20} MiB")
             continue
