@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import contextvars
 import dataclasses
 import fnmatch
@@ -706,7 +707,7 @@ def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
 # 3. TOKENS
 # ======================================================================================
 # A heuristic counter (no tokenizer download, no backend call), calibrated against a BPE
-# tokenizer (cl100k). count_request_tokens counts what the backend receives.
+# tokenizer (cl100k). count_request_tokens (end of section 4) counts what the backend receives.
 
 # ---------------------------------------------------------------------------
 # Token estimation (pure stdlib, no tokenizer download).
@@ -896,7 +897,7 @@ _IMAGE_MAX_EDGE = 1568
 _IMAGE_MAX_TOKENS = 1600
 # Used when the size cannot be read: the most an image can cost after
 # Anthropic's downscaling, so the estimate errs on the safe (high) side.
-_IMAGE_FALLBACK_TOKENS = 1600
+IMAGE_FALLBACK_TOKENS = 1600
 
 
 def _b64_bytes(b64: str, start: int, size: int) -> bytes:
@@ -972,27 +973,12 @@ def image_tokens(media_type: str, b64data: str) -> int:
     except (ValueError, IndexError):
         size = None
     if not size or size[0] <= 0 or size[1] <= 0:
-        return _IMAGE_FALLBACK_TOKENS
+        return IMAGE_FALLBACK_TOKENS
     w, h = float(size[0]), float(size[1])
     if max(w, h) > _IMAGE_MAX_EDGE:
         s = _IMAGE_MAX_EDGE / max(w, h)
         w, h = w * s, h * s
     return max(1, min(_IMAGE_MAX_TOKENS, math.ceil(w * h / 750)))
-
-
-def count_request_tokens(req: MessagesRequest) -> int:
-    """Estimate of the prompt the backend sees: system, every message and block, tool definitions."""
-    texts: list[str] = [system_text(req.system)]
-    total = 0
-    for message in req.messages:
-        total += 4  # role markers of the chat template
-        for block in message.content:
-            total += _block_tokens(block, texts)
-    for tool in visible_tools(req):  # as the backend sees them: no server tools, no hidden deferred ones
-        total += _tool_tokens(tool) + 8
-    small = [t for t in texts if len(t) < 256]
-    big = sum(_cached_count(t) for t in texts if len(t) >= 256)  # the system prompt and history repeat each turn
-    return total + big + count_text_tokens("\n".join(small)) + 3
 
 
 _COUNTS: dict[Any, int] = {}  # (hash, length) of a long text, or a tool's key -> its count; keeps no text alive
@@ -1017,27 +1003,6 @@ def _tool_tokens(tool: Tool) -> int:
     noticed: it is an estimate)."""
     return _memo(("tool", tool.name, hash(tool.description), len(tool.description or "")), lambda: count_text_tokens(
         f"{tool.name}\n{tool.description or ''}\n{dumps(tool_parameters(tool.input_schema))}"))
-
-
-def _block_tokens(block: Any, texts: list[str]) -> int:
-    kind = block.type
-    if kind == "text":
-        texts.append(block.text)
-    elif kind == "image":
-        return image_tokens(block.source.media_type or "", block.source.data or "") if block.source.data else 1600
-    elif kind == "tool_use":
-        texts.append(block.name)
-        texts.append(dumps(block.input))
-        return 6
-    elif kind == "tool_result":
-        return 6 + sum(_block_tokens(b, texts) for b in block.content)
-    elif kind == "thinking":
-        texts.append(block.thinking)
-    elif kind in ("document", "search_result") or isinstance(block, OpaqueBlock):
-        texts.append(render_block_text(block))
-    elif kind == "tool_reference":
-        texts.append(block.tool_name)
-    return 0
 
 
 # ======================================================================================
@@ -1259,6 +1224,26 @@ def reasoning_effort(req: MessagesRequest) -> Optional[str]:
 _OPENAI_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def sampling(req: MessagesRequest) -> dict[str, Any]:
+    """temperature, top_p, top_k, stop: the names are the same in Chat Completions and Ollama options."""
+    values = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "stop": req.stop_sequences}
+    return {k: v for k, v in values.items() if v is not None and v != []}
+
+
+def function_tools(tools: list[Tool], name: Any = lambda n: n) -> list[dict[str, Any]]:
+    """Tools in the `{"type": "function", "function": {...}}` shape both backends take."""
+    return [{"type": "function", "function": {"name": name(t.name), "description": t.description or "",
+                                              "parameters": tool_parameters(t.input_schema)}} for t in tools]
+
+
+def output_schema(req: MessagesRequest) -> Optional[dict[str, Any]]:
+    """output_config.format {"type": "json_schema", "schema": ...} -> the schema (structured output)."""
+    fmt = req.output_config.format if req.output_config else None
+    if fmt and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        return fmt["schema"]
+    return None
+
+
 def openai_tool_name(name: str) -> str:
     """OpenAI function names are [A-Za-z0-9_-]{1,64}; longer or odd names get a stable short alias."""
     if _OPENAI_NAME.match(name):
@@ -1293,15 +1278,9 @@ def openai_request(conv: Conversation, req: MessagesRequest, route: Route, *, of
             messages.append({"role": turn.role, "content": turn.text})
     body: dict[str, Any] = {"model": route.model, "messages": messages, "max_tokens": effective_max_tokens(req, route),
                             "stream": True, "stream_options": {"include_usage": True}}
-    if req.stop_sequences:
-        body["stop"] = req.stop_sequences
-    if req.temperature is not None:
-        body["temperature"] = req.temperature
-    if req.top_p is not None:
-        body["top_p"] = req.top_p
-    if req.top_k is not None and not official:
-        body["top_k"] = req.top_k
-    if official:  # OpenAI's own API: reasoning models accept only max_completion_tokens
+    body.update(sampling(req))
+    if official:  # OpenAI's own API rejects top_k, and its reasoning models take only max_completion_tokens
+        body.pop("top_k", None)
         body["max_completion_tokens"] = body.pop("max_tokens")
     if req.metadata and req.metadata.user_id:
         body["user"] = req.metadata.user_id
@@ -1309,18 +1288,16 @@ def openai_request(conv: Conversation, req: MessagesRequest, route: Route, *, of
     if effort:
         body["reasoning_effort"] = effort
     if conv.tools:
-        body["tools"] = [{"type": "function", "function": {
-            "name": openai_tool_name(t.name), "description": t.description or "",
-            "parameters": tool_parameters(t.input_schema)}} for t in conv.tools]
+        body["tools"] = function_tools(conv.tools, openai_tool_name)
         choice = req.tool_choice
         if choice:
             body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(choice.type) or {
                 "type": "function", "function": {"name": openai_tool_name(choice.name or "")}}
             if choice.disable_parallel_tool_use:
                 body["parallel_tool_calls"] = False
-    fmt = req.output_config.format if req.output_config else None
-    if fmt and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    schema = output_schema(req)
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     return body
 
 
@@ -1353,28 +1330,43 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
                                               "url: send base64, or start the proxy with --fetch-images")
             msg["images"] = [src.data for src in images]
         messages.append(msg)
-    options: dict[str, Any] = {"num_predict": effective_max_tokens(req, route)}
-    if req.temperature is not None:
-        options["temperature"] = req.temperature
-    if req.top_p is not None:
-        options["top_p"] = req.top_p
-    if req.top_k is not None:
-        options["top_k"] = req.top_k
-    if req.stop_sequences:
-        options["stop"] = req.stop_sequences
+    options: dict[str, Any] = {"num_predict": effective_max_tokens(req, route), **sampling(req)}
     if route.context_window:
         options["num_ctx"] = route.context_window
     body: dict[str, Any] = {"model": route.model, "messages": messages, "stream": True, "options": options}
     if conv.tools and not (req.tool_choice and req.tool_choice.type == "none"):
-        body["tools"] = [{"type": "function", "function": {
-            "name": t.name, "description": t.description or "",
-            "parameters": tool_parameters(t.input_schema)}} for t in conv.tools]
+        body["tools"] = function_tools(conv.tools)
     if req.thinking:  # a model without thinking answers 400, and the proxy then drops `think` for it
         body["think"] = req.thinking.type != "disabled"
-    fmt = req.output_config.format if req.output_config else None
-    if fmt and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
-        body["format"] = fmt["schema"]
+    schema = output_schema(req)
+    if schema is not None:
+        body["format"] = schema
     return body
+
+
+# --- token count of what the backend receives ----------------------------------------------
+
+def count_request_tokens(req: MessagesRequest, conv: Optional[Conversation] = None) -> int:
+    """Estimate of the prompt the backend sees, counted on the translated conversation: the system
+    prompt, every turn with its role overhead, tool calls, images, and the visible tool definitions."""
+    conv = conv or build_conversation(req)
+    texts: list[str] = [conv.system]
+    total = 3
+    for turn in conv.turns:
+        total += 4  # role markers of the chat template
+        texts.append(turn.text)
+        if turn.reasoning:
+            texts.append(turn.reasoning)
+        for call in turn.tool_calls:
+            texts.append(call.name)
+            texts.append(dumps(call.input))
+            total += 6
+        for src in turn.images:
+            total += image_tokens(src.media_type or "", src.data) if src.data else IMAGE_FALLBACK_TOKENS
+    total += sum(_tool_tokens(tool) + 8 for tool in conv.tools)
+    small = [t for t in texts if len(t) < 256]
+    big = sum(_cached_count(t) for t in texts if len(t) >= 256)  # the system prompt and history repeat each turn
+    return total + big + count_text_tokens("\n".join(small))
 
 
 # --- tool arguments: stream only what the client can parse, repair what small models break ----
@@ -2700,10 +2692,13 @@ async def open_backend(request: Optional[web.Request], backend: Backend, job: Jo
     minutes before its first byte). None for a pre-warm (max_tokens 0): nothing to ask."""
     if job.prewarm:
         return None
-    if request is None:
+    async with _watching(request, backend):
         return await backend.open(job)
-    async with Watch(request, backend.config.ping_interval):
-        return await backend.open(job)
+
+
+def _watching(request: Optional[web.Request], backend: Backend) -> Any:
+    """A Watch without pings, or nothing when there is no client to watch (--check)."""
+    return Watch(request, backend.config.ping_interval) if request is not None else contextlib.nullcontext()
 
 
 async def complete(backend: Backend, job: Job, request: Optional[web.Request] = None) -> dict[str, Any]:
@@ -2717,11 +2712,8 @@ async def complete(backend: Backend, job: Job, request: Optional[web.Request] = 
 
     try:
         job.builder.start()
-        if request is None:
+        async with _watching(request, backend):
             await pump(resp, job, collect)
-        else:
-            async with Watch(request, backend.config.ping_interval):
-                await pump(resp, job, collect)
     except ClientGone:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Anthropic error
@@ -2974,14 +2966,15 @@ async def read_json(request: web.Request) -> Any:
     if "json" not in ctype.lower():
         raise ApiError(400, f"content-type must be application/json, got {ctype!r}"[:200], retry=False)
     limit = request.app[CONFIG].max_body_bytes
+    too_large = ApiError(413, f"request body is larger than {limit} bytes", retry=False)
     if (request.content_length or 0) > limit:
-        raise ApiError(413, f"request body is larger than {limit} bytes", retry=False)
+        raise too_large
     chunks, size = [], 0
     try:
         async for chunk in request.content.iter_any():  # not kept by aiohttp, as request.read() would be
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, f"request body is larger than {limit} bytes", retry=False)
+                raise too_large
             chunks.append(chunk)
     except (aiohttp.web_protocol.RequestPayloadError, ConnectionError) as exc:  # bad gzip, cut-off upload
         raise ApiError(400, f"request body could not be read: {exc}"[:300], retry=False) from None
@@ -3003,7 +2996,7 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
     try:
         conv = build_conversation(req, config.system_messages)
         body, tool_names = provider.body(conv, req, route)
-        estimate = count_request_tokens(req)
+        estimate = count_request_tokens(req, conv)
     except (TypeError, ValueError, RecursionError) as exc:
         if not too_deep(exc):
             raise
@@ -3033,19 +3026,17 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
 async def handle_count_tokens(request: web.Request) -> web.Response:
     req = parse_request(await read_json(request), count_only=True)
     config, backend = request.app[CONFIG], request.app[BACKEND]
-    count = None
+    route = None
     if config.count_tokens == "backend" or config.scale_usage:
         try:
             route = await backend.route(req.model)
         except ApiError:
-            route = None
-        if route and config.count_tokens == "backend":
-            count = await backend.backend_token_count(req, route)
-        count = count_request_tokens(req) if count is None else count
-        if route:
-            count = round(count * backend.usage_scale(route))
-    else:
-        count = count_request_tokens(req)
+            pass  # an unmapped model still gets the heuristic count
+    count = await backend.backend_token_count(req, route) if route and config.count_tokens == "backend" else None
+    if count is None:
+        count = count_request_tokens(req, build_conversation(req, config.system_messages))
+    if route:
+        count = round(count * backend.usage_scale(route))
     return json_response({"input_tokens": count}, request[REQUEST_ID])
 
 
