@@ -16,6 +16,7 @@ One file, read top to bottom:
   8. CLI               argument parsing and main()
 Only the standard library and aiohttp are needed; orjson is used when installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ try:  # aiohttp is the one runtime dependency; say so plainly when it is missing
     from aiohttp import web
 except ImportError:  # pragma: no cover
     sys.stderr.write("claude-proxy needs aiohttp: pip install aiohttp\n")
-    raise SystemExit(2)
+    raise SystemExit(2) from None
 
 try:  # optional speed-up; the fallback below gives the same output and rejects the same input
     import orjson as _orjson
@@ -63,8 +64,9 @@ except ImportError:  # exercised by the tests with orjson hidden
     dumps = _encoder.encode
     # What orjson refuses, refuse here too: NaN/Infinity, numbers beyond a double, lone surrogates.
     # escapes read left to right: a whole pair, or a lone half (group 1), or any other escaped character
-    _ESCAPES = re.compile(r"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(u[dD][89a-fA-F][0-9a-fA-F]{2})|.)",
-                          re.S)
+    _ESCAPES = re.compile(
+        r"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(u[dD][89a-fA-F][0-9a-fA-F]{2})|.)", re.S
+    )
 
     def _no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -90,6 +92,7 @@ except ImportError:  # exercised by the tests with orjson hidden
 
     def dumps_bytes(obj: Any) -> bytes:
         return _encoder.encode(obj).encode()
+
 
 __version__ = "0.1.0"
 log = logging.getLogger("claude_proxy")
@@ -154,8 +157,9 @@ class Config:
         if not (1 <= int(self.port) <= 65535):
             raise ConfigError(f"bad port {self.port}: must be 1-65535")
         if self.system_messages not in SYSTEM_MESSAGE_STRATEGIES:
-            raise ConfigError(f"unknown --system-messages {self.system_messages!r}: "
-                              f"use one of {', '.join(SYSTEM_MESSAGE_STRATEGIES)}")
+            raise ConfigError(
+                f"unknown --system-messages {self.system_messages!r}: use one of {', '.join(SYSTEM_MESSAGE_STRATEGIES)}"
+            )
         if self.timeout <= 0:
             raise ConfigError("timeout must be positive")
         if self.count_tokens not in ("heuristic", "backend"):
@@ -169,9 +173,16 @@ class Config:
         if isinstance(entry, str) and entry:
             return Route(entry, self.provider, self.base_url, self.api_key)
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
-            raise ConfigError(f"{where}: must be a backend model name or an object with a \"model\" string")
-        unknown = set(entry) - {"model", "provider", "base_url", "api_key_env", "max_tokens",
-                                "context_window", "reasoning_history"}
+            raise ConfigError(f'{where}: must be a backend model name or an object with a "model" string')
+        unknown = set(entry) - {
+            "model",
+            "provider",
+            "base_url",
+            "api_key_env",
+            "max_tokens",
+            "context_window",
+            "reasoning_history",
+        }
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         provider = entry.get("provider", self.provider)
@@ -183,15 +194,23 @@ class Config:
                 raise ConfigError(f"{where}: {key} must be a positive integer")
         if "reasoning_history" in entry and not isinstance(entry["reasoning_history"], bool):
             raise ConfigError(f"{where}: reasoning_history must be true or false")
-        base_url = (entry.get("base_url") or (self.base_url if provider == self.provider
-                                              else DEFAULT_BASE_URLS[provider])).rstrip("/")
+        base_url = (
+            entry.get("base_url") or (self.base_url if provider == self.provider else DEFAULT_BASE_URLS[provider])
+        ).rstrip("/")
         api_key = self.api_key if base_url == self.base_url else None  # never the main key to another host
         if entry.get("api_key_env"):
             api_key = os.environ.get(entry["api_key_env"])
             if api_key is None:
                 raise ConfigError(f"{where}: environment variable {entry['api_key_env']} is not set")
-        return Route(entry["model"], provider, base_url, api_key, entry.get("max_tokens"),
-                     entry.get("context_window"), entry.get("reasoning_history"))
+        return Route(
+            entry["model"],
+            provider,
+            base_url,
+            api_key,
+            entry.get("max_tokens"),
+            entry.get("context_window"),
+            entry.get("reasoning_history"),
+        )
 
     def default_route(self, model: str) -> Route:
         return Route(model, self.provider, self.base_url, self.api_key)
@@ -262,8 +281,10 @@ def parse_dotenv(text: str) -> dict[str, str]:
 
 def load_model_map(path: Optional[str], inline: Optional[str]) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for source, text in (("MODEL_MAP_FILE " + str(path), _read_file(path) if path else None),
-                         ("MODEL_MAP_JSON", inline)):
+    for source, text in (
+        ("MODEL_MAP_FILE " + str(path), _read_file(path) if path else None),
+        ("MODEL_MAP_JSON", inline),
+    ):
         if not text:
             continue
         try:
@@ -292,18 +313,35 @@ def _read_file(path: str) -> str:
 # field types. Unknown fields are ignored (clients send new betas all the time); a missing or
 # mistyped field is a 400 whose message names the path, e.g. `messages.1.content.0.source`.
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-               403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
-               409: "conflict_error", 413: "request_too_large", 429: "rate_limit_error",
-               500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "api_error",
-               529: "overloaded_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
 
 
 class ApiError(Exception):
     """An error the client sees in Anthropic's shape: an HTTP error, or `event: error` mid-stream."""
 
-    def __init__(self, status: int, message: str, error_type: Optional[str] = None,
-                 retry: Optional[bool] = None, retry_after: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: Optional[str] = None,
+        retry: Optional[bool] = None,
+        retry_after: Optional[str] = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -331,8 +369,11 @@ def too_deep(exc: BaseException) -> bool:
     return isinstance(exc, RecursionError) or "ecursion" in str(exc)
 
 
-TOO_DEEP = ApiError(400, "the request nests JSON too deeply to be forwarded (tool schemas or tool inputs deeper "
-                         "than 250 levels)", retry=False)
+TOO_DEEP = ApiError(
+    400,
+    "the request nests JSON too deeply to be forwarded (tool schemas or tool inputs deeper than 250 levels)",
+    retry=False,
+)
 
 
 def invalid(path: str, message: str) -> ApiError:
@@ -340,8 +381,15 @@ def invalid(path: str, message: str) -> ApiError:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 _PARSERS: dict[Any, Any] = {}
@@ -365,9 +413,15 @@ def _compile(tp: Any) -> Any:
         return lambda value, path: value
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        fields = [(f.name, f.metadata.get("parse") or _parser(hints[f.name]),
-                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-                  for f in dataclasses.fields(tp) if f.init]
+        fields = [
+            (
+                f.name,
+                f.metadata.get("parse") or _parser(hints[f.name]),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(tp)
+            if f.init
+        ]
         has_check = hasattr(tp, "check")
 
         def parse_dataclass(value: Any, path: str) -> Any:
@@ -383,6 +437,7 @@ def _compile(tp: Any) -> Any:
             if has_check:
                 obj.check(path)
             return obj
+
         return parse_dataclass
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
@@ -395,21 +450,30 @@ def _compile(tp: Any) -> Any:
             if not isinstance(value, list):
                 raise invalid(path, f"expected a list, got {_kind(value)}")
             return [item(v, f"{path}.{i}") for i, v in enumerate(value)]
+
         return parse_list
     if origin is Literal:
+
         def parse_literal(value: Any, path: str) -> Any:
             if value not in args:
                 raise invalid(path, f"expected one of {', '.join(map(repr, args))}, got {value!r}"[:300])
             return value
+
         return parse_literal
-    kinds = {dict: (dict, "an object"), bool: (bool, "a boolean"), int: (int, "an integer"),
-             float: ((int, float), "a number"), str: (str, "a string")}
+    kinds = {
+        dict: (dict, "an object"),
+        bool: (bool, "a boolean"),
+        int: (int, "an integer"),
+        float: ((int, float), "a number"),
+        str: (str, "a string"),
+    }
     accepted, name = kinds[origin or tp]
 
     def parse_value(value: Any, path: str) -> Any:
         if not isinstance(value, accepted) or (isinstance(value, bool) and tp in (int, float)):
             raise invalid(path, f"expected {name}, got {_kind(value)}")
         return float(value) if tp is float else value
+
     return parse_value
 
 
@@ -433,15 +497,19 @@ class ImageSource:
     def check(self, path: str) -> None:
         if self.type == "base64":
             if self.media_type not in IMAGE_MEDIA_TYPES:
-                raise invalid(f"{path}.media_type", f"expected one of {', '.join(IMAGE_MEDIA_TYPES)}, "
-                                                    f"got {self.media_type!r}")
+                raise invalid(
+                    f"{path}.media_type", f"expected one of {', '.join(IMAGE_MEDIA_TYPES)}, got {self.media_type!r}"
+                )
             if not isinstance(self.data, str) or not self.data:
                 raise invalid(f"{path}.data", "field required (base64 image data)")
         elif self.type == "url" and not self.url:
             raise invalid(f"{path}.url", "field required")
         elif self.type == "file":
-            raise invalid(f"{path}", "file sources need Anthropic's Files API, which this proxy does not have; "
-                                     "send the image as base64 or url")
+            raise invalid(
+                f"{path}",
+                "file sources need Anthropic's Files API, which this proxy does not have; "
+                "send the image as base64 or url",
+            )
 
 
 @dataclass
@@ -471,9 +539,12 @@ class DocumentSource:
             raise invalid(f"{path}.content", "field required")
         if self.type in ("base64", "url", "file"):
             what = "PDF" if self.type != "base64" or self.media_type == "application/pdf" else repr(self.media_type)
-            raise invalid(path, f"{what} documents ({self.type} source) cannot be read by the backend model: "
-                                "the proxy passes documents on as text only; send the document's text "
-                                "(source type \"text\" or \"content\")")
+            raise invalid(
+                path,
+                f"{what} documents ({self.type} source) cannot be read by the backend model: "
+                "the proxy passes documents on as text only; send the document's text "
+                '(source type "text" or "content")',
+            )
 
 
 @dataclass
@@ -543,13 +614,27 @@ class OpaqueBlock:
 
 
 SERVER_BLOCK_TYPES = ("server_tool_use", "mcp_tool_use", "mcp_tool_result", "container_upload", "compaction")
-USER_BLOCKS = {"text": TextBlock, "image": ImageBlock, "document": DocumentBlock, "tool_result": ToolResultBlock,
-               "search_result": SearchResultBlock}
-ASSISTANT_BLOCKS = {"text": TextBlock, "tool_use": ToolUseBlock, "thinking": ThinkingBlock,
-                    "redacted_thinking": RedactedThinkingBlock}
+USER_BLOCKS = {
+    "text": TextBlock,
+    "image": ImageBlock,
+    "document": DocumentBlock,
+    "tool_result": ToolResultBlock,
+    "search_result": SearchResultBlock,
+}
+ASSISTANT_BLOCKS = {
+    "text": TextBlock,
+    "tool_use": ToolUseBlock,
+    "thinking": ThinkingBlock,
+    "redacted_thinking": RedactedThinkingBlock,
+}
 SYSTEM_BLOCKS = {"text": TextBlock}
-TOOL_RESULT_BLOCKS = {"text": TextBlock, "image": ImageBlock, "document": DocumentBlock,
-                      "search_result": SearchResultBlock, "tool_reference": ToolReferenceBlock}
+TOOL_RESULT_BLOCKS = {
+    "text": TextBlock,
+    "image": ImageBlock,
+    "document": DocumentBlock,
+    "search_result": SearchResultBlock,
+    "tool_reference": ToolReferenceBlock,
+}
 
 
 def parse_blocks(value: Any, path: str, allowed: dict[str, type]) -> list[Any]:
@@ -569,8 +654,9 @@ def parse_blocks(value: Any, path: str, allowed: dict[str, type]) -> list[Any]:
         elif kind in SERVER_BLOCK_TYPES or kind.endswith("_tool_result") and kind != "tool_result":
             blocks.append(OpaqueBlock(kind, item))
         else:
-            raise invalid(f"{sub}.type", f"block type {kind!r} is not allowed here; "
-                                         f"expected one of {', '.join(sorted(allowed))}")
+            raise invalid(
+                f"{sub}.type", f"block type {kind!r} is not allowed here; expected one of {', '.join(sorted(allowed))}"
+            )
     return blocks
 
 
@@ -580,7 +666,7 @@ class Message:
     content: Any
 
     @classmethod
-    def parse(cls, value: Any, path: str) -> "Message":
+    def parse(cls, value: Any, path: str) -> Message:
         if not isinstance(value, dict):
             raise invalid(path, f"expected a message object, got {_kind(value)}")
         role = parse_as(Literal["user", "assistant", "system"], value.get("role"), f"{path}.role")
@@ -639,7 +725,7 @@ class ToolChoice:
 
     def check(self, path: str) -> None:
         if self.type == "tool" and not self.name:
-            raise invalid(f"{path}.name", "field required when type is \"tool\"")
+            raise invalid(f"{path}.name", 'field required when type is "tool"')
 
 
 @dataclass
@@ -735,28 +821,28 @@ def _char_class(i: int) -> int:
     if 65 <= i <= 90:
         return _L | _U | (_V if chr(i) in "AEIOUY" else 0)  # A-Z
     if 97 <= i <= 122:
-        return _L | (_V if chr(i) in "aeiouy" else 0)       # a-z
+        return _L | (_V if chr(i) in "aeiouy" else 0)  # a-z
     if 48 <= i <= 57:
         return _D
     if i in (9, 11, 12, 32):
-        return _S | _PS                     # horizontal whitespace
+        return _S | _PS  # horizontal whitespace
     if i in (10, 13):
         return _N
     if i < 128 or i == 0xE2:
-        return _P | _PS                     # ASCII punctuation; U+2000-2FFF quotes, dashes, arrows
+        return _P | _PS  # ASCII punctuation; U+2000-2FFF quotes, dashes, arrows
     if 0xC2 <= i <= 0xDF:
-        return _L | _V                      # 2-byte chars: accented Latin, Cyrillic, Greek, Arabic...
-    return 0                                # CJK, kana, Hangul, Indic, emoji (counted separately)
+        return _L | _V  # 2-byte chars: accented Latin, Cyrillic, Greek, Arabic...
+    return 0  # CJK, kana, Hangul, Indic, emoji (counted separately)
 
 
 def _wide_class(i: int) -> int:
     """Second table, for non-ASCII text only: which chars cost extra."""
     if 0xCE <= i <= 0xCF or 0xD5 <= i <= 0xDF:
-        return ord("g")                     # Greek, Hebrew, Arabic...: ~1 token per char
+        return ord("g")  # Greek, Hebrew, Arabic...: ~1 token per char
     if 0xC2 <= i <= 0xDF:
-        return ord("l")                     # accented Latin, Cyrillic: ~0.3 extra per char
+        return ord("l")  # accented Latin, Cyrillic: ~0.3 extra per char
     if i >= 0xE0 and i != 0xE2:
-        return ord("c")                     # CJK, kana, Hangul, Indic: ~1 token per char
+        return ord("c")  # CJK, kana, Hangul, Indic: ~1 token per char
     return ord(".")
 
 
@@ -766,27 +852,29 @@ _CLASS_TABLE = bytes(_char_class(i) for i in range(256))
 _WIDE_TABLE = bytes(_wide_class(i) for i in range(256))
 _UTF8_CONT = bytes(range(0x80, 0xC0))
 _ASCII_AND_CONT = bytes(range(0xC0))
-_LANE_MASKS: dict[int, tuple] = {}         # padded length (a power of two) -> lane masks
-_CHUNK = 16384                              # chars per big-int pass
+_LANE_MASKS: dict[int, tuple] = {}  # padded length (a power of two) -> lane masks
+_CHUNK = 16384  # chars per big-int pass
 
 try:
-    _popcount = int.bit_count               # Python >= 3.10
-except AttributeError:                      # Python 3.9: slower, same result
+    _popcount = int.bit_count  # Python >= 3.10
+except AttributeError:  # Python 3.9: slower, same result
+
     def _popcount(x: int) -> int:
         return bin(x).count("1")
 
+
 # Weight of each feature returned by _token_features (fitted, then rounded).
 _TOKEN_WEIGHTS = (
-    1.0,    # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
-    0.45,   # words that swallowed a punctuation prefix (".append", "_name")
+    1.0,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
+    0.45,  # words that swallowed a punctuation prefix (".append", "_name")
     -0.08,  # words preceded by a space (" the" is the cheapest kind of word)
-    0.19,   # letters beyond the 8th in a word (long / rare words split)
-    2.2,    # lower->Upper switches that do not start a camelCase hump (base64)
-    0.35,   # consonants preceded by two consonants ("rwxr", hex, "strncpy")
-    1.08,   # CJK / kana / Hangul / other 3-4 byte characters
-    0.3,    # accented Latin / Cyrillic characters
-    0.9,    # Greek / Hebrew / Arabic characters
-    2.0,    # 4-byte characters (emoji), on top of the CJK weight
+    0.19,  # letters beyond the 8th in a word (long / rare words split)
+    2.2,  # lower->Upper switches that do not start a camelCase hump (base64)
+    0.35,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
+    1.08,  # CJK / kana / Hangul / other 3-4 byte characters
+    0.3,  # accented Latin / Cyrillic characters
+    0.9,  # Greek / Hebrew / Arabic characters
+    2.0,  # 4-byte characters (emoji), on top of the CJK weight
 )
 
 
@@ -838,12 +926,12 @@ def _chunk_features(text: str) -> tuple:
     X = int.from_bytes(cls, "little")
     Xp = X << 8
     Xn = X >> 8
-    same = X & Xp                           # char has the same class bit as the previous one
-    starts = X ^ same                       # first char of each run, per class
-    Lst = starts & M0                       # first letter of each word
+    same = X & Xp  # char has the same class bit as the previous one
+    starts = X ^ same  # first char of each run, per class
+    Lst = starts & M0  # first letter of each word
     # A word swallows a 1-char punctuation prefix unless that char follows a
     # space or other punctuation: punct at j, letter at j+1, no P/S at j-1.
-    X7 = X << 7                             # lane 4/5: previous char is punct / P-or-S
+    X7 = X << 7  # lane 4/5: previous char is punct / P-or-S
     pre = X & M5 & (X >> 3)
     pre ^= pre & X7
     # Whitespace pieces: the last newline of a run (lane 4), unless glued to
@@ -854,17 +942,17 @@ def _chunk_features(text: str) -> tuple:
     ws = X & M3 & ((starts & Xn) | (X >> 7))
     # Numbers: cl100k splits digits into groups of 3; count the 4th digit of
     # a run (lane 2) as one more piece.
-    a = same & (same << 16)                 # >= 3 same-class chars before (letters/digits)
-    a4 = a & (X << 32)                      # >= 4 before
+    a = same & (same << 16)  # >= 3 same-class chars before (letters/digits)
+    a4 = a & (X << 32)  # >= 4 before
     pieces = pc((starts & M02) | (starts & M5 ^ pre) | nl | ws | (a ^ a4) & M2)
     # Long words: letters with >= 8 letters before them (lane 0).
     long_tail = pc(a & (a4 << 32) & M0)
     # lower->Upper not followed by two lowers (lane 1): frequent in base64,
     # rare in prose and camelCase ("getElement" splits cheaply, "aZkQ" not).
-    low = (X << 1) ^ X                      # lane 1: lowercase letter
+    low = (X << 1) ^ X  # lane 1: lowercase letter
     case = X & M1 & (low << 8)
     noise_case = pc(case ^ (case & (low >> 8) & (low >> 16)))
-    space_words = pc(Lst & (X << 5))        # words right after a space
+    space_words = pc(Lst & (X << 5))  # words right after a space
     # Consonant clusters (lane 0): "lrwxrwxrwx", hex, abbreviations split into
     # short tokens; count consonants preceded by two more consonants.
     cons = X & M0
@@ -876,8 +964,18 @@ def _chunk_features(text: str) -> tuple:
     # text), then classify them.
     leads = raw.translate(None, _ASCII_AND_CONT)
     wide = leads.translate(_WIDE_TABLE)
-    return (pieces, pc(pre), space_words, long_tail, noise_case, c3,
-            wide.count(b"c"), wide.count(b"l"), wide.count(b"g"), leads.count(b"\xf0"))
+    return (
+        pieces,
+        pc(pre),
+        space_words,
+        long_tail,
+        noise_case,
+        c3,
+        wide.count(b"c"),
+        wide.count(b"l"),
+        wide.count(b"g"),
+        leads.count(b"\xf0"),
+    )
 
 
 def count_text_tokens(text: str) -> int:
@@ -902,35 +1000,34 @@ IMAGE_FALLBACK_TOKENS = 1600
 
 def _b64_bytes(b64: str, start: int, size: int) -> bytes:
     """Decode bytes [start, start+size) of base64 text without decoding it all."""
-    q = start // 3                           # 3 bytes per 4 base64 chars
-    chunk = b64[4 * q: 4 * (q + (size + 5) // 3 + 1)]
+    q = start // 3  # 3 bytes per 4 base64 chars
+    chunk = b64[4 * q : 4 * (q + (size + 5) // 3 + 1)]
     chunk = chunk[: len(chunk) - len(chunk) % 4]
     try:
         data = base64.b64decode(chunk)
     except (binascii.Error, ValueError):
         return b""
-    return data[start - 3 * q:][:size]
+    return data[start - 3 * q :][:size]
 
 
 def _jpeg_size(b64: str):
-    pos = 2                                  # after the FFD8 start-of-image marker
-    for _ in range(200):                     # bounded walk over segment headers
+    pos = 2  # after the FFD8 start-of-image marker
+    for _ in range(200):  # bounded walk over segment headers
         seg = _b64_bytes(b64, pos, 9)
         if len(seg) < 4 or seg[0] != 0xFF:
             return None
         marker = seg[1]
-        if marker == 0xFF:                   # fill byte
+        if marker == 0xFF:  # fill byte
             pos += 1
             continue
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2                         # markers without a length field
+            pos += 2  # markers without a length field
             continue
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
-                      0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
             if len(seg) < 9:
                 return None
             return int.from_bytes(seg[7:9], "big"), int.from_bytes(seg[5:7], "big")
-        if marker == 0xDA:                   # start of scan before any SOF
+        if marker == 0xDA:  # start of scan before any SOF
             return None
         pos += 2 + int.from_bytes(seg[2:4], "big")
     return None
@@ -947,13 +1044,12 @@ def _image_size(b64: str):
         return _jpeg_size(b64)
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
         kind = head[12:16]
-        if kind == b"VP8 ":                  # lossy: frame header after a 3-byte tag + start code
-            return (int.from_bytes(head[26:28], "little") & 0x3FFF,
-                    int.from_bytes(head[28:30], "little") & 0x3FFF)
-        if kind == b"VP8L":                  # lossless: 14-bit width-1 / height-1
+        if kind == b"VP8 ":  # lossy: frame header after a 3-byte tag + start code
+            return (int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF)
+        if kind == b"VP8L":  # lossless: 14-bit width-1 / height-1
             bits = int.from_bytes(head[21:25], "little")
             return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-        if kind == b"VP8X":                  # extended: 24-bit canvas width-1 / height-1
+        if kind == b"VP8X":  # extended: 24-bit canvas width-1 / height-1
             return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
     return None
 
@@ -964,10 +1060,10 @@ def image_tokens(media_type: str, b64data: str) -> int:
     The format is detected from the data itself (media_type is only a hint
     and may be wrong); only a few hundred bytes are decoded."""
     b64 = b64data or ""
-    if b64.startswith("data:"):              # tolerate a data: URL
+    if b64.startswith("data:"):  # tolerate a data: URL
         b64 = b64.partition(",")[2]
     if any(c in b64[:4096] for c in "\r\n \t"):
-        b64 = "".join(b64.split())           # wrapped base64 (rare): make offsets exact
+        b64 = "".join(b64.split())  # wrapped base64 (rare): make offsets exact
     try:
         size = _image_size(b64)
     except (ValueError, IndexError):
@@ -1001,8 +1097,12 @@ def _tool_tokens(tool: Tool) -> int:
     """A tool definition's tokens. Claude Code sends the same dozen tools every turn: they are counted
     once, keyed by name and description (a schema that changes under the same description is not
     noticed: it is an estimate)."""
-    return _memo(("tool", tool.name, hash(tool.description), len(tool.description or "")), lambda: count_text_tokens(
-        f"{tool.name}\n{tool.description or ''}\n{dumps(tool_parameters(tool.input_schema))}"))
+    return _memo(
+        ("tool", tool.name, hash(tool.description), len(tool.description or "")),
+        lambda: count_text_tokens(
+            f"{tool.name}\n{tool.description or ''}\n{dumps(tool_parameters(tool.input_schema))}"
+        ),
+    )
 
 
 # ======================================================================================
@@ -1067,8 +1167,11 @@ def render_block_text(block: Any) -> str:
         return f"[{block.type}: {dumps(_without_encrypted(raw))[:2000]}]"
     if block.type == "document":
         src = block.source
-        body = src.data if src.type == "text" else "\n\n".join(
-            b.text if b.type == "text" else "[image]" for b in src.content)
+        body = (
+            src.data
+            if src.type == "text"
+            else "\n\n".join(b.text if b.type == "text" else "[image]" for b in src.content)
+        )
         attrs = f' title="{block.title}"' if block.title else ""
         context = f"{block.context}\n" if block.context else ""
         return f"<document{attrs}>\n{context}{body}\n</document>"
@@ -1167,7 +1270,8 @@ def _user_turns(blocks: list[Any]) -> list[Turn]:
                 user.parts.append(("text", text))
     if tool_images:
         user.parts[:0] = [("text", "Image(s) returned by the tool call(s) above:")] + [
-            ("image", src) for src in tool_images]
+            ("image", src) for src in tool_images
+        ]
     if user.parts or not turns:
         turns.append(user)
     return turns
@@ -1186,8 +1290,10 @@ def visible_tools(req: MessagesRequest) -> list[Tool]:
     out = []
     for tool in tools:
         if not tool.is_custom:
-            warn_once(f"dropping tool {tool.name!r} of type {tool.type!r}: it runs on Anthropic's servers "
-                      "or needs a built-in schema, and the backend model cannot use it")
+            warn_once(
+                f"dropping tool {tool.name!r} of type {tool.type!r}: it runs on Anthropic's servers "
+                "or needs a built-in schema, and the backend model cannot use it"
+            )
         elif not tool.defer_loading or tool.name in revealed:
             out.append(tool)
     return out
@@ -1232,8 +1338,17 @@ def sampling(req: MessagesRequest) -> dict[str, Any]:
 
 def function_tools(tools: list[Tool], name: Any = lambda n: n) -> list[dict[str, Any]]:
     """Tools in the `{"type": "function", "function": {...}}` shape both backends take."""
-    return [{"type": "function", "function": {"name": name(t.name), "description": t.description or "",
-                                              "parameters": tool_parameters(t.input_schema)}} for t in tools]
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": name(t.name),
+                "description": t.description or "",
+                "parameters": tool_parameters(t.input_schema),
+            },
+        }
+        for t in tools
+    ]
 
 
 def output_schema(req: MessagesRequest) -> Optional[dict[str, Any]]:
@@ -1252,8 +1367,9 @@ def openai_tool_name(name: str) -> str:
     return f"{clean}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def openai_request(conv: Conversation, req: MessagesRequest, route: Route, *, official: bool = False,
-                   reasoning_history: bool = False) -> dict[str, Any]:
+def openai_request(
+    conv: Conversation, req: MessagesRequest, route: Route, *, official: bool = False, reasoning_history: bool = False
+) -> dict[str, Any]:
     """Chat Completions body. Tool ids are passed byte for byte. The backend is always streamed: the
     timeout then bounds silence, not the length of an answer, for non-streaming clients too."""
     messages: list[dict[str, Any]] = []
@@ -1265,19 +1381,38 @@ def openai_request(conv: Conversation, req: MessagesRequest, route: Route, *, of
         elif turn.role == "assistant":
             msg: dict[str, Any] = {"role": "assistant", "content": turn.text}
             if turn.tool_calls:
-                msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                    "name": openai_tool_name(c.name), "arguments": dumps(c.input)}} for c in turn.tool_calls]
+                msg["tool_calls"] = [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": openai_tool_name(c.name), "arguments": dumps(c.input)},
+                    }
+                    for c in turn.tool_calls
+                ]
             if reasoning_history and (turn.reasoning or turn.tool_calls):
                 msg["reasoning_content"] = turn.reasoning or ""
             messages.append(msg)
         elif turn.images:
-            messages.append({"role": turn.role, "content": [
-                {"type": "text", "text": value} if kind == "text" else
-                {"type": "image_url", "image_url": {"url": image_url(value)}} for kind, value in turn.parts]})
+            messages.append(
+                {
+                    "role": turn.role,
+                    "content": [
+                        {"type": "text", "text": value}
+                        if kind == "text"
+                        else {"type": "image_url", "image_url": {"url": image_url(value)}}
+                        for kind, value in turn.parts
+                    ],
+                }
+            )
         else:
             messages.append({"role": turn.role, "content": turn.text})
-    body: dict[str, Any] = {"model": route.model, "messages": messages, "max_tokens": effective_max_tokens(req, route),
-                            "stream": True, "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "model": route.model,
+        "messages": messages,
+        "max_tokens": effective_max_tokens(req, route),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     body.update(sampling(req))
     if official:  # OpenAI's own API rejects top_k, and its reasoning models take only max_completion_tokens
         body.pop("top_k", None)
@@ -1292,7 +1427,9 @@ def openai_request(conv: Conversation, req: MessagesRequest, route: Route, *, of
         choice = req.tool_choice
         if choice:
             body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(choice.type) or {
-                "type": "function", "function": {"name": openai_tool_name(choice.name or "")}}
+                "type": "function",
+                "function": {"name": openai_tool_name(choice.name or "")},
+            }
             if choice.disable_parallel_tool_use:
                 body["parallel_tool_calls"] = False
     schema = output_schema(req)
@@ -1318,16 +1455,21 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
             if turn.tool_call_id in names:
                 msg["tool_name"] = names[turn.tool_call_id]
         if turn.tool_calls:
-            msg["tool_calls"] = [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.input}}
-                                 for i, c in enumerate(turn.tool_calls)]
+            msg["tool_calls"] = [
+                {"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.input}}
+                for i, c in enumerate(turn.tool_calls)
+            ]
         if turn.reasoning and route.reasoning_history is not False:
             msg["thinking"] = turn.reasoning  # Ollama's docs: send thinking back with tool-calling turns
         images = turn.images
         if images:
             for src in images:
                 if src.type != "base64":
-                    raise invalid("messages", "Ollama accepts only base64 images and this request has an image "
-                                              "url: send base64, or start the proxy with --fetch-images")
+                    raise invalid(
+                        "messages",
+                        "Ollama accepts only base64 images and this request has an image "
+                        "url: send base64, or start the proxy with --fetch-images",
+                    )
             msg["images"] = [src.data for src in images]
         messages.append(msg)
     options: dict[str, Any] = {"num_predict": effective_max_tokens(req, route), **sampling(req)}
@@ -1345,6 +1487,7 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
 
 
 # --- token count of what the backend receives ----------------------------------------------
+
 
 def count_request_tokens(req: MessagesRequest, conv: Optional[Conversation] = None) -> int:
     """Estimate of the prompt the backend sees, counted on the translated conversation: the system
@@ -1384,8 +1527,20 @@ class JsonPrefix:
     fed is certainly valid (a half-read literal or escape is held back); `complete` is True once
     the object has closed. Strings are skipped with one regex search, so long arguments are cheap."""
 
-    __slots__ = ("stack", "state", "in_key", "held", "lit", "safe", "fed", "uni", "code", "high_at", "comma",
-                 "key_start")
+    __slots__ = (
+        "stack",
+        "state",
+        "in_key",
+        "held",
+        "lit",
+        "safe",
+        "fed",
+        "uni",
+        "code",
+        "high_at",
+        "comma",
+        "key_start",
+    )
 
     def __init__(self) -> None:
         self.stack: list[str] = []
@@ -1532,8 +1687,11 @@ class JsonPrefix:
 
     def _in_member(self, state: int) -> bool:
         """Inside an object member whose value has not begun soundly: its key may not be sent yet."""
-        return bool(self.stack) and self.stack[-1] == "}" and (
-            state in (_COLON, _VALUE, _LIT) or (state in (_STRING, _ESCAPE, _UNICODE) and self.in_key))
+        return (
+            bool(self.stack)
+            and self.stack[-1] == "}"
+            and (state in (_COLON, _VALUE, _LIT) or (state in (_STRING, _ESCAPE, _UNICODE) and self.in_key))
+        )
 
     def completed(self, text: str) -> str:
         """The fed text (not broken) made into a whole object without inventing anything: an
@@ -1542,12 +1700,12 @@ class JsonPrefix:
             return "{}"
         state, closers = self.state, "".join(reversed(self.stack))
         if self._in_member(state) and not (state == _LIT and _LITERAL.fullmatch(self.lit)):
-            text = text[:self.key_start]  # `{"a": 1, "b` / `{"a": tru` -> drop the member
+            text = text[: self.key_start]  # `{"a": 1, "b` / `{"a": tru` -> drop the member
         elif state in (_STRING, _ESCAPE, _UNICODE):  # a value string: closed, without half an escape or pair
             cut = self.high_at if self.high_at >= 0 else self.held if state != _STRING else len(text)
             return text[:cut] + '"' + closers
         elif state == _LIT and not _LITERAL.fullmatch(self.lit):
-            text = text[:self.held]  # `[1, tr` -> `[1`
+            text = text[: self.held]  # `[1, tr` -> `[1`
         stripped = text.rstrip()
         if stripped.endswith(","):
             text = stripped[:-1]
@@ -1591,6 +1749,7 @@ def repair_arguments(text: str) -> Optional[str]:
             return checker.completed(s[start:])
     try:
         import ast
+
         value = ast.literal_eval(_JSON_WORDS.sub(lambda m: _PY_WORDS[m.group(1)] if m.group(1) else m.group(), s))
         candidate = dumps(value) if isinstance(value, dict) else None
         if candidate and _is_object(candidate):
@@ -1633,7 +1792,7 @@ class _Call:
             fragment = fragment.lstrip()  # a whitespace-only first piece is no JSON value yet
         if self.raw and fragment.startswith(self.raw) and (self.snapshots or _breaks(self.raw + fragment)):
             self.snapshots = True  # a server that sends cumulative snapshots (appending would break the JSON)
-            fragment = fragment[len(self.raw):]
+            fragment = fragment[len(self.raw) :]
         self.raw += fragment
         if not _STR_STOP.search(fragment):
             self.args += fragment
@@ -1672,8 +1831,15 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
-                "content_filter": "refusal", "end_turn": "end_turn", "max_tokens": "max_tokens"}
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+    "end_turn": "end_turn",
+    "max_tokens": "max_tokens",
+}
 SIGNATURE_PREFIX = "cpx1."
 MAX_REASONING_BYTES = 4 << 20
 
@@ -1702,7 +1868,7 @@ def reasoning_from_signature(signature: Optional[str]) -> str:
         return ""
     try:
         inflate = zlib.decompressobj()
-        text = inflate.decompress(base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX):]), MAX_REASONING_BYTES)
+        text = inflate.decompress(base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX) :]), MAX_REASONING_BYTES)
         return "" if inflate.unconsumed_tail else text.decode()  # larger than any real reasoning: not ours
     except (ValueError, zlib.error, UnicodeDecodeError):
         return ""
@@ -1717,9 +1883,16 @@ class EventBuilder:
     A tool call streams its arguments live while they are a valid JSON prefix; calls that
     interleave with the open one are buffered and emitted whole when it closes."""
 
-    def __init__(self, msg_id: str, model: str, input_estimate: int, *,
-                 tool_names: Optional[dict[str, str]] = None, show_thinking: bool = True,
-                 usage_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        msg_id: str,
+        model: str,
+        input_estimate: int,
+        *,
+        tool_names: Optional[dict[str, str]] = None,
+        show_thinking: bool = True,
+        usage_scale: float = 1.0,
+    ) -> None:
         self.msg_id, self.model = msg_id, model
         self.usage_scale = usage_scale  # --scale-usage; 1.0 reports the backend's raw counts
         self.input_estimate = round(input_estimate * usage_scale)
@@ -1750,23 +1923,43 @@ class EventBuilder:
         return events
 
     def start(self) -> None:
-        self.events.append(("message_start", {"type": "message_start", "message": {
-            "id": self.msg_id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self.input_estimate, "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": 0, "output_tokens": 1}}}))
+        self.events.append(
+            (
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": self.msg_id,
+                        "type": "message",
+                        "role": "assistant",
+                        "model": self.model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {
+                            "input_tokens": self.input_estimate,
+                            "cache_creation_input_tokens": 0,
+                            "cache_read_input_tokens": 0,
+                            "output_tokens": 1,
+                        },
+                    },
+                },
+            )
+        )
 
     # -- blocks --
     def _open(self, kind: str, block: dict[str, Any]) -> None:
         self._close()
         self.index += 1
         self.open = kind
-        self.events.append(("content_block_start", {"type": "content_block_start", "index": self.index,
-                                                    "content_block": block}))
+        self.events.append(
+            ("content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block})
+        )
 
     def _delta(self, delta: dict[str, Any]) -> None:
-        self.events.append(("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                                    "delta": delta}))
+        self.events.append(
+            ("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+        )
 
     def _close(self) -> None:
         if self.open is None:
@@ -1791,7 +1984,7 @@ class EventBuilder:
             if self.think_tags == "start":
                 head = self.pending.lstrip()
                 if head.startswith(THINK_OPEN):
-                    self.pending, self.think_tags = head[len(THINK_OPEN):], "inside"
+                    self.pending, self.think_tags = head[len(THINK_OPEN) :], "inside"
                 elif THINK_OPEN.startswith(head):
                     return  # could still become <think>: wait for more
                 else:
@@ -1801,12 +1994,12 @@ class EventBuilder:
                 end = self.pending.find(THINK_CLOSE)
                 if end >= 0:
                     self.thinking(self.pending[:end])
-                    self.pending, self.think_tags = self.pending[end + len(THINK_CLOSE):].lstrip(), "off"
+                    self.pending, self.think_tags = self.pending[end + len(THINK_CLOSE) :].lstrip(), "off"
                     text, self.pending = self.pending, ""
                     return self.text(text)
                 keep = _partial_suffix(self.pending, THINK_CLOSE)
-                self.thinking(self.pending[:len(self.pending) - keep])
-                self.pending = self.pending[len(self.pending) - keep:]
+                self.thinking(self.pending[: len(self.pending) - keep])
+                self.pending = self.pending[len(self.pending) - keep :]
                 return
         return None
 
@@ -1878,9 +2071,9 @@ class EventBuilder:
     def _stream_args(self, call: _Call) -> None:
         if len(call.args) == call.checker.fed:
             return
-        safe = call.checker.feed(call.args[call.checker.fed:])
+        safe = call.checker.feed(call.args[call.checker.fed :])
         if safe > call.sent:
-            self._delta({"type": "input_json_delta", "partial_json": call.args[call.sent:safe]})
+            self._delta({"type": "input_json_delta", "partial_json": call.args[call.sent : safe]})
             self.out_chars += safe - call.sent
             call.sent = safe
 
@@ -1890,22 +2083,24 @@ class EventBuilder:
             return
         call.state = "done"
         self._stream_args(call)
-        sent = call.args[:call.sent]
+        sent = call.args[: call.sent]
         if call.checker.complete and call.sent >= len(call.args.rstrip()):
             return
         repaired = repair_arguments(call.args)
         if repaired is None:
-            log.warning("tool %s: arguments are not valid JSON and could not be repaired; "
-                        "delivering what was valid", call.name)
+            log.warning(
+                "tool %s: arguments are not valid JSON and could not be repaired; delivering what was valid", call.name
+            )
         if repaired is not None and repaired.startswith(sent):
-            rest = repaired[len(sent):]
+            rest = repaired[len(sent) :]
         else:
             check = JsonPrefix()
             check.feed(sent)
-            rest = check.completed(sent)[len(sent):]  # the streamed part never ends inside a member
+            rest = check.completed(sent)[len(sent) :]  # the streamed part never ends inside a member
             if repaired is not None:
-                log.warning("tool %s: repaired arguments differ from what was streamed; closed the streamed part",
-                            call.name)
+                log.warning(
+                    "tool %s: repaired arguments differ from what was streamed; closed the streamed part", call.name
+                )
         if rest:
             self._delta({"type": "input_json_delta", "partial_json": rest})
 
@@ -1940,11 +2135,22 @@ class EventBuilder:
         if self.tool_blocks and stop != "max_tokens":
             stop = "tool_use"
         self.stop_reason = stop
-        usage = {"input_tokens": self.usage_in if self.usage_in is not None else self.input_estimate,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": self.cache_read,
-                 "output_tokens": self.usage_out if self.usage_out is not None else max(1, self.out_chars // 4)}
-        self.events.append(("message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": stop, "stop_sequence": self.stop_sequence}, "usage": usage}))
+        usage = {
+            "input_tokens": self.usage_in if self.usage_in is not None else self.input_estimate,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": self.cache_read,
+            "output_tokens": self.usage_out if self.usage_out is not None else max(1, self.out_chars // 4),
+        }
+        self.events.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop, "stop_sequence": self.stop_sequence},
+                    "usage": usage,
+                },
+            )
+        )
         self.events.append(("message_stop", {"type": "message_stop"}))
 
 
@@ -1985,8 +2191,12 @@ def fold_events(events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     return message
 
 
-_DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json",
-                 "signature_delta": "signature"}
+_DELTA_FIELDS = {
+    "text_delta": "text",
+    "thinking_delta": "thinking",
+    "input_json_delta": "partial_json",
+    "signature_delta": "signature",
+}
 
 
 def sse(events: list[tuple[str, dict[str, Any]]]) -> bytes:
@@ -1997,14 +2207,17 @@ def sse(events: list[tuple[str, dict[str, Any]]]) -> bytes:
         delta = data.get("delta") if name == "content_block_delta" else None
         field_name = _DELTA_FIELDS.get(delta["type"]) if delta else None
         if field_name and len(delta) == 2:
-            out.append(f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{data["index"]},'
-                       f'"delta":{{"type":"{delta["type"]}","{field_name}":{dumps(delta[field_name])}}}}}\n\n')
+            out.append(
+                f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{data["index"]},'
+                f'"delta":{{"type":"{delta["type"]}","{field_name}":{dumps(delta[field_name])}}}}}\n\n'
+            )
         else:
             out.append(f"event: {name}\ndata: {dumps(data)}\n\n")
     return "".join(out).encode()
 
 
 # --- backend payloads -> builder calls (one function per provider, both pure) ---------------------
+
 
 def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
     """One Chat Completions object (a stream chunk, or a whole non-streaming response)."""
@@ -2027,8 +2240,9 @@ def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
             continue
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if not reasoning and delta.get("reasoning_details"):
-            reasoning = "".join(d.get("text") or d.get("summary") or "" for d in delta["reasoning_details"]
-                                if isinstance(d, dict))
+            reasoning = "".join(
+                d.get("text") or d.get("summary") or "" for d in delta["reasoning_details"] if isinstance(d, dict)
+            )
         if reasoning:
             ev.thinking(reasoning)
         if content:
@@ -2058,10 +2272,14 @@ def ollama_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
         ev.thinking(message["thinking"])
     if message.get("content"):
         ev.content(message["content"])
-    for i, call in enumerate(message.get("tool_calls") or ()):
+    for call in message.get("tool_calls") or ():
         fn = call.get("function") or {}
-        ev.tool(("ollama", len(ev.calls)), call.get("id"), fn.get("name"),
-                fn.get("arguments") if fn.get("arguments") is not None else {})
+        ev.tool(
+            ("ollama", len(ev.calls)),
+            call.get("id"),
+            fn.get("name"),
+            fn.get("arguments") if fn.get("arguments") is not None else {},
+        )
     if obj.get("done"):
         ev.usage(obj.get("prompt_eval_count"), obj.get("eval_count"))
         ev.finish(obj.get("done_reason") or "stop")
@@ -2083,6 +2301,7 @@ def stream_error(error: Any) -> ApiError:
 # ======================================================================================
 # A provider is small: where to POST, how the stream is framed, which pure functions build
 # the body and decode the answer, and how to list models. All I/O is shared (section 6).
+
 
 class Provider:
     name: str
@@ -2113,8 +2332,11 @@ class OpenAIProvider(Provider):
         return body, renamed
 
     def models(self, data: Any) -> list[dict[str, Any]]:
-        return [{"name": m["id"], "context_window": m.get("max_model_len")}
-                for m in (data or {}).get("data") or () if isinstance(m, dict) and m.get("id")]
+        return [
+            {"name": m["id"], "context_window": m.get("max_model_len")}
+            for m in (data or {}).get("data") or ()
+            if isinstance(m, dict) and m.get("id")
+        ]
 
 
 class OllamaProvider(Provider):
@@ -2125,23 +2347,41 @@ class OllamaProvider(Provider):
         return ollama_request(conv, req, route), {}
 
     def models(self, data: Any) -> list[dict[str, Any]]:
-        return [{"name": m["name"], "size": m.get("size")}
-                for m in (data or {}).get("models") or () if isinstance(m, dict) and m.get("name")]
+        return [
+            {"name": m["name"], "size": m.get("size")}
+            for m in (data or {}).get("models") or ()
+            if isinstance(m, dict) and m.get("name")
+        ]
 
 
 PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": OllamaProvider()}
 
 # Fields a backend may reject for a model; on a 400 that names one, it is dropped (and remembered).
-OPTIONAL_FIELDS = ("reasoning_effort", "response_format", "top_k", "parallel_tool_calls", "user",
-                   "think", "format", "stream_options")
+OPTIONAL_FIELDS = (
+    "reasoning_effort",
+    "response_format",
+    "top_k",
+    "parallel_tool_calls",
+    "user",
+    "think",
+    "format",
+    "stream_options",
+)
 _LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (numbers by name)
     re.compile(r"maximum context length is (?P<ctx>\d+) tokens.{0,120}?\((?P<prompt>\d+) in the messages", re.S | re.I),
-    re.compile(r"maximum context length is (?P<ctx>\d+) tokens(?: and|\. However,) your request has (?P<prompt>\d+) input",
-               re.I),
-    re.compile(r"maximum context length is (?P<ctx>\d+) tokens.{0,80}?your prompt contains at least (?P<prompt>\d+) "
-               r"input tokens", re.S | re.I),
-    re.compile(r"maximum context length is (?P<ctx>\d+) tokens.{0,60}?(?:resulted in|requested) (?P<prompt>\d+) tok",
-               re.S | re.I),
+    re.compile(
+        r"maximum context length is (?P<ctx>\d+) tokens(?: and|\. However,) your request has (?P<prompt>\d+) input",
+        re.I,
+    ),
+    re.compile(
+        r"maximum context length is (?P<ctx>\d+) tokens.{0,80}?your prompt contains at least (?P<prompt>\d+) "
+        r"input tokens",
+        re.S | re.I,
+    ),
+    re.compile(
+        r"maximum context length is (?P<ctx>\d+) tokens.{0,60}?(?:resulted in|requested) (?P<prompt>\d+) tok",
+        re.S | re.I,
+    ),
     re.compile(r"n_prompt_tokens=(?P<prompt>\d+), n_ctx=(?P<ctx>\d+)"),  # llama.cpp (fields of its error)
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<ctx>\d+) tokens\)", re.I),
     re.compile(r"supports at most (?P<cap>\d+) completion tokens", re.I),
@@ -2212,6 +2452,7 @@ def map_backend_error(status: int, message: str, retry_after: Optional[str] = No
 # 6. STREAMING AND BACKEND I/O
 # ======================================================================================
 
+
 @dataclass
 class Job:
     """One client request, translated and ready to send (the parsed request itself is not kept:
@@ -2237,6 +2478,7 @@ async def _public_host(url: str) -> None:
     """--fetch-images fetches URLs that clients choose: only from hosts on the public internet."""
     import ipaddress
     from urllib.parse import urlsplit
+
     parts = urlsplit(url)
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname or "", parts.port or 443)
@@ -2268,12 +2510,14 @@ class Backend:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=1024, limit_per_host=1024, keepalive_timeout=30)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                             timeout=self.timeout(), json_serialize=dumps)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, timeout=self.timeout(), json_serialize=dumps
+        )
 
     def timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
-                                     sock_read=self.config.timeout)
+        return aiohttp.ClientTimeout(
+            total=None, sock_connect=self.config.connect_timeout, sock_read=self.config.timeout
+        )
 
     async def close(self) -> None:
         if self.session is not None:
@@ -2297,23 +2541,37 @@ class Backend:
         url = config.base_url + provider.models_path
         assert self.session is not None
         try:
-            async with self.session.get(url, headers=self.headers(config.default_route(""), new_id("req_")),
-                                        timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            async with self.session.get(
+                url,
+                headers=self.headers(config.default_route(""), new_id("req_")),
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:
                 if resp.status != 200:
-                    log.warning("backend %s answered HTTP %d to %s", public_url(config.base_url), resp.status,
-                                provider.models_path)
+                    log.warning(
+                        "backend %s answered HTTP %d to %s",
+                        public_url(config.base_url),
+                        resp.status,
+                        provider.models_path,
+                    )
                     return
                 models = provider.models(await resp.json(content_type=None, loads=loads))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.warning("backend %s is unreachable (%s); the proxy is up and will retry on demand",
-                        public_url(config.base_url), type(exc).__name__)
+            log.warning(
+                "backend %s is unreachable (%s); the proxy is up and will retry on demand",
+                public_url(config.base_url),
+                type(exc).__name__,
+            )
             return
         self.backend_models = [m["name"] for m in models]
         self.context_windows = {m["name"]: m["context_window"] for m in models if m.get("context_window")}
         self.discovered = pick_models(models)
         if self.discovered:
-            log.info("backend models: %s; unmapped Claude models go to %s (haiku-class: %s)",
-                     ", ".join(self.backend_models[:20]), self.discovered["*"], self.discovered["haiku"])
+            log.info(
+                "backend models: %s; unmapped Claude models go to %s (haiku-class: %s)",
+                ", ".join(self.backend_models[:20]),
+                self.discovered["*"],
+                self.discovered["haiku"],
+            )
         else:
             log.warning("backend %s lists no models", public_url(config.base_url))
 
@@ -2327,25 +2585,33 @@ class Backend:
         assert self.session is not None
         for message in req.messages:
             for block in message.content:
-                sources = [b.source for b in (block.content if block.type == "tool_result" else [block])
-                           if b.type == "image" and b.source.type == "url"]
+                sources = [
+                    b.source
+                    for b in (block.content if block.type == "tool_result" else [block])
+                    if b.type == "image" and b.source.type == "url"
+                ]
                 for src in sources:
                     url = src.url or ""
                     if not url.lower().startswith(("http://", "https://")):
                         raise invalid("messages", f"image url {url[:100]!r}: only http and https URLs can be fetched")
                     await _public_host(url)
                     try:
-                        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=15),
-                                                    allow_redirects=False) as resp:
+                        async with self.session.get(
+                            url, timeout=aiohttp.ClientTimeout(total=15), allow_redirects=False
+                        ) as resp:
                             ctype = resp.headers.get("content-type", "").split(";")[0].strip()
                             data = await read_capped(resp, MAX_IMAGE_BYTES)
                             if resp.status != 200 or ctype not in IMAGE_MEDIA_TYPES or len(data) > MAX_IMAGE_BYTES:
-                                raise invalid("messages", f"image url {url[:100]!r}: got HTTP {resp.status}, "
-                                                          f"{ctype or 'no type'}, {len(data)} bytes (need an image "
-                                                          f"of at most {MAX_IMAGE_BYTES >> 20} MiB, no redirect)")
+                                raise invalid(
+                                    "messages",
+                                    f"image url {url[:100]!r}: got HTTP {resp.status}, "
+                                    f"{ctype or 'no type'}, {len(data)} bytes (need an image "
+                                    f"of at most {MAX_IMAGE_BYTES >> 20} MiB, no redirect)",
+                                )
                     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                        raise invalid("messages", f"image url {url[:100]!r} could not be fetched: "
-                                                  f"{type(exc).__name__}") from None
+                        raise invalid(
+                            "messages", f"image url {url[:100]!r} could not be fetched: {type(exc).__name__}"
+                        ) from None
                     src.type, src.media_type, src.data = "base64", ctype, base64.b64encode(data).decode()
 
     async def backend_token_count(self, req: MessagesRequest, route: Route) -> Optional[int]:
@@ -2372,15 +2638,27 @@ class Backend:
             if isinstance(data.get("count"), int):  # vLLM
                 count = data["count"]
             else:  # llama.cpp: render the chat template, then tokenize the prompt
-                async with self.session.post(root + "/apply-template", data=dumps({"messages": body["messages"]}),
-                                             headers=headers, timeout=timeout) as resp:
-                    prompt = (await resp.json(content_type=None, loads=loads)).get("prompt") \
-                        if resp.status == 200 else None
+                async with self.session.post(
+                    root + "/apply-template",
+                    data=dumps({"messages": body["messages"]}),
+                    headers=headers,
+                    timeout=timeout,
+                ) as resp:
+                    prompt = (
+                        (await resp.json(content_type=None, loads=loads)).get("prompt") if resp.status == 200 else None
+                    )
                 if isinstance(prompt, str):
-                    async with self.session.post(root + "/tokenize", headers=headers, timeout=timeout,
-                                                 data=dumps({"content": prompt, "add_special": True})) as resp:
-                        tokens = (await resp.json(content_type=None, loads=loads)).get("tokens") \
-                            if resp.status == 200 else None
+                    async with self.session.post(
+                        root + "/tokenize",
+                        headers=headers,
+                        timeout=timeout,
+                        data=dumps({"content": prompt, "add_special": True}),
+                    ) as resp:
+                        tokens = (
+                            (await resp.json(content_type=None, loads=loads)).get("tokens")
+                            if resp.status == 200
+                            else None
+                        )
                     count = len(tokens) if isinstance(tokens, list) else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
             count = None
@@ -2401,11 +2679,20 @@ class Backend:
             await self.discover()
             route = resolve_route(config, model, self.discovered)
         if route is None:
-            hint = "" if self.backend_models or not config.discover else (
-                f" (the proxy could not list the backend's models at {public_url(config.base_url)}: is it running?)")
-            raise ApiError(400, f"model {model!r} is not mapped to a backend model{hint}: add it to the model map "
-                                f"(--model-map / MODEL_MAP_JSON, e.g. {{\"{model}\": \"qwen3-coder\"}}) or set a "
-                                "default with --model / DEFAULT_MODEL", retry=False)
+            hint = (
+                ""
+                if self.backend_models or not config.discover
+                else (
+                    f" (the proxy could not list the backend's models at {public_url(config.base_url)}: is it running?)"
+                )
+            )
+            raise ApiError(
+                400,
+                f"model {model!r} is not mapped to a backend model{hint}: add it to the model map "
+                f'(--model-map / MODEL_MAP_JSON, e.g. {{"{model}": "qwen3-coder"}}) or set a '
+                "default with --model / DEFAULT_MODEL",
+                retry=False,
+            )
         return route
 
     async def open(self, job: Job) -> aiohttp.ClientResponse:
@@ -2483,21 +2770,27 @@ class Backend:
         attempt = 0
         while True:
             try:
-                return await self.session.post(route.base_url + job.provider.chat_path, data=data,
-                                               headers=self.headers(route, job.request_id))
+                return await self.session.post(
+                    route.base_url + job.provider.chat_path, data=data, headers=self.headers(route, job.request_id)
+                )
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if attempt >= self.config.retries:
-                    raise ApiError(502, f"backend {where} is unreachable: {type(exc).__name__}: {exc}"[:500],
-                                   retry=True) from None
+                    raise ApiError(
+                        502, f"backend {where} is unreachable: {type(exc).__name__}: {exc}"[:500], retry=True
+                    ) from None
                 attempt += 1
                 job.info["retries"] = attempt
-                await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
             except asyncio.TimeoutError as exc:
                 if isinstance(exc, _CONNECT_TIMEOUT):
-                    raise ApiError(504, f"could not connect to backend {where} within "
-                                        f"{self.config.connect_timeout:g} s", retry=True) from None
-                raise ApiError(504, f"backend {where} did not answer within {self.config.timeout:g} s",
-                               retry=True) from None
+                    raise ApiError(
+                        504,
+                        f"could not connect to backend {where} within {self.config.connect_timeout:g} s",
+                        retry=True,
+                    ) from None
+                raise ApiError(
+                    504, f"backend {where} did not answer within {self.config.timeout:g} s", retry=True
+                ) from None
             except aiohttp.ClientError as exc:
                 raise ApiError(502, f"backend request failed: {type(exc).__name__}: {exc}"[:500], retry=True) from None
 
@@ -2524,8 +2817,12 @@ def _names_field(message: str, name: str) -> bool:
     """Does a backend's 400 text name this request field as the problem (not merely contain the word)?"""
     if name == "think" and "does not support thinking" in message:
         return True
-    return re.search(rf"""['"`]{name}['"`]|(?:argument|parameter|field|property|key)s?(?: supplied)?:? {name}\b""",
-                     message, re.I) is not None
+    return (
+        re.search(
+            rf"""['"`]{name}['"`]|(?:argument|parameter|field|property|key)s?(?: supplied)?:? {name}\b""", message, re.I
+        )
+        is not None
+    )
 
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -2577,7 +2874,7 @@ async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> N
                 raise ApiError(502, f"backend sent a line longer than {MAX_LINE_BYTES >> 20} MiB")
             continue
         lines = bytes(buf[:end]).split(b"\n")
-        del buf[:end + 1]
+        del buf[: end + 1]
         if debug:
             log.debug("backend answer: %s", b"\n".join(lines)[:4000].decode("utf-8", "replace"))
         for line in lines:
@@ -2655,7 +2952,7 @@ class Watch:
         self.task: Optional[asyncio.Task] = None
         self.watcher: Optional[asyncio.Task] = None
 
-    async def __aenter__(self) -> "Watch":
+    async def __aenter__(self) -> Watch:
         self.task = asyncio.current_task()
         self.watcher = asyncio.create_task(self._watch())
         return self
@@ -2733,9 +3030,15 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
     """Streaming: open the client's stream as soon as the backend answers 2xx, ping while it is
     silent, forward every read as it arrives, end with `event: error` if the backend fails."""
     resp = await open_backend(request, backend, job)
-    out = web.StreamResponse(status=200, headers={
-        "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
-        "request-id": job.request_id, "x-accel-buffering": "no"})
+    out = web.StreamResponse(
+        status=200,
+        headers={
+            "content-type": "text/event-stream; charset=utf-8",
+            "cache-control": "no-cache",
+            "request-id": job.request_id,
+            "x-accel-buffering": "no",
+        },
+    )
     watch = Watch(request, backend.config.ping_interval, out)
 
     async def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
@@ -2774,8 +3077,10 @@ async def stream(request: web.Request, backend: Backend, job: Job) -> web.Stream
         if resp is not None:
             resp.release() if ok else resp.close()  # close: the backend sees it and stops generating
     if ok:
-        job.info.update(stop=job.builder.stop_reason, usage={
-            "input_tokens": job.builder.usage_in, "output_tokens": job.builder.usage_out})
+        job.info.update(
+            stop=job.builder.stop_reason,
+            usage={"input_tokens": job.builder.usage_in, "output_tokens": job.builder.usage_out},
+        )
     return out
 
 
@@ -2796,8 +3101,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 def error_response(error: ApiError, request_id: str) -> web.Response:
     headers = error.headers()
     headers["request-id"] = request_id
-    return web.Response(status=error.status, text=dumps(error.body(request_id)),
-                        content_type="application/json", headers=headers)
+    return web.Response(
+        status=error.status, text=dumps(error.body(request_id)), content_type="application/json", headers=headers
+    )
 
 
 def json_response(data: Any, request_id: str) -> web.Response:
@@ -2846,20 +3152,23 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     if not response.prepared:
         response.headers.setdefault("request-id", request_id)
     quiet = request.path in ("/health", "/metrics") or request.method == "HEAD"  # probes and scrapes
-    log_request(request, response.status, started, info, logging.DEBUG if quiet and response.status < 400
-                else logging.INFO)
+    log_request(
+        request, response.status, started, info, logging.DEBUG if quiet and response.status < 400 else logging.INFO
+    )
     return response
 
 
-def log_request(request: web.Request, status: int, started: float, info: dict[str, Any],
-                level: int = logging.INFO) -> None:
+def log_request(
+    request: web.Request, status: int, started: float, info: dict[str, Any], level: int = logging.INFO
+) -> None:
     """The one line per request (text or JSON; health checks and scrapes at DEBUG), and its metrics."""
     usage = info.get("usage") or {}
     now = time.monotonic()
     fields: dict[str, Any] = {"method": request.method, "path": request.path, "status": status}
     if "model" in info:
-        fields.update(model=info["model"], backend_model=info["backend_model"], provider=info["provider"],
-                      stream=info["stream"])
+        fields.update(
+            model=info["model"], backend_model=info["backend_model"], provider=info["provider"], stream=info["stream"]
+        )
     if "ttft" in info:
         fields["ttft_ms"] = round((info["ttft"] - started) * 1000, 1)
     fields["time_ms"] = round((now - started) * 1000, 1)
@@ -2868,8 +3177,9 @@ def log_request(request: web.Request, status: int, started: float, info: dict[st
     for key in ("stop", "retries", "error"):
         if info.get(key):
             fields[key] = info[key] if key != "error" else str(info[key])[:300]
-    text = " ".join(f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items()
-                    if k not in ("method", "path"))
+    text = " ".join(
+        f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items() if k not in ("method", "path")
+    )
     log.log(level, "%s %s %s", request.method, request.path, text, extra={"fields": fields})
     request.app[METRICS].observe(fields, now - started)
 
@@ -2918,11 +3228,13 @@ class Metrics:
                 self.inc("claude_proxy_backend_errors_total", kind=error_kind(fields))
 
     def render(self) -> str:
-        helps = {"claude_proxy_requests_total": "Requests by route, status and client model.",
-                 "claude_proxy_input_tokens_total": "Input tokens reported by the backend.",
-                 "claude_proxy_output_tokens_total": "Output tokens reported by the backend.",
-                 "claude_proxy_backend_retries_total": "Connection retries to the backend.",
-                 "claude_proxy_backend_errors_total": "Failed /v1/messages requests by kind."}
+        helps = {
+            "claude_proxy_requests_total": "Requests by route, status and client model.",
+            "claude_proxy_input_tokens_total": "Input tokens reported by the backend.",
+            "claude_proxy_output_tokens_total": "Output tokens reported by the backend.",
+            "claude_proxy_backend_retries_total": "Connection retries to the backend.",
+            "claude_proxy_backend_errors_total": "Failed /v1/messages requests by kind.",
+        }
         lines = []
         for name in sorted(helps):
             lines += [f"# HELP {name} {helps[name]}", f"# TYPE {name} counter"]
@@ -2930,8 +3242,10 @@ class Metrics:
                 if metric == name:
                     label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
                     lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
-        for name, what in (("claude_proxy_request_duration_seconds", "Time to serve /v1/messages."),
-                           ("claude_proxy_time_to_first_token_seconds", "Time to the first streamed event.")):
+        for name, what in (
+            ("claude_proxy_request_duration_seconds", "Time to serve /v1/messages."),
+            ("claude_proxy_time_to_first_token_seconds", "Time to the first streamed event."),
+        ):
             counts, total = self.histograms.get(name, ([0] * (len(self.BUCKETS) + 1), [0.0]))
             lines += [f"# HELP {name} {what}", f"# TYPE {name} histogram"]
             running = 0
@@ -2940,8 +3254,11 @@ class Metrics:
                 le = "+Inf" if bound == float("inf") else f"{bound:g}"
                 lines.append(f'{name}_bucket{{le="{le}"}} {running}')
             lines += [f"{name}_sum {total[0]:g}", f"{name}_count {running}"]
-        lines += ["# HELP claude_proxy_active_streams Streams being relayed now.",
-                  "# TYPE claude_proxy_active_streams gauge", f"claude_proxy_active_streams {self.active_streams}"]
+        lines += [
+            "# HELP claude_proxy_active_streams Streams being relayed now.",
+            "# TYPE claude_proxy_active_streams gauge",
+            f"claude_proxy_active_streams {self.active_streams}",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -2954,8 +3271,17 @@ def _escape_label(value: str) -> str:
 
 def error_kind(fields: dict[str, Any]) -> str:
     error = str(fields.get("error", "")).lower()
-    for kind in ("client disconnected", "unreachable", "timed out", "did not answer", "sent nothing",
-                 "connection lost", "malformed", "ended before", "too long"):
+    for kind in (
+        "client disconnected",
+        "unreachable",
+        "timed out",
+        "did not answer",
+        "sent nothing",
+        "connection lost",
+        "malformed",
+        "ended before",
+        "too long",
+    ):
         if kind in error:
             return kind.replace(" ", "_")
     return f"http_{fields['status']}"
@@ -3002,14 +3328,21 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
             raise
         raise TOO_DEEP from None
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
-    builder = EventBuilder(new_id("msg_"), req.model, estimate, tool_names=tool_names,
-                           show_thinking=show_thinking, usage_scale=backend.usage_scale(route))
+    builder = EventBuilder(
+        new_id("msg_"),
+        req.model,
+        estimate,
+        tool_names=tool_names,
+        show_thinking=show_thinking,
+        usage_scale=backend.usage_scale(route),
+    )
     info = request[INFO]
     info.update(model=req.model, backend_model=route.model, provider=route.provider, stream=bool(req.stream))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:20000])
-    return Job(req.max_tokens == 0, bool(req.stream), estimate, route, provider, body, builder, request[REQUEST_ID],
-               info)
+    return Job(
+        req.max_tokens == 0, bool(req.stream), estimate, route, provider, body, builder, request[REQUEST_ID], info
+    )
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
@@ -3046,8 +3379,7 @@ def model_list(config: Config, backend: Backend) -> list[dict[str, Any]]:
         names.append(config.default_model)
     names.extend(backend.backend_models)
     seen: dict[str, None] = dict.fromkeys(names)
-    return [{"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
-            for name in seen]
+    return [{"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"} for name in seen]
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -3066,9 +3398,15 @@ async def handle_models(request: web.Request) -> web.Response:
         start = max(start, end - limit)
     page = models[start:end][:limit]
     more = start > 0 if "before_id" in query else start + len(page) < end
-    return json_response({"data": page, "has_more": more,
-                          "first_id": page[0]["id"] if page else None,
-                          "last_id": page[-1]["id"] if page else None}, request[REQUEST_ID])
+    return json_response(
+        {
+            "data": page,
+            "has_more": more,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+        },
+        request[REQUEST_ID],
+    )
 
 
 async def handle_model(request: web.Request) -> web.Response:
@@ -3080,8 +3418,9 @@ async def handle_model(request: web.Request) -> web.Response:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[METRICS].render(), content_type="text/plain",
-                        headers={"request-id": request[REQUEST_ID]})
+    return web.Response(
+        text=request.app[METRICS].render(), content_type="text/plain", headers={"request-id": request[REQUEST_ID]}
+    )
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -3131,56 +3470,95 @@ def create_app(config: Optional[Config] = None) -> web.Application:
 # 8. CLI
 # ======================================================================================
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="claude_proxy.py",
         description="Serve Anthropic's Messages API (for Claude Code and the Anthropic SDKs) on top of an "
-                    "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
-                    "variable in brackets, or in a .env file in the working directory (flags win, then the "
-                    "environment, then .env, then the defaults).")
-    p.add_argument("--host", help="address to listen on [HOST] (default 127.0.0.1; anything else exposes "
-                                  "the proxy to the network)")
+        "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
+        "variable in brackets, or in a .env file in the working directory (flags win, then the "
+        "environment, then .env, then the defaults).",
+    )
+    p.add_argument(
+        "--host", help="address to listen on [HOST] (default 127.0.0.1; anything else exposes the proxy to the network)"
+    )
     p.add_argument("--port", help="port to listen on [PORT] (default 8080)")
-    p.add_argument("--provider", help="backend kind: openai (any Chat Completions server) or ollama (native "
-                                      "/api/chat) [PROVIDER] (default ollama)")
-    p.add_argument("--base-url", help="backend base URL [PROVIDER_BASE_URL] (default http://127.0.0.1:11434 for "
-                                      "ollama, http://127.0.0.1:8000/v1 for openai: give OpenAI URLs with their /v1)")
-    p.add_argument("--api-key", help="key sent to the backend as 'Authorization: Bearer' [PROVIDER_API_KEY]; "
-                                     "the client's own key is never forwarded")
+    p.add_argument(
+        "--provider",
+        help="backend kind: openai (any Chat Completions server) or ollama (native "
+        "/api/chat) [PROVIDER] (default ollama)",
+    )
+    p.add_argument(
+        "--base-url",
+        help="backend base URL [PROVIDER_BASE_URL] (default http://127.0.0.1:11434 for "
+        "ollama, http://127.0.0.1:8000/v1 for openai: give OpenAI URLs with their /v1)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="key sent to the backend as 'Authorization: Bearer' [PROVIDER_API_KEY]; "
+        "the client's own key is never forwarded",
+    )
     p.add_argument("--model", help="backend model for client models the map does not name [DEFAULT_MODEL]")
-    p.add_argument("--model-map", help="JSON file mapping client model names or glob patterns to backend "
-                                       "models [MODEL_MAP_FILE]; MODEL_MAP_JSON may hold the same JSON inline")
-    p.add_argument("--timeout", help="seconds to wait for the backend's first byte and between chunks "
-                                     "[PROVIDER_TIMEOUT_MS, in milliseconds] (default 120)")
-    p.add_argument("--system-messages", help="what to do with role 'system' messages inside messages "
-                                             "[SYSTEM_MESSAGES]: reminder (default: wrap them in <system-reminder> "
-                                             "in the neighbouring user turn), hoist (append to the system prompt), "
-                                             "inline (keep a system message in place)")
+    p.add_argument(
+        "--model-map",
+        help="JSON file mapping client model names or glob patterns to backend "
+        "models [MODEL_MAP_FILE]; MODEL_MAP_JSON may hold the same JSON inline",
+    )
+    p.add_argument(
+        "--timeout",
+        help="seconds to wait for the backend's first byte and between chunks "
+        "[PROVIDER_TIMEOUT_MS, in milliseconds] (default 120)",
+    )
+    p.add_argument(
+        "--system-messages",
+        help="what to do with role 'system' messages inside messages "
+        "[SYSTEM_MESSAGES]: reminder (default: wrap them in <system-reminder> "
+        "in the neighbouring user turn), hoist (append to the system prompt), "
+        "inline (keep a system message in place)",
+    )
     p.add_argument("--retries", help="retries of connection failures before any byte [PROVIDER_RETRIES] (default 2)")
     p.add_argument("--max-body-mb", help="largest request body in MiB [MAX_BODY_MB] (default 32)")
-    p.add_argument("--auth-token", help="require this key from clients (x-api-key or Authorization: Bearer) "
-                                        "[PROXY_AUTH_TOKEN]")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR [LOG_LEVEL] (default INFO; DEBUG logs "
-                                       "translated requests)")
-    p.add_argument("--fetch-images", action="store_true", default=None,
-                   help="for Ollama, download image URLs in requests (http/https, at most 20 MiB each) "
-                        "[FETCH_IMAGES=1]; off by default: the proxy then fetches URLs chosen by its clients")
-    p.add_argument("--scale-usage", action="store_true", default=None,
-                   help="report input tokens scaled from the model's context window (map context_window, or "
-                        "the backend's max_model_len) to Claude's 200k, so Claude Code compacts before the "
-                        "backend overflows [SCALE_USAGE=1]; reported usage is then no longer raw")
-    p.add_argument("--count-tokens", help="heuristic (default: no backend call) or backend: count_tokens asks the "
-                                          "server's tokenizer (vLLM /tokenize, llama.cpp /apply-template + "
-                                          "/tokenize), cached, falling back to the heuristic [COUNT_TOKENS]")
+    p.add_argument(
+        "--auth-token", help="require this key from clients (x-api-key or Authorization: Bearer) [PROXY_AUTH_TOKEN]"
+    )
+    p.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING or ERROR [LOG_LEVEL] (default INFO; DEBUG logs translated requests)"
+    )
+    p.add_argument(
+        "--fetch-images",
+        action="store_true",
+        default=None,
+        help="for Ollama, download image URLs in requests (http/https, at most 20 MiB each) "
+        "[FETCH_IMAGES=1]; off by default: the proxy then fetches URLs chosen by its clients",
+    )
+    p.add_argument(
+        "--scale-usage",
+        action="store_true",
+        default=None,
+        help="report input tokens scaled from the model's context window (map context_window, or "
+        "the backend's max_model_len) to Claude's 200k, so Claude Code compacts before the "
+        "backend overflows [SCALE_USAGE=1]; reported usage is then no longer raw",
+    )
+    p.add_argument(
+        "--count-tokens",
+        help="heuristic (default: no backend call) or backend: count_tokens asks the "
+        "server's tokenizer (vLLM /tokenize, llama.cpp /apply-template + "
+        "/tokenize), cached, falling back to the heuristic [COUNT_TOKENS]",
+    )
     p.add_argument("--log-format", help="text or json (one JSON object per line) [LOG_FORMAT] (default text)")
-    p.add_argument("--check", action="store_true", help="contact the backend, send a one-token request for each "
-                                                        "mapped model, print what works, exit non-zero on failure")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="contact the backend, send a one-token request for each "
+        "mapped model, print what works, exit non-zero on failure",
+    )
     p.add_argument("--version", action="version", version=f"claude-proxy {__version__}")
     return p
 
 
-def load_config(argv: Optional[list[str]] = None, environ: Optional[dict[str, str]] = None,
-                dotenv_path: str = ".env") -> Config:
+def load_config(
+    argv: Optional[list[str]] = None, environ: Optional[dict[str, str]] = None, dotenv_path: str = ".env"
+) -> Config:
     """Flags, then environment, then .env, then defaults. Raises ConfigError on bad values."""
     args = build_parser().parse_args(argv)
     env = dict(environ if environ is not None else os.environ)
@@ -3210,8 +3588,11 @@ def load_config(argv: Optional[list[str]] = None, environ: Optional[dict[str, st
         return bool(value) if value is not None else env.get(name, "").lower() in ("1", "true", "yes", "on")
 
     timeout_ms = env.get("PROVIDER_TIMEOUT_MS")
-    timeout = number(args.timeout, "--timeout", 120.0) if args.timeout is not None else \
-        number(timeout_ms, "PROVIDER_TIMEOUT_MS", 120.0, 0.001)
+    timeout = (
+        number(args.timeout, "--timeout", 120.0)
+        if args.timeout is not None
+        else number(timeout_ms, "PROVIDER_TIMEOUT_MS", 120.0, 0.001)
+    )
     port = pick(args.port, "PORT") or "8080"
     if not port.isdigit():
         raise ConfigError(f"bad port {port!r}: must be a number 1-65535")
@@ -3246,18 +3627,31 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
     try:
         await backend.discover(force=True)
         reachable = bool(backend.backend_models)
-        rows.append(("(backend)", public_url(config.base_url),
-                     f"ok: {len(backend.backend_models)} models" if reachable else "FAIL: unreachable or no models"))
+        rows.append(
+            (
+                "(backend)",
+                public_url(config.base_url),
+                f"ok: {len(backend.backend_models)} models" if reachable else "FAIL: unreachable or no models",
+            )
+        )
         names = [n for n in config.model_map if not _GLOB_CHARS.search(n)] or ["claude-opus-5-5", "claude-haiku-5-5"]
         for name in names:
-            req = MessagesRequest(model=name, messages=[Message("user", [TextBlock("Reply with OK.")])],
-                                  max_tokens=1)
+            req = MessagesRequest(model=name, messages=[Message("user", [TextBlock("Reply with OK.")])], max_tokens=1)
             try:
                 route = await backend.route(name)
                 provider = PROVIDER_IMPLS[route.provider]
                 body, names_map = provider.body(build_conversation(req), req, route)
-                job = Job(False, False, 0, route, provider, body, EventBuilder(new_id("msg_"), name, 0, tool_names=names_map),
-                          new_id("req_"), {})
+                job = Job(
+                    False,
+                    False,
+                    0,
+                    route,
+                    provider,
+                    body,
+                    EventBuilder(new_id("msg_"), name, 0, tool_names=names_map),
+                    new_id("req_"),
+                    {},
+                )
                 await complete(backend, job)
                 rows.append((name, f"{route.model} ({route.provider})", "ok"))
             except ApiError as exc:
@@ -3279,8 +3673,12 @@ class _RequestIdFilter(logging.Filter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": self.formatTime(record), "level": record.levelname,
-               "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        out = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
         out.update(getattr(record, "fields", {}))
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
@@ -3290,8 +3688,11 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if config.log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if config.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
@@ -3311,14 +3712,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if config.check:
         return asyncio.run(run_check(config))
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.auth_token:
-        log.warning("listening on %s without --auth-token: anyone who can reach this address can use the backend",
-                    config.host)
+        log.warning(
+            "listening on %s without --auth-token: anyone who can reach this address can use the backend", config.host
+        )
     url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
-    print(f"claude-proxy {__version__} listening on {url} -> {config.provider} at {public_url(config.base_url)}\n"
-          f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=any claude", flush=True)
+    print(
+        f"claude-proxy {__version__} listening on {url} -> {config.provider} at {public_url(config.base_url)}\n"
+        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=any claude",
+        flush=True,
+    )
     try:
-        web.run_app(create_app(config), host=config.host, port=config.port, print=None,
-                    access_log=None, shutdown_timeout=5)
+        web.run_app(
+            create_app(config), host=config.host, port=config.port, print=None, access_log=None, shutdown_timeout=5
+        )
     except OSError as exc:
         sys.stderr.write(f"claude-proxy: cannot listen on {url}: {exc.strerror}\n")
         return 2

@@ -4,6 +4,7 @@ The servers run on one asyncio loop in a background thread, so tests can drive t
 official (synchronous) anthropic SDK exactly as a user would. Each fake backend serves a queue of
 scripted answers and records every request it received.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import aiohttp
 import anthropic
@@ -24,8 +26,8 @@ from aiohttp import web
 
 import claude_proxy
 
-
 # --- a loop in a thread ---------------------------------------------------------------------------
+
 
 class LoopThread:
     def __init__(self) -> None:
@@ -59,11 +61,24 @@ async def start_site(app: web.Application) -> tuple[web.AppRunner, int]:
 
 # --- what real servers send -------------------------------------------------------------------------
 
-def oai_chunk(delta: Optional[dict] = None, finish: Optional[str] = None, *, model: str = "m",
-              usage: Any = None, choices: Optional[list] = None, **extra: Any) -> dict:
+
+def oai_chunk(
+    delta: Optional[dict] = None,
+    finish: Optional[str] = None,
+    *,
+    model: str = "m",
+    usage: Any = None,
+    choices: Optional[list] = None,
+    **extra: Any,
+) -> dict:
     """One chat.completion.chunk as OpenAI/vLLM send it."""
-    chunk = {"id": "chatcmpl-7f3a9c", "object": "chat.completion.chunk", "created": 1764230400, "model": model,
-             "system_fingerprint": "fp_44709d6fcb"}
+    chunk = {
+        "id": "chatcmpl-7f3a9c",
+        "object": "chat.completion.chunk",
+        "created": 1764230400,
+        "model": model,
+        "system_fingerprint": "fp_44709d6fcb",
+    }
     if choices is None:
         choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
         choice.update(extra)
@@ -75,9 +90,13 @@ def oai_chunk(delta: Optional[dict] = None, finish: Optional[str] = None, *, mod
 
 
 def oai_usage(prompt: int = 12, completion: int = 7, cached: int = 0, reasoning: int = 0) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
 
 
 def oai_text_stream(*pieces: str, finish: str = "stop", usage: Optional[dict] = None, **extra: Any) -> list:
@@ -91,43 +110,77 @@ def oai_text_stream(*pieces: str, finish: str = "stop", usage: Optional[dict] = 
 
 def oai_tool_call_chunks(index: int, call_id: str, name: str, *arg_pieces: str) -> list:
     """OpenAI shape: first fragment has index, id, type, name and empty arguments; then argument pieces."""
-    first = oai_chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
-                                       "function": {"name": name, "arguments": ""}}]})
+    first = oai_chunk(
+        {
+            "tool_calls": [
+                {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+            ]
+        }
+    )
     rest = [oai_chunk({"tool_calls": [{"index": index, "function": {"arguments": p}}]}) for p in arg_pieces]
     return [first] + rest
 
 
-def oai_completion(content: Optional[str] = "Hi", tool_calls: Optional[list] = None, finish: str = "stop",
-                   usage: Optional[dict] = None, **message_extra: Any) -> dict:
+def oai_completion(
+    content: Optional[str] = "Hi",
+    tool_calls: Optional[list] = None,
+    finish: str = "stop",
+    usage: Optional[dict] = None,
+    **message_extra: Any,
+) -> dict:
     message = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
     if tool_calls:
         message["tool_calls"] = tool_calls
     message.update(message_extra)
-    return {"id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT", "object": "chat.completion", "created": 1741569952,
-            "model": "m", "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage or oai_usage()}
+    return {
+        "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",
+        "object": "chat.completion",
+        "created": 1741569952,
+        "model": "m",
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": usage or oai_usage(),
+    }
 
 
-def ollama_chunk(content: str = "", *, thinking: Optional[str] = None, tool_calls: Optional[list] = None,
-                 done: bool = False, done_reason: str = "stop", prompt: int = 26, completion: int = 10,
-                 model: str = "qwen3:8b") -> dict:
+def ollama_chunk(
+    content: str = "",
+    *,
+    thinking: Optional[str] = None,
+    tool_calls: Optional[list] = None,
+    done: bool = False,
+    done_reason: str = "stop",
+    prompt: int = 26,
+    completion: int = 10,
+    model: str = "qwen3:8b",
+) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if thinking is not None:
         message["thinking"] = thinking
     if tool_calls is not None:
         message["tool_calls"] = tool_calls
-    obj: dict[str, Any] = {"model": model, "created_at": "2026-11-27T10:00:00.123456789Z", "message": message,
-                           "done": done}
+    obj: dict[str, Any] = {
+        "model": model,
+        "created_at": "2026-11-27T10:00:00.123456789Z",
+        "message": message,
+        "done": done,
+    }
     if done:
-        obj.update(done_reason=done_reason, total_duration=4883583458, load_duration=1334875,
-                   prompt_eval_count=prompt, prompt_eval_duration=342546000, eval_count=completion,
-                   eval_duration=4535599000)
+        obj.update(
+            done_reason=done_reason,
+            total_duration=4883583458,
+            load_duration=1334875,
+            prompt_eval_count=prompt,
+            prompt_eval_duration=342546000,
+            eval_count=completion,
+            eval_duration=4535599000,
+        )
     return obj
 
 
 def ollama_text_stream(*pieces: str, done_reason: str = "stop", prompt: int = 26, completion: int = 10) -> list:
-    return [ollama_chunk(p) for p in pieces] + [ollama_chunk(done=True, done_reason=done_reason, prompt=prompt,
-                                                             completion=completion)]
+    return [ollama_chunk(p) for p in pieces] + [
+        ollama_chunk(done=True, done_reason=done_reason, prompt=prompt, completion=completion)
+    ]
 
 
 def sse_bytes(chunk: Any, end: bytes = b"\n\n") -> bytes:
@@ -142,9 +195,11 @@ def ndjson_bytes(obj: Any) -> bytes:
 
 # --- scripted answers -------------------------------------------------------------------------------
 
+
 @dataclass
 class SSE:
     """An OpenAI-style event stream: `data: <json>\\n\\n` per chunk, then `data: [DONE]`."""
+
     chunks: list
     done: bool = True
     delay: float = 0.0  # between chunks
@@ -155,6 +210,7 @@ class SSE:
 @dataclass
 class NDJSON:
     """Ollama's stream: one JSON object per line."""
+
     objects: list
     delay: float = 0.0
     first_delay: float = 0.0
@@ -163,6 +219,7 @@ class NDJSON:
 @dataclass
 class Reply:
     """A plain HTTP answer (JSON errors, non-streaming bodies, HTML pages)."""
+
     status: int = 200
     body: Any = None  # dict/list -> JSON; str/bytes as is
     headers: dict = field(default_factory=dict)
@@ -183,10 +240,13 @@ class FakeBackend:
         self.script: list[Any] = []
         self.requests: list[dict] = []
         self.headers: list[dict] = []
-        self.models_openai = [{"id": "qwen3-coder", "object": "model", "created": 1700000000, "owned_by": "vllm",
-                               "max_model_len": 32768}]
-        self.models_ollama = [{"name": "qwen3:8b", "model": "qwen3:8b", "size": 5200000000},
-                              {"name": "qwen3:1.7b", "model": "qwen3:1.7b", "size": 1400000000}]
+        self.models_openai = [
+            {"id": "qwen3-coder", "object": "model", "created": 1700000000, "owned_by": "vllm", "max_model_len": 32768}
+        ]
+        self.models_ollama = [
+            {"name": "qwen3:8b", "model": "qwen3:8b", "size": 5200000000},
+            {"name": "qwen3:1.7b", "model": "qwen3:1.7b", "size": 1400000000},
+        ]
         self.disconnects = 0
         self.tokenizer: Optional[str] = None  # None, "vllm" or "llamacpp": which /tokenize it serves
         self.port = 0
@@ -212,15 +272,17 @@ class FakeBackend:
             return web.json_response({"count": 321, "max_model_len": 32768, "tokens": list(range(321))})
         if self.tokenizer == "llamacpp" and "content" in body:
             return web.json_response({"tokens": list(range(len(body["content"].split())))})
-        return web.json_response({"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}},
-                                 status=404)
+        return web.json_response(
+            {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}, status=404
+        )
 
     async def apply_template(self, request: web.Request) -> web.Response:
         body = await request.json()
         if self.tokenizer != "llamacpp":
             return web.Response(status=404, text="Not Found")
-        return web.json_response({"prompt": " ".join(m["content"] for m in body["messages"]
-                                                     if isinstance(m.get("content"), str))})
+        return web.json_response(
+            {"prompt": " ".join(m["content"] for m in body["messages"] if isinstance(m.get("content"), str))}
+        )
 
     async def openai_models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": self.models_openai})
@@ -233,12 +295,24 @@ class FakeBackend:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         ollama = request.path == "/api/chat"
-        answer = self.script.pop(0) if self.script else (
-            NDJSON(ollama_text_stream("Hello", "!")) if ollama else SSE(oai_text_stream("Hello", "!")))
-        if body.get("stream") and not ollama and not (body.get("stream_options") or {}).get("include_usage") \
-                and isinstance(answer, SSE):
-            answer = SSE([c for c in answer.chunks if not (isinstance(c, dict) and c.get("choices") == [])],
-                         answer.done, answer.delay, answer.first_delay, answer.crlf)
+        answer = (
+            self.script.pop(0)
+            if self.script
+            else (NDJSON(ollama_text_stream("Hello", "!")) if ollama else SSE(oai_text_stream("Hello", "!")))
+        )
+        if (
+            body.get("stream")
+            and not ollama
+            and not (body.get("stream_options") or {}).get("include_usage")
+            and isinstance(answer, SSE)
+        ):
+            answer = SSE(
+                [c for c in answer.chunks if not (isinstance(c, dict) and c.get("choices") == [])],
+                answer.done,
+                answer.delay,
+                answer.first_delay,
+                answer.crlf,
+            )
         if callable(answer):
             return await answer(request)
         try:
@@ -247,9 +321,11 @@ class FakeBackend:
                 data = answer.body
                 if isinstance(data, (dict, list)):
                     data = json.dumps(data)
-                return web.Response(status=answer.status, body=data if isinstance(data, bytes) else
-                                    (data or "").encode(), headers={"content-type": answer.content_type,
-                                                                    **answer.headers})
+                return web.Response(
+                    status=answer.status,
+                    body=data if isinstance(data, bytes) else (data or "").encode(),
+                    headers={"content-type": answer.content_type, **answer.headers},
+                )
             if isinstance(answer, SSE):
                 resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
                 await resp.prepare(request)
@@ -313,8 +389,13 @@ def make_stack(loop_thread):
         runners.append(runner)
         backend.port = port
         base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
-        options = {"provider": provider, "base_url": base, "default_model": "backend-model", "timeout": 5.0,
-                   "ping_interval": 10.0}
+        options = {
+            "provider": provider,
+            "base_url": base,
+            "default_model": "backend-model",
+            "timeout": 5.0,
+            "ping_interval": 10.0,
+        }
         options.update(overrides)
         config = claude_proxy.Config(**options)
         app = claude_proxy.create_app(config)
@@ -338,8 +419,10 @@ def provider(request) -> str:
 
 # --- talking to the proxy -----------------------------------------------------------------------------
 
-def http(stack: Stack, method: str, path: str, body: Any = None, headers: Optional[dict] = None,
-         timeout: float = 10) -> tuple[int, dict, str]:
+
+def http(
+    stack: Stack, method: str, path: str, body: Any = None, headers: Optional[dict] = None, timeout: float = 10
+) -> tuple[int, dict, str]:
     """A raw HTTP call to the proxy -> (status, headers with lower-case names, text). For what the SDK cannot
     send or would hide."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -388,12 +471,14 @@ async def _read_stream(url: str, body: dict, headers: Optional[dict], stop: Opti
     return status, hdrs, "", blocks
 
 
-def raw_stream(stack: Stack, body: dict, headers: Optional[dict] = None, stop: Optional[Callable] = None,
-               timeout: float = 10) -> tuple[int, dict, str, list[tuple[float, str, dict]]]:
+def raw_stream(
+    stack: Stack, body: dict, headers: Optional[dict] = None, stop: Optional[Callable] = None, timeout: float = 10
+) -> tuple[int, dict, str, list[tuple[float, str, dict]]]:
     """POST a streaming request with aiohttp, reading events as they come -> (status, headers, error text,
     [(seconds since sent, event, data)]). stop(raw event block) -> True: the client hangs up after that event."""
-    status, hdrs, text, blocks = stack.loop.run(_read_stream(stack.proxy_url, {**body, "stream": True}, headers,
-                                                             stop), timeout)
+    status, hdrs, text, blocks = stack.loop.run(
+        _read_stream(stack.proxy_url, {**body, "stream": True}, headers, stop), timeout
+    )
     return status, hdrs, text, [(t, *parse_event(block.strip("\r\n"))) for t, block in blocks]
 
 

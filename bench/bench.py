@@ -29,7 +29,19 @@ Targets for (c): streaming throughput >= 70% of (b), non-streaming >= 80% of (b)
 generator itself may be the limit (see cli%): then CPU ms/request is the fairer comparison.
 Exit status: 1 if any response failed validation (or, with --strict, a target was missed).
 """
-import argparse, asyncio, ctypes, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,29 +54,49 @@ PROXY = HERE.parent / "claude_proxy.py"
 MODEL = "bench-model"
 
 # ------------------------------------------------------------------------------ the canned answer
-TEXT = ("I'll run both commands in parallel and then summarise what they printed for you.\n\n"
-        "The first printed \"one\" and the second printed \"two\" — both exited cleanly, so next I'll "
-        "list the working directory. Then I'll check the file sizes and report back.")
+TEXT = (
+    "I'll run both commands in parallel and then summarise what they printed for you.\n\n"
+    'The first printed "one" and the second printed "two" — both exited cleanly, so next I\'ll '
+    "list the working directory. Then I'll check the file sizes and report back."
+)
 TEXT_PIECES = [w if i == 0 else " " + w for i, w in enumerate(TEXT.split(" "))]  # ~ one token each
 TOOL_ID, TOOL_NAME = "call_bench9f3c2a7e", "Bash"
-TOOL_ARGS = {"command": "ls -la \"$PWD\" | head -n 20", "description": "List the directory — first 20"}
+TOOL_ARGS = {"command": 'ls -la "$PWD" | head -n 20', "description": "List the directory — first 20"}
 ARGS_JSON = json.dumps(TOOL_ARGS)
-ARG_PIECES = [ARGS_JSON[i * len(ARGS_JSON) // 4:(i + 1) * len(ARGS_JSON) // 4] for i in range(4)]
-USAGE = {"prompt_tokens": 14210, "completion_tokens": 71, "total_tokens": 14281,
-         "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
+ARG_PIECES = [ARGS_JSON[i * len(ARGS_JSON) // 4 : (i + 1) * len(ARGS_JSON) // 4] for i in range(4)]
+USAGE = {
+    "prompt_tokens": 14210,
+    "completion_tokens": 71,
+    "total_tokens": 14281,
+    "prompt_tokens_details": {"cached_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 0},
+}
 HEAD = {"id": "chatcmpl-bench0123456789", "created": 1764230400, "model": MODEL, "system_fingerprint": "fp_bench"}
 
 
 def openai_chunks(include_usage):
     """The streamed answer as wire bytes, one item per SSE event (B.6 of PROTOCOL.md)."""
+
     def chunk(delta, finish=None):
         extra = {"usage": None} if include_usage else {}
-        return dict(HEAD, object="chat.completion.chunk", **extra,
-                    choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        return dict(
+            HEAD,
+            object="chat.completion.chunk",
+            **extra,
+            choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        )
+
     out = [chunk({"role": "assistant", "content": "", "refusal": None})]
     out += [chunk({"content": p}) for p in TEXT_PIECES]
-    out.append(chunk({"tool_calls": [{"index": 0, "id": TOOL_ID, "type": "function",
-                                      "function": {"name": TOOL_NAME, "arguments": ""}}]}))
+    out.append(
+        chunk(
+            {
+                "tool_calls": [
+                    {"index": 0, "id": TOOL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": ""}}
+                ]
+            }
+        )
+    )
     out += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in ARG_PIECES]
     out.append(chunk({}, "tool_calls"))
     if include_usage:
@@ -73,10 +105,28 @@ def openai_chunks(include_usage):
 
 
 N_CHUNKS = len(openai_chunks(True)) - 1  # data events before [DONE], usage chunk included: 50
-NONSTREAM_BODY = json.dumps(dict(HEAD, object="chat.completion", usage=USAGE, choices=[{
-    "index": 0, "logprobs": None, "finish_reason": "tool_calls", "message": {
-        "role": "assistant", "content": TEXT, "refusal": None, "tool_calls": [
-            {"id": TOOL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": ARGS_JSON}}]}}])).encode()
+NONSTREAM_BODY = json.dumps(
+    dict(
+        HEAD,
+        object="chat.completion",
+        usage=USAGE,
+        choices=[
+            {
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": TEXT,
+                    "refusal": None,
+                    "tool_calls": [
+                        {"id": TOOL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": ARGS_JSON}}
+                    ],
+                },
+            }
+        ],
+    )
+).encode()
 
 
 # ------------------------------------------------------------------------------ server roles (subprocesses)
@@ -90,12 +140,30 @@ def serve_backend(port, chunk_delay):
         req = json.loads(raw)  # a real backend parses the body too
         fault = raw.partition(b"<bench-fault:")[2].partition(b">")[0]  # --soak marks requests in a user text
         if fault == b"http500":
-            return web.json_response({"error": {"message": "bench backend: injected failure", "type": "server_error",
-                                                "param": None, "code": None}}, status=500)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "bench backend: injected failure",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=500,
+            )
         if req.get("model") != MODEL or not req.get("messages") or not req.get("tools"):
             stats["bad"] += 1
-            return web.json_response({"error": {"message": "bench backend: unexpected request shape",
-                                                "type": "invalid_request_error", "param": None, "code": None}}, status=400)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "bench backend: unexpected request shape",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=400,
+            )
         if not req.get("stream"):
             return web.Response(body=NONSTREAM_BODY, content_type="application/json")
         stats["streamed"] += 1
@@ -128,15 +196,19 @@ def serve_backend(port, chunk_delay):
 
 def serve_passthrough(port, upstream):
     async def session(app):
-        app["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
-                                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        app["s"] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
         yield
         await app["s"].close()
 
     async def relay(request):
         body = await request.read()
-        async with request.app["s"].post(upstream + request.path_qs, data=body,
-                                         headers={"Content-Type": request.content_type}) as r:
+        async with request.app["s"].post(
+            upstream + request.path_qs, data=body, headers={"Content-Type": request.content_type}
+        ) as r:
             resp = web.StreamResponse(status=r.status, headers={"Content-Type": r.headers.get("Content-Type", "")})
             await resp.prepare(request)
             async for data in r.content.iter_any():
@@ -159,15 +231,33 @@ def openai_equivalent(a, stream):
         for b in blocks:
             if b["type"] == "tool_result":
                 c = b["content"]
-                msgs.append({"role": "tool", "tool_call_id": b["tool_use_id"],
-                             "content": c if isinstance(c, str) else "\n".join(x.get("text", "") for x in c)})
+                msgs.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": b["tool_use_id"],
+                        "content": c if isinstance(c, str) else "\n".join(x.get("text", "") for x in c),
+                    }
+                )
         texts = [b["text"] for b in blocks if b["type"] == "text"]
-        calls = [{"id": b["id"], "type": "function", "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
-                 for b in blocks if b["type"] == "tool_use"]
+        calls = [
+            {"id": b["id"], "type": "function", "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
+            for b in blocks
+            if b["type"] == "tool_use"
+        ]
         if texts or calls:
-            msgs.append(dict({"role": m["role"], "content": "\n\n".join(texts) or None}, **({"tool_calls": calls} if calls else {})))
-    tools = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
-                                               "parameters": t["input_schema"]}} for t in a["tools"]]
+            msgs.append(
+                dict(
+                    {"role": m["role"], "content": "\n\n".join(texts) or None},
+                    **({"tool_calls": calls} if calls else {}),
+                )
+            )
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": t["name"], "description": t.get("description", ""), "parameters": t["input_schema"]},
+        }
+        for t in a["tools"]
+    ]
     body = {"model": MODEL, "messages": msgs, "tools": tools, "max_tokens": 32000, "stream": stream}
     return dict(body, stream_options={"include_usage": True}) if stream else body
 
@@ -188,8 +278,12 @@ def check_openai_stream(data):
 def check_openai_json(data):
     ch = json.loads(data)["choices"][0]
     tc = ch["message"]["tool_calls"][0]["function"]
-    if ch["message"]["content"] != TEXT or tc["name"] != TOOL_NAME or json.loads(tc["arguments"]) != TOOL_ARGS \
-            or ch["finish_reason"] != "tool_calls":
+    if (
+        ch["message"]["content"] != TEXT
+        or tc["name"] != TOOL_NAME
+        or json.loads(tc["arguments"]) != TOOL_ARGS
+        or ch["finish_reason"] != "tool_calls"
+    ):
         return "content, tool call or finish_reason differ"
 
 
@@ -247,8 +341,12 @@ def check_anthropic_json(data):
     m = json.loads(data)
     text = "".join(b["text"] for b in m["content"] if b["type"] == "text")
     tools = [b for b in m["content"] if b["type"] == "tool_use"]
-    if m.get("type") != "message" or m.get("role") != "assistant" or m.get("stop_reason") != "tool_use" \
-            or not isinstance(m.get("usage", {}).get("output_tokens"), int):
+    if (
+        m.get("type") != "message"
+        or m.get("role") != "assistant"
+        or m.get("stop_reason") != "tool_use"
+        or not isinstance(m.get("usage", {}).get("output_tokens"), int)
+    ):
         return f"bad message envelope type={m.get('type')!r} stop_reason={m.get('stop_reason')!r}"
     if text != TEXT or len(tools) != 1 or tools[0]["name"] != TOOL_NAME or tools[0]["input"] != TOOL_ARGS:
         return "content differs"
@@ -275,8 +373,14 @@ class Procs:
 
     def start(self, name, argv, port, timeout=20.0):
         with open(self.logdir / f"{name}.log", "wb") as log:
-            p = self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                    preexec_fn=_child_setup, cwd=HERE.parent)
+            p = self.procs[name] = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_child_setup,
+                cwd=HERE.parent,
+            )
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if p.poll() is not None:
@@ -350,7 +454,7 @@ async def one(session, t, res):
     res["sent"] += 1
     if err:
         res["errors"] += 1
-        res["samples"] += [err][:3 - len(res["samples"])]
+        res["samples"] += [err][: 3 - len(res["samples"])]
     else:
         res["lat"].append(t1 - t0)
         res["ttfe"].append(first - t0)
@@ -372,8 +476,11 @@ async def run_phase(t, concurrency, duration, max_requests, max_seconds):
             res["rss_peak"] = max(res["rss_peak"], rss_mb(t.pid))
             await asyncio.sleep(0.1)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), auto_decompress=False,
-                                     timeout=aiohttp.ClientTimeout(total=max_seconds + 30)) as s:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency),
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=max_seconds + 30),
+    ) as s:
         sampler = asyncio.create_task(sample_rss())
         cpu0, own0, w0 = cpu_seconds(t.pid), sum(os.times()[:2]), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))  # bounded: each request times out too
@@ -393,14 +500,21 @@ async def backend_stats(url):
 async def bench_target(t, a):
     """Warm up, then a loaded run at --concurrency and an unloaded one at concurrency 1."""
     b0 = await backend_stats(t.backend)
-    phases = [await run_phase(t, a.concurrency, None, 2 * a.concurrency, 10),
-              await run_phase(t, a.concurrency, a.duration, a.requests, a.max_phase_seconds),
-              await run_phase(t, 1, None, a.solo_requests, a.max_phase_seconds)]
+    phases = [
+        await run_phase(t, a.concurrency, None, 2 * a.concurrency, 10),
+        await run_phase(t, a.concurrency, a.duration, a.requests, a.max_phase_seconds),
+        await run_phase(t, 1, None, a.solo_requests, a.max_phase_seconds),
+    ]
     b1 = await backend_stats(t.backend)
     r = {k: sum((p[k] for p in phases), [] if k == "samples" else 0) for k in ("sent", "errors", "samples")}
     served, good = b1["requests"] - b0["requests"], r["sent"] - r["errors"]
-    r.update(load=phases[1], solo=phases[2], bad=b1["bad"] - b0["bad"], served=served,
-             streamed=b1["streamed"] - b0["streamed"])
+    r.update(
+        load=phases[1],
+        solo=phases[2],
+        bad=b1["bad"] - b0["bad"],
+        served=served,
+        streamed=b1["streamed"] - b0["streamed"],
+    )
     if served < good:
         r["errors"] += 1
         r["samples"].append(f"backend served {served} requests for {good} good responses (cached or faked?)")
@@ -421,17 +535,41 @@ def proxy_problem():
 def start_servers(procs, a, chunk_delay_ms=0.0):
     me, ports = [sys.executable, str(Path(__file__).resolve())], {n: free_port() for n in ["backend"] + a.targets}
     backend = f"http://127.0.0.1:{ports['backend']}"
-    pids = {"backend": procs.start("backend", me + ["--role", "backend", "--port", str(ports["backend"]),
-                                                    "--chunk-delay-ms", str(chunk_delay_ms)], ports["backend"])}
+    pids = {
+        "backend": procs.start(
+            "backend",
+            me + ["--role", "backend", "--port", str(ports["backend"]), "--chunk-delay-ms", str(chunk_delay_ms)],
+            ports["backend"],
+        )
+    }
     if "passthrough" in a.targets:
-        pids["passthrough"] = procs.start("passthrough", me + ["--role", "passthrough", "--port",
-                                                               str(ports["passthrough"]), "--upstream", backend], ports["passthrough"])
+        pids["passthrough"] = procs.start(
+            "passthrough",
+            me + ["--role", "passthrough", "--port", str(ports["passthrough"]), "--upstream", backend],
+            ports["passthrough"],
+        )
     if "proxy" in a.targets and (why := proxy_problem()):
         print(f"!! skipping (c) claude_proxy: {why}")
         a.targets.remove("proxy")
     elif "proxy" in a.targets:
-        pids["proxy"] = procs.start("proxy", [sys.executable, str(PROXY), "--provider", "openai", "--base-url", backend + "/v1",
-                                              "--model", MODEL, "--port", str(ports["proxy"]), "--log-level", "warning"], ports["proxy"])
+        pids["proxy"] = procs.start(
+            "proxy",
+            [
+                sys.executable,
+                str(PROXY),
+                "--provider",
+                "openai",
+                "--base-url",
+                backend + "/v1",
+                "--model",
+                MODEL,
+                "--port",
+                str(ports["proxy"]),
+                "--log-level",
+                "warning",
+            ],
+            ports["proxy"],
+        )
     return backend, ports, pids
 
 
@@ -445,52 +583,88 @@ def make_target(name, stream, ports, pids, backend):
         headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
         body, url = openai_equivalent(fixture["body"], stream), f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
         check = check_openai_stream if stream else check_openai_json
-    return SimpleNamespace(url=url, body=json.dumps(body).encode(), headers=headers, check=check, pid=pids[name], backend=backend)
+    return SimpleNamespace(
+        url=url, body=json.dumps(body).encode(), headers=headers, check=check, pid=pids[name], backend=backend
+    )
 
 
 # ------------------------------------------------------------------------------ reporting and entry points
 def report(results, idle, after, a):
     label = {"backend": "(a) backend", "passthrough": "(b) passthrough", "proxy": "(c) claude_proxy"}
-    print(f"\nloaded = concurrency {a.concurrency} for {a.duration}s; c=1 = {a.solo_requests} sequential requests; times in ms;"
-          + (f" backend pauses {a.chunk_delay_ms:g} ms between chunks;" if a.chunk_delay_ms else "")
-          + "\ncpu = CPU ms/request of the server under test; rss in MB; cli% = load generator CPU (100 = it is the limit)")
-    hdr = (f"{'mode':<9}{'target':<17}{'req/s':>7}{'lat50':>7}{'lat99':>7}{'ttfe50':>7}{'ttfe99':>7} |{'c=1 lat50':>10}"
-           f"{'lat99':>6}{'ttfe50':>7}{'ttfe99':>7} |{'cpu':>6}{'rss':>6}{'peak':>6}{'cli%':>5}{'errs':>5}")
+    print(
+        f"\nloaded = concurrency {a.concurrency} for {a.duration}s; "
+        f"c=1 = {a.solo_requests} sequential requests; times in ms;"
+        + (f" backend pauses {a.chunk_delay_ms:g} ms between chunks;" if a.chunk_delay_ms else "")
+        + "\ncpu = CPU ms/request of the server under test; rss in MB; "
+        "cli% = load generator CPU (100 = it is the limit)"
+    )
+    hdr = (
+        f"{'mode':<9}{'target':<17}{'req/s':>7}{'lat50':>7}{'lat99':>7}{'ttfe50':>7}{'ttfe99':>7} |{'c=1 lat50':>10}"
+        f"{'lat99':>6}{'ttfe50':>7}{'ttfe99':>7} |{'cpu':>6}{'rss':>6}{'peak':>6}{'cli%':>5}{'errs':>5}"
+    )
     print(hdr + "\n" + "-" * len(hdr))
     for mode, per in results.items():
         for name, r in per.items():
             L, S = r["load"], r["solo"]
-            print(f"{mode:<9}{label[name]:<17}{L['rps']:>7.0f}" + "".join(f"{pct(L[k], q):>7.1f}" for k in ("lat", "ttfe") for q in (.5, .99))
-                  + " |" + "".join(f"{pct(S[k], q):>{w}.2f}" for k, q, w in (("lat", .5, 10), ("lat", .99, 6), ("ttfe", .5, 7), ("ttfe", .99, 7)))
-                  + f" |{L['cpu_ms']:>6.2f}{idle[name]:>6.1f}{max(L['rss_peak'], S['rss_peak']):>6.1f}{L['client_pct']:>5.0f}{r['errors']:>5}")
+            print(
+                f"{mode:<9}{label[name]:<17}{L['rps']:>7.0f}"
+                + "".join(f"{pct(L[k], q):>7.1f}" for k in ("lat", "ttfe") for q in (0.5, 0.99))
+                + " |"
+                + "".join(
+                    f"{pct(S[k], q):>{w}.2f}"
+                    for k, q, w in (("lat", 0.5, 10), ("lat", 0.99, 6), ("ttfe", 0.5, 7), ("ttfe", 0.99, 7))
+                )
+                + f" |{L['cpu_ms']:>6.2f}{idle[name]:>6.1f}{max(L['rss_peak'], S['rss_peak']):>6.1f}"
+                f"{L['client_pct']:>5.0f}{r['errors']:>5}"
+            )
     misses = []
     for mode, per in [(m, p) for m, p in results.items() if "proxy" in p]:
         c = per["proxy"]
         print(f"\n[{mode}] claude_proxy (c) against the baselines; added ms = c minus baseline")
         for base in [b for b in ("backend", "passthrough") if b in per]:
             B = per[base]
-            d = lambda ph, k, q: pct(c[ph][k], q) - pct(B[ph][k], q)  # noqa: E731
-            print(f"  c/{label[base][1]}: throughput {c['load']['rps'] / B['load']['rps']:.2f}x, cpu/request "
-                  f"{c['load']['cpu_ms'] / max(B['load']['cpu_ms'], 1e-9):.1f}x; added c=1 lat p50 {d('solo', 'lat', .5):+.2f} "
-                  f"p99 {d('solo', 'lat', .99):+.2f} ttfe p50 {d('solo', 'ttfe', .5):+.2f}; loaded lat p50 "
-                  f"{d('load', 'lat', .5):+.1f} p99 {d('load', 'lat', .99):+.1f}")
+
+            def d(ph, k, q, c=c, B=B):
+                return pct(c[ph][k], q) - pct(B[ph][k], q)
+
+            print(
+                f"  c/{label[base][1]}: throughput {c['load']['rps'] / B['load']['rps']:.2f}x, cpu/request "
+                f"{c['load']['cpu_ms'] / max(B['load']['cpu_ms'], 1e-9):.1f}x; "
+                f"added c=1 lat p50 {d('solo', 'lat', 0.5):+.2f} "
+                f"p99 {d('solo', 'lat', 0.99):+.2f} ttfe p50 {d('solo', 'ttfe', 0.5):+.2f}; loaded lat p50 "
+                f"{d('load', 'lat', 0.5):+.1f} p99 {d('load', 'lat', 0.99):+.1f}"
+            )
         checks = []
         if "passthrough" in per:
             want, got = (0.70 if mode == "stream" else 0.80), c["load"]["rps"] / per["passthrough"]["load"]["rps"]
             checks.append((f"throughput >= {want:.0%} of passthrough: {got:.0%}", got >= want))
-        for what, ph, k, q, limit in (("latency", "solo", "lat", .5, 2), ("latency", "solo", "lat", .99, 10),
-                                      ("TTFE", "solo", "ttfe", .5, 2)):
-            vs = {x: pct(c[ph][k], q) - pct(per[b][ph][k], q) for x, b in (("a", "backend"), ("b", "passthrough")) if b in per}
+        for what, ph, k, q, limit in (
+            ("latency", "solo", "lat", 0.5, 2),
+            ("latency", "solo", "lat", 0.99, 10),
+            ("TTFE", "solo", "ttfe", 0.5, 2),
+        ):
+            vs = {
+                x: pct(c[ph][k], q) - pct(per[b][ph][k], q)
+                for x, b in (("a", "backend"), ("b", "passthrough"))
+                if b in per
+            }
             if "a" in vs:  # the target is against going direct to (a); (b) shows what the bare hop costs
-                checks.append((f"added {what} p{int(q * 100)} (c=1) <= {limit} ms: {vs['a']:+.2f} vs a"
-                               + (f", {vs['b']:+.2f} vs b" if "b" in vs else ""), vs["a"] <= limit))
+                checks.append(
+                    (
+                        f"added {what} p{int(q * 100)} (c=1) <= {limit} ms: {vs['a']:+.2f} vs a"
+                        + (f", {vs['b']:+.2f} vs b" if "b" in vs else ""),
+                        vs["a"] <= limit,
+                    )
+                )
         for what, ok in checks:
             print(f"  {'PASS' if ok else 'MISS'}  {what}")
             misses += [] if ok else [f"{mode}: {what}"]
     if "proxy" in idle:
         ok = idle["proxy"] < 80
-        print(f"\n  {'PASS' if ok else 'MISS'}  proxy RSS idle < 80 MB: {idle['proxy']:.1f} MB "
-              f"(after the runs: {after['proxy']:.1f} MB)")
+        print(
+            f"\n  {'PASS' if ok else 'MISS'}  proxy RSS idle < 80 MB: {idle['proxy']:.1f} MB "
+            f"(after the runs: {after['proxy']:.1f} MB)"
+        )
         misses += [] if ok else ["RSS idle"]
     return misses
 
@@ -505,16 +679,20 @@ async def main_bench(a, procs):
             print(f"running {mode:<9} {name:<12} ...", end=" ", flush=True)
             r = results[mode][name] = await bench_target(make_target(name, mode == "stream", ports, pids, backend), a)
             errors += r["errors"]
-            print(f"{r['load']['rps']:.0f} req/s, {r['sent']} requests, {r['errors']} errors; the backend served "
-                  f"{r['served']} ({r['streamed']} streamed" + (f", {r['bad']} rejected)" if r["bad"] else ")"))
+            print(
+                f"{r['load']['rps']:.0f} req/s, {r['sent']} requests, {r['errors']} errors; the backend served "
+                f"{r['served']} ({r['streamed']} streamed" + (f", {r['bad']} rejected)" if r["bad"] else ")")
+            )
             for s in r["samples"]:
                 print("    error:", s)
             if procs.procs[name].poll() is not None:
                 raise RuntimeError(f"{name} died (exit {procs.procs[name].returncode}):\n{procs.tail(name)}")
     other = (foreign_cpu(pids) - other0) * 100 / (time.perf_counter() - w0)
     misses = report(results, idle, {n: rss_mb(p) for n, p in pids.items()}, a)
-    print(f"\nother processes used {other:.0f}% of a core ({os.cpu_count()} cores) during the runs"
-          + (": the numbers are skewed, run again on a quiet machine" if other > 15 else ""))
+    print(
+        f"\nother processes used {other:.0f}% of a core ({os.cpu_count()} cores) during the runs"
+        + (": the numbers are skewed, run again on a quiet machine" if other > 15 else "")
+    )
     if errors:
         print(f"\nserver logs: {procs.logdir}")
     return 1 if errors or (a.strict and misses) else 0
@@ -531,15 +709,22 @@ async def main_stress(a, procs):
     rss0, b0, w0 = rss_mb(t.pid), await backend_stats(backend), time.perf_counter()
     r = await run_phase(t, n, None, n, 120)  # n workers, one stream each, all started at once
     wall, st = time.perf_counter() - w0, await backend_stats(backend)
-    print(f"  {len(r['lat'])} ok, {r['errors']} errors in {wall:.2f}s (one stream alone takes >= "
-          f"{N_CHUNKS * delay_ms:.0f} ms)\n  stream duration p50 {pct(r['lat'], .5):.0f} ms "
-          f"p99 {pct(r['lat'], .99):.0f} ms; ttfe p50 {pct(r['ttfe'], .5):.0f} ms p99 {pct(r['ttfe'], .99):.0f} ms")
-    print(f"  backend: served {st['requests'] - b0['requests']}, max concurrent streams {st['max_inflight']}, "
-          f"rejected {st['bad'] - b0['bad']}\n  {a.stress_target}: cpu {r['cpu_ms']:.2f} ms/stream, "
-          f"rss {rss0:.1f} MB idle -> {r['rss_peak']:.1f} MB peak -> {rss_mb(t.pid):.1f} MB after")
+    print(
+        f"  {len(r['lat'])} ok, {r['errors']} errors in {wall:.2f}s (one stream alone takes >= "
+        f"{N_CHUNKS * delay_ms:.0f} ms)\n  stream duration p50 {pct(r['lat'], 0.5):.0f} ms "
+        f"p99 {pct(r['lat'], 0.99):.0f} ms; ttfe p50 {pct(r['ttfe'], 0.5):.0f} ms p99 {pct(r['ttfe'], 0.99):.0f} ms"
+    )
+    print(
+        f"  backend: served {st['requests'] - b0['requests']}, max concurrent streams {st['max_inflight']}, "
+        f"rejected {st['bad'] - b0['bad']}\n  {a.stress_target}: cpu {r['cpu_ms']:.2f} ms/stream, "
+        f"rss {rss0:.1f} MB idle -> {r['rss_peak']:.1f} MB peak -> {rss_mb(t.pid):.1f} MB after"
+    )
     for e in r["samples"]:
         print("  error:", e)
-    print(f"  {'PASS' if r['errors'] == 0 else 'FAIL'}: errors must be 0" + (f" (server logs: {procs.logdir})" if r["errors"] else ""))
+    print(
+        f"  {'PASS' if r['errors'] == 0 else 'FAIL'}: errors must be 0"
+        + (f" (server logs: {procs.logdir})" if r["errors"] else "")
+    )
     return 1 if r["errors"] else 0
 
 
@@ -555,8 +740,9 @@ def soak_body(t, fault=None, **override):
     body = dict(json.loads(t.body), **override)
     if fault:
         first = body["messages"][0]
-        body["messages"] = [dict(first, content=[{"type": "text", "text": f"<bench-fault:{fault}>"}] + first["content"])] \
-            + body["messages"][1:]
+        body["messages"] = [
+            dict(first, content=[{"type": "text", "text": f"<bench-fault:{fault}>"}] + first["content"])
+        ] + body["messages"][1:]
     return json.dumps(body).encode()
 
 
@@ -564,8 +750,18 @@ def anthropic_error(kind):
     return lambda data: None if json.loads(data).get("error", {}).get("type") == kind else f"expected error type {kind}"
 
 
-SOAK_MIX = ["stream", "nonstream", "stream", "disconnect", "stream", "invalid", "stream", "backend_500",
-            "nonstream", "backend_break"]  # request i is SOAK_MIX[i % 10]
+SOAK_MIX = [
+    "stream",
+    "nonstream",
+    "stream",
+    "disconnect",
+    "stream",
+    "invalid",
+    "stream",
+    "backend_500",
+    "nonstream",
+    "backend_break",
+]  # request i is SOAK_MIX[i % 10]
 
 
 async def soak_one(s, t, kind, body, status, check):
@@ -588,16 +784,31 @@ async def main_soak(a, procs):
     if "proxy" not in pids:
         return 1
     (ts, tn), n = (make_target("proxy", stream, ports, pids, backend) for stream in (True, False)), a.soak_requests
-    cases = {"stream": (ts.body, 200, ts.check), "nonstream": (tn.body, 200, tn.check),
-             "disconnect": (soak_body(ts, "slow"), 200,  # the backend paces this stream: the client leaves mid-way
-                            lambda d: None if d.startswith(b"event: message_start") else "no message_start"),
-             "invalid": (soak_body(ts, messages="x"), 400, anthropic_error("invalid_request_error")),
-             "backend_500": (soak_body(ts, "http500"), 500, anthropic_error("api_error")),
-             "backend_break": (soak_body(ts, "break"), 200, lambda d: None if b"event: error" in d and b"message_stop" not in d
-                               else f"no event: error at the end: {d[-200:]!r}")}
+    cases = {
+        "stream": (ts.body, 200, ts.check),
+        "nonstream": (tn.body, 200, tn.check),
+        "disconnect": (
+            soak_body(ts, "slow"),
+            200,  # the backend paces this stream: the client leaves mid-way
+            lambda d: None if d.startswith(b"event: message_start") else "no message_start",
+        ),
+        "invalid": (soak_body(ts, messages="x"), 400, anthropic_error("invalid_request_error")),
+        "backend_500": (soak_body(ts, "http500"), 500, anthropic_error("api_error")),
+        "backend_break": (
+            soak_body(ts, "break"),
+            200,
+            lambda d: (
+                None
+                if b"event: error" in d and b"message_stop" not in d
+                else f"no event: error at the end: {d[-200:]!r}"
+            ),
+        ),
+    }
     res = {"ok": dict.fromkeys(cases, 0), "bad": dict.fromkeys(cases, 0), "samples": []}
-    print(f"soak: {n} requests at concurrency {a.soak_concurrency} through the proxy; mix per 10 requests: "
-          + ", ".join(f"{SOAK_MIX.count(k)} {k}" for k in cases))
+    print(
+        f"soak: {n} requests at concurrency {a.soak_concurrency} through the proxy; mix per 10 requests: "
+        + ", ".join(f"{SOAK_MIX.count(k)} {k}" for k in cases)
+    )
     w0 = time.perf_counter()
     deadline = w0 + 300  # hard cap; the budget is ~2 minutes
 
@@ -610,9 +821,13 @@ async def main_soak(a, procs):
                 err = await soak_one(s, ts, kind, *cases[kind])
                 res["bad" if err else "ok"][kind] += 1
                 if err:
-                    res["samples"] += [f"#{i} {kind}: {err}"][:5 - len(res["samples"])]
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=a.soak_concurrency), auto_decompress=False,
-                                         timeout=aiohttp.ClientTimeout(total=30)) as s:  # closed: no idle keep-alives
+                    res["samples"] += [f"#{i} {kind}: {err}"][: 5 - len(res["samples"])]
+
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=a.soak_concurrency),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as s:  # closed: no idle keep-alives
             await asyncio.gather(*(worker() for _ in range(a.soak_concurrency)))
         await asyncio.sleep(1.0)  # idle: in-flight work on the proxy finishes
         return rss_mb(ts.pid), fd_count(ts.pid)
@@ -622,19 +837,31 @@ async def main_soak(a, procs):
     wall, st = time.perf_counter() - w0, await backend_stats(backend)
     done = sum(res["ok"].values()) + sum(res["bad"].values())
     unexpected = sum(res["bad"].values()) + n - done
-    print("  " + ", ".join(f"{k} {res['ok'][k]} ok" + (f" / {res['bad'][k]} UNEXPECTED" if res["bad"][k] else "")
-                           for k in cases) + f"; unexpected {unexpected}"
-          + (f" ({n - done} not sent: 300 s cap)" if done < n else ""))
+    print(
+        "  "
+        + ", ".join(
+            f"{k} {res['ok'][k]} ok" + (f" / {res['bad'][k]} UNEXPECTED" if res["bad"][k] else "") for k in cases
+        )
+        + f"; unexpected {unexpected}"
+        + (f" ({n - done} not sent: 300 s cap)" if done < n else "")
+    )
     for e in res["samples"]:
         print("  error:", e)
-    print(f"  {done} requests in {wall:.1f}s, the 2 idle pauses included ({done / (wall - 2):.0f} req/s)"
-          + (" — OVER the ~2 minute budget" if wall > 120 else "")
-          + f"; backend served {st['requests']}, streams still open there after the idle pause: {st['inflight']}")
+    print(
+        f"  {done} requests in {wall:.1f}s, the 2 idle pauses included ({done / (wall - 2):.0f} req/s)"
+        + (" — OVER the ~2 minute budget" if wall > 120 else "")
+        + f"; backend served {st['requests']}, streams still open there after the idle pause: {st['inflight']}"
+    )
     rss_ok, fd_ok = end[0] <= warm[0] * 1.10, 0 <= end[1] <= warm[1] + 5
-    print(f"  proxy after warm-up ({n // 5} requests + 1 s idle): rss {warm[0]:.1f} MB, {warm[1]} fds; at the end "
-          f"(+1 s idle): rss {end[0]:.1f} MB ({(end[0] / warm[0] - 1) * 100:+.1f}%), {end[1]} fds ({end[1] - warm[1]:+d})")
-    for what, ok in (("rss at the end <= warm-up + 10%", rss_ok), ("open fds at the end <= warm-up + 5", fd_ok),
-                     ("every request got the expected outcome", unexpected == 0)):
+    print(
+        f"  proxy after warm-up ({n // 5} requests + 1 s idle): rss {warm[0]:.1f} MB, {warm[1]} fds; at the end "
+        f"(+1 s idle): rss {end[0]:.1f} MB ({(end[0] / warm[0] - 1) * 100:+.1f}%), {end[1]} fds ({end[1] - warm[1]:+d})"
+    )
+    for what, ok in (
+        ("rss at the end <= warm-up + 10%", rss_ok),
+        ("open fds at the end <= warm-up + 5", fd_ok),
+        ("every request got the expected outcome", unexpected == 0),
+    ):
         print(f"  {'PASS' if ok else 'FAIL'}  {what}")
     ok = rss_ok and fd_ok and unexpected == 0 and procs.procs["proxy"].poll() is None
     print(f"  {'PASS' if ok else 'FAIL'}" + ("" if ok else f" (server logs: {procs.logdir})"))
@@ -645,17 +872,25 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per loaded run (default 5)")
-    p.add_argument("--requests", type=int, help="end each loaded run after N requests instead (capped by --max-phase-seconds)")
+    p.add_argument(
+        "--requests", type=int, help="end each loaded run after N requests instead (capped by --max-phase-seconds)"
+    )
     p.add_argument("--solo-requests", type=int, default=200, help="requests in each concurrency-1 run (default 200)")
     p.add_argument("--max-phase-seconds", type=float, default=30.0, help="hard cap for any one run (default 30)")
     p.add_argument("--modes", default="stream,nonstream", help="comma list (default stream,nonstream)")
-    p.add_argument("--targets", default="backend,passthrough,proxy", help="comma list (default backend,passthrough,proxy)")
+    p.add_argument(
+        "--targets", default="backend,passthrough,proxy", help="comma list (default backend,passthrough,proxy)"
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed, too")
     p.add_argument("--stress", action="store_true", help="only the stress test: concurrent streams, errors must be 0")
     p.add_argument("--stress-streams", type=int, default=500)
-    p.add_argument("--chunk-delay-ms", type=float, help="backend pause between stream chunks (default 0; 2 with --stress)")
+    p.add_argument(
+        "--chunk-delay-ms", type=float, help="backend pause between stream chunks (default 0; 2 with --stress)"
+    )
     p.add_argument("--stress-target", default="proxy", choices=["proxy", "passthrough"])
-    p.add_argument("--soak", action="store_true", help="only the soak test: requests mixed with faults, no leaks allowed")
+    p.add_argument(
+        "--soak", action="store_true", help="only the soak test: requests mixed with faults, no leaks allowed"
+    )
     p.add_argument("--soak-requests", type=int, default=10000)
     p.add_argument("--soak-concurrency", type=int, default=16)
     for hidden in ("--role", "--port", "--upstream"):  # used by the server subprocesses
@@ -674,10 +909,13 @@ def main():
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, asyncio.current_task().cancel)
         try:
-            return await (main_soak(a, procs) if a.soak else main_stress(a, procs) if a.stress else main_bench(a, procs))
+            return await (
+                main_soak(a, procs) if a.soak else main_stress(a, procs) if a.stress else main_bench(a, procs)
+            )
         except asyncio.CancelledError:
             print("\ninterrupted", file=sys.stderr)
             return 130
+
     try:
         rc = asyncio.run(guarded())
     except RuntimeError as e:
