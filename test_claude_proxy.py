@@ -1806,12 +1806,12 @@ def test_json_prefix_nothing_safe_after_a_break():
 def test_event_builder_broken_arguments_always_valid_json(fragments):
     """Pure fold: whatever fragments arrive, the concatenated input_json_delta parses as an object."""
     ev = cp.EventBuilder("msg_test", "m", 1)
-    ev.start()
-    ev.tool(0, "call_aaaaaaaa0001", "Read", "")
+    ev.start_message()
+    ev.tool_fragment(0, "call_aaaaaaaa0001", "Read", "")
     for piece in fragments:
-        ev.tool(0, None, None, piece)
-    ev.finish("tool_calls")
-    ev.end()
+        ev.tool_fragment(0, None, None, piece)
+    ev.backend_stop("tool_calls")
+    ev.end_message()
     events = ev.take()
     joined = "".join(
         d["delta"]["partial_json"]
@@ -1841,7 +1841,7 @@ def test_repair_never_invents_members(text, expected):
 def test_keys_are_held_back_until_their_value_begins():
     check = cp.JsonPrefix()
     assert check.feed('{"pa') == 1 and check.feed('th": "a') == 11 and check.feed('.txt", "x": tr') == 16
-    assert check.feed("ue}") == 28 and check.complete
+    assert check.feed("ue}") == 28 and check.is_whole
 
 
 @pytest.mark.parametrize(
@@ -1853,14 +1853,14 @@ def test_keys_are_held_back_until_their_value_begins():
     ],
 )
 def test_snapshots_told_apart_from_deltas(fragments, expected):
-    call = cp._Call(0)
+    call = cp.ToolCall(0)
     for fragment in fragments:
         call.add(fragment)
     assert json.loads(call.args) == expected
 
 
 def test_escape_split_across_fragments():
-    call = cp._Call(0)
+    call = cp.ToolCall(0)
     for fragment in ['{"content": "x = 1\\', "nprint(x)", '",\n  "file_path": "a.py"}']:
         call.add(fragment)
     assert json.loads(call.args) == {"content": "x = 1\nprint(x)", "file_path": "a.py"}
@@ -1892,11 +1892,11 @@ _JSON_VALUES = st.recursive(
 
 def _streamed_arguments(fragments: list, reason: str) -> list:
     ev = cp.EventBuilder("msg_1", "m", 10)
-    ev.start()
+    ev.start_message()
     for fragment in fragments:
-        ev.tool(0, "call_abcdefgh", "name", fragment)
-    ev.finish(reason)
-    ev.end()
+        ev.tool_fragment(0, "call_abcdefgh", "name", fragment)
+    ev.backend_stop(reason)
+    ev.end_message()
     return [
         d["delta"]["partial_json"]
         for name, d in ev.take()
