@@ -4068,3 +4068,148 @@ def test_parse_request_never_crashes_unit():
             assert exc.status == 400 and exc.type == "invalid_request_error"
 
     check()
+
+
+# ======================================================================================
+# Stream framing (sans-I/O decoders), the fold's parts, request records and error kinds
+# ======================================================================================
+
+
+def _feed_all(frames, pieces):
+    out = []
+    for piece in pieces:
+        out += frames.feed(piece)
+    return out + frames.flush()
+
+
+@pytest.mark.parametrize("cut", range(1, 40))
+def test_sse_frames_split_anywhere_crlf_comments_and_done(cut):
+    wire = (
+        b': ping\r\n\r\nevent: chunk\r\ndata: {"a":1}\r\n\r\nid: 7\ndata:{"b":2}\n\ndata: [DONE]\n\ndata: {"late":1}\n'
+    )
+    frames = cp.SSEFrames()
+    assert _feed_all(frames, [wire[:cut], wire[cut:]]) == [b'{"a":1}', b'{"b":2}'] and frames.done
+
+
+@pytest.mark.parametrize(
+    "tail, payloads",
+    [
+        (b": keep-alive", []),  # a comment without its newline at the very end
+        (b'data: {"c":3}', [b'{"c":3}']),  # a last data line without its newline
+        (b"data: [DONE]", []),
+        (b"event: ping", []),
+    ],
+)
+def test_sse_frames_tail_without_newline(tail, payloads):
+    frames = cp.SSEFrames()
+    assert frames.feed(b'data: {"a":1}\n\n' + tail) == [b'{"a":1}']
+    assert frames.flush() == payloads
+
+
+def test_line_frames_ndjson_blank_lines_tail_and_cap(monkeypatch):
+    frames = cp.LineFrames()
+    assert frames.feed(b'{"a":1}\n\n{"b"') == [b'{"a":1}'] and frames.feed(b":2}\r\n") == [b'{"b":2}\r']
+    assert frames.feed(b'{"c":3}') == [] and frames.flush() == [b'{"c":3}'] and not frames.done
+    monkeypatch.setattr(cp, "MAX_LINE_BYTES", 16)
+    with pytest.raises(cp.ApiError) as err:
+        cp.LineFrames().feed(b"x" * 17)
+    assert err.value.status == 502 and err.value.kind == "oversized"
+
+
+def test_whole_body_frames_is_one_payload_and_done():
+    frames = cp.WholeBody()
+    assert frames.feed(b'{"choices": ') == [] and frames.feed(b"[]}") == []
+    assert frames.flush() == [b'{"choices": []}'] and frames.done
+
+
+def test_framing_is_chosen_by_content_type_then_provider():
+    openai, ollama = cp.PROVIDER_IMPLS["openai"], cp.PROVIDER_IMPLS["ollama"]
+    assert isinstance(cp.framing("application/json", openai), cp.WholeBody)
+    assert type(cp.framing("text/event-stream", openai)) is cp.SSEFrames
+    assert type(cp.framing("application/x-ndjson", ollama)) is cp.LineFrames
+
+
+def test_sse_answer_ending_in_a_comment_without_newline_is_not_a_502(make_stack):
+    """Regression: a complete answer whose last line is `: keep-alive` with no newline was 'malformed JSON'."""
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("fine") + [b": keep-alive"], done=False))
+    msg = stack.client().messages.create(model="m", max_tokens=10, messages=USER_HI)
+    assert msg.content[0].text == "fine" and msg.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("cut", range(0, 12))
+def test_think_tags_split_at_every_position(cut):
+    text = "<think>why</think>so"
+    tags = cp.ThinkTags()
+    pieces = tags.feed(text[:cut]) + tags.feed(text[cut:]) + tags.flush()
+    joined = {kind: "".join(p for k, p in pieces if k == kind) for kind in ("thinking", "text")}
+    assert joined == {"thinking": "why", "text": "so"}
+
+
+def test_think_tags_only_at_the_start():
+    tags = cp.ThinkTags()
+    assert tags.feed("  hello <think>") == [("text", "  hello <think>")] and tags.state == "off"
+    assert tags.feed("<think>x") == [("text", "<think>x")]
+
+
+def test_tool_calls_whole_calls_get_their_own_keys():
+    calls = cp.ToolCalls()
+    a = calls.whole("id_aaaaaaaa", "Bash", {"command": "ls"})
+    b = calls.whole("id_aaaaaaaa", "Bash", None)
+    assert a is not b and a.args == '{"command":"ls"}' and b.args == "{}"
+    assert calls.pending() == [a, b]
+
+
+def test_outcome_is_the_same_for_streaming_and_the_log(make_stack, provider, caplog):
+    """One result value: the final message_delta, the non-streaming message and the log line agree."""
+    stack = make_stack(provider)
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    for stream in (True, False):
+        stack.backend.queue(text_answer(provider, "a", "b"))
+        if stream:
+            with stack.client().messages.stream(model="m", max_tokens=10, messages=USER_HI) as s:
+                msg = s.get_final_message()
+        else:
+            msg = stack.client().messages.create(model="m", max_tokens=10, messages=USER_HI)
+        line = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("path") == "/v1/messages"][-1]
+        assert line["stop"] == msg.stop_reason == "end_turn"
+        assert (line["input_tokens"], line["output_tokens"]) == (msg.usage.input_tokens, msg.usage.output_tokens)
+        assert line["stream"] is stream
+
+
+def _backend_errors(stack) -> dict:
+    _, _, text = http(stack, "GET", "/metrics")
+    return {
+        line.split("kind=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("claude_proxy_backend_errors_total{")
+    }
+
+
+def test_backend_error_metrics_count_backend_failures_by_kind_only(make_stack):
+    """Regression: a client's invalid request (never sent) was counted as a backend error `http_400`."""
+    stack = make_stack("openai")
+    assert http(stack, "POST", "/v1/messages", {"model": "m", "messages": []})[0] == 400
+    assert _backend_errors(stack) == {}
+    stack.backend.queue(Reply(503, {"error": {"message": "busy"}}))
+    with pytest.raises(anthropic.APIStatusError):
+        stack.client(max_retries=0).messages.create(model="m", max_tokens=10, messages=USER_HI)
+    stack.backend.queue(SSE(oai_text_stream("cut", finish=None), done=False))
+    with pytest.raises(anthropic.APIStatusError):
+        stack.client(max_retries=0).messages.create(model="m", max_tokens=10, messages=USER_HI)
+    assert _backend_errors(stack) == {"http_503": 1, "truncated": 1}
+
+
+def test_connect_timeout_has_its_own_kind(make_stack, monkeypatch):
+    """Regression: a connect timeout was counted as `http_504`."""
+    stack = make_stack("openai")
+
+    async def never_connects(*args, **kwargs):
+        raise cp._CONNECT_TIMEOUT("connect timed out")
+
+    if cp._CONNECT_TIMEOUT == ():
+        pytest.skip("this aiohttp does not tell connect timeouts apart")
+    monkeypatch.setattr(stack.app[cp.BACKEND].session, "post", never_connects)
+    status, _, body = http(stack, "POST", "/v1/messages", req())
+    assert status == 504 and "could not connect" in body and "is it running" in body
+    assert _backend_errors(stack) == {"connect_timeout": 1}
