@@ -1630,123 +1630,137 @@ class JsonPrefix:
     def feed(self, s: str) -> int:
         """Consume s; return the new `safe` length (of everything fed so far)."""
         i, n, base, st = 0, len(s), self.fed, self.state
-        if self.state == _BROKEN:
+        if st == _BROKEN:
             self.fed += n
             return self.safe
         while i < n:
             st = self.state
             if st == _IN_STRING:
-                m = _STR_STOP.search(s, i)
-                if m is None:
-                    i = n
+                i = self._string(s, i, base)
+                if self.state == _BROKEN:
                     break
-                if self.high_at >= 0 and m.start() != i:
-                    self.state = _BROKEN  # a high surrogate escape not followed by its low half
-                    break
-                i = m.start()
-                c = s[i]
-                if self.high_at >= 0 and c != "\\":
-                    self.state = _BROKEN
-                    break
-                if c == '"':
-                    self.state = _EXPECT_COLON if self.in_key else _AFTER_VALUE
-                elif c == "\\":
-                    self.state, self.held = _IN_ESCAPE, base + i
-                else:
-                    self.state = _BROKEN
-                    break
-                i += 1
                 continue
             c = s[i]
             if st == _IN_ESCAPE:
-                if c == "u":
-                    self.state, self.uni, self.code = _IN_UNICODE, 0, 0
-                elif c in '"\\/bfnrt' and self.high_at < 0:
-                    self.state = _IN_STRING
-                else:
-                    self.state = _BROKEN
-                    break
-                i += 1
-                continue
-            if st == _IN_UNICODE:
-                if c not in _HEX:
-                    self.state = _BROKEN
-                    break
-                self.uni += 1
-                self.code = self.code * 16 + int(c, 16)
-                if self.uni == 4:
-                    self.state = _IN_STRING
-                    if 0xD800 <= self.code <= 0xDBFF and self.high_at < 0:
-                        self.high_at = self.held
-                    elif 0xDC00 <= self.code <= 0xDFFF and self.high_at >= 0:
-                        self.high_at = -1
-                    elif 0xD800 <= self.code <= 0xDFFF or self.high_at >= 0:
-                        self.state = _BROKEN  # half a surrogate pair
+                self._escape(c)
+            elif st == _IN_UNICODE:
+                self._unicode(c)
+            else:
+                if st == _IN_LITERAL:
+                    if c in _LITERAL_CHARS:
+                        self.lit += c
+                        i += 1
+                        continue
+                    if not _LITERAL.fullmatch(self.lit):
+                        self.state = _BROKEN
                         break
-                i += 1
-                continue
-            if st == _IN_LITERAL:
-                if c in _LITERAL_CHARS:
-                    self.lit += c
+                    self.state = st = _AFTER_VALUE
+                    self.lit = ""
+                if c in " \t\r\n":
                     i += 1
                     continue
-                if not _LITERAL.fullmatch(self.lit):
-                    self.state = _BROKEN
-                    break
-                self.state, self.lit = _AFTER_VALUE, ""
-                st = _AFTER_VALUE
-            if c in " \t\r\n":
-                i += 1
-                continue
-            if st in (_EXPECT_VALUE, _EXPECT_ITEM_OR_CLOSE):
-                if st == _EXPECT_ITEM_OR_CLOSE and c == "]":
-                    self.stack.pop()
-                    self.state = _AFTER_VALUE
-                elif not self.stack and c != "{":
-                    self.state = _BROKEN  # the top level must be an object
-                elif c == "{":
-                    self.stack.append("}")
-                    self.state = _EXPECT_KEY_OR_CLOSE
-                elif c == "[":
-                    self.stack.append("]")
-                    self.state = _EXPECT_ITEM_OR_CLOSE
-                elif c == '"':
-                    self.state, self.in_key = _IN_STRING, False
-                elif c in _LITERAL_CHARS:  # held from the comma before it, if any: `[1,` may end there
-                    self.state, self.lit, self.held = _IN_LITERAL, c, self.comma if self.comma >= 0 else base + i
-                else:
-                    self.state = _BROKEN
-            elif st in (_EXPECT_KEY_OR_CLOSE, _EXPECT_KEY):
-                if c == '"':  # the member begins at its comma, if any: `{"a": 1, "b` may end there
-                    self.state, self.in_key = _IN_STRING, True
-                    self.key_start = self.comma if self.comma >= 0 else base + i
-                elif c == "}" and st == _EXPECT_KEY_OR_CLOSE:
-                    self.stack.pop()
-                    self.state = _AFTER_VALUE
-                else:
-                    self.state = _BROKEN
-            elif st == _EXPECT_COLON:
-                self.state = _EXPECT_VALUE if c == ":" else _BROKEN
-            elif st == _AFTER_VALUE:
-                if not self.stack:
-                    self.state = _BROKEN  # trailing text after the object
-                elif c == ",":
-                    self.state = _EXPECT_KEY if self.stack[-1] == "}" else _EXPECT_VALUE
-                elif c == self.stack[-1]:
-                    self.stack.pop()
-                else:
-                    self.state = _BROKEN
+                self._structure(st, c, base + i)
+                if self.state != _BROKEN:
+                    self.comma = base + i if c == "," else -1
             if self.state == _BROKEN:
                 break
-            self.comma = base + i if c == "," else -1
             i += 1
         self.fed = base + n
+        self._hold_back(st, base + i)
+        return self.safe
+
+    def _string(self, s: str, i: int, base: int) -> int:
+        """Inside a string: skip to its next quote, backslash or control character; the index to go on from."""
+        m = _STR_STOP.search(s, i)
+        if m is None:
+            return len(s)
+        if self.high_at >= 0 and (m.start() != i or m.group() != "\\"):
+            self.state = _BROKEN  # a high surrogate escape not followed by its low half
+            return i
+        i = m.start()
+        c = s[i]
+        if c == '"':
+            self.state = _EXPECT_COLON if self.in_key else _AFTER_VALUE
+        elif c == "\\":
+            self.state, self.held = _IN_ESCAPE, base + i
+        else:
+            self.state = _BROKEN  # a raw control character
+            return i
+        return i + 1
+
+    def _escape(self, c: str) -> None:
+        if c == "u":
+            self.state, self.uni, self.code = _IN_UNICODE, 0, 0
+        elif c in '"\\/bfnrt' and self.high_at < 0:
+            self.state = _IN_STRING
+        else:
+            self.state = _BROKEN
+
+    def _unicode(self, c: str) -> None:
+        if c not in _HEX:
+            self.state = _BROKEN
+            return
+        self.uni += 1
+        self.code = self.code * 16 + int(c, 16)
+        if self.uni < 4:
+            return
+        self.state = _IN_STRING
+        if 0xD800 <= self.code <= 0xDBFF and self.high_at < 0:
+            self.high_at = self.held
+        elif 0xDC00 <= self.code <= 0xDFFF and self.high_at >= 0:
+            self.high_at = -1
+        elif 0xD800 <= self.code <= 0xDFFF or self.high_at >= 0:
+            self.state = _BROKEN  # half a surrogate pair
+
+    def _structure(self, st: int, c: str, at: int) -> None:
+        """A character outside strings and literals (not white space), at position `at`."""
+        if st in (_EXPECT_VALUE, _EXPECT_ITEM_OR_CLOSE):
+            if st == _EXPECT_ITEM_OR_CLOSE and c == "]":
+                self.stack.pop()
+                self.state = _AFTER_VALUE
+            elif not self.stack and c != "{":
+                self.state = _BROKEN  # the top level must be an object
+            elif c == "{":
+                self.stack.append("}")
+                self.state = _EXPECT_KEY_OR_CLOSE
+            elif c == "[":
+                self.stack.append("]")
+                self.state = _EXPECT_ITEM_OR_CLOSE
+            elif c == '"':
+                self.state, self.in_key = _IN_STRING, False
+            elif c in _LITERAL_CHARS:  # held from the comma before it, if any: `[1,` may end there
+                self.state, self.lit, self.held = _IN_LITERAL, c, self.comma if self.comma >= 0 else at
+            else:
+                self.state = _BROKEN
+        elif st in (_EXPECT_KEY_OR_CLOSE, _EXPECT_KEY):
+            if c == '"':  # the member begins at its comma, if any: `{"a": 1, "b` may end there
+                self.state, self.in_key = _IN_STRING, True
+                self.key_start = self.comma if self.comma >= 0 else at
+            elif c == "}" and st == _EXPECT_KEY_OR_CLOSE:
+                self.stack.pop()
+                self.state = _AFTER_VALUE
+            else:
+                self.state = _BROKEN
+        elif st == _EXPECT_COLON:
+            self.state = _EXPECT_VALUE if c == ":" else _BROKEN
+        elif st == _AFTER_VALUE:
+            if not self.stack:
+                self.state = _BROKEN  # trailing text after the object
+            elif c == ",":
+                self.state = _EXPECT_KEY if self.stack[-1] == "}" else _EXPECT_VALUE
+            elif c == self.stack[-1]:
+                self.stack.pop()
+            else:
+                self.state = _BROKEN
+
+    def _hold_back(self, st: int, stopped_at: int) -> None:
+        """Set `safe` (the invariant above): `st` is the state before the last character read."""
         if self.state in (_IN_LITERAL, _IN_ESCAPE, _IN_UNICODE) or (
             self.state == _BROKEN and st in (_IN_LITERAL, _IN_ESCAPE, _IN_UNICODE)
         ):
             self.safe = self.held  # a literal or escape not yet known to be valid is held back
         elif self.state == _BROKEN:
-            self.safe = base + i
+            self.safe = stopped_at
         else:
             self.safe = self.fed
         if self.comma >= 0:
@@ -1755,7 +1769,6 @@ class JsonPrefix:
             self.safe = min(self.safe, self.key_start)
         if self.high_at >= 0:
             self.safe = min(self.safe, self.high_at)
-        return self.safe
 
     def _in_member(self, state: int) -> bool:
         """Inside an object member whose value has not begun soundly: its key may not be sent yet."""
@@ -2442,7 +2455,6 @@ def stream_error(error: Any) -> ApiError:
 
 
 class Provider:
-    name: str
     chat_path: str
     models_path: str
     framing: str  # "sse" or "ndjson"
@@ -2457,7 +2469,7 @@ class Provider:
 
 
 class OpenAIProvider(Provider):
-    name, chat_path, models_path, framing = "openai", "/chat/completions", "/models", "sse"
+    chat_path, models_path, framing = "/chat/completions", "/models", "sse"
     decode = staticmethod(openai_decode)
 
     def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
@@ -2478,7 +2490,7 @@ class OpenAIProvider(Provider):
 
 
 class OllamaProvider(Provider):
-    name, chat_path, models_path, framing = "ollama", "/api/chat", "/api/tags", "ndjson"
+    chat_path, models_path, framing = "/api/chat", "/api/tags", "ndjson"
     decode = staticmethod(ollama_decode)
 
     def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
