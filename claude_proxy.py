@@ -2736,7 +2736,7 @@ class WholeBody:
         return [bytes(self.buf)]
 
 
-def framing(content_type: str, provider: Provider) -> Union[LineFrames, WholeBody]:
+def frames_for(content_type: str, provider: Provider) -> Union[LineFrames, WholeBody]:
     """The decoder for a backend response, from its content type and the provider's stream format."""
     if "json" in content_type and "ndjson" not in content_type:
         return WholeBody()
@@ -3134,7 +3134,7 @@ async def pump(resp: Optional[aiohttp.ClientResponse], ex: Exchange, emit: Any) 
     if resp is None:
         ev.backend_stop("length")
     else:
-        frames = framing(resp.headers.get("content-type", ""), ex.provider)
+        frames = frames_for(resp.headers.get("content-type", ""), ex.provider)
         async for data in resp.content.iter_any():
             payloads = frames.feed(data)
             if payloads:

@@ -4124,9 +4124,9 @@ def test_whole_body_frames_is_one_payload_and_done():
 
 def test_framing_is_chosen_by_content_type_then_provider():
     openai, ollama = cp.PROVIDER_IMPLS["openai"], cp.PROVIDER_IMPLS["ollama"]
-    assert isinstance(cp.framing("application/json", openai), cp.WholeBody)
-    assert type(cp.framing("text/event-stream", openai)) is cp.SSEFrames
-    assert type(cp.framing("application/x-ndjson", ollama)) is cp.LineFrames
+    assert isinstance(cp.frames_for("application/json", openai), cp.WholeBody)
+    assert type(cp.frames_for("text/event-stream", openai)) is cp.SSEFrames
+    assert type(cp.frames_for("application/x-ndjson", ollama)) is cp.LineFrames
 
 
 def test_sse_answer_ending_in_a_comment_without_newline_is_not_a_502(make_stack):
