@@ -157,10 +157,260 @@ def public_url(url: str) -> str:
 PROVIDERS = ("openai", "ollama")
 DEFAULT_BASE_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000/v1"}
 SYSTEM_MESSAGE_STRATEGIES = ("reminder", "hoist", "inline")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_MAP_KEYS = ("model", "provider", "base_url", "api_key_env", "max_tokens", "context_window", "reasoning_history")
 
 
 class ConfigError(Exception):
     """Bad configuration: reported as one line on stderr, exit code 2."""
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """KEY=VALUE lines; `export`, comments, blank lines and single/double quotes are understood."""
+    values = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            continue
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def load_model_map(path: Optional[str], inline: Optional[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for source, text in (
+        ("MODEL_MAP_FILE " + str(path), _read_file(path, "model map") if path else None),
+        ("MODEL_MAP_JSON", inline),
+    ):
+        if not text:
+            continue
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: must be a JSON object of model name -> backend model")
+        data.pop("_comment", None)
+        result.update(data)
+    return result
+
+
+def _read_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+# --- the option table: each setting once -----------------------------------------------------------
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"bad port {text!r}: must be a number 1-65535")
+    return int(text)
+
+
+def _port_range(value: int) -> Optional[str]:
+    return None if isinstance(value, int) and 1 <= value <= 65535 else f"bad port {value}: must be 1-65535"
+
+
+def _fresh(default: Any) -> Any:
+    return type(default)(default) if isinstance(default, (dict, list)) else default
+
+
+def _positive(value: float) -> Optional[str]:
+    return None if value > 0 else f"must be positive, got {value:g}"
+
+
+def _model_map(given: Optional[str], env: typing.Mapping[str, str]) -> dict[str, Any]:
+    return load_model_map(given or env.get("MODEL_MAP_FILE") or None, env.get("MODEL_MAP_JSON"))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting, once: its Config field, flag, environment variables, default, parsing, check and help.
+    OPTIONS drives Config (fields, defaults, validation), build_parser() (flags, --help), load_config()
+    (flags, then environment, then .env, then the default) and the README's table (a test compares them)."""
+
+    name: str  # the Config field
+    flag: Optional[str]  # None, and no env: set only through Config(...) (tests, create_app callers)
+    env: tuple[str, ...]  # the first one set wins
+    default: Any  # in Config's units (seconds, bytes)
+    help: str
+    parse: typing.Callable[[str], Any] = str  # flag/environment text -> value; ValueError: a ConfigError naming it
+    choices: tuple[str, ...] = ()
+    check: Optional[typing.Callable[[Any], Optional[str]]] = None  # value -> what is wrong with it, or None
+    switch: bool = False  # a flag without a value; the environment says 1/true/yes/on
+    scale: float = 1  # Config value per unit given (MiB -> bytes)
+    unit: str = ""  # of the flag's value, for --help and the README
+    env_scale: Optional[float] = None  # when the environment variable has its own unit (milliseconds)
+    env_unit: str = ""
+    shown: Optional[str] = None  # the default as --help and the README show it, when not derived from `default`
+    read: Optional[typing.Callable[[Optional[str], typing.Mapping[str, str]], Any]] = None  # (flag text, env) -> value
+
+    @property
+    def where(self) -> str:
+        return " / ".join(([self.flag] if self.flag else []) + list(self.env)) or self.name
+
+    def shown_default(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.switch:
+            return "on" if self.default else "off"
+        if self.default is None or self.default in ("", {}):
+            return "none"
+        if isinstance(self.default, (int, float)):
+            return f"{self.default / self.scale:g}" + (f" {self.unit}" if self.unit else "")
+        return str(self.default)
+
+    def help_text(self) -> str:
+        env = ", ".join(f"{name}=1" if self.switch else name for name in self.env)
+        if env and self.env_unit:
+            env += f", in {self.env_unit}"
+        shown = self.shown_default()
+        text = self.help + (f" [{env}]" if env else "")
+        text += f" (default {shown})" if shown and not self.switch and self.default is not None else ""
+        return text.replace("%", "%%")  # argparse formats help with %
+
+    def value(self, given: Any, env: typing.Mapping[str, str]) -> Any:
+        """The flag's text (None: not given), else the first environment variable set, else the default."""
+        if self.read:
+            return self.read(given, env)
+        source, text, scale = self.flag, given, self.scale
+        if given is None:
+            source = next((name for name in self.env if env.get(name)), None)
+            if source is None:
+                return _fresh(self.default)
+            text = env[source]
+            scale = self.env_scale or self.scale
+        if self.switch:
+            return given if given is not None else text.lower() in ("1", "true", "yes", "on")
+        try:
+            value = self.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        if scale != 1:
+            value *= scale
+        return int(value) if type(self.default) is int else value
+
+    def validate(self, value: Any) -> None:
+        if self.choices and value not in self.choices:
+            raise ConfigError(
+                f"unknown {self.name.replace('_', ' ')} {value!r} ({self.where}): use one of {', '.join(self.choices)}"
+            )
+        problem = self.check(value) if self.check else None
+        if problem:
+            raise ConfigError(f"{self.where}: {problem}")
+
+
+OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag, env, default, help, ...)
+    Option("host", "--host", ("HOST",), "127.0.0.1", "address to listen on (anything else exposes the proxy)"),
+    Option("port", "--port", ("PORT",), 8080, "port to listen on", parse=_port, check=_port_range),
+    Option(
+        "provider", "--provider", ("PROVIDER",), "ollama",
+        "backend kind: openai (any Chat Completions server) or ollama (native /api/chat)",
+        parse=str.lower, choices=PROVIDERS,
+    ),
+    Option(
+        "base_url", "--base-url", ("PROVIDER_BASE_URL",), "",
+        "backend base URL (give OpenAI-compatible URLs with their /v1)",
+        shown=", ".join(f"{url} ({name})" for name, url in DEFAULT_BASE_URLS.items()),
+    ),
+    Option(
+        "api_key", "--api-key", ("PROVIDER_API_KEY",), None,
+        "key sent to the backend as 'Authorization: Bearer'; the client's own key is never forwarded",
+    ),
+    Option("default_model", "--model", ("DEFAULT_MODEL",), None, "backend model for names the map does not know"),
+    Option(
+        "model_map", "--model-map", ("MODEL_MAP_FILE", "MODEL_MAP_JSON"), {},
+        "JSON file mapping client model names or glob patterns to backend models; MODEL_MAP_JSON may hold the "
+        "same JSON inline",
+        read=_model_map,
+    ),
+    Option(
+        "timeout", "--timeout", ("PROVIDER_TIMEOUT_MS",), 120.0,
+        "seconds to wait for the backend's first byte and between chunks",
+        parse=_number, check=_positive, unit="s", env_scale=0.001, env_unit="ms",
+    ),
+    Option(
+        "system_messages", "--system-messages", ("SYSTEM_MESSAGES",), "reminder",
+        "what to do with role 'system' messages inside messages: reminder (wrap them in <system-reminder> in the "
+        "neighbouring user turn), hoist (append to the system prompt), inline (keep a system message in place)",
+        choices=SYSTEM_MESSAGE_STRATEGIES,
+    ),
+    Option(
+        "retries", "--retries", ("PROVIDER_RETRIES",), 2, "retries of connection failures before any byte",
+        parse=_number,
+    ),
+    Option(
+        "max_body_bytes", "--max-body-mb", ("MAX_BODY_MB",), 32 << 20, "largest request body",
+        parse=_number, scale=1 << 20, unit="MiB",
+    ),
+    Option(
+        "auth_token", "--auth-token", ("PROXY_AUTH_TOKEN",), None,
+        "require this key from clients (x-api-key or Authorization: Bearer)",
+    ),
+    Option(
+        "log_level", "--log-level", ("LOG_LEVEL",), "INFO",
+        "DEBUG, INFO, WARNING, ERROR or CRITICAL (DEBUG logs translated requests)",
+        parse=str.upper, choices=LOG_LEVELS,
+    ),
+    Option(
+        "log_format", "--log-format", ("LOG_FORMAT",), "text", "text or json (one JSON object per line)",
+        parse=str.lower, choices=("text", "json"),
+    ),
+    Option(
+        "count_tokens", "--count-tokens", ("COUNT_TOKENS",), "heuristic",
+        "heuristic (no backend call) or backend: count_tokens asks the server's tokenizer (vLLM /tokenize, "
+        "llama.cpp /apply-template + /tokenize), cached, falling back to the heuristic",
+        parse=str.lower, choices=("heuristic", "backend"),
+    ),
+    Option(
+        "scale_usage", "--scale-usage", ("SCALE_USAGE",), False,
+        "report input tokens scaled from the model's context window (map context_window, or the backend's "
+        "max_model_len) to Claude's 200k, so Claude Code compacts before the backend overflows; reported usage "
+        "is then no longer raw",
+        switch=True,
+    ),
+    Option(
+        "fetch_images", "--fetch-images", ("FETCH_IMAGES",), False,
+        "for Ollama (it accepts only base64), download image URLs in requests (http/https, at most 20 MiB each); "
+        "off by default: the proxy then fetches URLs chosen by its clients",
+        switch=True,
+    ),
+    Option(
+        "check", "--check", (), False,
+        "contact the backend, send a one-token request for each mapped model, print what works, exit non-zero "
+        "on failure",
+        switch=True, shown="",
+    ),
+    # set only through Config(...): no flag, no environment variable
+    Option("connect_timeout", None, (), 10.0, "seconds to connect to the backend", check=_positive),
+    Option("ping_interval", None, (), 10.0, "seconds without a write before a stream gets a ping", check=_positive),
+    Option("discover", None, (), True, "ask the backend for its models when no map or default model applies"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -176,48 +426,13 @@ class Route:
     reasoning_history: Optional[bool] = None  # send thinking back as reasoning_content; None: provider default
 
 
-@dataclass
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    provider: str = "ollama"
-    base_url: str = ""
-    api_key: Optional[str] = None
-    default_model: Optional[str] = None
-    model_map: dict[str, Any] = field(default_factory=dict)  # name or glob -> str | dict entry
-    timeout: float = 120.0  # seconds to the backend's first byte and between chunks
-    connect_timeout: float = 10.0
-    log_level: str = "INFO"
-    log_format: str = "text"  # or "json"
-    system_messages: str = "reminder"
-    ping_interval: float = 10.0
-    max_body_bytes: int = 32 * 1024 * 1024
-    retries: int = 2
-    auth_token: Optional[str] = None
-    discover: bool = True  # ask the backend for its models when no map/default applies
-    check: bool = False  # --check: test the backend and exit
-    fetch_images: bool = False  # Ollama: download image URLs (it accepts only base64)
-    scale_usage: bool = False  # report input tokens scaled to a 200k window (see README)
-    count_tokens: str = "heuristic"  # or "backend": the model's own tokenizer where the server has one
+class _ConfigRules:
+    """Config's behaviour; its fields (one per OPTIONS entry, and `environ`) are added by make_dataclass below."""
 
-    def __post_init__(self) -> None:
-        if self.provider not in PROVIDERS:
-            raise ConfigError(f"unknown provider {self.provider!r}: use one of {', '.join(PROVIDERS)}")
-        if not self.base_url:
-            self.base_url = DEFAULT_BASE_URLS[self.provider]
-        self.base_url = self.base_url.rstrip("/")
-        if not (1 <= int(self.port) <= 65535):
-            raise ConfigError(f"bad port {self.port}: must be 1-65535")
-        if self.system_messages not in SYSTEM_MESSAGE_STRATEGIES:
-            raise ConfigError(
-                f"unknown --system-messages {self.system_messages!r}: use one of {', '.join(SYSTEM_MESSAGE_STRATEGIES)}"
-            )
-        if self.timeout <= 0:
-            raise ConfigError("timeout must be positive")
-        if self.count_tokens not in ("heuristic", "backend"):
-            raise ConfigError(f"unknown --count-tokens {self.count_tokens!r}: use heuristic or backend")
-        if self.log_format not in ("text", "json"):
-            raise ConfigError(f"unknown log format {self.log_format!r}: use text or json")
+    def __post_init__(self) -> None:  # every check of every setting, for main(), create_app() and Config(...)
+        for option in OPTIONS:
+            option.validate(getattr(self, option.name))
+        self.base_url = (self.base_url or DEFAULT_BASE_URLS[self.provider]).rstrip("/")
         self.routes = {name: self._route_of(name, entry) for name, entry in self.model_map.items()}
 
     def _route_of(self, name: str, entry: Any) -> Route:
@@ -226,15 +441,7 @@ class Config:
             return Route(entry, self.provider, self.base_url, self.api_key)
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
             raise ConfigError(f'{where}: must be a backend model name or an object with a "model" string')
-        unknown = set(entry) - {
-            "model",
-            "provider",
-            "base_url",
-            "api_key_env",
-            "max_tokens",
-            "context_window",
-            "reasoning_history",
-        }
+        unknown = set(entry) - set(MODEL_MAP_KEYS)
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         provider = entry.get("provider", self.provider)
@@ -251,7 +458,7 @@ class Config:
         ).rstrip("/")
         api_key = self.api_key if base_url == self.base_url else None  # never the main key to another host
         if entry.get("api_key_env"):
-            api_key = os.environ.get(entry["api_key_env"])
+            api_key = self.environ.get(entry["api_key_env"])
             if api_key is None:
                 raise ConfigError(f"{where}: environment variable {entry['api_key_env']} is not set")
         return Route(
@@ -266,6 +473,24 @@ class Config:
 
     def default_route(self, model: str) -> Route:
         return Route(model, self.provider, self.base_url, self.api_key)
+
+
+def _config_field(option: Option) -> tuple[str, str, Any]:
+    default = option.default
+    kind = "Optional[str]" if default is None else type(default).__name__
+    return option.name, kind, field(default_factory=lambda: _fresh(default))
+
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [
+        *(_config_field(option) for option in OPTIONS),
+        # where a map entry's api_key_env is looked up (load_config passes os.environ or its environ, and .env)
+        ("environ", "Mapping[str, str]", field(default_factory=dict, repr=False, compare=False)),
+    ],
+    bases=(_ConfigRules,),
+    namespace={"__module__": __name__, "__doc__": "The settings: one field per OPTIONS entry. Raises ConfigError."},
+)
 
 
 _DATE_SUFFIX = re.compile(r"-\d{8}$")
@@ -310,52 +535,38 @@ def pick_models(models: list[dict[str, Any]]) -> dict[str, str]:
     return {"*": names[0], "opus": names[0], "sonnet": names[0], "haiku": smallest}
 
 
-def parse_dotenv(text: str) -> dict[str, str]:
-    """KEY=VALUE lines; `export`, comments, blank lines and single/double quotes are understood."""
-    values = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            continue
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        values[key] = value
-    return values
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="claude_proxy.py",
+        description="Serve Anthropic's Messages API (for Claude Code and the Anthropic SDKs) on top of an "
+        "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
+        "variable in brackets, or in a .env file in the working directory (flags win, then the "
+        "environment, then .env, then the defaults).",
+    )
+    for option in OPTIONS:
+        if option.switch and option.flag:
+            p.add_argument(option.flag, dest=option.name, action="store_true", default=None, help=option.help_text())
+        elif option.flag:
+            p.add_argument(
+                option.flag,
+                dest=option.name,
+                metavar=option.flag[2:].upper().replace("-", "_"),
+                help=option.help_text(),
+            )
+    p.add_argument("--version", action="version", version=f"claude-proxy {__version__}")
+    return p
 
 
-def load_model_map(path: Optional[str], inline: Optional[str]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for source, text in (
-        ("MODEL_MAP_FILE " + str(path), _read_file(path) if path else None),
-        ("MODEL_MAP_JSON", inline),
-    ):
-        if not text:
-            continue
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: must be a JSON object of model name -> backend model")
-        data.pop("_comment", None)
-        result.update(data)
-    return result
-
-
-def _read_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read model map {path}: {exc.strerror}") from None
+def load_config(
+    argv: Optional[list[str]] = None, environ: Optional[typing.Mapping[str, str]] = None, dotenv_path: str = ".env"
+) -> Config:
+    """Flags, then environment (default: os.environ), then .env, then defaults. Raises ConfigError on bad values."""
+    given = vars(build_parser().parse_args(argv))
+    env = dict(os.environ if environ is None else environ)
+    if dotenv_path and os.path.isfile(dotenv_path):
+        for key, value in parse_dotenv(_read_file(dotenv_path, "environment file")).items():
+            env.setdefault(key, value)
+    return Config(**{option.name: option.value(given.get(option.name), env) for option in OPTIONS}, environ=env)
 
 
 # ======================================================================================
@@ -3692,153 +3903,6 @@ def create_app(config: Optional[Config] = None) -> web.Application:
 # ======================================================================================
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="claude_proxy.py",
-        description="Serve Anthropic's Messages API (for Claude Code and the Anthropic SDKs) on top of an "
-        "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
-        "variable in brackets, or in a .env file in the working directory (flags win, then the "
-        "environment, then .env, then the defaults).",
-    )
-    p.add_argument(
-        "--host", help="address to listen on [HOST] (default 127.0.0.1; anything else exposes the proxy to the network)"
-    )
-    p.add_argument("--port", help="port to listen on [PORT] (default 8080)")
-    p.add_argument(
-        "--provider",
-        help="backend kind: openai (any Chat Completions server) or ollama (native "
-        "/api/chat) [PROVIDER] (default ollama)",
-    )
-    p.add_argument(
-        "--base-url",
-        help="backend base URL [PROVIDER_BASE_URL] (default http://127.0.0.1:11434 for "
-        "ollama, http://127.0.0.1:8000/v1 for openai: give OpenAI URLs with their /v1)",
-    )
-    p.add_argument(
-        "--api-key",
-        help="key sent to the backend as 'Authorization: Bearer' [PROVIDER_API_KEY]; "
-        "the client's own key is never forwarded",
-    )
-    p.add_argument("--model", help="backend model for client models the map does not name [DEFAULT_MODEL]")
-    p.add_argument(
-        "--model-map",
-        help="JSON file mapping client model names or glob patterns to backend "
-        "models [MODEL_MAP_FILE]; MODEL_MAP_JSON may hold the same JSON inline",
-    )
-    p.add_argument(
-        "--timeout",
-        help="seconds to wait for the backend's first byte and between chunks "
-        "[PROVIDER_TIMEOUT_MS, in milliseconds] (default 120)",
-    )
-    p.add_argument(
-        "--system-messages",
-        help="what to do with role 'system' messages inside messages "
-        "[SYSTEM_MESSAGES]: reminder (default: wrap them in <system-reminder> "
-        "in the neighbouring user turn), hoist (append to the system prompt), "
-        "inline (keep a system message in place)",
-    )
-    p.add_argument("--retries", help="retries of connection failures before any byte [PROVIDER_RETRIES] (default 2)")
-    p.add_argument("--max-body-mb", help="largest request body in MiB [MAX_BODY_MB] (default 32)")
-    p.add_argument(
-        "--auth-token", help="require this key from clients (x-api-key or Authorization: Bearer) [PROXY_AUTH_TOKEN]"
-    )
-    p.add_argument(
-        "--log-level", help="DEBUG, INFO, WARNING or ERROR [LOG_LEVEL] (default INFO; DEBUG logs translated requests)"
-    )
-    p.add_argument(
-        "--fetch-images",
-        action="store_true",
-        default=None,
-        help="for Ollama, download image URLs in requests (http/https, at most 20 MiB each) "
-        "[FETCH_IMAGES=1]; off by default: the proxy then fetches URLs chosen by its clients",
-    )
-    p.add_argument(
-        "--scale-usage",
-        action="store_true",
-        default=None,
-        help="report input tokens scaled from the model's context window (map context_window, or "
-        "the backend's max_model_len) to Claude's 200k, so Claude Code compacts before the "
-        "backend overflows [SCALE_USAGE=1]; reported usage is then no longer raw",
-    )
-    p.add_argument(
-        "--count-tokens",
-        help="heuristic (default: no backend call) or backend: count_tokens asks the "
-        "server's tokenizer (vLLM /tokenize, llama.cpp /apply-template + "
-        "/tokenize), cached, falling back to the heuristic [COUNT_TOKENS]",
-    )
-    p.add_argument("--log-format", help="text or json (one JSON object per line) [LOG_FORMAT] (default text)")
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="contact the backend, send a one-token request for each "
-        "mapped model, print what works, exit non-zero on failure",
-    )
-    p.add_argument("--version", action="version", version=f"claude-proxy {__version__}")
-    return p
-
-
-def load_config(
-    argv: Optional[list[str]] = None, environ: Optional[dict[str, str]] = None, dotenv_path: str = ".env"
-) -> Config:
-    """Flags, then environment, then .env, then defaults. Raises ConfigError on bad values."""
-    args = build_parser().parse_args(argv)
-    env = dict(environ if environ is not None else os.environ)
-    if dotenv_path and os.path.isfile(dotenv_path):
-        for key, value in parse_dotenv(_read_file(dotenv_path)).items():
-            env.setdefault(key, value)
-            if environ is None:
-                os.environ.setdefault(key, value)
-
-    def pick(flag: Optional[str], *names: str) -> Optional[str]:
-        if flag is not None:
-            return flag
-        return next((env[n] for n in names if env.get(n)), None)
-
-    def number(value: Optional[str], what: str, default: float, scale: float = 1.0) -> float:
-        if value is None:
-            return default
-        try:
-            number = float(value) * scale
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number) or number < 0:
-            raise ConfigError(f"{what}: expected a non-negative number, got {value!r}")
-        return number
-
-    def flag(value: Optional[bool], name: str) -> bool:
-        return bool(value) if value is not None else env.get(name, "").lower() in ("1", "true", "yes", "on")
-
-    timeout_ms = env.get("PROVIDER_TIMEOUT_MS")
-    timeout = (
-        number(args.timeout, "--timeout", 120.0)
-        if args.timeout is not None
-        else number(timeout_ms, "PROVIDER_TIMEOUT_MS", 120.0, 0.001)
-    )
-    port = pick(args.port, "PORT") or "8080"
-    if not port.isdigit():
-        raise ConfigError(f"bad port {port!r}: must be a number 1-65535")
-    return Config(
-        host=pick(args.host, "HOST") or "127.0.0.1",
-        port=int(port),
-        provider=(pick(args.provider, "PROVIDER") or "ollama").lower(),
-        base_url=pick(args.base_url, "PROVIDER_BASE_URL") or "",
-        api_key=pick(args.api_key, "PROVIDER_API_KEY"),
-        default_model=pick(args.model, "DEFAULT_MODEL"),
-        model_map=load_model_map(pick(args.model_map, "MODEL_MAP_FILE"), env.get("MODEL_MAP_JSON")),
-        timeout=timeout,
-        log_level=(pick(args.log_level, "LOG_LEVEL") or "INFO").upper(),
-        log_format=(pick(args.log_format, "LOG_FORMAT") or "text").lower(),
-        count_tokens=(pick(args.count_tokens, "COUNT_TOKENS") or "heuristic").lower(),
-        system_messages=pick(args.system_messages, "SYSTEM_MESSAGES") or "reminder",
-        retries=int(number(pick(args.retries, "PROVIDER_RETRIES"), "--retries", 2)),
-        max_body_bytes=int(number(pick(args.max_body_mb, "MAX_BODY_MB"), "--max-body-mb", 32) * 1024 * 1024),
-        auth_token=pick(args.auth_token, "PROXY_AUTH_TOKEN"),
-        check=args.check,
-        fetch_images=flag(args.fetch_images, "FETCH_IMAGES"),
-        scale_usage=flag(args.scale_usage, "SCALE_USAGE"),
-    )
-
-
 async def run_check(config: Config, out: Any = sys.stdout) -> int:
     """--check: list the backend's models, send a one-token request for each mapped model, print a
     table of what works; 0 when everything does."""
@@ -3912,9 +3976,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         config = load_config(argv)
     except ConfigError as exc:
         sys.stderr.write(f"claude-proxy: {exc}\n")
-        return 2
-    if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        sys.stderr.write(f"claude-proxy: unknown log level {config.log_level!r}\n")
         return 2
     setup_logging(config)
     if config.check:

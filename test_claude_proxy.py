@@ -4213,3 +4213,112 @@ def test_connect_timeout_has_its_own_kind(make_stack, monkeypatch):
     status, _, body = http(stack, "POST", "/v1/messages", req())
     assert status == 504 and "could not connect" in body and "is it running" in body
     assert _backend_errors(stack) == {"connect_timeout": 1}
+
+
+# --- option table (issue 11 step 3) ---
+
+
+def test_readme_configuration_table_matches_the_option_table():
+    section = (HERE / "README.md").read_text(encoding="utf-8").split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    readme = []
+    for row in (line for line in section.splitlines() if line.startswith("| `--")):
+        flag, env, default = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        readme.append(
+            (
+                re.findall(r"`(--[a-z-]+)`", flag),
+                re.findall(r"`([A-Z][A-Z0-9_]*)(?:=1)?`", env),
+                default.replace("`", ""),
+            )
+        )
+    table = [([o.flag] if o.flag else [], list(o.env), o.shown_default()) for o in cp.OPTIONS if o.flag or o.env]
+    assert readme == table
+
+
+def test_option_table_drives_config_flags_and_help():
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(cp.Config)] == [o.name for o in cp.OPTIONS] + ["environ"]
+    assert cp.load_config([], environ={}, dotenv_path="") == cp.Config()  # the same defaults both ways
+    parser = cp.build_parser()
+    flags = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help", "--version"}
+    assert flags == {o.flag for o in cp.OPTIONS if o.flag}
+    help_text = parser.format_help()
+    for option in cp.OPTIONS:
+        for name in option.env:
+            assert name in help_text
+
+
+def test_option_units_and_switches():
+    env = {"PROVIDER_TIMEOUT_MS": "500", "MAX_BODY_MB": "1.5", "FETCH_IMAGES": "yes", "PROVIDER_RETRIES": "0"}
+    config = cp.load_config([], environ=env, dotenv_path="")
+    assert (config.timeout, config.max_body_bytes, config.fetch_images, config.retries) == (0.5, 3 << 19, True, 0)
+    config = cp.load_config(["--timeout", "3", "--max-body-mb", "2", "--scale-usage"], environ=env, dotenv_path="")
+    assert (config.timeout, config.max_body_bytes, config.scale_usage, config.fetch_images) == (
+        3.0,
+        2 << 20,
+        True,
+        True,
+    )
+    assert cp.load_config([], environ={"FETCH_IMAGES": "0"}, dotenv_path="").fetch_images is False
+
+
+BAD_VALUES = {  # environment -> what the ConfigError says, the same from main(), create_app() and Config(...)
+    "LOG_LEVEL": ("LOUD", "unknown log level 'LOUD'"),
+    "LOG_FORMAT": ("xml", "unknown log format 'xml'"),
+    "COUNT_TOKENS": ("exact", "unknown count tokens 'exact'"),
+    "SYSTEM_MESSAGES": ("drop", "unknown system messages 'drop'"),
+    "PROVIDER": ("bedrock", "unknown provider 'bedrock'"),
+    "PORT": ("0", "bad port 0"),
+    "PROVIDER_TIMEOUT_MS": ("0", "must be positive"),
+    "PROVIDER_RETRIES": ("-1", "PROVIDER_RETRIES: expected a non-negative number, got '-1'"),
+    "MAX_BODY_MB": ("lots", "MAX_BODY_MB: expected a non-negative number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VALUES))
+def test_create_app_checks_what_main_checks(monkeypatch, tmp_path, name):
+    value, message = BAD_VALUES[name]
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv(name, value)
+    with pytest.raises(cp.ConfigError, match=re.escape(message)):
+        cp.create_app()
+    with pytest.raises(cp.ConfigError, match=re.escape(message)):
+        cp.load_config([], environ={name: value}, dotenv_path="")
+
+
+def test_config_checks_values_given_directly():
+    with pytest.raises(cp.ConfigError, match="unknown log level 'LOUD'"):
+        cp.Config(log_level="LOUD")
+    with pytest.raises(cp.ConfigError, match="ping_interval: must be positive"):
+        cp.Config(ping_interval=0)
+
+
+def test_create_app_with_bad_log_level_is_a_configuration_error_not_a_value_error(tmp_path):
+    """Regression: under gunicorn (no logging set up yet) create_app() raised ValueError from logging."""
+    env = {k: v for k, v in os.environ.items() if k != "LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import claude_proxy; claude_proxy.create_app()"],
+        env={**env, "LOG_LEVEL": "LOUD", "PYTHONPATH": str(HERE)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("claude_proxy.ConfigError: unknown log level 'LOUD'"), result.stderr
+    assert "ValueError" not in result.stderr
+
+
+def test_api_key_env_is_read_from_the_given_environment_and_dotenv(tmp_path, monkeypatch):
+    monkeypatch.delenv("MY_BACKEND_KEY", raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MY_BACKEND_KEY=from-dotenv\n")
+    entry = '{"claude-x": {"model": "m", "base_url": "https://other.example/v1", "api_key_env": "MY_BACKEND_KEY"}}'
+    config = cp.load_config([], environ={"MODEL_MAP_JSON": entry}, dotenv_path=str(dotenv))
+    assert config.routes["claude-x"].api_key == "from-dotenv"
+    assert "MY_BACKEND_KEY" not in os.environ  # .env no longer leaks into the process environment
+    config = cp.Config(model_map=json.loads(entry), environ={"MY_BACKEND_KEY": "given"})
+    assert config.routes["claude-x"].api_key == "given"
+    with pytest.raises(cp.ConfigError, match="MY_BACKEND_KEY is not set"):
+        cp.Config(model_map=json.loads(entry))
