@@ -252,7 +252,9 @@ def _model_map(given: Optional[str], env: typing.Mapping[str, str]) -> dict[str,
 class Option:
     """One setting, once: its Config field, flag, environment variables, default, parsing, check and help.
     OPTIONS drives Config (fields, defaults, validation), build_parser() (flags, --help), load_config()
-    (flags, then environment, then .env, then the default) and the README's table (a test compares them)."""
+    (flags, then environment, then .env, then the default) and the README's table (a test compares them).
+    A new setting is one entry here (and its README row); the code reads it as config.<name>. Numbers: parse=_number,
+    an int when the default is one."""
 
     name: str  # the Config field
     flag: Optional[str]  # None, and no env: set only through Config(...) (tests, create_app callers)
@@ -262,7 +264,7 @@ class Option:
     parse: typing.Callable[[str], Any] = str  # flag/environment text -> value; ValueError: a ConfigError naming it
     choices: tuple[str, ...] = ()
     check: Optional[typing.Callable[[Any], Optional[str]]] = None  # value -> what is wrong with it, or None
-    switch: bool = False  # a flag without a value; the environment says 1/true/yes/on
+    switch: bool = False  # a flag without a value (and --no-... when on by default); the environment: 1/true/yes/on
     scale: float = 1  # Config value per unit given (MiB -> bytes)
     unit: str = ""  # of the flag's value, for --help and the README
     env_scale: Optional[float] = None  # when the environment variable has its own unit (milliseconds)
@@ -286,7 +288,7 @@ class Option:
         return str(self.default)
 
     def help_text(self) -> str:
-        env = ", ".join(f"{name}=1" if self.switch else name for name in self.env)
+        env = ", ".join(f"{name}={0 if self.default else 1}" if self.switch else name for name in self.env)
         if env and self.env_unit:
             env += f", in {self.env_unit}"
         shown = self.shown_default()
@@ -299,7 +301,7 @@ class Option:
         if self.read:
             return self.read(given, env)
         source, text, scale = self.flag, given, self.scale
-        if given is None:
+        if given is None or given == "":  # an empty flag, like an empty variable, leaves the setting alone
             source = next((name for name in self.env if env.get(name)), None)
             if source is None:
                 return _fresh(self.default)
@@ -544,8 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
         "environment, then .env, then the defaults).",
     )
     for option in OPTIONS:
-        if option.switch and option.flag:
-            p.add_argument(option.flag, dest=option.name, action="store_true", default=None, help=option.help_text())
+        if option.switch and option.flag:  # a switch that is on by default also gets --no-...
+            action = argparse.BooleanOptionalAction if option.default else "store_true"
+            p.add_argument(option.flag, dest=option.name, action=action, default=None, help=option.help_text())
         elif option.flag:
             p.add_argument(
                 option.flag,
@@ -3865,7 +3868,8 @@ async def handle_hello(request: web.Request) -> web.Response:
 
 def create_app(config: Optional[Config] = None) -> web.Application:
     """The aiohttp Application (also for other servers: gunicorn, aiohttp.web.run_app, tests).
-    Without a config it reads the environment and .env, as the command line would without flags."""
+    Without a config it reads the environment and .env, as the command line would without flags, with the same
+    checks: bad configuration raises ConfigError (a one-line message), as main() reports it."""
     if config is None:
         config = load_config([])
         if not logging.getLogger().handlers:

@@ -4226,7 +4226,7 @@ def test_readme_configuration_table_matches_the_option_table():
         readme.append(
             (
                 re.findall(r"`(--[a-z-]+)`", flag),
-                re.findall(r"`([A-Z][A-Z0-9_]*)(?:=1)?`", env),
+                re.findall(r"`([A-Z][A-Z0-9_]*)(?:=[01])?`", env),
                 default.replace("`", ""),
             )
         )
@@ -4322,3 +4322,16 @@ def test_api_key_env_is_read_from_the_given_environment_and_dotenv(tmp_path, mon
     assert config.routes["claude-x"].api_key == "given"
     with pytest.raises(cp.ConfigError, match="MY_BACKEND_KEY is not set"):
         cp.Config(model_map=json.loads(entry))
+
+
+def test_a_switch_on_by_default_can_be_turned_off(monkeypatch):
+    extra = cp.Option("send_thing", "--send-thing", ("SEND_THING",), True, "send the thing", switch=True)
+    monkeypatch.setattr(cp, "OPTIONS", (*cp.OPTIONS, extra))
+    assert vars(cp.build_parser().parse_args(["--no-send-thing"]))["send_thing"] is False
+    assert vars(cp.build_parser().parse_args([]))["send_thing"] is None
+    assert (extra.value(False, {}), extra.value(None, {"SEND_THING": "0"}), extra.value(None, {})) == (
+        False,
+        False,
+        True,
+    )
+    assert extra.shown_default() == "on" and "[SEND_THING=0]" in extra.help_text()
