@@ -480,7 +480,9 @@ class _ConfigRules:
 def _config_field(option: Option) -> tuple[str, str, Any]:
     default = option.default
     kind = "Optional[str]" if default is None else type(default).__name__
-    return option.name, kind, field(default_factory=lambda: _fresh(default))
+    if isinstance(default, (dict, list)):
+        return option.name, kind, field(default_factory=lambda: _fresh(default))
+    return option.name, kind, field(default=default)
 
 
 Config = dataclasses.make_dataclass(
