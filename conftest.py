@@ -519,7 +519,17 @@ def e2e_unavailable(reason: str) -> None:
     """Skip an e2e test with the reason; in CI (CI=true) fail instead: a skip there would hide that it did not run."""
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(f"e2e test cannot run in CI: {reason}", pytrace=False)
+    _E2E_SKIPPED.add(reason)
     pytest.skip(reason)
+
+
+_E2E_SKIPPED: set[str] = set()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Skipped e2e tests are said at the end of every run, with the reason (not only under -rs)."""
+    for reason in sorted(_E2E_SKIPPED):
+        terminalreporter.write_line(f"e2e tests (the real Claude Code CLI) skipped: {reason}", yellow=True)
 
 
 def claude_code_cache() -> str:
@@ -538,6 +548,18 @@ def _installed_version(binary: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return done.stdout.split(" ", 1)[0].strip() if done.returncode == 0 else ""
+
+
+def _npm_error(done: subprocess.CompletedProcess) -> str:
+    """npm's own words on a failed install, in one line: its `npm error` lines up to the first stack frame."""
+    lines = []
+    for line in (done.stderr or done.stdout).splitlines():
+        line = line.removeprefix("npm error").strip()
+        if line.startswith("at ") or len(lines) == 5:
+            break
+        if line:
+            lines.append(line)
+    return "; ".join(lines)[:1000] or "(no output)"
 
 
 @pytest.fixture(scope="session")
@@ -568,6 +590,7 @@ def claude_code_bin() -> str:
                 "--no-audit",
                 "--no-fund",
                 "--loglevel=error",
+                "--fetch-retry-maxtimeout=10000",  # offline: give up in ~20 s, not npm's ~75
                 f"{CLAUDE_CODE_PACKAGE}@{CLAUDE_CODE_VERSION}",
             ]
             try:
@@ -575,9 +598,7 @@ def claude_code_bin() -> str:
             except subprocess.TimeoutExpired:
                 e2e_unavailable(f"`{shlex.join(command)}` did not finish in 600 s")
             if done.returncode != 0:
-                e2e_unavailable(
-                    f"`{shlex.join(command)}` failed (exit {done.returncode}): {(done.stderr or done.stdout)[-1500:]}"
-                )
+                e2e_unavailable(f"`{shlex.join(command)}` failed (exit {done.returncode}): {_npm_error(done)}")
             found = _installed_version(binary)
             if found != CLAUDE_CODE_VERSION:
                 e2e_unavailable(
