@@ -608,16 +608,6 @@ def claude_code_bin() -> str:
     return binary
 
 
-def message_text(message: dict) -> str:
-    """A backend message's text, whichever shape its content has (string, list of parts, absent)."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return ""
-
-
 class Terminal:
     """An interactive program in a detached tmux session of its own (own socket, 120x40), driven by keys and read
     from the screen and the terminal title."""

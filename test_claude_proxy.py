@@ -4129,11 +4129,10 @@ def cc_done(done: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.e2e
 def test_claude_code_print_shows_backend_text(claude_code, provider):
-    cc = claude_code(
-        lambda body: (
-            text_answer(provider, "Hello from ", "the fake backend.") if "Say hello" in cc_last(body)[1] else None
-        )
-    )
+    def respond(body):
+        return text_answer(provider, "Hello from ", "the fake backend.") if "Say hello" in cc_last(body)[1] else None
+
+    cc = claude_code(respond)
     assert cc_done(cc.run("Say hello")) == "Hello from the fake backend."
     turn = cc_turn_with(cc.chats(), "Say hello")
     assert turn["model"] == "backend-model" and turn["stream"] is True
