@@ -541,10 +541,12 @@ def claude_code_cache() -> str:
 
 
 def _installed_version(binary: str) -> str:
+    if not os.path.exists(binary):
+        return ""
     try:
-        done = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=60, env={"PATH": os.environ.get("PATH", "")}
-        )
+        with tempfile.TemporaryDirectory() as home:  # never the user's own ~/.claude
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": home}
+            done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return done.stdout.split(" ", 1)[0].strip() if done.returncode == 0 else ""
@@ -577,8 +579,12 @@ def claude_code_bin() -> str:
         import fcntl
     except ImportError:  # Windows
         fcntl = None
-    os.makedirs(cache, exist_ok=True)
-    with open(os.path.join(cache, ".install.lock"), "w") as lock:
+    try:
+        os.makedirs(cache, exist_ok=True)
+        lock = open(os.path.join(cache, ".install.lock"), "w")  # closed by the with below
+    except OSError as exc:
+        e2e_unavailable(f"cannot write the install directory {cache} ({exc.strerror}): set CLAUDE_PROXY_E2E_CACHE")
+    with lock:
         if fcntl:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if _installed_version(binary) != CLAUDE_CODE_VERSION:  # another session may have installed it meanwhile
