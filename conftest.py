@@ -741,8 +741,6 @@ class _Responder(list):
 @pytest.fixture
 def claude_code(claude_code_bin, make_stack, provider, tmp_path, monkeypatch):
     """claude_code(respond) -> a ClaudeCode whose backend answers with respond(body) (see ClaudeCode)."""
-    import claude_proxy as proxy_module
-
     made: list[ClaudeCode] = []
 
     def make(respond: Callable[[dict], Any] = lambda body: None) -> ClaudeCode:
@@ -766,7 +764,7 @@ def claude_code(claude_code_bin, make_stack, provider, tmp_path, monkeypatch):
         made.append(cc)
         return cc
 
-    read_json = proxy_module.read_json
+    read_json = claude_proxy.read_json
 
     async def recording_read_json(request):
         body = await read_json(request)
@@ -775,7 +773,7 @@ def claude_code(claude_code_bin, make_stack, provider, tmp_path, monkeypatch):
                 cc.sent.append({"path": request.path, "body": body})
         return body
 
-    monkeypatch.setattr(proxy_module, "read_json", recording_read_json)
+    monkeypatch.setattr(claude_proxy, "read_json", recording_read_json)
     yield make
     for cc in made:
         for terminal in cc.terminals:
