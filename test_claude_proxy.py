@@ -2,7 +2,9 @@
 a rule violation) against the proxy on loopback, in front of fake backends (conftest.py) that send the bytes
 real servers send: answers, tool calls, error bodies (OpenAI, vLLM, llama.cpp, Ollama, an HTML page from a
 reverse proxy, nothing at all), streams failing mid-way, stalling, refused and early-closed connections.
-Plus unit tests of the pure translation, argument repair and validation, and property-based tests."""
+Plus unit tests of the pure translation, argument repair and validation, and property-based tests.
+
+The sections follow claude_proxy.py's own (1 CONFIG ... 8 CLI); the helpers they share are in conftest.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import copy
 import json
 import logging
 import os
-import pathlib
 import re
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import anthropic
 import pytest
@@ -33,2518 +34,194 @@ from hypothesis import strategies as st
 
 import claude_proxy as cp
 from conftest import (
+    ERROR_TYPES,
+    FIXTURES,
+    HERE,
     NDJSON,
+    PARIS,
+    PARIS_JSON,
+    ROLE,
     SSE,
+    TEXT,
+    TOOLS,
+    TZ,
+    TZ_JSON,
+    USAGE,
+    USER_HI,
+    VALID,
+    WEATHER_TOOL,
+    PNG_1x1,
     Reply,
+    T,
+    W,
+    anthropic_only_keys,
+    as_history,
+    assert_error,
+    assert_sdk_error,
+    assert_serves,
+    assert_tool_use,
+    body_of,
+    canonical,
+    cc_fixture,
+    check_stream,
+    finish,
+    frag,
     free_port,
     http,
     ndjson_bytes,
+    oai_call,
     oai_chunk,
     oai_completion,
     oai_text_stream,
     oai_tool_call_chunks,
     oai_usage,
+    oll_call,
     ollama_chunk,
     ollama_text_stream,
+    pieces,
     raw_sse,
     raw_stream,
+    req,
+    run_modes,
     sse_bytes,
+    sse_events,
+    summarize,
+    tc,
     text_answer,
+    tool_answer,
+    user,
     wait_for,
+    write_sse,
 )
 
-HERE = pathlib.Path(__file__).parent
-SHARED_FIXTURES = HERE.parent / "shared" / "fixtures"
-LOCAL_FIXTURES = HERE / "fixtures"
-
-
 # ======================================================================================
-# Helpers shared by the sections below
+# 1. CONFIG
 # ======================================================================================
 
 
-def cc_fixture(turn: int) -> dict:
-    """A real Claude Code 2.1.331 request (headers and body), as captured."""
-    name = f"claude_code_2.1.331_parallel_tools_turn{turn}.json"
-    path = LOCAL_FIXTURES / name if (LOCAL_FIXTURES / name).exists() else SHARED_FIXTURES / name
-    return json.loads(path.read_text())
+# --- Configuration and the model map -----------------------------------------------------------
 
 
-USER_HI = [{"role": "user", "content": "hi"}]
-VALID = {"model": "claude-opus-5-5", "max_tokens": 100, "messages": USER_HI}
-TEXT = {"type": "text", "text": "look"}
-PNG_1x1 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
-ERROR_TYPES = {
-    "invalid_request_error",
-    "authentication_error",
-    "billing_error",
-    "permission_error",
-    "not_found_error",
-    "request_too_large",
-    "rate_limit_error",
-    "api_error",
-    "timeout_error",
-    "overloaded_error",
-    "conflict_error",
-}
-
-
-def req(**changes: Any) -> dict:
-    """VALID with some fields changed (value ... removes the field)."""
-    body = copy.deepcopy(VALID)
-    for key, value in changes.items():
-        if value is ...:
-            body.pop(key, None)
-        else:
-            body[key] = value
-    return body
-
-
-def user(*blocks: Any) -> list:
-    """messages: one user turn with these content blocks."""
-    return [{"role": "user", "content": list(blocks)}]
-
-
-def assert_error(
-    status: int, headers: dict, text: str, expected_status: int, expected_type: str, retry: Optional[str] = "any"
-) -> str:
-    """An Anthropic-shaped error answer (from http() or raw_stream()); returns its message."""
-    assert status == expected_status, text
-    assert headers.get("content-type", "").startswith("application/json")
-    assert headers.get("request-id")
-    body = json.loads(text)
-    assert body["type"] == "error", body
-    assert body["error"]["type"] == expected_type, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if retry != "any":
-        assert headers.get("x-should-retry") == retry, headers
-    return body["error"]["message"]
-
-
-def assert_sdk_error(err: anthropic.APIStatusError, status: int, error_type: str) -> str:
-    """An Anthropic-shaped error as the SDK raised it; returns its message."""
-    assert err.status_code == status
-    assert isinstance(err.body, dict), err.body
-    assert err.body["type"] == "error"
-    assert err.body["error"]["type"] == error_type, err.body
-    assert err.response.headers.get("request-id")
-    return err.body["error"]["message"]
-
-
-def assert_serves(stack, provider: str) -> None:
-    """The proxy still answers a normal request after a fault."""
-    stack.backend.queue(text_answer(provider, "still", " here"))
-    msg = stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
-    assert msg.content[0].text == "still here"
-    assert msg.stop_reason == "end_turn"
-
-
-# ======================================================================================
-# Basics through the SDK, both providers
-# ======================================================================================
-
-
-def test_create_non_streaming(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "Hello", " world"))
-    msg = stack.client().messages.create(model="claude-opus-5-5", max_tokens=100, messages=USER_HI)
-    assert msg.id.startswith("msg_")
-    assert msg.type == "message" and msg.role == "assistant"
-    assert msg.model == "claude-opus-5-5"
-    assert [b.type for b in msg.content] == ["text"]
-    assert msg.content[0].text == "Hello world"
-    assert msg.stop_reason == "end_turn" and msg.stop_sequence is None
-    expected = (12, 7) if provider == "openai" else (26, 10)
-    assert (msg.usage.input_tokens, msg.usage.output_tokens) == expected
-    sent = stack.backend.requests[0]
-    assert sent["model"] == "backend-model"
-    assert sent["stream"] is True  # streamed from the backend even for a non-streaming client
-
-
-def test_stream_accumulates(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "Hel", "lo", " there"))
-    with stack.client().messages.stream(model="claude-sonnet-5-5", max_tokens=50, messages=USER_HI) as s:
-        texts = list(s.text_stream)
-        final = s.get_final_message()
-    assert "".join(texts) == "Hello there"
-    assert final.content[0].text == "Hello there"
-    assert final.stop_reason == "end_turn"
-    assert final.model == "claude-sonnet-5-5"
-
-
-def test_json_output_same_with_and_without_orjson():
-    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-    for value in [
-        {"type": "text_delta", "text": 'naïve \u2028 "quoted" \\ \n\t\x01 😀'},
-        {"a": [1, 2.5, None, True]},
-        {"input": {"nested": {"k": "v"}}, "n": -3},
-    ]:
-        assert cp.dumps(value) == encoder.encode(value)
-        assert cp.dumps_bytes(value) == encoder.encode(value).encode()
-
-
-# ======================================================================================
-# Pure translation: Claude Code's real requests, cache-stable prompts, system messages
-# ======================================================================================
-
-
-def parse_fixture(turn: int) -> cp.MessagesRequest:
-    return cp.parse_request(cc_fixture(turn)["body"])
-
-
-ROUTE_OPENAI = cp.Route("qwen3-coder", "openai", "http://127.0.0.1:8000/v1")
-ROUTE_OLLAMA = cp.Route("qwen3:8b", "ollama", "http://127.0.0.1:11434")
-
-
-def backend_body(request: cp.MessagesRequest, provider: str, strategy: str = "reminder") -> dict:
-    """What the proxy sends the backend for this parsed request."""
-    route = ROUTE_OPENAI if provider == "openai" else ROUTE_OLLAMA
-    conv = cp.build_conversation(request, strategy)
-    return cp.PROVIDER_IMPLS[provider].body(conv, request, route)[0]
-
-
-def test_claude_code_fixture_translates(provider):
-    request = parse_fixture(2)
-    body = backend_body(request, provider)
-    dumped = json.dumps(body)
-    assert "x-anthropic-billing-header" not in dumped  # stripped: per-version cache buster
-    for key in ("cache_control", "defer_loading", "$schema", "context_management"):
-        assert f'"{key}"' not in dumped, key
-    assert "DeferredToolPlaceholder" not in dumped
-    names = [t["function"]["name"] for t in body["tools"]]
-    assert "Bash" in names and len(names) == 11
-    messages = body["messages"]
-    assert messages[0]["role"] == "system" and messages[0]["content"].startswith("You are a Claude agent")
-    # [user, system, assistant, user(tool_results)] -> system text kept in place, inside the user turn
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "tool"]
-    assert "<system-reminder>\n# Environment" in messages[1]["content"]
-    calls = messages[2]["tool_calls"]
-    assert [c["id"] for c in calls] == ["toolu_479c5658869b425f979f78ed", "toolu_730d3b4b5c8840ae8c38b534"]
-    assert [m["tool_call_id"] for m in messages[3:]] == [c["id"] for c in calls]
-    assert [m["content"] for m in messages[3:]] == ["one", "two"]
-    if provider == "openai":
-        assert json.loads(calls[0]["function"]["arguments"]) == {"command": "echo one", "description": "one"}
-        assert body["max_tokens"] == 128000 and body["reasoning_effort"] == "medium"
-        assert body["user"].startswith("{")
-    else:
-        assert calls[0]["function"]["arguments"] == {"command": "echo one", "description": "one"}
-        assert [m["tool_name"] for m in messages[3:]] == ["Bash", "Bash"]
-        assert body["options"]["num_predict"] == 128000
-
-
-def test_prompt_prefix_is_stable_across_turns(provider):
-    """Turn N's backend prompt must be a byte prefix of turn N+1's (KV-cache reuse on local servers)."""
-    turn1, turn2 = backend_body(parse_fixture(1), provider), backend_body(parse_fixture(2), provider)
-    m1, m2 = turn1["messages"], turn2["messages"]
-    assert len(m1) < len(m2)
-    for a, b in zip(m1, m2):
-        assert json.dumps(a) == json.dumps(b)
-    assert json.dumps(turn1["tools"]) == json.dumps(turn2["tools"])
-    # and translation is deterministic
-    assert json.dumps(backend_body(parse_fixture(2), provider)) == json.dumps(turn2)
-
-
-def test_conversation_ending_in_system_message_keeps_prefix():
-    base = [
-        {"role": "user", "content": "hello"},
-        {"role": "assistant", "content": "hi"},
-        {"role": "system", "content": "note A"},
-    ]
-    longer = base + [{"role": "user", "content": "next"}]
-    r1 = cp.parse_request({"model": "m", "max_tokens": 5, "messages": base})
-    r2 = cp.parse_request({"model": "m", "max_tokens": 5, "messages": longer})
-    b1, b2 = backend_body(r1, "openai"), backend_body(r2, "openai")
-    assert b1["messages"][:2] == b2["messages"][:2]
-    assert b1["messages"][-1] == {"role": "user", "content": "<system-reminder>\nnote A\n</system-reminder>"}
-    assert b2["messages"][-1]["content"] == "<system-reminder>\nnote A\n</system-reminder>\n\nnext"
-
-
-@pytest.mark.parametrize("strategy", ["reminder", "hoist", "inline"])
-def test_system_message_strategies(strategy):
-    request = cp.parse_request(
-        {
-            "model": "m",
-            "max_tokens": 5,
-            "system": "S",
-            "messages": [
-                {"role": "user", "content": "u1"},
-                {"role": "system", "content": [{"type": "text", "text": "env"}]},
-                {"role": "system", "content": []},
-                {"role": "assistant", "content": "a1"},
-                {"role": "user", "content": "u2"},
-            ],
-        }
+def test_config_precedence_flags_env_dotenv(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        '# comment\nexport PORT=9001\nPROVIDER="openai"\nDEFAULT_MODEL=from-dotenv\nPROVIDER_TIMEOUT_MS=2500\n'
     )
-    messages = backend_body(request, "openai", strategy)["messages"]
-    if strategy == "reminder":
-        assert messages[0] == {"role": "system", "content": "S"}
-        assert messages[1] == {"role": "user", "content": "u1\n\n<system-reminder>\nenv\n</system-reminder>"}
-    elif strategy == "hoist":
-        assert messages[0] == {"role": "system", "content": "S\n\nenv"}
-        assert messages[1] == {"role": "user", "content": "u1"}
-    else:
-        assert messages[2] == {"role": "system", "content": "env"}
-    assert messages[-1] == {"role": "user", "content": "u2"}
-
-
-def test_sampling_and_stop_parameters():
-    request = cp.parse_request(
-        {
-            "model": "m",
-            "max_tokens": 300,
-            "temperature": 0.2,
-            "top_p": 0.9,
-            "top_k": 40,
-            "stream": True,
-            "stop_sequences": ["###"],
-            "metadata": {"user_id": "u-1"},
-            "messages": [{"role": "user", "content": "x"}],
-        }
+    config = cp.load_config([], environ={"DEFAULT_MODEL": "from-env"}, dotenv_path=str(dotenv))
+    assert (config.port, config.provider, config.default_model, config.timeout) == (9001, "openai", "from-env", 2.5)
+    assert config.base_url == "http://127.0.0.1:8000/v1" and config.host == "127.0.0.1"
+    config = cp.load_config(
+        ["--model", "from-flag", "--port", "9002", "--timeout", "7"],
+        environ={"DEFAULT_MODEL": "from-env"},
+        dotenv_path=str(dotenv),
     )
-    openai = backend_body(request, "openai")
-    assert (
-        openai["max_tokens"],
-        openai["temperature"],
-        openai["top_p"],
-        openai["top_k"],
-        openai["stop"],
-        openai["user"],
-    ) == (300, 0.2, 0.9, 40, ["###"], "u-1")
-    assert openai["stream_options"] == {"include_usage": True}
-    official = cp.PROVIDER_IMPLS["openai"].body(
-        cp.build_conversation(request), request, cp.Route("gpt-4.1", "openai", "https://api.openai.com/v1")
-    )[0]
-    assert "top_k" not in official  # the official API rejects it
-    ollama = backend_body(request, "ollama")
-    assert ollama["options"] == {"num_predict": 300, "temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop": ["###"]}
-    assert ollama["stream"] is True and "user" not in ollama
+    assert (config.default_model, config.port, config.timeout) == ("from-flag", 9002, 7.0)
 
 
-def test_map_cap_and_context_window():
-    request = cp.parse_request({"model": "m", "max_tokens": 128000, "messages": [{"role": "user", "content": "x"}]})
-    route = cp.Route("small", "ollama", "http://h", max_tokens=8192, context_window=32768)
-    body = cp.ollama_request(cp.build_conversation(request), request, route)
-    assert body["options"]["num_predict"] == 8192 and body["options"]["num_ctx"] == 32768
-
-
-# ======================================================================================
-# Tool use: helpers (PROTOCOL B.6, B.7.2, C.3, D.3, D.4, D.8, D.9, F.7-F.11)
-# ======================================================================================
-
-WEATHER_TOOL = {
-    "name": "get_weather",
-    "description": "Current weather for a city",
-    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-}
-TIME_TOOL = {
-    "name": "get_time",
-    "description": "Current time in a time zone",
-    "input_schema": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]},
-}
-LIST_TOOL = {"name": "list_files", "description": "List the files", "input_schema": {"type": "object"}}
-READ_TOOL = {
-    "name": "Read",
-    "description": "Read a file",
-    "input_schema": {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "type": "object",
-        "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
-        "additionalProperties": False,
-    },
-}
-TOOLS = [WEATHER_TOOL, TIME_TOOL, LIST_TOOL, READ_TOOL]
-
-PARIS = {"city": "Paris"}
-PARIS_JSON = '{"city": "Paris"}'
-TZ = {"tz": "Europe/Paris"}
-TZ_JSON = '{"tz": "Europe/Paris"}'
-W = ("tool_use", "get_weather", PARIS)
-T = ("tool_use", "get_time", TZ)
-
-
-def body_of(**kw) -> dict:
-    """A request offering TOOLS; kw replaces top-level fields."""
-    body = {
-        "model": "claude-opus-5-5",
-        "max_tokens": 1024,
-        "messages": [{"role": "user", "content": "What's the weather in Paris?"}],
-        "tools": TOOLS,
-    }
-    body.update(kw)
-    return body
-
-
-def pieces(s: str, n: int = 4) -> list:
-    """s in fragments of n characters."""
-    return [s[i : i + n] for i in range(0, len(s), n)]
-
-
-_MISSING = object()
-
-
-def frag(index=_MISSING, id=None, name=None, args=_MISSING, type_: bool = False) -> dict:
-    """One delta.tool_calls[] element, with only the keys given."""
-    f: dict = {}
-    if index is not _MISSING:
-        f["index"] = index
-    if id is not None:
-        f["id"] = id
-    if type_ or id is not None:
-        f["type"] = "function"
-    fn: dict = {}
-    if name is not None:
-        fn["name"] = name
-    if args is not _MISSING:
-        fn["arguments"] = args
-    if fn:
-        f["function"] = fn
-    return f
-
-
-def tc(*frags, **delta) -> dict:
-    """A chunk whose delta carries these tool-call fragments."""
-    return oai_chunk(dict(delta, tool_calls=list(frags)))
-
-
-ROLE = oai_chunk({"role": "assistant", "content": ""})
-USAGE = oai_chunk(choices=[], usage=oai_usage(40, 18))
-
-
-def finish(reason: str = "tool_calls", **kw) -> dict:
-    return oai_chunk({}, reason, **kw)
-
-
-def canonical(index: int, call_id: str, name: str, args: str, n: int = 4) -> list:
-    return oai_tool_call_chunks(index, call_id, name, *pieces(args, n))
-
-
-def check_stream(events: list) -> dict:
-    """Check Anthropic's SSE rules (A.9.2, A.9.5, F.3) and return what the stream describes."""
-    evs = [(n, d) for n, d in events if n != "ping"]
-    names = [n for n, _ in evs]
-    assert "error" not in names, evs
-    assert names[0] == "message_start", names
-    start = evs[0][1]["message"]
-    assert start["content"] == [] and start["stop_reason"] is None and start["stop_sequence"] is None
-    assert names[-2:] == ["message_delta", "message_stop"], names
-    assert names.count("message_start") == 1 and names.count("message_stop") == 1
-    blocks: list = []
-    ids: list = []
-    open_idx = None
-    parts: list = []
-    signed = False
-    final: dict = {}
-    for name, data in evs[1:]:
-        if name == "content_block_start":
-            assert open_idx is None, f"block {data['index']} started while block {open_idx} is open"
-            assert data["index"] == len(blocks), (data["index"], len(blocks))
-            cb = data["content_block"]
-            if cb["type"] == "tool_use":
-                assert cb["input"] == {}, cb
-                assert isinstance(cb["id"], str) and cb["id"], cb
-                assert isinstance(cb["name"], str) and cb["name"], cb
-                ids.append(cb["id"])
-            elif cb["type"] == "text":
-                assert cb["text"] == ""
-            elif cb["type"] == "thinking":
-                assert cb["thinking"] == "" and cb["signature"] == ""
-            blocks.append(cb)
-            open_idx, parts, signed = data["index"], [], False
-        elif name == "content_block_delta":
-            assert data["index"] == open_idx, (data, open_idx)
-            delta = data["delta"]
-            kind = blocks[open_idx]["type"]
-            allowed = {
-                "text": ("text_delta",),
-                "tool_use": ("input_json_delta",),
-                "thinking": ("thinking_delta", "signature_delta"),
-            }[kind]
-            assert delta["type"] in allowed, (kind, delta)
-            if delta["type"] == "signature_delta":
-                assert delta["signature"]
-                signed = True
-            else:
-                parts.append(delta.get("text", delta.get("thinking", delta.get("partial_json"))))
-        elif name == "content_block_stop":
-            assert data["index"] == open_idx, (data, open_idx)
-            cb = blocks[open_idx]
-            joined = "".join(parts)
-            if cb["type"] == "tool_use":
-                assert joined, 'a tool_use block needs input_json_delta ("{}" for no arguments)'
-                value = json.loads(joined)  # must be valid JSON
-                assert isinstance(value, dict), joined
-                blocks[open_idx] = ("tool_use", cb["name"], value)
-            elif cb["type"] == "text":
-                blocks[open_idx] = ("text", joined)
-            elif cb["type"] == "thinking":
-                assert signed, "a thinking block must end with a signature_delta"
-                blocks[open_idx] = ("thinking", joined)
-            open_idx = None
-        elif name == "message_delta":
-            assert open_idx is None, "message_delta while a block is open"
-            assert isinstance(data["usage"]["output_tokens"], int)
-            final = data
-    assert open_idx is None
-    return {
-        "blocks": blocks,
-        "ids": ids,
-        "stop_reason": final["delta"]["stop_reason"],
-        "usage": (final["usage"].get("input_tokens"), final["usage"]["output_tokens"]),
-    }
-
-
-def summarize(msg) -> dict:
-    blocks, ids = [], []
-    for b in msg.content:
-        if b.type == "tool_use":
-            assert isinstance(b.input, dict), b
-            blocks.append(("tool_use", b.name, b.input))
-            ids.append(b.id)
-        elif b.type == "text":
-            blocks.append(("text", b.text))
-        elif b.type == "thinking":
-            blocks.append(("thinking", b.thinking))
-        else:
-            blocks.append((b.type,))
-    return {
-        "blocks": blocks,
-        "ids": ids,
-        "stop_reason": msg.stop_reason,
-        "usage": (msg.usage.input_tokens, msg.usage.output_tokens),
-    }
-
-
-def sse_events(stack, body: dict) -> list:
-    """POST body with stream: true and read the whole answer -> [(event, data)]: a 200 event stream, all events
-    named and typed, no OpenAI `[DONE]` in it."""
-    status, headers, text = http(stack, "POST", "/v1/messages", dict(body, stream=True))
-    assert status == 200, text
-    assert headers.get("content-type", "").startswith("text/event-stream"), headers
-    assert "[DONE]" not in text
-    return raw_sse(text)
-
-
-def as_history(msg) -> dict:
-    """An SDK message as the assistant turn of the next request."""
-    return {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]}
-
-
-def run_modes(stack, answer, **kw) -> dict:
-    """The same backend answer three ways: raw SSE (rules checked), SDK stream accumulator, SDK create.
-    All three must describe the same message (F.4); tool ids non-empty and unique in each."""
-    stack.backend.queue(answer, answer, answer)
-    body = body_of(**kw)
-    results = {"raw": check_stream(sse_events(stack, body))}
-    client = stack.client()
-    with client.messages.stream(**body) as s:
-        results["stream"] = summarize(s.get_final_message())
-    results["create"] = summarize(client.messages.create(**body))
-    for mode, r in results.items():
-        assert all(isinstance(i, str) and i for i in r["ids"]), (mode, r["ids"])
-        assert len(set(r["ids"])) == len(r["ids"]), (mode, r["ids"])
-    assert results["raw"]["blocks"] == results["stream"]["blocks"] == results["create"]["blocks"], results
-    assert results["raw"]["stop_reason"] == results["stream"]["stop_reason"] == results["create"]["stop_reason"]
-    assert len(stack.backend.requests) == 3
-    return results["create"]
-
-
-def assert_tool_use(result: dict, blocks: list, usage: Optional[tuple] = None) -> None:
-    """A run_modes() result: these blocks, stop_reason tool_use, and this usage (if given)."""
-    assert result["blocks"] == blocks
-    assert result["stop_reason"] == "tool_use"
-    if usage is not None:
-        assert result["usage"] == usage
-
-
-def walk_keys(obj, path=""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield f"{path}/{k}", k
-            yield from walk_keys(v, f"{path}/{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from walk_keys(v, f"{path}/{i}")
-
-
-def anthropic_only_keys(obj) -> list:
-    """Paths of the Anthropic-only keys left in a backend request (there must be none)."""
-    return [p for p, k in walk_keys(obj) if k in ("cache_control", "defer_loading", "$schema")]
-
-
-def oll_call(name, args, call_id=None, index=0) -> dict:
-    """One tool call as Ollama sends it (in message.tool_calls)."""
-    call = {"function": {"index": index, "name": name, "arguments": args}}
-    if call_id is not None:
-        call["id"] = call_id
-    return call
-
-
-def oai_call(call_id, name, args) -> dict:
-    """One tool call as a non-streamed OpenAI message carries it."""
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
-
-
-def tool_answer(provider: str, calls: list, text: str = ""):
-    """calls: [(id, name, input)] -> the backend's way of returning them."""
-    if provider == "openai":
-        chunks = [ROLE] + ([oai_chunk({"content": text})] if text else [])
-        for i, (cid, name, inp) in enumerate(calls):
-            chunks += canonical(i, cid, name, json.dumps(inp))
-        return SSE(chunks + [finish(), USAGE])
-    objs = [ollama_chunk(text)] if text else []
-    objs.append(ollama_chunk(tool_calls=[oll_call(name, inp, cid, i) for i, (cid, name, inp) in enumerate(calls)]))
-    return NDJSON(objs + [ollama_chunk(done=True)])
-
-
-async def write_sse(request: web.Request, chunks: list) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
-    await resp.prepare(request)
-    await resp.write(b"".join(sse_bytes(chunk) for chunk in chunks + ["[DONE]"]))
-    return resp
-
-
-# ======================================================================================
-# Tool use: OpenAI-compatible streaming tool-call shapes (B.6, B.7.2, F.7)
-# ======================================================================================
-
-
-def _fresh() -> str:
-    return "chatcmpl-tool-" + uuid.uuid4().hex
-
-
-OPENAI_STREAMS = {
-    # OpenAI exactly: the first chunk carries role, content null and the first fragment
-    "openai_exact": (
-        [
-            oai_chunk(
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [frag(0, "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", "")],
-                },
-                refusal=None,
-            )
-        ]
-        + [tc(frag(0, args=p)) for p in pieces(PARIS_JSON, 3)]
-        + [finish(), USAGE],
-        [W],
-    ),
-    "canonical": (
-        [ROLE] + canonical(0, "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", PARIS_JSON) + [finish(), USAGE],
-        [W],
-    ),
-    "id_repeated": (
-        [ROLE, tc(frag(0, "chatcmpl-tool-8c1d2e3f", "get_weather", ""))]
-        + [tc(frag(0, "chatcmpl-tool-8c1d2e3f", args=p)) for p in pieces(PARIS_JSON)]
-        + [finish(), USAGE],
-        [W],
-    ),
-    "id_and_name_repeated": (
-        [ROLE]
-        + [tc(frag(0, "call_k3j2h1g0x", "get_weather", p)) for p in [""] + pieces(PARIS_JSON)]
-        + [finish(), USAGE],
-        [W],
-    ),
-    "old_vllm_fresh_id_per_fragment": (
-        [ROLE, tc(frag(0, _fresh(), "get_weather", ""))]
-        + [tc(frag(0, _fresh(), args=p)) for p in pieces(PARIS_JSON)]
-        + [finish(), USAGE],
-        [W],
-    ),
-    "old_vllm_fresh_ids_two_calls": (
-        [ROLE, tc(frag(0, _fresh(), "get_weather", ""))]
-        + [tc(frag(0, _fresh(), args=p)) for p in pieces(PARIS_JSON)]
-        + [tc(frag(1, _fresh(), "get_time", ""))]
-        + [tc(frag(1, _fresh(), args=p)) for p in pieces(TZ_JSON)]
-        + [finish(), USAGE],
-        [W, T],
-    ),
-    "missing_index": (
-        [ROLE, tc(frag(id="call_gem1ni0001", name="get_weather", args=""))]
-        + [tc(frag(args=p)) for p in pieces(PARIS_JSON)]
-        + [finish(), USAGE],
-        [W],
-    ),
-    "missing_index_two_calls": (
-        [ROLE, tc(frag(id="call_gem1ni0001", name="get_weather", args=""))]
-        + [tc(frag(args=p)) for p in pieces(PARIS_JSON)]
-        + [tc(frag(id="call_gem1ni0002", name="get_time", args=""))]
-        + [tc(frag(args=p)) for p in pieces(TZ_JSON)]
-        + [finish(), USAGE],
-        [W, T],
-    ),
-    "missing_index_whole_calls_one_chunk": (
-        [
-            ROLE,
-            tc(
-                frag(id="call_gem1ni0001", name="get_weather", args=PARIS_JSON),
-                frag(id="call_gem1ni0002", name="get_time", args=TZ_JSON),
-            ),
-            finish(),
-            USAGE,
-        ],
-        [W, T],
-    ),
-    # Ollama /v1: the whole call in one chunk, a separate finish chunk, usage without details
-    "whole_call_one_chunk": (
-        [
-            oai_chunk(
-                {
-                    "role": "assistant",
-                    "content": "",
-                    "tool_calls": [frag(0, "call_x1y2z3w4", "get_weather", PARIS_JSON)],
-                },
-                model="qwen3:8b",
-            ),
-            finish(model="qwen3:8b"),
-            oai_chunk(choices=[], usage={"prompt_tokens": 40, "completion_tokens": 18, "total_tokens": 58}),
-        ],
-        [W],
-    ),
-    "two_whole_calls_one_chunk": (
-        [
-            oai_chunk(
-                {
-                    "role": "assistant",
-                    "content": "",
-                    "tool_calls": [
-                        frag(0, "call_x1y2z3w4", "get_weather", PARIS_JSON),
-                        frag(1, "call_a9b8c7d6", "get_time", TZ_JSON),
-                    ],
-                }
-            ),
-            finish(),
-            USAGE,
-        ],
-        [W, T],
-    ),
-    # SGLang: arguments before the name
-    "args_before_name": (
-        [
-            ROLE,
-            tc(frag(0, args='{"city": ')),
-            tc(frag(0, args='"Paris"}')),
-            tc(frag(0, "call_sgl00000001", "get_weather")),
-            finish(),
-            USAGE,
-        ],
-        [W],
-    ),
-    "args_before_name_then_more_args": (
-        [
-            ROLE,
-            tc(frag(0, args='{"ci')),
-            tc(frag(0, "call_sgl00000001", "get_weather", 'ty": ')),
-            tc(frag(0, args='"Paris"}')),
-            finish(),
-            USAGE,
-        ],
-        [W],
-    ),
-    "cumulative_snapshots": (
-        [
-            ROLE,
-            tc(frag(0, "call_cum0000001", "get_weather", "")),
-            tc(frag(0, args='{"ci')),
-            tc(frag(0, args='{"city": "Pa')),
-            tc(frag(0, args=PARIS_JSON)),
-            finish(),
-            USAGE,
-        ],
-        [W],
-    ),
-    "cumulative_snapshots_from_brace": (
-        [
-            ROLE,
-            tc(frag(0, "call_cum0000001", "get_weather", "")),
-            tc(frag(0, args="{")),
-            tc(frag(0, args='{"city"')),
-            tc(frag(0, args='{"city": "Par')),
-            tc(frag(0, args=PARIS_JSON)),
-            finish(),
-            USAGE,
-        ],
-        [W],
-    ),
-    "finish_stop_with_calls": (
-        [ROLE] + canonical(0, "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", PARIS_JSON) + [finish("stop"), USAGE],
-        [W],
-    ),
-    "parallel_sequential": (
-        [ROLE]
-        + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON)
-        + canonical(1, "call_bbbbbbbb0002", "get_time", TZ_JSON)
-        + [finish(), USAGE],
-        [W, T],
-    ),
-    "parallel_interleaved": (
-        [ROLE, tc(frag(0, "call_aaaaaaaa0001", "get_weather", "")), tc(frag(1, "call_bbbbbbbb0002", "get_time", ""))]
-        + [tc(frag(i, args=p)) for a, b in zip(pieces(PARIS_JSON, 6), pieces(TZ_JSON, 8)) for i, p in ((0, a), (1, b))]
-        + [finish(), USAGE],
-        [W, T],
-    ),
-    "parallel_interleaved_one_chunk": (
-        [ROLE, tc(frag(0, "call_aaaaaaaa0001", "get_weather", ""), frag(1, "call_bbbbbbbb0002", "get_time", ""))]
-        + [tc(frag(0, args=a), frag(1, args=b)) for a, b in zip(pieces(PARIS_JSON, 6), pieces(TZ_JSON, 8))]
-        + [finish(), USAGE],
-        [W, T],
-    ),
-    "parallel_index_from_1": (
-        [ROLE]
-        + canonical(1, "call_aaaaaaaa0001", "get_weather", PARIS_JSON)
-        + canonical(2, "call_bbbbbbbb0002", "get_time", TZ_JSON)
-        + [finish(), USAGE],
-        [W, T],
-    ),
-    "empty_arguments": (
-        [ROLE, tc(frag(0, "call_empty000001", "list_files", "")), finish(), USAGE],
-        [("tool_use", "list_files", {})],
-    ),
-    "empty_object_arguments": (
-        [ROLE, tc(frag(0, "call_empty000001", "list_files", "{}")), finish(), USAGE],
-        [("tool_use", "list_files", {})],
-    ),
-    "no_arguments_key": (
-        [ROLE, tc(frag(0, "call_empty000001", "list_files")), finish(), USAGE],
-        [("tool_use", "list_files", {})],
-    ),
-    "whitespace_arguments": (
-        [ROLE, tc(frag(0, "call_empty000001", "list_files", " ")), finish(), USAGE],
-        [("tool_use", "list_files", {})],
-    ),
-    "leading_newline_piece": (
-        [
-            ROLE,
-            tc(frag(0, "call_aaaaaaaa0001", "get_weather", "")),
-            tc(frag(0, args="\n")),
-            tc(frag(0, args=PARIS_JSON)),
-            finish(),
-            USAGE,
-        ],
-        [W],
-    ),
-    "text_before_calls": (
-        [ROLE, oai_chunk({"content": "Let me check"}), oai_chunk({"content": " the weather."})]
-        + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON)
-        + canonical(1, "call_bbbbbbbb0002", "get_time", TZ_JSON)
-        + [finish(), USAGE],
-        [("text", "Let me check the weather."), W, T],
-    ),
-    "reasoning_then_call": (
-        [ROLE, oai_chunk({"reasoning": "The user wants"}), oai_chunk({"reasoning": " weather."})]
-        + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON)
-        + [finish(), USAGE],
-        [("thinking", "The user wants weather."), W],
-    ),
-    "arguments_as_object": (
-        [ROLE, tc(frag(0, "call_obj0000001", "get_weather", {"city": "Paris"})), finish(), USAGE],
-        [W],
-    ),
-    "usage_on_finish_chunk": (
-        [ROLE] + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON) + [finish(usage=oai_usage(40, 18))],
-        [W],
-    ),
-    "nested_and_unicode_arguments": (
-        [ROLE]
-        + canonical(
-            0,
-            "call_aaaaaaaa0001",
-            "Read",
-            json.dumps({"path": '/tmp/é "x"\\y', "content": "a\nb\t\u2603 {not: json}"}),
-            3,
-        )
-        + [finish(), USAGE],
-        [("tool_use", "Read", {"path": '/tmp/é "x"\\y', "content": "a\nb\t\u2603 {not: json}"})],
-    ),
-}
-OPENAI_STREAMS["escapes_split_across_chunks"] = (
-    [
-        ROLE,
-        tc(frag(0, "call_aaaaaaaa0001", "Read", "")),
-        tc(frag(0, args='{"path": "a\\')),
-        tc(frag(0, args="nb\\u00")),
-        tc(frag(0, args='e9", "content": ')),
-        tc(frag(0, args='"x", "n": 1')),
-        tc(frag(0, args="0}")),
-        finish(),
-        USAGE,
-    ],
-    [("tool_use", "Read", {"path": "a\nb\u00e9", "content": "x", "n": 10})],
-)
-
-
-@pytest.mark.parametrize("case", sorted(OPENAI_STREAMS))
-def test_openai_stream_tool_call_shapes(make_stack, case):
-    chunks, expected = OPENAI_STREAMS[case]
-    assert_tool_use(run_modes(make_stack("openai"), SSE(chunks)), expected, usage=(40, 18))
-
-
-def test_openai_stream_usage_absent_still_tool_use(make_stack):
-    """No usage at all (interrupted include_usage): still a valid message with stop_reason tool_use."""
-    stack = make_stack("openai")
-    chunks = [ROLE] + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON) + [finish()]
-    result = run_modes(stack, SSE(chunks))
-    assert result["blocks"] == [W] and result["stop_reason"] == "tool_use"
-    assert result["usage"][1] >= 1
-
-
-def test_openai_stream_tool_args_stream_live(make_stack):
-    """Canonical arguments reach the client as input_json_delta pieces as they arrive, not one blob at the end."""
-    stack = make_stack("openai")
-    args = json.dumps({"path": "/a/b.py", "content": "x" * 50})
-    stack.backend.queue(SSE([ROLE] + canonical(0, "call_aaaaaaaa0001", "Read", args, 5) + [finish(), USAGE]))
-    events = sse_events(stack, body_of())
-    deltas = [
-        d["delta"]["partial_json"]
-        for n, d in events
-        if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
-    ]
-    assert len([d for d in deltas if d]) > 3
-    assert json.loads("".join(deltas)) == json.loads(args)
-
-
-def test_openai_stream_backend_ids_round_trip_when_usable(make_stack):
-    """D.8: a usable backend id may be passed through; whatever is emitted is what the client echoes
-    back, and the proxy sends that same string to the backend next turn."""
-    stack = make_stack("openai")
-    stack.backend.queue(
-        SSE([ROLE] + canonical(0, "chatcmpl-tool-3f9a0b1c2d", "get_weather", PARIS_JSON) + [finish(), USAGE]),
-        text_answer("openai", "Sunny."),
-    )
-    client = stack.client()
-    msg = client.messages.create(**body_of())
-    call = msg.content[0]
-    client.messages.create(
-        **body_of(
-            messages=[
-                {"role": "user", "content": "What's the weather in Paris?"},
-                as_history(msg),
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny"}]},
-            ]
+def test_model_map_resolution(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(
+        json.dumps(
+            {
+                "claude-*haiku*": "small",
+                "claude-opus-5-5": "big",
+                "claude-*": "mid",
+                "claude-sonnet-4-5": {"model": "sonnet-ish", "max_tokens": 4096},
+            }
         )
     )
-    sent = stack.backend.requests[1]["messages"]
-    assert sent[-2]["tool_calls"][0]["id"] == call.id
-    assert sent[-1] == {"role": "tool", "tool_call_id": call.id, "content": "Sunny"}
+    config = cp.load_config(["--model-map", str(path)], environ={}, dotenv_path="")
+    route = lambda name: (cp.resolve_route(config, name) or cp.Route("-", "", "")).model  # noqa: E731
+    assert route("claude-opus-5-5") == "big"
+    assert route("claude-haiku-5-5") == "small"  # first matching pattern wins
+    assert route("claude-sonnet-4-5-20250929") == "sonnet-ish"  # dated name -> undated key
+    assert cp.resolve_route(config, "claude-sonnet-4-5").max_tokens == 4096
+    assert route("claude-fable-5-2") == "mid"
+    assert cp.resolve_route(config, "gpt-4o") is None
 
 
-# ======================================================================================
-# Tool use: invalid arguments from small models: always a parseable stream, repaired when possible
-# ======================================================================================
+def test_example_model_map_is_valid():
+    config = cp.Config(model_map=cp.load_model_map(str(HERE / "model_map.example.json"), None))
+    for name in ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5", "claude-haiku-4-5-20251001"):
+        assert cp.resolve_route(config, name) is not None
 
-ANY_DICT = object()
-BAD_ARGS = {
-    "trailing_text": ('{"path": "a.py"} I hope this helps!', {"path": "a.py"}),
-    "extra_closing_brace": ('{"path": "a.py"}}', {"path": "a.py"}),
-    "single_quotes": ("{'path': 'a.py'}", {"path": "a.py"}),
-    "single_quotes_with_true_in_value": (
-        "{'command': 'test -f x && echo true || echo null'}",
-        {"command": "test -f x && echo true || echo null"},
+
+BAD_CONFIGURATIONS = {  # name -> (flags, environment, what the one line on stderr says)
+    "provider-flag": (["--provider", "bedrock"], {}, "unknown provider"),
+    "port-not-a-number": (["--port", "http"], {}, "bad port"),
+    "port-out-of-range": (["--port", "70000"], {}, "bad port"),
+    "model-map-file-missing": (["--model-map", "/nonexistent/map.json"], {}, "cannot read model map"),
+    "model-map-not-json": ([], {"MODEL_MAP_JSON": "{not json"}, "not valid JSON"),
+    "model-map-entry-not-object": ([], {"MODEL_MAP_JSON": '{"claude-x": 5}'}, "model map entry"),
+    "model-map-provider": (
+        [],
+        {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "provider": "vertex"}}'},
+        "unknown provider",
     ),
-    "python_literals": ("{'recursive': True, 'limit': None}", {"recursive": True, "limit": None}),
-    "missing_closing_brace": ('{"path": "a.py"', {"path": "a.py"}),
-    "missing_quote_and_brace": ('{"path": "a.py', {"path": "a.py"}),
-    "missing_nested_closers": ('{"edits": [{"old": "a", "new": "b"}', {"edits": [{"old": "a", "new": "b"}]}),
-    "cut_after_number": ('{"n": 12', {"n": 12}),
-    "code_fence_json": ('```json\n{"path": "a.py"}\n```', {"path": "a.py"}),
-    "code_fence_plain": ('```\n{"path": "a.py"}\n```', {"path": "a.py"}),
-    "double_encoded_string": (json.dumps('{"path": "a.py"}'), {"path": "a.py"}),
-    "leading_prose": ('Sure! {"path": "a.py"}', {"path": "a.py"}),
-    "total_garbage": ("I will read the file now.", {}),
-    "garbage_after_brace": ('{"path": "a.py", oops}', ANY_DICT),
-    "array_not_object": ('["a.py"]', ANY_DICT),
-    "trailing_comma": ('{"path": "a.py",}', {"path": "a.py"}),
-    "raw_newline_in_string": ('{"content": "line1\nline2"}', {"content": "line1\nline2"}),
-}
-
-
-@pytest.mark.parametrize("split", [1, 1000], ids=["char", "whole"])  # one char per fragment; all in one
-@pytest.mark.parametrize("case", sorted(BAD_ARGS))
-def test_openai_invalid_arguments_repaired(make_stack, case, split):
-    args, expected = BAD_ARGS[case]
-    stack = make_stack("openai")
-    chunks = [ROLE] + canonical(0, "call_aaaaaaaa0001", "Read", args, split) + [finish(), USAGE]
-    result = run_modes(stack, SSE(chunks))
-    ((kind, name, value),) = result["blocks"]
-    assert (kind, name) == ("tool_use", "Read")
-    assert result["stop_reason"] == "tool_use"
-    if expected is not ANY_DICT:
-        assert value == expected
-
-
-@pytest.mark.parametrize(
-    "case", ["trailing_text", "single_quotes", "missing_closing_brace", "total_garbage", "code_fence_json"]
-)
-def test_openai_non_streaming_body_invalid_arguments(make_stack, case):
-    args, expected = BAD_ARGS[case]
-    stack = make_stack("openai")
-    body = oai_completion(
-        None,
-        tool_calls=[{"id": "call_aaaaaaaa0001", "type": "function", "function": {"name": "Read", "arguments": args}}],
-        finish="tool_calls",
-    )
-    result = run_modes(stack, Reply(body=body))
-    assert result["blocks"] == [("tool_use", "Read", expected)]
-
-
-def test_truncated_arguments_at_max_tokens(make_stack):
-    """Cut off by max_tokens mid-arguments: stop_reason max_tokens, and still valid JSON for the SDK."""
-    stack = make_stack("openai")
-    chunks = (
-        [ROLE]
-        + canonical(0, "call_aaaaaaaa0001", "Read", '{"path": "a.py", "content": "def f(', 5)
-        + [finish("length"), USAGE]
-    )
-    result = run_modes(stack, SSE(chunks))
-    ((kind, name, value),) = result["blocks"]
-    assert (kind, name) == ("tool_use", "Read") and isinstance(value, dict)
-    assert value.get("path") == "a.py"
-    assert result["stop_reason"] == "max_tokens"
-
-
-# ======================================================================================
-# Tool use: Ollama NDJSON (C.3, D.9.2, F.8)
-# ======================================================================================
-
-OLLAMA_STREAMS = {
-    "with_id": (
-        [ollama_chunk(tool_calls=[oll_call("get_weather", PARIS, "call_k3j2h1g0")]), ollama_chunk(done=True)],
-        [W],
-    ),
-    "without_id": ([ollama_chunk(tool_calls=[oll_call("get_weather", PARIS)]), ollama_chunk(done=True)], [W]),
-    "several_in_one_chunk": (
-        [
-            ollama_chunk(
-                tool_calls=[
-                    oll_call("get_weather", PARIS, "call_k3j2h1g0"),
-                    oll_call("get_time", TZ, "call_p9q8r7s6", 1),
-                ]
-            ),
-            ollama_chunk(done=True),
-        ],
-        [W, T],
-    ),
-    "several_in_one_chunk_without_ids": (
-        [
-            ollama_chunk(
-                tool_calls=[
-                    oll_call("get_weather", PARIS),
-                    oll_call("get_time", TZ, index=1),
-                    oll_call("get_weather", {"city": "Oslo"}, index=2),
-                ]
-            ),
-            ollama_chunk(done=True),
-        ],
-        [W, T, ("tool_use", "get_weather", {"city": "Oslo"})],
-    ),
-    "calls_in_separate_chunks": (
-        [
-            ollama_chunk(tool_calls=[oll_call("get_weather", PARIS, "call_k3j2h1g0")]),
-            ollama_chunk(tool_calls=[oll_call("get_time", TZ, "call_p9q8r7s6", 1)]),
-            ollama_chunk(done=True),
-        ],
-        [W, T],
-    ),
-    "thinking_and_content_one_chunk_then_calls": (
-        [
-            ollama_chunk(thinking="The user"),
-            ollama_chunk("Let me", thinking=" wants weather."),
-            ollama_chunk(" check."),
-            ollama_chunk(tool_calls=[oll_call("get_weather", PARIS, "call_k3j2h1g0")]),
-            ollama_chunk(done=True),
-        ],
-        [("thinking", "The user wants weather."), ("text", "Let me check."), W],
-    ),
-    "empty_arguments": (
-        [ollama_chunk(tool_calls=[oll_call("list_files", {}, "call_k3j2h1g0")]), ollama_chunk(done=True)],
-        [("tool_use", "list_files", {})],
-    ),
-    "null_arguments": (
-        [
-            ollama_chunk(tool_calls=[{"id": "call_k3j2h1g0", "function": {"index": 0, "name": "list_files"}}]),
-            ollama_chunk(done=True),
-        ],
-        [("tool_use", "list_files", {})],
-    ),
-    "call_in_done_chunk": (
-        [ollama_chunk(tool_calls=[oll_call("get_weather", PARIS, "call_k3j2h1g0")], done=True)],
-        [W],
+    "model-map-max-tokens": ([], {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "max_tokens": -1}}'}, "max_tokens"),
+    "model-map-api-key-env": (
+        [],
+        {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "api_key_env": "NOPE_NOT_SET"}}'},
+        "NOPE_NOT_SET",
     ),
 }
 
 
-@pytest.mark.parametrize("case", sorted(OLLAMA_STREAMS))
-def test_ollama_stream_tool_calls(make_stack, case):
-    objects, expected = OLLAMA_STREAMS[case]
-    # tool_use although Ollama says done_reason "stop"
-    assert_tool_use(run_modes(make_stack("ollama"), NDJSON(objects)), expected, usage=(26, 10))
+@pytest.fixture(scope="module")
+def bad_configuration_runs(tmp_path_factory):
+    """The proxy started with each bad configuration, all at once (each run is a fresh interpreter importing
+    the proxy, ~0.35 s of CPU), in an empty directory (no .env): name -> Popen."""
+    cwd = tmp_path_factory.mktemp("bad-configuration")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_MAP", "PROVIDER", "PORT"))}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(HERE / "claude_proxy.py"), *args],
+            env={**clean, **env},
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (args, env, _) in BAD_CONFIGURATIONS.items()
+    }
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
-@pytest.mark.parametrize(
-    "case", ["with_id", "without_id", "several_in_one_chunk_without_ids", "thinking_and_content_one_chunk_then_calls"]
-)
-def test_ollama_non_streamed_json_body(make_stack, case):
-    """An Ollama answer as one JSON object (C.3.1: the shape of a `stream: false` reply)."""
-    objects, expected = OLLAMA_STREAMS[case]
-    message = {"role": "assistant", "content": "", "thinking": None, "tool_calls": []}
-    thinking, content = "", ""
-    for obj in objects:
-        m = obj["message"]
-        thinking += m.get("thinking") or ""
-        content += m.get("content") or ""
-        message["tool_calls"] += m.get("tool_calls") or []
-    message.update(content=content, thinking=thinking or None)
-    if message["thinking"] is None:
-        del message["thinking"]
-    body = ollama_chunk(done=True)
-    body["message"] = message
-    assert_tool_use(run_modes(make_stack("ollama"), Reply(body=body)), expected)
+@pytest.mark.parametrize("name", list(BAD_CONFIGURATIONS))
+def test_bad_configuration_exits_2_with_one_line(bad_configuration_runs, name):
+    message = BAD_CONFIGURATIONS[name][2]
+    proc = bad_configuration_runs[name]
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
 
 
-def test_ollama_generated_ids_unique_across_turns(make_stack):
-    """Minted ids (old Ollama sends none) must be unique in the conversation (D.8)."""
-    stack = make_stack("ollama")
-    answer = NDJSON(
-        [
-            ollama_chunk(tool_calls=[oll_call("get_weather", PARIS), oll_call("get_time", TZ, index=1)]),
-            ollama_chunk(done=True),
-        ]
-    )
-    stack.backend.queue(answer, answer)
-    client = stack.client()
-    ids = [b.id for _ in range(2) for b in client.messages.create(**body_of()).content]
-    assert len(ids) == 4 and len(set(ids)) == 4 and all(ids)
-
-
-# ======================================================================================
-# Tool use: OpenAI servers that ignore stream:true and answer with one chat.completion JSON
-# ======================================================================================
-
-OPENAI_BODIES = {
-    "one_call": (oai_completion(None, [oai_call("call_aaaaaaaa0001", "get_weather", PARIS_JSON)], "tool_calls"), [W]),
-    "text_and_two_calls": (
-        oai_completion(
-            "Checking both.",
-            [
-                oai_call("call_aaaaaaaa0001", "get_weather", PARIS_JSON),
-                oai_call("call_bbbbbbbb0002", "get_time", TZ_JSON),
-            ],
-            "tool_calls",
-        ),
-        [("text", "Checking both."), W, T],
-    ),
-    "finish_stop_with_calls": (
-        oai_completion("", [oai_call("call_aaaaaaaa0001", "get_weather", PARIS_JSON)], "stop"),
-        [W],
-    ),
-    "arguments_object": (
-        oai_completion(None, [oai_call("call_aaaaaaaa0001", "get_weather", PARIS)], "tool_calls"),
-        [W],
-    ),
-    "empty_arguments": (
-        oai_completion(None, [oai_call("call_aaaaaaaa0001", "list_files", "")], "tool_calls"),
-        [("tool_use", "list_files", {})],
-    ),
-    "same_id_twice": (
-        oai_completion(
-            None, [oai_call("call_0", "get_weather", PARIS_JSON), oai_call("call_0", "get_time", TZ_JSON)], "tool_calls"
-        ),
-        [W, T],
-    ),
-    "reasoning_content_and_call": (
-        oai_completion(
-            None,
-            [oai_call("call_aaaaaaaa0001", "get_weather", PARIS_JSON)],
-            "tool_calls",
-            reasoning_content="Need weather.",
-        ),
-        [("thinking", "Need weather."), W],
-    ),
-}
-
-
-@pytest.mark.parametrize("case", sorted(OPENAI_BODIES))
-def test_openai_non_streamed_json_body(make_stack, case):
-    body, expected = OPENAI_BODIES[case]
-    assert_tool_use(run_modes(make_stack("openai"), Reply(body=body)), expected, usage=(12, 7))
-
-
-# ======================================================================================
-# Tool use: the real Claude Code turn 2 (parallel tool calls and their results)
-# ======================================================================================
-
-
-def replay(stack, body: dict, fixture: dict) -> dict:
-    headers = {k: v for k, v in fixture["headers"].items() if k.lower() not in ("content-length", "host")}
-    status, _, text = http(stack, "POST", fixture["path"], body, headers)
-    assert status == 200, text
-    events = raw_sse(text)
-    assert events[-1][0] == "message_stop"
-    return stack.backend.requests[-1]
-
-
-def test_fixture_turn2(make_stack, provider):
-    fx = cc_fixture(2)
-    body = fx["body"]
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "one", " two"))
-    sent = replay(stack, body, fx)
-    msgs = sent["messages"]
-    calls = [b for b in body["messages"][2]["content"] if b["type"] == "tool_use"]
-    results = [b for b in body["messages"][3]["content"] if b["type"] == "tool_result"]
-    a = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    assistant = msgs[a]
-    assert [c["id"] for c in assistant["tool_calls"]] == [c["id"] for c in calls]
-    for got, want in zip(assistant["tool_calls"], calls):
-        assert got["function"]["name"] == want["name"]
-        if provider == "openai":
-            assert got["type"] == "function"
-            assert isinstance(got["function"]["arguments"], str)
-            assert json.loads(got["function"]["arguments"]) == want["input"]
-        else:
-            assert got["function"]["arguments"] == want["input"]  # an object, not a string
-    tool_msgs = msgs[a + 1 : a + 3]
-    assert [m["role"] for m in tool_msgs] == ["tool", "tool"]
-    assert [m["tool_call_id"] for m in tool_msgs] == [r["tool_use_id"] for r in results]
-    assert [m["content"] for m in tool_msgs] == ["one", "two"]
-    # tools: everything but the deferred one, by their original names
-    want_tools = [t["name"] for t in body["tools"] if not t.get("defer_loading")]
-    assert [t["function"]["name"] for t in sent["tools"]] == want_tools
-    assert anthropic_only_keys(sent) == []
-    # the role:"system" message is kept, as a <system-reminder> in a user message
-    env = body["messages"][1]["content"]
-    env_text = env if isinstance(env, str) else env[0]["text"]
-    users = [m["content"] for m in msgs if m["role"] == "user"]
-    assert any(isinstance(c, str) and f"<system-reminder>\n{env_text}" in c for c in users), users
-    if provider == "openai":
-        assert assistant.get("content") in ("", None)
-        assert len(msgs) == a + 3  # nothing after the tool messages (the turn holds only tool results)
-        assert "DeferredToolPlaceholder" not in json.dumps(sent["tools"])
-        assert sent["max_tokens"] == 128000
-        assert "Run two commands" in users[0]
-    else:
-        assert [m["tool_name"] for m in tool_msgs] == ["Bash", "Bash"]
-        assert sent["options"]["num_predict"] == 128000
-
-
-def test_fixture_turn1_is_prefix_of_turn2(make_stack, provider):
-    """The real turn 1 and turn 2 requests: what the backend gets for turn 1 is a prefix of turn 2 (KV cache)."""
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "x"), text_answer(provider, "y"))
-    first = replay(stack, cc_fixture(1)["body"], cc_fixture(1))
-    second = replay(stack, cc_fixture(2)["body"], cc_fixture(2))
-    m1, m2 = first["messages"], second["messages"]
-    assert len(m2) > len(m1)
-    for i, msg in enumerate(m1):
-        assert json.dumps(msg) == json.dumps(m2[i]), i
-    assert json.dumps(first["tools"]) == json.dumps(second["tools"])
-
-
-def test_fixture_deferred_tool_revealed_by_tool_reference(make_stack, provider):
-    fx = cc_fixture(2)
-    body = copy.deepcopy(fx["body"])
-    body["messages"][3]["content"][1]["content"] = [
-        {"type": "text", "text": "two"},
-        {"type": "tool_reference", "tool_name": "DeferredToolPlaceholder"},
-    ]
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "ok"))
-    sent = replay(stack, body, fx)
-    names = [t["function"]["name"] for t in sent["tools"]]
-    assert "DeferredToolPlaceholder" in names
-    assert len(names) == len(body["tools"])
-    assert anthropic_only_keys(sent) == []
-    tool_msgs = [m for m in sent["messages"] if m["role"] == "tool"]
-    assert tool_msgs[1]["content"].startswith("two")
-    assert "DeferredToolPlaceholder" in tool_msgs[1]["content"]
-
-
-def test_fixture_through_sdk(make_stack, provider):
-    """The same body through the SDK's stream accumulator (extra fields via extra_body)."""
-    body = copy.deepcopy(cc_fixture(2)["body"])
-    body.pop("stream")
-    extra = {"context_management": body.pop("context_management"), "output_config": body.pop("output_config")}
-    stack = make_stack(provider)
-    stack.backend.queue(tool_answer(provider, [("call_zz00zz00zz", "Bash", {"command": "echo three"})], "Next:"))
-    with stack.client().messages.stream(extra_body=extra, **body) as s:
-        final = s.get_final_message()
-    assert summarize(final)["blocks"] == [("text", "Next:"), ("tool_use", "Bash", {"command": "echo three"})]
-    assert final.stop_reason == "tool_use"
-    sent = stack.backend.requests[0]
-    ids = [c["id"] for m in sent["messages"] for c in m.get("tool_calls") or ()]
-    assert ids == ["toolu_479c5658869b425f979f78ed", "toolu_730d3b4b5c8840ae8c38b534"]
-
-
-# ======================================================================================
-# Tool use: tool_choice (D.4)
-# ======================================================================================
-
-
-@pytest.mark.parametrize(
-    "choice, expected, parallel",
-    [
-        (None, None, None),
-        ({"type": "auto"}, "auto", None),
-        ({"type": "any"}, "required", None),
-        ({"type": "tool", "name": "get_time"}, {"type": "function", "function": {"name": "get_time"}}, None),
-        ({"type": "none"}, "none", None),
-        ({"type": "auto", "disable_parallel_tool_use": True}, "auto", False),
-        ({"type": "any", "disable_parallel_tool_use": True}, "required", False),
-        (
-            {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
-            {"type": "function", "function": {"name": "get_weather"}},
-            False,
-        ),
-        ({"type": "auto", "disable_parallel_tool_use": False}, "auto", None),
-    ],
-)
-def test_openai_tool_choice(make_stack, choice, expected, parallel):
-    stack = make_stack("openai")
-    stack.backend.queue(text_answer("openai", "ok"))
-    kw = {"tool_choice": choice} if choice else {}
-    stack.client().messages.create(**body_of(**kw))
-    sent = stack.backend.requests[0]
-    assert sent.get("tool_choice") == expected
-    assert sent.get("parallel_tool_calls") == parallel
-    if expected != "none":
-        assert [t["function"]["name"] for t in sent["tools"]] == [t["name"] for t in TOOLS]
-
-
-@pytest.mark.parametrize(
-    "choice, has_tools",
-    [
-        (None, True),
-        ({"type": "auto"}, True),
-        ({"type": "any"}, True),
-        ({"type": "tool", "name": "get_time"}, True),
-        ({"type": "none"}, False),
-        ({"type": "auto", "disable_parallel_tool_use": True}, True),
-    ],
-)
-def test_ollama_tool_choice(make_stack, choice, has_tools):
-    stack = make_stack("ollama")
-    stack.backend.queue(text_answer("ollama", "ok"))
-    history = [
-        {"role": "user", "content": "Weather?"},
-        {
-            "role": "assistant",
-            "content": [{"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": PARIS}],
+def test_main_api_key_never_goes_to_another_host():
+    config = cp.Config(
+        provider="openai",
+        base_url="http://127.0.0.1:8000/v1",
+        api_key="sk-local",
+        model_map={
+            "claude-a": "local-model",
+            "claude-b": {"model": "hosted", "base_url": "https://api.example.com/v1"},
         },
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01A", "content": "Sunny"}]},
-    ]
-    kw = {"tool_choice": choice} if choice else {}
-    stack.client().messages.create(**body_of(messages=history, **kw))
-    sent = stack.backend.requests[0]
-    assert ("tools" in sent) is has_tools
-    assert "tool_choice" not in sent and "parallel_tool_calls" not in sent
-    # tool history stays in the messages even when tools are removed
-    assert sent["messages"][-2]["tool_calls"][0]["function"]["name"] == "get_weather"
-    assert sent["messages"][-1]["role"] == "tool"
+    )
+    assert cp.resolve_route(config, "claude-a").api_key == "sk-local"
+    assert cp.resolve_route(config, "claude-b").api_key is None
 
 
 # ======================================================================================
-# Tool use: tool_result variants (D.3.2)
+# 2. WIRE TYPES AND VALIDATION
 # ======================================================================================
 
 
-def two_calls_then(results: list, after: list = ()) -> list:
-    return [
-        {"role": "user", "content": "Do two things."},
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "text", "text": "Doing both."},
-                {"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": PARIS},
-                {"type": "tool_use", "id": "toolu_01B", "name": "get_time", "input": TZ},
-            ],
-        },
-        {"role": "user", "content": list(results) + list(after)},
-    ]
+# --- Errors: request validation ----------------------------------------------------------------
 
-
-def send(stack, provider, messages) -> list:
-    stack.backend.queue(text_answer(provider, "ok"))
-    stack.client().messages.create(**body_of(messages=messages))
-    return stack.backend.requests[-1]["messages"]
-
-
-def test_tool_result_is_error(make_stack, provider):
-    stack = make_stack(provider)
-    msgs = send(
-        stack,
-        provider,
-        two_calls_then(
-            [
-                {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "city not found", "is_error": True},
-                {
-                    "type": "tool_result",
-                    "tool_use_id": "toolu_01B",
-                    "is_error": True,
-                    "content": [{"type": "text", "text": "bad tz"}],
-                },
-            ]
-        ),
-    )
-    tools = [m for m in msgs if m["role"] == "tool"]
-    assert [m["tool_call_id"] for m in tools] == ["toolu_01A", "toolu_01B"]
-    assert tools[0]["content"].startswith("Error") and "city not found" in tools[0]["content"]
-    assert tools[1]["content"].startswith("Error") and "bad tz" in tools[1]["content"]
-    assert msgs[-1]["role"] == "tool"
-
-
-def test_tool_result_is_error_false_not_marked(make_stack, provider):
-    stack = make_stack(provider)
-    msgs = send(
-        stack,
-        provider,
-        two_calls_then(
-            [
-                {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "Sunny", "is_error": False},
-                {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "12:00"},
-            ]
-        ),
-    )
-    assert [m["content"] for m in msgs if m["role"] == "tool"] == ["Sunny", "12:00"]
-
-
-SCREENSHOT_RESULTS = [  # the first result holds an image
-    {
-        "type": "tool_result",
-        "tool_use_id": "toolu_01A",
-        "content": [
-            {"type": "text", "text": "screenshot:"},
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1x1}},
-        ],
-    },
-    {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "12:00"},
-]
-
-
-def test_tool_result_images_openai(make_stack):
-    """OpenAI tool messages are text only: images go in ONE user message after ALL tool messages."""
-    stack = make_stack("openai")
-    msgs = send(
-        stack, "openai", two_calls_then(SCREENSHOT_RESULTS, after=[{"type": "text", "text": "What do you see?"}])
-    )
-    a = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    assert [m["role"] for m in msgs[a:]] == ["assistant", "tool", "tool", "user"]
-    assert [m["tool_call_id"] for m in msgs[a + 1 : a + 3]] == ["toolu_01A", "toolu_01B"]
-    assert all(isinstance(m["content"], str) for m in msgs[a + 1 : a + 3])
-    assert msgs[a + 1]["content"].startswith("screenshot:")
-    assert msgs[a + 2]["content"] == "12:00"
-    user_content = msgs[-1]["content"]
-    assert isinstance(user_content, list)
-    urls = [p["image_url"]["url"] for p in user_content if p["type"] == "image_url"]
-    assert urls == [f"data:image/png;base64,{PNG_1x1}"]
-    texts = [p["text"] for p in user_content if p["type"] == "text"]
-    assert "What do you see?" in texts
-    # the image comes before the user's own text, so it reads as the tool output
-    kinds = [p["type"] for p in user_content]
-    assert kinds.index("image_url") < max(i for i, p in enumerate(user_content) if p.get("text") == "What do you see?")
-
-
-def test_tool_result_images_ollama(make_stack):
-    stack = make_stack("ollama")
-    msgs = send(stack, "ollama", two_calls_then(SCREENSHOT_RESULTS))
-    a = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    assert [m["role"] for m in msgs[a : a + 3]] == ["assistant", "tool", "tool"]
-    assert [m["tool_name"] for m in msgs[a + 1 : a + 3]] == ["get_weather", "get_time"]
-    images = [(i, img) for i, m in enumerate(msgs) for img in m.get("images") or ()]
-    assert images and all(i > a for i, _ in images)
-    assert [img for _, img in images] == [PNG_1x1]  # raw base64, no data: prefix
-    assert all(i >= a + 3 for i, _ in images)  # never between the tool messages
-
-
-@pytest.mark.parametrize("content", ["", [], None], ids=["empty_string", "empty_list", "absent"])
-def test_tool_result_empty_content(make_stack, provider, content):
-    stack = make_stack(provider)
-    result = {"type": "tool_result", "tool_use_id": "toolu_01A"}
-    if content is not None:
-        result["content"] = content
-    msgs = send(
-        stack,
-        provider,
-        two_calls_then([result, {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "12:00"}]),
-    )
-    tools = [m for m in msgs if m["role"] == "tool"]
-    assert [m["tool_call_id"] for m in tools] == ["toolu_01A", "toolu_01B"]
-    assert isinstance(tools[0]["content"], str)
-    assert tools[1]["content"] == "12:00"
-    if provider == "ollama":
-        assert [m["tool_name"] for m in tools] == ["get_weather", "get_time"]
-
-
-def test_tool_result_text_and_document_blocks(make_stack, provider):
-    stack = make_stack(provider)
-    msgs = send(
-        stack,
-        provider,
-        two_calls_then(
-            [
-                {
-                    "type": "tool_result",
-                    "tool_use_id": "toolu_01A",
-                    "content": [
-                        {"type": "text", "text": "part one"},
-                        {"type": "text", "text": "part two"},
-                        {
-                            "type": "document",
-                            "source": {"type": "text", "media_type": "text/plain", "data": "doc body"},
-                            "title": "T",
-                        },
-                    ],
-                },
-                {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "12:00"},
-            ]
-        ),
-    )
-    first = next(m for m in msgs if m["role"] == "tool")
-    for needle in ("part one", "part two", "doc body"):
-        assert needle in first["content"]
-
-
-# ======================================================================================
-# Tool use: server tools are dropped with a warning
-# ======================================================================================
-
-
-def test_server_tools_dropped_with_warning(make_stack, provider, caplog):
-    caplog.set_level(logging.WARNING, logger="claude_proxy")
-    name = f"web_search_{uuid.uuid4().hex[:8]}"  # warnings are once per process: a fresh name
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "ok"))
-    msg = stack.client().messages.create(
-        **body_of(
-            tools=[
-                WEATHER_TOOL,
-                {"type": "web_search_20250305", "name": name, "max_uses": 5},
-                {"type": "custom", "name": "custom_typed", "input_schema": {"type": "object"}},
-            ]
-        )
-    )
-    assert msg.content[0].text == "ok"
-    sent = stack.backend.requests[0]
-    assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "custom_typed"]
-    warnings = [
-        r
-        for r in caplog.records
-        if r.name == "claude_proxy" and r.levelno == logging.WARNING and name in r.getMessage()
-    ]
-    assert warnings, [r.getMessage() for r in caplog.records]
-
-
-def test_only_server_tools_sends_no_tools(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "ok"))
-    stack.client().messages.create(
-        **body_of(tools=[{"type": "web_search_20250305", "name": "web_search"}], tool_choice={"type": "auto"})
-    )
-    sent = stack.backend.requests[0]
-    assert "tools" not in sent and "tool_choice" not in sent
-
-
-def test_server_tool_blocks_in_history(make_stack, provider):
-    """server_tool_use / web_search_tool_result blocks from an earlier Anthropic turn: no crash, no function call."""
-    stack = make_stack(provider)
-    history = [
-        {"role": "user", "content": "Search"},
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "server_tool_use", "id": "srvtoolu_01X", "name": "web_search", "input": {"query": "q"}},
-                {
-                    "type": "web_search_tool_result",
-                    "tool_use_id": "srvtoolu_01X",
-                    "content": [
-                        {
-                            "type": "web_search_result",
-                            "title": "R",
-                            "url": "https://e.com",
-                            "encrypted_content": "zz",
-                            "page_age": None,
-                        }
-                    ],
-                },
-                {"type": "text", "text": "Found it."},
-            ],
-        },
-        {"role": "user", "content": "Thanks"},
-    ]
-    stack.backend.queue(text_answer(provider, "ok"))
-    msg = stack.client().messages.create(
-        **body_of(messages=history, tools=[WEATHER_TOOL, {"type": "web_search_20250305", "name": "web_search"}])
-    )
-    assert msg.content[0].text == "ok"
-    sent = stack.backend.requests[0]
-    assert not any(m.get("tool_calls") for m in sent["messages"])
-    assert "zz" not in json.dumps(sent)  # encrypted content is not sent
-
-
-# ======================================================================================
-# Tool use: a multi-step agent loop: what the backend sees, and prefix (cache) stability
-# ======================================================================================
-
-
-def test_multi_step_loop(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(
-        tool_answer(provider, [("call_turn1000001", "get_weather", PARIS)]),
-        tool_answer(provider, [("call_turn2000001", "get_time", TZ)], text="Now the time."),
-        text_answer(provider, "Sunny, ", "noon."),
-    )
-    client = stack.client()
-    messages: list = [{"role": "user", "content": "Weather and time in Paris?"}]
-    system = "You are a helpful agent."
-    results = {"get_weather": "Sunny, 21C", "get_time": "12:00"}
-    finals = []
-    for _ in range(3):
-        with client.messages.stream(
-            model="claude-opus-5-5", max_tokens=1024, system=system, tools=TOOLS, messages=messages
-        ) as s:
-            msg = s.get_final_message()
-        finals.append(msg)
-        if msg.stop_reason != "tool_use":
-            break
-        messages = messages + [
-            as_history(msg),
-            {
-                "role": "user",
-                "content": [
-                    {"type": "tool_result", "tool_use_id": b.id, "content": results[b.name]}
-                    for b in msg.content
-                    if b.type == "tool_use"
-                ],
-            },
-        ]
-    assert [m.stop_reason for m in finals] == ["tool_use", "tool_use", "end_turn"]
-    assert finals[-1].content[0].text == "Sunny, noon."
-    reqs = stack.backend.requests
-    assert len(reqs) == 3
-    call1 = finals[0].content[0]
-    call2 = [b for b in finals[1].content if b.type == "tool_use"][0]
-    # turn 2: system, user, assistant(call 1), tool(result 1)
-    m2 = reqs[1]["messages"]
-    assert [m["role"] for m in m2] == ["system", "user", "assistant", "tool"]
-    assert m2[2]["tool_calls"][0]["id"] == call1.id
-    assert m2[3]["tool_call_id"] == call1.id and m2[3]["content"] == "Sunny, 21C"
-    args = m2[2]["tool_calls"][0]["function"]["arguments"]
-    assert (json.loads(args) if provider == "openai" else args) == PARIS
-    if provider == "ollama":
-        assert m2[3]["tool_name"] == "get_weather"
-    m3 = reqs[2]["messages"]
-    assert [m["role"] for m in m3] == ["system", "user", "assistant", "tool", "assistant", "tool"]
-    assert m3[4]["content"] == "Now the time."
-    assert m3[4]["tool_calls"][0]["id"] == call2.id and m3[5]["tool_call_id"] == call2.id
-    # cache stability: each request's messages are a byte-for-byte prefix of the next one's
-    for earlier, later in ((reqs[0], reqs[1]), (reqs[1], reqs[2])):
-        a, b = earlier["messages"], later["messages"]
-        assert len(b) > len(a)
-        for i in range(len(a)):
-            assert json.dumps(a[i]) == json.dumps(b[i]), (i, a[i], b[i])
-        assert json.dumps(earlier["tools"]) == json.dumps(later["tools"])
-
-
-def test_multi_step_loop_with_thinking_history_openai(make_stack):
-    """Thinking returned with a tool call comes back in history; the prefix stays stable across turns."""
-    stack = make_stack("openai")
-    stack.backend.queue(
-        SSE(
-            [ROLE, oai_chunk({"reasoning_content": "Need weather."})]
-            + canonical(0, "call_turn1000001", "get_weather", PARIS_JSON)
-            + [finish(), USAGE]
-        ),
-        text_answer("openai", "Sunny."),
-        text_answer("openai", "Bye."),
-    )
-    client = stack.client()
-    messages: list = [{"role": "user", "content": "Weather?"}]
-    msg = client.messages.create(model="claude-opus-5-5", max_tokens=1024, tools=TOOLS, messages=messages)
-    assert [b.type for b in msg.content] == ["thinking", "tool_use"]
-    messages += [
-        as_history(msg),
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": msg.content[1].id, "content": "Sunny"}]},
-    ]
-    msg2 = client.messages.create(model="claude-opus-5-5", max_tokens=1024, tools=TOOLS, messages=messages)
-    messages += [as_history(msg2), {"role": "user", "content": "Thanks"}]
-    client.messages.create(model="claude-opus-5-5", max_tokens=1024, tools=TOOLS, messages=messages)
-    r2, r3 = stack.backend.requests[1]["messages"], stack.backend.requests[2]["messages"]
-    for i in range(len(r2)):
-        assert json.dumps(r2[i]) == json.dumps(r3[i]), i
-
-
-# ======================================================================================
-# Tool use: names OpenAI cannot take: shortened for the backend, mapped back for the client
-# ======================================================================================
-
-LONG = "mcp__a_very_long_server_name_for_testing__" + "create_pull_request_review_comment_reply"
-LONG2 = "mcp__a_very_long_server_name_for_testing__" + "create_pull_request_review_comment_thread"
-ODD = "mcp.server/tool name"
-OPENAI_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def named_tool(name: str) -> dict:
-    return {
-        "name": name,
-        "description": "x",
-        "input_schema": {"type": "object", "properties": {"body": {"type": "string"}}},
-    }
-
-
-def test_long_tool_names_openai(make_stack):
-    assert len(LONG) > 64 and len(LONG2) > 64 and LONG[:64] == LONG2[:64]
-    stack = make_stack("openai")
-
-    async def answer(request):
-        sent = await request.json()
-        alias = {t["function"]["description"]: t["function"]["name"] for t in sent["tools"]}
-        aliases = [t["function"]["name"] for t in sent["tools"]]
-        assert all(OPENAI_NAME.match(a) for a in aliases), aliases
-        assert len(set(aliases)) == len(aliases)
-        chunks = (
-            [ROLE]
-            + canonical(0, "call_long0000001", alias["long2"], '{"body": "hi"}')
-            + canonical(1, "call_long0000002", alias["odd"], '{"body": "yo"}')
-            + [finish(), USAGE]
-        )
-        return await write_sse(request, chunks)
-
-    tools = [
-        dict(named_tool(LONG), description="long"),
-        dict(named_tool(LONG2), description="long2"),
-        dict(named_tool(ODD), description="odd"),
-        WEATHER_TOOL,
-    ]
-    stack.backend.queue(answer, answer, answer)
-    body = body_of(tools=tools)
-    raw = check_stream(sse_events(stack, body))
-    client = stack.client()
-    with client.messages.stream(**body) as s:
-        streamed = summarize(s.get_final_message())
-    created = summarize(client.messages.create(**body))
-    expected = [("tool_use", LONG2, {"body": "hi"}), ("tool_use", ODD, {"body": "yo"})]
-    assert raw["blocks"] == streamed["blocks"] == created["blocks"] == expected
-    sent = stack.backend.requests[0]
-    assert "get_weather" in [t["function"]["name"] for t in sent["tools"]]  # short names unchanged
-
-    # next turn: the history and tool_choice use the same aliases as the tools list
-    stack.backend.queue(text_answer("openai", "done"))
-    ids = created["ids"]
-    client.messages.create(
-        **body_of(
-            tools=tools,
-            tool_choice={"type": "tool", "name": LONG},
-            messages=[
-                {"role": "user", "content": "go"},
-                {
-                    "role": "assistant",
-                    "content": [
-                        {"type": "tool_use", "id": ids[0], "name": LONG2, "input": {"body": "hi"}},
-                        {"type": "tool_use", "id": ids[1], "name": ODD, "input": {"body": "yo"}},
-                    ],
-                },
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "tool_result", "tool_use_id": ids[0], "content": "ok"},
-                        {"type": "tool_result", "tool_use_id": ids[1], "content": "ok"},
-                    ],
-                },
-            ],
-        )
-    )
-    sent = stack.backend.requests[-1]
-    alias = {t["function"]["description"]: t["function"]["name"] for t in sent["tools"]}
-    history = [c["function"]["name"] for c in sent["messages"][-3]["tool_calls"]]
-    assert history == [alias["long2"], alias["odd"]]
-    assert sent["tool_choice"] == {"type": "function", "function": {"name": alias["long"]}}
-    assert LONG not in json.dumps(sent) and LONG2 not in json.dumps(sent)
-
-
-def test_long_tool_names_ollama_unchanged(make_stack):
-    stack = make_stack("ollama")
-    stack.backend.queue(
-        NDJSON([ollama_chunk(tool_calls=[oll_call(LONG, {"body": "hi"}, "call_k3j2h1g0")]), ollama_chunk(done=True)])
-    )
-    msg = stack.client().messages.create(**body_of(tools=[named_tool(LONG), WEATHER_TOOL]))
-    assert [(b.name, b.input) for b in msg.content] == [(LONG, {"body": "hi"})]
-    assert [t["function"]["name"] for t in stack.backend.requests[0]["tools"]] == [LONG, "get_weather"]
-
-
-# ======================================================================================
-# Tool use, unit level: argument repair, JSON prefixes, the event builder
-# ======================================================================================
-
-
-@pytest.mark.parametrize("case", sorted(set(BAD_ARGS) - {"raw_newline_in_string"}))  # end to end only
-def test_repair_arguments_unit(case):
-    args, expected = BAD_ARGS[case]
-    repaired = cp.repair_arguments(args)
-    if expected is ANY_DICT:
-        assert repaired is None or isinstance(json.loads(repaired), dict)
-    elif expected == {} and case == "total_garbage":
-        assert repaired is None or json.loads(repaired) == {}
-    else:
-        assert repaired is not None and json.loads(repaired) == expected
-
-
-def test_json_prefix_nothing_safe_after_a_break():
-    """Once the arguments stop being a JSON prefix, later fragments must not become 'safe' (streamable)."""
-    checker = cp.JsonPrefix()
-    assert checker.feed("I w") == 0 and checker.broken
-    assert checker.feed("ill read") == 0
-    assert checker.feed(" it") == 0
-    checker = cp.JsonPrefix()
-    checker.feed('{"a": 1} ')
-    assert checker.safe == 9
-    checker.feed("trailing")
-    checker.feed(" words")
-    assert checker.safe <= 9
-
-
-@pytest.mark.parametrize("fragments", [["I w", "ill ", "read"], ['{"a": 1}', " ok", " bye"], ["{", '{"a"', "x"]])
-def test_event_builder_broken_arguments_always_valid_json(fragments):
-    """Pure fold: whatever fragments arrive, the concatenated input_json_delta parses as an object."""
-    ev = cp.EventBuilder("msg_test", "m", 1)
-    ev.start()
-    ev.tool(0, "call_aaaaaaaa0001", "Read", "")
-    for piece in fragments:
-        ev.tool(0, None, None, piece)
-    ev.finish("tool_calls")
-    ev.end()
-    events = ev.take()
-    joined = "".join(
-        d["delta"]["partial_json"]
-        for n, d in events
-        if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
-    )
-    assert isinstance(json.loads(joined), dict), joined
-    assert isinstance(cp.fold_events(events)["content"][0]["input"], dict)
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ('{"path": "a.txt",', {"path": "a.txt"}),  # a dangling comma: no invented key
-        ('{"path": "a.txt", "mode', {"path": "a.txt"}),  # a half key is dropped
-        ('{"path": "a.txt", "mode":', {"path": "a.txt"}),  # a key without its value too
-        ('{"a": tru', {}),  # a half literal drops its member
-        ('{"a": [1, tr', {"a": [1]}),
-        ('{"a": "x\\u00', {"a": "x"}),  # a half escape in a value string
-        ('{"a": {"b": [1, 2', {"a": {"b": [1, 2]}}),
-    ],
-)
-def test_repair_never_invents_members(text, expected):
-    assert json.loads(cp.repair_arguments(text)) == expected
-
-
-def test_keys_are_held_back_until_their_value_begins():
-    check = cp.JsonPrefix()
-    assert check.feed('{"pa') == 1 and check.feed('th": "a') == 11 and check.feed('.txt", "x": tr') == 16
-    assert check.feed("ue}") == 28 and check.complete
-
-
-@pytest.mark.parametrize(
-    "fragments, expected",
-    [
-        (['{"a":', '{"a":1}}'], {"a": {"a": 1}}),  # a delta that repeats the text so far
-        (["{", '{"city"', '{"city": "Paris"}'], {"city": "Paris"}),  # cumulative snapshots
-        (['{"a":1', '{"a":1,"b":2}'], {"a": 1, "b": 2}),
-    ],
-)
-def test_snapshots_told_apart_from_deltas(fragments, expected):
-    call = cp._Call(0)
-    for fragment in fragments:
-        call.add(fragment)
-    assert json.loads(call.args) == expected
-
-
-def test_escape_split_across_fragments():
-    call = cp._Call(0)
-    for fragment in ['{"content": "x = 1\\', "nprint(x)", '",\n  "file_path": "a.py"}']:
-        call.add(fragment)
-    assert json.loads(call.args) == {"content": "x = 1\nprint(x)", "file_path": "a.py"}
-
-
-def test_whitespace_before_a_tool_call_is_not_emitted_after_it(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(
-        SSE(
-            [oai_chunk({"role": "assistant", "content": ""}), oai_chunk({"content": "\n\n"})]
-            + oai_tool_call_chunks(0, "call_abcdefgh1", "get_weather", '{"city": "Paris"}')
-            + [oai_chunk({}, "tool_calls")]
-        )
-    )
-    msg = stack.client().messages.create(model="m", max_tokens=50, messages=USER_HI)
-    assert [b.type for b in msg.content] == ["tool_use"]
-
-
-_JSON_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(10**6), 10**6)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=12,
-)
-
-
-def _streamed_arguments(fragments: list, reason: str) -> list:
-    ev = cp.EventBuilder("msg_1", "m", 10)
-    ev.start()
-    for fragment in fragments:
-        ev.tool(0, "call_abcdefgh", "name", fragment)
-    ev.finish(reason)
-    ev.end()
-    return [
-        d["delta"]["partial_json"]
-        for name, d in ev.take()
-        if name == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
-    ]
-
-
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(
-    st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=5),
-    st.sampled_from([None, 1, 2]),
-    st.booleans(),
-    st.lists(st.integers(0, 10**6), max_size=8),
-    st.integers(0, 10**6),
-)
-def test_property_streamed_arguments_always_parse(value, indent, ascii_only, cuts, truncate_at):
-    """Any object, split anywhere: every streamed prefix is one the SDK's partial parser accepts and the
-    whole is the object; cut off anywhere (max_tokens), the whole is still a valid object."""
-    from jiter import from_json
-
-    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    fragments = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
-    parts = _streamed_arguments(fragments, "tool_calls")
-    assert json.loads("".join(parts)) == value
-    sent = ""
-    for part in parts:
-        sent += part
-        from_json(sent.encode(), partial_mode="trailing-strings")
-    cut = truncate_at % (len(text) + 1)
-    assert isinstance(json.loads("".join(_streamed_arguments([text[:cut]], "length"))), dict)
-
-
-# ======================================================================================
-# Thinking, images, documents (both directions)
-# ======================================================================================
-
-THINK_REQ = dict(model="claude-opus-5-5", max_tokens=200, messages=USER_HI)
-
-
-@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "reasoning_details"])
-def test_openai_reasoning_fields_become_thinking(make_stack, field):
-    stack = make_stack("openai")
-    piece = (
-        (lambda t: {"reasoning_details": [{"type": "reasoning.text", "text": t}]})
-        if field == "reasoning_details"
-        else (lambda t: {field: t})
-    )
-    chunks = [
-        oai_chunk({"role": "assistant", "content": ""}),
-        oai_chunk(piece("Let me ")),
-        oai_chunk(piece("think.")),
-        oai_chunk({"content": "Answer."}),
-        oai_chunk({}, "stop"),
-        oai_chunk(choices=[], usage=oai_usage(10, 30, reasoning=20)),
-    ]
-    stack.backend.queue(SSE(chunks))
-    with stack.client().messages.stream(**THINK_REQ) as s:
-        final = s.get_final_message()
-    assert [b.type for b in final.content] == ["thinking", "text"]
-    assert final.content[0].thinking == "Let me think."
-    assert final.content[0].signature  # non-empty: Claude Code drops thinking blocks without one
-    assert final.content[1].text == "Answer."
-    assert final.usage.output_tokens == 30  # reasoning tokens stay inside output_tokens
-
-
-def test_ollama_thinking_and_inline_think_tags(make_stack):
-    stack = make_stack("ollama")
-    stack.backend.queue(NDJSON([ollama_chunk("", thinking="Check."), ollama_chunk("Done."), ollama_chunk(done=True)]))
-    stack.backend.queue(
-        NDJSON(
-            [
-                ollama_chunk("<thi"),
-                ollama_chunk("nk>hidden plan</th"),
-                ollama_chunk("ink>\n\nVisible"),
-                ollama_chunk(done=True),
-            ]
-        )
-    )
-    client = stack.client()
-    first = client.messages.create(**THINK_REQ)
-    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in first.content] == [
-        ("thinking", "Check."),
-        ("text", "Done."),
-    ]
-    with client.messages.stream(**THINK_REQ) as s:
-        second = s.get_final_message()
-    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in second.content] == [
-        ("thinking", "hidden plan"),
-        ("text", "Visible"),
-    ]
-
-
-def test_thinking_display_omitted_round_trips_through_signature(make_stack):
-    """Claude Code asks for display "omitted": the text is hidden, and restored from the signature when the
-    conversation is sent back (DeepSeek needs it on tool turns)."""
-    stack = make_stack("openai")
-    stack.backend.queue(
-        SSE([oai_chunk({"reasoning_content": "secret plan"}), oai_chunk({"content": "ok"}), oai_chunk({}, "stop")])
-    )
-    msg = stack.client().messages.create(
-        model="m", max_tokens=50, messages=USER_HI, thinking={"type": "adaptive", "display": "omitted"}
-    )
-    block = msg.content[0]
-    assert block.type == "thinking" and block.thinking == "" and block.signature.startswith("cpx1.")
-    assert cp.reasoning_from_signature(block.signature) == "secret plan"
-    request = cp.parse_request(
-        {
-            "model": "m",
-            "max_tokens": 5,
-            "messages": [
-                {"role": "user", "content": "hi"},
-                {
-                    "role": "assistant",
-                    "content": [block.model_dump(), {"type": "tool_use", "id": "toolu_1", "name": "T", "input": {}}],
-                },
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}]},
-            ],
-        }
-    )
-    route = cp.Route("deepseek-chat", "openai", "https://api.deepseek.com/v1")
-    body = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(request), request, route)[0]
-    assert body["messages"][1]["reasoning_content"] == "secret plan"
-    ollama = cp.ollama_request(cp.build_conversation(request), request, ROUTE_OLLAMA)
-    assert ollama["messages"][1]["thinking"] == "secret plan"
-    plain = backend_body(request, "openai")  # not DeepSeek, no reasoning_history: not sent
-    assert "reasoning_content" not in plain["messages"][1]
-
-
-def test_thinking_request_switches():
-    def parsed(**kw: Any) -> cp.MessagesRequest:
-        return cp.parse_request({"model": "m", "max_tokens": 5, "messages": USER_HI, **kw})
-
-    assert (
-        backend_body(parsed(thinking={"type": "enabled", "budget_tokens": 2048}), "openai")["reasoning_effort"] == "low"
-    )
-    assert (
-        backend_body(parsed(thinking={"type": "enabled", "budget_tokens": 20000}), "openai")["reasoning_effort"]
-        == "high"
-    )
-    assert (
-        backend_body(parsed(thinking={"type": "adaptive"}, output_config={"effort": "high"}), "openai")[
-            "reasoning_effort"
-        ]
-        == "high"
-    )
-    assert "reasoning_effort" not in backend_body(parsed(thinking={"type": "disabled"}), "openai")
-    assert backend_body(parsed(thinking={"type": "enabled", "budget_tokens": 2048}), "ollama")["think"] is True
-    assert backend_body(parsed(thinking={"type": "disabled"}), "ollama")["think"] is False
-    assert backend_body(parsed(thinking={"type": "adaptive"}), "ollama")["think"] is True
-    assert "think" not in backend_body(parsed(), "ollama")
-
-
-def test_backend_rejecting_reasoning_effort_is_retried_without_it(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(
-        Reply(
-            400,
-            {
-                "error": {
-                    "message": "Unrecognized request argument supplied: reasoning_effort",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": None,
-                }
-            },
-        ),
-        SSE(oai_text_stream("fine")),
-        SSE(oai_text_stream("again")),
-    )
-    client = stack.client()
-    kwargs = dict(
-        model="m", max_tokens=50, messages=USER_HI, thinking={"type": "adaptive"}, output_config={"effort": "medium"}
-    )
-    assert client.messages.create(**kwargs).content[0].text == "fine"
-    assert client.messages.create(**kwargs).content[0].text == "again"
-    sent = stack.backend.requests
-    assert "reasoning_effort" in sent[0] and "reasoning_effort" not in sent[1] and "reasoning_effort" not in sent[2]
-
-
-def test_images_both_providers(make_stack, provider):
-    stack = make_stack(provider)
-    content = [
-        {"type": "text", "text": "What is this?"},
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1x1}},
-    ]
-    stack.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
-    sent = stack.backend.requests[0]["messages"][-1]
-    if provider == "openai":
-        assert sent["content"] == [
-            {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1x1}},
-        ]
-    else:
-        assert sent["content"] == "What is this?" and sent["images"] == [PNG_1x1]
-
-
-def test_image_url_openai_passes_through_and_ollama_needs_flag(make_stack):
-    content = [{"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]
-    openai = make_stack("openai")
-    openai.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
-    assert openai.backend.requests[0]["messages"][-1]["content"][0]["image_url"]["url"] == "https://example.com/cat.png"
-    ollama = make_stack("ollama")
-    with pytest.raises(anthropic.BadRequestError) as err:
-        ollama.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
-    assert "--fetch-images" in err.value.message and ollama.backend.requests == []
-
-
-def test_document_text_becomes_text(make_stack):
-    stack = make_stack("openai")
-    doc = {
-        "type": "document",
-        "title": "Notes",
-        "source": {"type": "text", "media_type": "text/plain", "data": "alpha"},
-    }
-    stack.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": [doc]}])
-    assert stack.backend.requests[0]["messages"][-1]["content"] == '<document title="Notes">\nalpha\n</document>'
-
-
-# ======================================================================================
-# Usage, stop reasons, output limits, structured output
-# ======================================================================================
-
-
-def test_cached_tokens_and_stop_sequence(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(100, 5, cached=80))))
-    stack.backend.queue(SSE(oai_text_stream("y", finish="stop", stop_reason="###")))
-    client = stack.client()
-    msg = client.messages.create(model="m", max_tokens=20, messages=USER_HI)
-    assert (msg.usage.input_tokens, msg.usage.cache_read_input_tokens) == (20, 80)
-    msg = client.messages.create(model="m", max_tokens=20, messages=USER_HI, stop_sequences=["###"])
-    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
-
-
-def test_length_and_content_filter_stop_reasons(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(
-        SSE(oai_text_stream("cut", finish="length"))
-        if provider == "openai"
-        else NDJSON(ollama_text_stream("cut", done_reason="length"))
-    )
-    msg = stack.client().messages.create(model="m", max_tokens=1, messages=USER_HI)
-    assert msg.stop_reason == "max_tokens"
-
-
-def test_max_tokens_too_large_is_lowered_and_remembered(make_stack):
-    stack = make_stack("openai")
-    vllm = {
-        "object": "error",
-        "type": "BadRequestError",
-        "param": None,
-        "code": 400,
-        "message": "'max_tokens' or 'max_completion_tokens' is too large: 128000. "
-        "This model's maximum context length is 32768 tokens and your request has 1234 input tokens "
-        "(128000 > 32768 - 1234).",
-    }
-    stack.backend.queue(Reply(400, vllm), SSE(oai_text_stream("ok")), SSE(oai_text_stream("ok")))
-    client = stack.client(timeout=60)  # an explicit timeout lets the SDK send 128000 without streaming
-    assert client.messages.create(model="m", max_tokens=128000, messages=USER_HI).content[0].text == "ok"
-    assert [r["max_tokens"] for r in stack.backend.requests] == [128000, 32768 - 1234]
-    client.messages.create(model="m", max_tokens=128000, messages=USER_HI)
-    assert stack.backend.requests[2]["max_tokens"] <= 32768 - 1  # clamped up front from now on
-
-
-def test_max_tokens_zero_is_a_prewarm(make_stack):
-    stack = make_stack("openai")
-    msg = stack.client().messages.create(model="m", max_tokens=0, messages=USER_HI)
-    assert msg.content == [] and msg.stop_reason == "max_tokens"
-    assert stack.backend.requests == []
-
-
-def test_structured_output(make_stack, provider):
-    stack = make_stack(provider)
-    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
-    stack.backend.queue(text_answer(provider, '{"title": "x"}'))
-    stack.client().messages.create(
-        model="m", max_tokens=20, messages=USER_HI, output_config={"format": {"type": "json_schema", "schema": schema}}
-    )
-    sent = stack.backend.requests[0]
-    if provider == "openai":
-        assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
-    else:
-        assert sent["format"] == schema
-
-
-def test_scale_usage(make_stack):
-    stack = make_stack(
-        "openai", scale_usage=True, model_map={"claude-haiku-5-5": {"model": "small", "context_window": 50000}}
-    )
-    stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(1000, 5))))
-    msg = stack.client().messages.create(model="claude-haiku-5-5", max_tokens=20, messages=USER_HI)
-    assert msg.usage.input_tokens == 4000 and msg.usage.output_tokens == 5  # 200k / 50k = 4x
-
-
-def test_backend_wanting_max_completion_tokens(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(
-        Reply(
-            400,
-            {
-                "error": {
-                    "message": "Unsupported parameter: 'max_tokens' is not supported with "
-                    "this model. Use 'max_completion_tokens' instead.",
-                    "type": "invalid_request_error",
-                    "param": "max_tokens",
-                    "code": "unsupported_parameter",
-                }
-            },
-        ),
-        SSE(oai_text_stream("a")),
-        SSE(oai_text_stream("b")),
-    )
-    client = stack.client()
-    client.messages.create(model="m", max_tokens=50, messages=USER_HI)
-    client.messages.create(model="m", max_tokens=60, messages=USER_HI)
-    sent = stack.backend.requests
-    assert sent[0]["max_tokens"] == 50 and "max_tokens" not in sent[1] and sent[1]["max_completion_tokens"] == 50
-    assert sent[2]["max_completion_tokens"] == 60 and "max_tokens" not in sent[2]
-
-
-def test_official_openai_gets_max_completion_tokens():
-    req = cp.parse_request({"model": "m", "max_tokens": 10, "top_k": 5, "messages": USER_HI})
-    body = cp.PROVIDER_IMPLS["openai"].body(
-        cp.build_conversation(req), req, cp.Route("gpt-5", "openai", "https://api.openai.com/v1")
-    )[0]
-    assert body["max_completion_tokens"] == 10 and "max_tokens" not in body and "top_k" not in body
-
-
-# ======================================================================================
-# Errors: backend HTTP errors before the stream
-# ======================================================================================
-
-BACKEND_ERROR_MESSAGE = "Invalid value for 'temperature': must be between 0 and 2 (backend says so)"
-
-
-def backend_error_body(shape: str, status: int, message: str = BACKEND_ERROR_MESSAGE) -> tuple[Any, str, str]:
-    """An error answer as this kind of server sends it -> (body, content type, the text the client must see)."""
-    if shape == "openai":
-        return (
-            {"error": {"message": message, "type": "invalid_request_error", "param": "temperature", "code": None}},
-            "application/json",
-            message,
-        )
-    if shape == "vllm":
-        return (
-            {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status},
-            "application/json",
-            message,
-        )
-    if shape == "ollama":
-        msg = 'model "qwen3:99b" not found, try pulling it first'
-        return {"error": msg}, "application/json", msg
-    if shape == "html":
-        page = (
-            f"<html>\r\n<head><title>{status} Gateway Says No</title></head>\r\n<body>\r\n<center><h1>{status} "
-            "Gateway Says No</h1></center>\r\n<hr><center>nginx/1.27.3</center>\r\n</body>\r\n</html>\r\n"
-        )
-        return page, "text/html", f"{status} Gateway Says No"
-    if shape == "empty":
-        return "", "application/json", ""
-    raise AssertionError(shape)
-
-
-# backend status -> (client status, error type, SDK exception, x-should-retry)
-STATUS_MATRIX = [
-    (400, 400, "invalid_request_error", anthropic.BadRequestError, "false"),
-    (401, 401, "authentication_error", anthropic.AuthenticationError, "false"),
-    (403, 403, "permission_error", anthropic.PermissionDeniedError, "false"),
-    (404, 404, "not_found_error", anthropic.NotFoundError, "false"),
-    (413, 413, "request_too_large", anthropic.ContentTooLargeError, "false"),
-    (429, 429, "rate_limit_error", anthropic.RateLimitError, "true"),
-    (500, 500, "api_error", anthropic.InternalServerError, "any"),
-    (502, 502, "api_error", anthropic.InternalServerError, "true"),
-    (503, 529, "overloaded_error", anthropic.OverloadedError, "true"),
-    (529, 529, "overloaded_error", anthropic.OverloadedError, "true"),
-]
-SHAPES = ["openai", "vllm", "ollama", "html", "empty"]
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize(
-    "backend_status,status,etype,exc_class,retry", STATUS_MATRIX, ids=[str(r[0]) for r in STATUS_MATRIX]
-)
-def test_backend_http_error_maps(make_stack, backend_status, status, etype, exc_class, retry, shape):
-    stack = make_stack("openai")
-    body, ctype, shown = backend_error_body(shape, backend_status)
-    stack.backend.queue(Reply(backend_status, body, content_type=ctype))
-    with pytest.raises(exc_class) as info:
-        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
-    err = info.value
-    message = assert_sdk_error(err, status, etype)
-    assert shown in message, message
-    if shape == "empty":
-        assert str(backend_status) in message or "empty" in message, message
-    if retry != "any":
-        assert err.response.headers.get("x-should-retry") == retry
-    assert len(stack.backend.requests) == 1  # HTTP errors are not retried inside the proxy
-    assert_serves(stack, "openai")
-
-
-@pytest.mark.parametrize(
-    "backend_status,status,etype,exc_class,retry", STATUS_MATRIX, ids=[str(r[0]) for r in STATUS_MATRIX]
-)
-def test_backend_http_error_before_stream_is_http_error(
-    make_stack, provider, backend_status, status, etype, exc_class, retry
-):
-    """With stream: true the error still comes as an HTTP status: nothing was sent yet."""
-    stack = make_stack(provider)
-    body, ctype, shown = backend_error_body("ollama" if provider == "ollama" else "vllm", backend_status)
-    stack.backend.queue(Reply(backend_status, body, content_type=ctype))
-    with pytest.raises(exc_class) as info:
-        with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=50, messages=USER_HI) as s:
-            list(s)
-    message = assert_sdk_error(info.value, status, etype)
-    assert shown in message
-    if retry != "any":
-        assert info.value.response.headers.get("x-should-retry") == retry
-    assert len(stack.backend.requests) == 1
-    assert_serves(stack, provider)
-
-
-@pytest.mark.parametrize("backend_status,status", [(429, 429), (503, 529)])
-def test_retry_after_is_forwarded(make_stack, backend_status, status):
-    stack = make_stack("openai")
-    body, ctype, _ = backend_error_body("openai", backend_status, "Rate limit reached for requests")
-    stack.backend.queue(Reply(backend_status, body, content_type=ctype, headers={"retry-after": "7"}))
-    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
-    assert_error(code, headers, text, status, "rate_limit_error" if status == 429 else "overloaded_error", "true")
-    assert headers.get("retry-after") == "7"
-    assert len(stack.backend.requests) == 1
-
-
-@pytest.mark.parametrize(
-    "backend_status,status,etype",
-    [
-        (404, 404, "not_found_error"),
-        (400, 400, "invalid_request_error"),
-        (500, 500, "api_error"),
-        (503, 529, "overloaded_error"),
-    ],
-)
-def test_ollama_native_errors(make_stack, backend_status, status, etype):
-    stack = make_stack("ollama")
-    message = {
-        404: 'model "qwen3:99b" not found, try pulling it first',
-        400: "registry.ollama.ai/library/gemma3:1b does not support tools",
-        500: "llama runner process has terminated: exit status 2",
-        503: "server busy, please try again.  maximum pending requests exceeded",
-    }[backend_status]
-    stack.backend.queue(Reply(backend_status, {"error": message}))
-    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
-    shown = assert_error(code, headers, text, status, etype)
-    assert message in shown
-    assert len(stack.backend.requests) == 1
-
-
-def test_backend_plain_text_error(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(Reply(500, "Internal Server Error: CUDA out of memory", content_type="text/plain"))
-    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
-    assert "CUDA out of memory" in assert_error(code, headers, text, 500, "api_error")
-
-
-def test_backend_unreachable_is_502(make_stack, provider):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
-    stack = make_stack(provider, base_url=base, retries=1)
-    started = time.monotonic()
-    with pytest.raises(anthropic.InternalServerError) as info:
-        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
-    assert time.monotonic() - started < 3
-    message = assert_sdk_error(info.value, 502, "api_error")
-    assert "unreachable" in message
-    assert info.value.response.headers.get("x-should-retry") == "true"
-    # streaming: still an HTTP error, nothing was started
-    code, headers, text, _ = raw_stream(stack, VALID)
-    assert_error(code, headers, text, 502, "api_error", "true")
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_backend_timeout_before_first_byte_is_504(make_stack, provider, stream):
-    stack = make_stack(provider, timeout=0.3)
-    stack.backend.queue(
-        Reply(200, oai_completion("late") if provider == "openai" else ollama_chunk("late", done=True), delay=0.8)
-    )
-    started = time.monotonic()
-    if stream:
-        code, headers, text, _ = raw_stream(stack, VALID)
-    else:
-        code, headers, text = http(stack, "POST", "/v1/messages", VALID)
-    assert time.monotonic() - started < 0.75
-    assert_error(code, headers, text, 504, "api_error", "true")
-    assert len(stack.backend.requests) == 1  # a timeout is not retried
-    assert_serves(stack, provider)
-
-
-def test_backend_timeout_through_sdk(make_stack):
-    stack = make_stack("openai", timeout=0.3)
-    stack.backend.queue(Reply(200, oai_completion("late"), delay=0.8))
-    with pytest.raises(anthropic.InternalServerError) as info:
-        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
-    assert_sdk_error(info.value, 504, "api_error")
-    assert info.value.response.headers.get("x-should-retry") == "true"
-
-
-# ======================================================================================
-# Errors: context overflow
-# ======================================================================================
-
-OVERFLOWS = {
-    "openai": {
-        "error": {
-            "message": "This model's maximum context length is 8192 tokens. However, your messages "
-            "resulted in 9000 tokens. Please reduce the length of the messages.",
-            "type": "invalid_request_error",
-            "param": "messages",
-            "code": "context_length_exceeded",
-        }
-    },
-    "vllm-requested": {
-        "object": "error",
-        "message": "This model's maximum context length is 8192 tokens. However, "
-        "you requested 9050 tokens (9000 in the messages, 50 in the completion). Please reduce the "
-        "length of the messages or completion.",
-        "type": "BadRequestError",
-        "param": None,
-        "code": 400,
-    },
-    "vllm-request-has": {
-        "error": {
-            "message": "This model's maximum context length is 8192 tokens. However, your "
-            "request has 9000 input tokens. Please reduce the length of the input messages.",
-            "type": "BadRequestError",
-            "param": None,
-            "code": 400,
-        }
-    },
-    # vLLM >= 0.11: "requested 0 output tokens and your prompt contains at least N input tokens"
-    "vllm-0-output": {
-        "error": {
-            "message": "This model's maximum context length is 8192 tokens. However, you "
-            "requested 0 output tokens and your prompt contains at least 9000 input tokens, for "
-            "a total of at least 9000 tokens. Please reduce the length of the input prompt or "
-            "the number of requested output tokens. (parameter=input_tokens, value=9000)",
-            "type": "BadRequestError",
-            "param": "input_tokens",
-            "code": 400,
-        }
-    },
-    "llamacpp-numbers-in-message": {
-        "error": {
-            "code": 400,
-            "message": "request (9000 tokens) exceeds the available context size (8192 tokens), try increasing it",
-            "type": "exceed_context_size_error",
-            "n_prompt_tokens": 9000,
-            "n_ctx": 8192,
-        }
-    },
-    # older llama.cpp builds: the numbers are only in n_prompt_tokens / n_ctx beside the message
-    "llamacpp-numbers-in-fields": {
-        "error": {
-            "code": 400,
-            "message": "the request exceeds the available context size, try increasing it",
-            "type": "exceed_context_size_error",
-            "n_prompt_tokens": 9000,
-            "n_ctx": 8192,
-        }
-    },
-}
-
-
-@pytest.mark.parametrize("name", list(OVERFLOWS))
-def test_context_overflow_is_prompt_too_long(make_stack, name):
-    stack = make_stack("openai")
-    stack.backend.queue(Reply(400, OVERFLOWS[name]))
-    with pytest.raises(anthropic.BadRequestError) as info:
-        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
-    message = assert_sdk_error(info.value, 400, "invalid_request_error")
-    assert message == "prompt is too long: 9000 tokens > 8192 maximum"
-    assert info.value.response.headers.get("x-should-retry") == "false"
-    assert len(stack.backend.requests) == 1
-
-
-def test_context_overflow_vllm_output_budget_is_lowered(make_stack):
-    """vLLM >= 0.11: 'you requested 1000 output tokens and your prompt contains at least 8001 input tokens, for a
-    total of at least 9001 tokens'. The prompt fits: the proxy lowers max_tokens to what is left (191) and
-    retries, as it does for the older '(N in the messages, M in the completion)' wording."""
-    stack = make_stack("openai")
-    stack.backend.queue(
-        Reply(
-            400,
-            {
-                "error": {
-                    "message": "This model's maximum context length is 8192 tokens. "
-                    "However, you requested 1000 output tokens and your prompt contains at least 8001 input tokens, "
-                    "for a total of at least 9001 tokens. Please "
-                    "reduce the length of the input prompt or the number of requested output tokens. "
-                    "(parameter=input_tokens, value=8001)",
-                    "type": "BadRequestError",
-                    "param": "input_tokens",
-                    "code": 400,
-                }
-            },
-        ),
-        text_answer("openai", "fits"),
-    )
-    code, headers, text = http(stack, "POST", "/v1/messages", req(max_tokens=1000))
-    assert code == 200, text
-    assert len(stack.backend.requests) == 2
-    sent = stack.backend.requests[1]
-    assert sent.get("max_tokens", sent.get("max_completion_tokens")) <= 191
-
-
-def test_context_overflow_older_vllm_output_budget_is_lowered(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(
-        Reply(
-            400,
-            {
-                "object": "error",
-                "message": "This model's maximum context length is 8192 tokens. "
-                "However, you requested 9000 tokens (8000 in the messages, 1000 in the "
-                "completion). Please reduce the length of the messages or completion.",
-                "type": "BadRequestError",
-                "param": None,
-                "code": 400,
-            },
-        ),
-        text_answer("openai", "fits"),
-    )
-    code, _, text = http(stack, "POST", "/v1/messages", req(max_tokens=1000))
-    assert code == 200, text
-    sent = stack.backend.requests[1]
-    assert sent.get("max_tokens", sent.get("max_completion_tokens")) <= 192
-
-
-def test_context_overflow_when_streaming(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(Reply(400, OVERFLOWS["openai"]))
-    code, headers, text, _ = raw_stream(stack, VALID)
-    message = assert_error(code, headers, text, 400, "invalid_request_error", "false")
-    assert message == "prompt is too long: 9000 tokens > 8192 maximum"
-
-
-# ======================================================================================
-# Errors: request validation
-# ======================================================================================
 
 INVALID = [
     ("bad-json", b'{"model": "claude-opus-5-5", "max_tokens": ', "not valid JSON"),
@@ -2833,1024 +510,7 @@ def test_stdlib_json_rejects_what_orjson_rejects():
     assert module.dumps_bytes(value) == cp.dumps_bytes(value) and module.dumps(value) == cp.dumps(value)
 
 
-# ======================================================================================
-# Routes, probes, body limits
-# ======================================================================================
-
-
-def test_unknown_path_is_404_json(make_stack):
-    stack = make_stack("openai")
-    for method, path in [("GET", "/nope"), ("POST", "/v1/complete"), ("GET", "/v1/messages/batches")]:
-        code, headers, text = http(stack, method, path, {} if method == "POST" else None)
-        assert_error(code, headers, text, 404, "not_found_error")
-
-
-def test_get_messages_is_405_json(make_stack):
-    stack = make_stack("openai")
-    code, headers, text = http(stack, "GET", "/v1/messages")
-    message = assert_error(code, headers, text, 405, "invalid_request_error")
-    assert "GET" in message
-
-
-@pytest.mark.parametrize("path", ["/", "/api/hello"])
-def test_head_probe_is_200(make_stack, path):
-    stack = make_stack("openai")
-    code, headers, text = http(stack, "HEAD", path)
-    assert code == 200 and text == ""
-
-
-def test_health(make_stack):
-    stack = make_stack("openai")
-    code, headers, text = http(stack, "GET", "/health")
-    assert code == 200 and json.loads(text) == {"status": "ok"}
-    assert headers.get("request-id")
-
-
-MODEL_MAP = {
-    "claude-opus-5-5": "big-model",
-    "claude-*haiku*": "small-model",
-    "claude-sonnet-5-5": {"model": "mid-model", "max_tokens": 4096},
-}
-
-
-def test_models_list(make_stack):
-    stack = make_stack("openai", model_map=MODEL_MAP, default_model="backend-model", discover=False)
-    code, headers, text = http(stack, "GET", "/v1/models")
-    assert code == 200
-    page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
-    assert page["has_more"] is False
-    assert page["first_id"] == "claude-opus-5-5" and page["last_id"] == "backend-model"
-    for model in page["data"]:
-        assert model["type"] == "model" and model["display_name"] and model["created_at"]
-    sdk_ids = [m.id for m in stack.client().models.list()]
-    assert sdk_ids == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
-    code, _, text = http(stack, "GET", "/v1/models?limit=1")
-    page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5"] and page["has_more"] is True
-
-
-def test_model_get_and_404(make_stack):
-    stack = make_stack("openai", model_map=MODEL_MAP, default_model="backend-model", discover=False)
-    model = stack.client().models.retrieve("claude-sonnet-5-5")
-    assert model.id == "claude-sonnet-5-5" and model.type == "model"
-    with pytest.raises(anthropic.NotFoundError) as info:
-        stack.client().models.retrieve("claude-nope-1")
-    assert_sdk_error(info.value, 404, "not_found_error")
-
-
-def test_beta_query_string(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "beta"))
-    code, _, text = http(
-        stack,
-        "POST",
-        "/v1/messages?beta=true",
-        VALID,
-        headers={"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"},
-    )
-    assert code == 200 and json.loads(text)["content"][0]["text"] == "beta"
-    stack.backend.queue(text_answer(provider, "beta2"))
-    msg = stack.client().beta.messages.create(model="claude-opus-5-5", max_tokens=20, messages=USER_HI)
-    assert msg.content[0].text == "beta2"
-
-
-def test_body_over_limit_is_413(make_stack):
-    stack = make_stack("openai", max_body_bytes=2048)
-    body = req(messages=[{"role": "user", "content": "x" * 4000}])
-    code, headers, text = http(stack, "POST", "/v1/messages", body)
-    assert_error(code, headers, text, 413, "request_too_large")
-    assert stack.backend.requests == []
-    with pytest.raises(anthropic.APIStatusError) as info:
-        stack.client().messages.create(**body)
-    assert_sdk_error(info.value, 413, "request_too_large")
-    stack.backend.queue(text_answer("openai", "small"))
-    code, _, text = http(stack, "POST", "/v1/messages", VALID)
-    assert code == 200
-
-
-@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded"])
-def test_wrong_content_type_is_400(make_stack, ctype):
-    stack = make_stack("openai")
-    code, headers, text = http(stack, "POST", "/v1/messages", VALID, headers={"content-type": ctype})
-    assert "content-type" in assert_error(code, headers, text, 400, "invalid_request_error")
-
-
-@pytest.mark.parametrize(
-    "method, path, status",
-    [
-        ("OPTIONS", "/v1/messages", 405),
-        ("GET", "/../../etc/passwd", 404),
-        ("GET", "/v1/../health", 404),
-        ("PUT", "/v1/messages", 405),
-        ("DELETE", "/health", 405),
-        ("GET", "/v1/messages/count_tokens", 405),
-    ],
-)
-def test_odd_methods_and_paths(make_stack, method, path, status):
-    stack = make_stack("openai")
-    req = urllib.request.Request(stack.proxy_url + path, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            code, text = resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        code, text = err.code, err.read().decode()
-    assert code == status
-    if status >= 400:
-        assert json.loads(text)["type"] == "error"
-
-
-def test_header_injection_in_model_name_and_request_id(make_stack):
-    stack = make_stack("openai")
-    body = json.dumps({"model": "m\r\nX-Evil: 1", "max_tokens": 5, "messages": USER_HI}).encode()
-    req = urllib.request.Request(
-        stack.proxy_url + "/v1/messages",
-        data=body,
-        method="POST",
-        headers={"content-type": "application/json", "x-request-id": "abc\tdef"},
-    )
-    try:
-        urllib.request.urlopen(req, timeout=5)
-        raise AssertionError("expected a 400")
-    except urllib.error.HTTPError as err:
-        assert err.code == 400 and "X-Evil" not in err.headers and err.headers["request-id"].startswith("req_")
-        assert "model" in json.loads(err.read())["error"]["message"]
-
-
-def test_model_ids_with_slashes_and_backward_paging(make_stack):
-    stack = make_stack(
-        "openai",
-        default_model="Qwen/Qwen3-8B",
-        discover=False,
-        model_map={"claude-a": "x", "claude-b": "y", "claude-c": "z"},
-    )
-    code, _, text = http(stack, "GET", "/v1/models/Qwen/Qwen3-8B")
-    assert code == 200 and json.loads(text)["id"] == "Qwen/Qwen3-8B"
-    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-c&limit=1")
-    page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-b"] and page["has_more"] is True
-    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-b&limit=5")
-    page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-a"] and page["has_more"] is False
-
-
-def test_optional_field_is_dropped_only_when_the_backend_names_it(make_stack):
-    stack = make_stack("openai")
-    alternate = {
-        "object": "error",
-        "message": "Conversation roles must alternate user/assistant/user/assistant/...",
-        "type": "BadRequestError",
-        "param": None,
-        "code": 400,
-    }
-    stack.backend.queue(Reply(400, alternate))
-    body = req(metadata={"user_id": "u-1"})
-    code, headers, text = http(stack, "POST", "/v1/messages", body)
-    assert_error(code, headers, text, 400, "invalid_request_error", "false")
-    assert len(stack.backend.requests) == 1  # not retried without `user`
-    http(stack, "POST", "/v1/messages", body)
-    assert stack.backend.requests[1]["user"] == "u-1"  # and not dropped for later requests
-
-
-# ======================================================================================
-# Reliability: failures after the stream started
-# ======================================================================================
-
-
-def _drop_handler(provider: str) -> Callable:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if provider == "openai":
-            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-            await resp.prepare(request)
-            for chunk in oai_text_stream("Hel", "lo")[:2]:
-                await resp.write(sse_bytes(chunk))
-        else:
-            resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
-            await resp.prepare(request)
-            await resp.write(ndjson_bytes(ollama_chunk("Hel")))
-        await asyncio.sleep(0.05)
-        request.transport.close()  # the backend process dies: no terminating chunk
-        return resp
-
-    return handler
-
-
-def _stall_handler(provider: str) -> Callable:
-    """Some output, then silence longer than the proxy's timeout (0.3 s), then the rest."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if provider == "openai":
-            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-            lines = [sse_bytes(c) for c in oai_text_stream("Hel", "lo") + ["[DONE]"]]
-        else:
-            resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
-            lines = [ndjson_bytes(c) for c in ollama_text_stream("Hel", "lo")]
-        await resp.prepare(request)
-        await resp.write(b"".join(lines[:2]))
-        try:
-            await asyncio.sleep(0.8)
-            await resp.write(b"".join(lines[2:]))
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        return resp
-
-    return handler
-
-
-OAI_HEAD = oai_text_stream("Hel", "lo")[:3]  # role chunk + two content chunks
-OLL_HEAD = [ollama_chunk("Hel"), ollama_chunk("lo")]
-OAI_ERROR = {
-    "error": {
-        "message": "CUDA error: an illegal memory access was encountered",
-        "type": "server_error",
-        "param": None,
-        "code": 500,
-    }
-}
-OLL_ERROR = {"error": "an error was encountered while running the model"}
-OAI_BROKEN = '{"id":"chatcmpl-7f3a9c","choices":[{"delta":{"content":"x"'
-OLL_BROKEN = b'{"model":"qwen3:8b","message":{"role":"assistant","content":\n'
-
-
-def mid_stream_fault(kind: str, provider: str) -> Any:
-    """Faults after some output; the fault arrives in a later read than the output (delay 0.05 s)."""
-    if kind == "drop":
-        return _drop_handler(provider)
-    if kind == "stall":
-        return _stall_handler(provider)
-    if kind == "error-object":
-        if provider == "openai":
-            return SSE(OAI_HEAD + [OAI_ERROR], done=False, delay=0.05)
-        return NDJSON(OLL_HEAD + [OLL_ERROR], delay=0.05)
-    if kind == "malformed":
-        if provider == "openai":
-            return SSE(OAI_HEAD + [OAI_BROKEN], done=False, delay=0.05)
-        return NDJSON(OLL_HEAD + [OLL_BROKEN], delay=0.05)
-    if kind == "truncated":
-        if provider == "openai":
-            return SSE(OAI_HEAD, done=False)  # neither a finish_reason nor [DONE]
-        return NDJSON(OLL_HEAD)  # no done: true
-    raise AssertionError(kind)
-
-
-FAULTS = ["drop", "error-object", "malformed", "stall", "truncated"]
-
-
-def fault_stack(make_stack, provider: str, kind: str):
-    return make_stack(provider, timeout=0.3) if kind == "stall" else make_stack(provider)
-
-
-@pytest.mark.parametrize("kind", FAULTS)
-def test_mid_stream_fault_becomes_error_event(make_stack, provider, kind):
-    stack = fault_stack(make_stack, provider, kind)
-    stack.backend.queue(mid_stream_fault(kind, provider))
-    started = time.monotonic()
-    code, headers, text, events = raw_stream(stack, VALID)
-    assert time.monotonic() - started < 1.5
-    assert code == 200, text
-    names = [name for _, name, _ in events]
-    assert names[0] == "message_start"
-    assert "content_block_delta" in names  # what arrived before the fault was forwarded
-    assert names[-1] == "error", names
-    assert "message_stop" not in names
-    error = events[-1][2]
-    assert error["type"] == "error"
-    assert error["error"]["type"] in ("api_error", "overloaded_error", "timeout_error")
-    assert error["error"]["message"]
-    assert_serves(stack, provider)
-
-
-@pytest.mark.parametrize("kind", FAULTS)
-def test_mid_stream_fault_raises_in_sdk_stream(make_stack, provider, kind):
-    stack = fault_stack(make_stack, provider, kind)
-    stack.backend.queue(mid_stream_fault(kind, provider))
-    texts: list[str] = []
-    with pytest.raises(anthropic.APIStatusError) as info:
-        with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=50, messages=USER_HI) as s:
-            for text in s.text_stream:
-                texts.append(text)
-    assert isinstance(info.value.body, dict) and info.value.body["type"] == "error"
-    assert "".join(texts).startswith("Hel")
-    assert_serves(stack, provider)
-
-
-@pytest.mark.parametrize("kind", FAULTS)
-def test_mid_stream_fault_non_streaming_is_5xx(make_stack, provider, kind):
-    stack = fault_stack(make_stack, provider, kind)
-    stack.backend.queue(mid_stream_fault(kind, provider))
-    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
-    assert 500 <= code < 600, (code, text)
-    body = json.loads(text)
-    assert body["type"] == "error" and body["error"]["type"] in ("api_error", "overloaded_error", "timeout_error")
-    assert headers.get("request-id")
-    with pytest.raises(anthropic.InternalServerError):
-        stack.backend.queue(mid_stream_fault(kind, provider))
-        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
-    assert_serves(stack, provider)
-
-
-def test_mid_stream_error_keeps_backend_message(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(mid_stream_fault("error-object", provider))
-    _, _, _, events = raw_stream(stack, VALID)
-    expected = "illegal memory access" if provider == "openai" else "an error was encountered while running"
-    assert expected in events[-1][2]["error"]["message"]
-
-
-@pytest.mark.parametrize("kind", ["error-object", "malformed"])
-def test_output_before_fault_in_same_read_is_forwarded(make_stack, provider, kind):
-    """The backend's text and its error arrive in one TCP read: the text decoded before the error still reaches
-    the client, followed by `event: error` (nothing the backend produced is silently dropped)."""
-    stack = make_stack(provider)
-    if provider == "openai":
-        tail = OAI_ERROR if kind == "error-object" else OAI_BROKEN
-        stack.backend.queue(SSE([b"".join(sse_bytes(c) for c in OAI_HEAD + [tail])], done=False))
-    else:
-        tail = ndjson_bytes(OLL_ERROR) if kind == "error-object" else OLL_BROKEN
-        stack.backend.queue(NDJSON([b"".join(ndjson_bytes(c) for c in OLL_HEAD) + tail]))
-    _, _, _, events = raw_stream(stack, VALID)
-    names = [n for _, n, _ in events]
-    assert names[-1] == "error" and "message_stop" not in names
-    text = "".join(d["delta"].get("text", "") for _, n, d in events if n == "content_block_delta")
-    assert text == "Hello", names
-
-
-def test_stream_with_finish_but_without_done_is_complete(make_stack):
-    """Servers that end after the finish/usage chunk without `data: [DONE]` still completed the answer."""
-    stack = make_stack("openai")
-    stack.backend.queue(SSE(oai_text_stream("ok"), done=False))
-    _, _, _, events = raw_stream(stack, VALID)
-    assert [n for _, n, _ in events][-1] == "message_stop"
-
-
-@pytest.mark.parametrize(
-    "chunk",
-    [
-        {"choices": [{"index": 0, "delta": "x"}]},  # delta a string
-        {"choices": [{"index": 0, "delta": {"reasoning": 5}}]},  # reasoning a number
-        {"usage": {"prompt_tokens": "12"}, "choices": []},  # usage as strings
-        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "f"}]}}]},
-    ],
-)
-def test_odd_shaped_backend_json_is_an_error_event_not_a_broken_stream(make_stack, chunk):
-    stack = make_stack("openai")
-    stack.backend.queue(SSE([oai_chunk({"content": "Hel"}), chunk]), SSE([oai_chunk({"content": "Hel"}), chunk]))
-    status, _, _, events = raw_stream(stack, req())
-    assert status == 200
-    names = [e[1] for e in events]
-    assert names[-1] == "error" and "message_stop" not in names
-    assert events[-1][2]["error"]["type"] == "api_error" and "unexpected shape" in events[-1][2]["error"]["message"]
-    code, headers, text = http(stack, "POST", "/v1/messages", req())  # non-streaming: a clean 502
-    assert_error(code, headers, text, 502, "api_error")
-    assert_serves(stack, "openai")
-    assert not stack.app[cp.BACKEND].session.connector._acquired  # every backend response released
-
-
-def test_non_streaming_client_disconnect_closes_the_backend(make_stack):
-    stack = make_stack("openai", ping_interval=0.05)
-    stack.backend.queue(SSE(oai_text_stream(*["x"] * 40), delay=0.05))
-    with pytest.raises(OSError):  # urllib: the read timed out
-        http(stack, "POST", "/v1/messages", req(), timeout=0.3)  # the client gives up
-    assert wait_for(lambda: stack.backend.disconnects >= 1, timeout=3)
-    assert_serves(stack, "openai")
-
-
-@pytest.mark.parametrize("streaming", [True, False])
-def test_client_leaving_before_the_backend_answers_closes_the_backend(make_stack, streaming):
-    """A local model may think for minutes before its first byte: a client that gives up meanwhile (Esc in
-    Claude Code) must not leave the backend computing."""
-    stack = make_stack("openai")
-    closed = []
-
-    async def slow_headers(request: web.Request) -> web.StreamResponse:
-        for _ in range(150):  # up to 3 s before any byte, watching our side of the connection
-            await asyncio.sleep(0.02)
-            if request.transport is None or request.transport.is_closing():
-                closed.append(True)
-                return web.Response(status=499)
-        return web.Response(status=500)
-
-    stack.backend.queue(slow_headers)
-    with pytest.raises(OSError):  # urllib: the read timed out
-        http(stack, "POST", "/v1/messages", req(stream=streaming), timeout=0.3)
-    assert wait_for(lambda: bool(closed), timeout=2.5)
-    assert_serves(stack, "openai")
-
-
-# ======================================================================================
-# Reliability: connection-level retries inside the proxy
-# ======================================================================================
-
-
-async def _closing_server(counter: list) -> tuple[asyncio.AbstractServer, int]:
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        counter.append(1)
-        try:
-            await asyncio.wait_for(reader.read(1), 1)  # take the request, then hang up without a byte
-        except asyncio.TimeoutError:
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
-@pytest.mark.parametrize("retries", [0, 2])
-def test_backend_closing_every_connection_is_502_after_retries(make_stack, loop_thread, retries):
-    counter: list = []
-    server, port = loop_thread.run(_closing_server(counter))
-    try:
-        stack = make_stack("openai", base_url=f"http://127.0.0.1:{port}/v1", retries=retries, discover=False)
-        code, headers, text = http(stack, "POST", "/v1/messages", VALID)
-        assert_error(code, headers, text, 502, "api_error", "true")
-        assert len(counter) == retries + 1
-    finally:
-        server.close()
-
-
-def test_backend_closing_once_is_retried(make_stack, provider):
-    stack = make_stack(provider)
-
-    async def hang_up(request: web.Request) -> web.StreamResponse:
-        request.transport.close()  # accepted, read the request, closed before any response byte
-        return web.Response()
-
-    stack.backend.queue(hang_up, text_answer(provider, "after", " retry"))
-    msg = stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
-    assert msg.content[0].text == "after retry"
-    assert len(stack.backend.requests) == 2
-
-
-def test_refused_connection_retries_then_502(make_stack):
-    stack = make_stack("openai", base_url=f"http://127.0.0.1:{free_port()}/v1", retries=2)
-    started = time.monotonic()
-    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
-    elapsed = time.monotonic() - started
-    assert_error(code, headers, text, 502, "api_error", "true")
-    assert 0.1 <= elapsed < 2.5  # it backed off between attempts, briefly
-
-
-@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
-def test_http_errors_are_not_retried(make_stack, status):
-    stack = make_stack("openai", retries=3)
-    stack.backend.queue(Reply(status, {"error": {"message": "nope", "type": "server_error"}}))
-    code, _, _ = http(stack, "POST", "/v1/messages", VALID)
-    assert code >= 429
-    assert len(stack.backend.requests) == 1
-
-
-# ======================================================================================
-# Reliability: pings and early stream start
-# ======================================================================================
-
-
-def test_pings_while_backend_is_silent(make_stack, provider):
-    stack = make_stack(provider, ping_interval=0.05)
-    answer = (
-        SSE(oai_text_stream("late"), first_delay=0.3)
-        if provider == "openai"
-        else NDJSON(ollama_text_stream("late"), first_delay=0.3)
-    )
-    stack.backend.queue(answer)
-    code, _, _, events = raw_stream(stack, VALID)
-    assert code == 200
-    names = [n for _, n, _ in events]
-    assert names[0] == "message_start"
-    first_content = names.index("content_block_start")
-    assert names.count("ping") >= 3
-    assert names[1:first_content].count("ping") >= 3  # pings before the first content
-    t_start = events[0][0]
-    t_content = events[first_content][0]
-    assert t_start < 0.2, events[:3]  # the client's stream opened as soon as the backend answered 2xx
-    assert t_content >= 0.28
-    assert names[-1] == "message_stop"
-
-
-def test_message_start_before_backend_first_chunk_sdk(make_stack):
-    """The SDK sees message_start while the backend has not sent a chunk yet."""
-    stack = make_stack("openai", ping_interval=0.05)
-    stack.backend.queue(SSE(oai_text_stream("late"), first_delay=0.4))
-    started = time.monotonic()
-    with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=50, messages=USER_HI) as s:
-        first = next(iter(s))
-        t_first = time.monotonic() - started
-        assert first.type == "message_start"
-        rest = [e.type for e in s]
-    assert t_first < 0.3
-    assert rest[-1] == "message_stop"
-
-
-# ======================================================================================
-# Reliability: client disconnect mid-stream
-# ======================================================================================
-
-
-@pytest.mark.parametrize("ping_interval", [10.0, 0.05])
-def test_client_disconnect_closes_backend(make_stack, provider, ping_interval):
-    stack = make_stack(provider, ping_interval=ping_interval)
-    many = [f"w{i} " for i in range(200)]
-    stack.backend.queue(
-        SSE(oai_text_stream(*many), delay=0.03)
-        if provider == "openai"
-        else NDJSON(ollama_text_stream(*many), delay=0.03)
-    )
-    code, _, _, events = raw_stream(stack, VALID, stop=lambda block: "content_block_delta" in block)
-    assert code == 200 and events[-1][1] == "content_block_delta"
-    hung_up = time.monotonic()
-    assert wait_for(lambda: stack.backend.disconnects >= 1, 2.0), "the backend kept streaming to nobody"
-    assert time.monotonic() - hung_up < 1.5
-    assert_serves(stack, provider)
-
-
-# ======================================================================================
-# Reliability: no leaks, graceful shutdown
-# ======================================================================================
-
-
-def test_no_task_or_connection_leaks_after_mixed_traffic(make_stack):
-    """Many requests mixed with faults: afterwards no extra tasks on the loop, no connection held."""
-    stack = make_stack("openai", timeout=0.3)
-    backend = stack.app[cp.BACKEND]
-
-    async def drop(request):
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
-        request.transport.close()
-        return resp
-
-    client = stack.client()
-    baseline = stack.loop.run(_task_count())
-    for i in range(60):
-        kind = i % 5
-        if kind == 0:
-            stack.backend.queue(SSE(oai_text_stream("a", "b")))
-        elif kind == 1:
-            stack.backend.queue(Reply(500, {"error": {"message": "boom", "type": "server_error"}}))
-        elif kind == 2:
-            stack.backend.queue(drop)
-        elif kind == 3:
-            stack.backend.queue(SSE(oai_text_stream("slow"), first_delay=1.0))  # > timeout: stall
-        else:
-            stack.backend.queue(SSE(oai_text_stream("c")))
-        try:
-            if i % 2:
-                client.messages.create(model="m", max_tokens=5, messages=USER_HI)
-            else:
-                with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
-                    s.get_final_message()
-        except anthropic.APIError:
-            pass
-    client.close()
-    # left: the loop's own tasks, plus at most the idle keep-alive connection the proxy's pool holds
-    assert wait_for(lambda: stack.loop.run(_task_count()) <= baseline, timeout=3), stack.loop.run(_task_names())
-    connector = backend.session.connector
-    assert wait_for(lambda: not connector._acquired, timeout=3)  # every backend connection released or closed
-    assert cp.Metrics is not None and stack.app[cp.METRICS].active_streams == 0
-
-
-async def _task_names() -> list:
-    await asyncio.sleep(0.05)
-    return [t.get_coro().__qualname__ for t in asyncio.all_tasks() if not t.done()]
-
-
-async def _task_count() -> int:
-    """Tasks on the loop, not counting idle keep-alive connection handlers (up to two: the SDK's
-    connection to the proxy, and the proxy's pooled connection to the backend)."""
-    names = await _task_names()
-    return len(names) - min(2, names.count("RequestHandler.start"))
-
-
-def test_sigterm_lets_streams_finish(make_stack, tmp_path):
-    stack = make_stack("openai")
-    stack.backend.queue(SSE(oai_text_stream("one", "two", "three"), delay=0.3))
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "claude_proxy.py"),
-            "--provider",
-            "openai",
-            "--base-url",
-            stack.backend_url,
-            "--model",
-            "m",
-            "--port",
-            str(port),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert wait_for(lambda: _health(port), timeout=15)
-        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
-        with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
-            first = next(iter(s.text_stream))
-            proc.send_signal(signal.SIGTERM)  # while the backend is still streaming
-            rest = "".join(s.text_stream)
-            final = s.get_final_message()
-        assert first + rest == "onetwothree" and final.stop_reason == "end_turn"
-        assert proc.wait(10) == 0
-    finally:
-        proc.kill()
-
-
-# ======================================================================================
-# Security: inbound auth and what reaches the backend
-# ======================================================================================
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        {},
-        {"x-api-key": "wrong"},
-        {"authorization": "Bearer wrong"},
-        {"x-api-key": "s3cret-but-longer"},
-        {"authorization": "s3cret"},
-    ],
-    ids=["none", "wrong-key", "wrong-bearer", "prefix", "no-bearer-scheme"],
-)
-def test_auth_rejects(make_stack, headers):
-    stack = make_stack("openai", auth_token="s3cret")
-    code, hdrs, text = http(stack, "POST", "/v1/messages", VALID, headers=headers)
-    assert_error(code, hdrs, text, 401, "authentication_error", "false")
-    assert stack.backend.requests == []
-    code, hdrs, text = http(stack, "GET", "/v1/models", headers=headers)
-    assert_error(code, hdrs, text, 401, "authentication_error")
-
-
-def test_auth_sdk_wrong_key(make_stack):
-    stack = make_stack("openai", auth_token="s3cret")
-    with pytest.raises(anthropic.AuthenticationError) as info:
-        stack.client(api_key="wrong").messages.create(**VALID)
-    assert_sdk_error(info.value, 401, "authentication_error")
-
-
-@pytest.mark.parametrize("how", ["x-api-key", "bearer"])
-def test_auth_accepts_and_key_is_not_forwarded(make_stack, how):
-    stack = make_stack("openai", auth_token="s3cret", api_key="sk-backend-123")
-    stack.backend.queue(text_answer("openai", "ok"))
-    client = stack.client(api_key="s3cret") if how == "x-api-key" else stack.client(api_key=None, auth_token="s3cret")
-    msg = client.messages.create(**VALID)
-    assert msg.content[0].text == "ok"
-    sent = {k.lower(): v for k, v in stack.backend.headers[0].items()}
-    assert "x-api-key" not in sent
-    assert sent.get("authorization") == "Bearer sk-backend-123"
-    assert "s3cret" not in json.dumps(sent)
-
-
-def test_client_key_not_forwarded_without_backend_key(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "ok"))
-    stack.client(api_key="sk-ant-client-secret").messages.create(**VALID)
-    sent = {k.lower(): v for k, v in stack.backend.headers[0].items()}
-    assert "x-api-key" not in sent and "authorization" not in sent
-    assert "sk-ant-client-secret" not in json.dumps(sent)
-
-
-@pytest.mark.parametrize("method,path", [("GET", "/health"), ("HEAD", "/"), ("HEAD", "/api/hello")])
-def test_open_paths_without_auth(make_stack, method, path):
-    stack = make_stack("openai", auth_token="s3cret")
-    code, _, _ = http(stack, method, path)
-    assert code == 200
-
-
-def test_main_api_key_never_goes_to_another_host():
-    config = cp.Config(
-        provider="openai",
-        base_url="http://127.0.0.1:8000/v1",
-        api_key="sk-local",
-        model_map={
-            "claude-a": "local-model",
-            "claude-b": {"model": "hosted", "base_url": "https://api.example.com/v1"},
-        },
-    )
-    assert cp.resolve_route(config, "claude-a").api_key == "sk-local"
-    assert cp.resolve_route(config, "claude-b").api_key is None
-
-
-def test_fetch_images_refuses_private_addresses_and_reads_whole_images(make_stack, monkeypatch):
-    stack = make_stack("ollama", fetch_images=True)
-    png = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + (2 << 20) * b"\0"  # 2 MiB, larger than one read
-    big = web.Application()
-
-    async def image(request: web.Request) -> web.Response:
-        return web.Response(body=png, content_type="image/png")
-
-    big.router.add_get("/cat.png", image)
-    from conftest import start_site
-
-    runner, port = stack.loop.run(start_site(big))
-    try:
-        url = f"http://127.0.0.1:{port}/cat.png"
-        content = [{"type": "image", "source": {"type": "url", "url": url}}]
-        with pytest.raises(anthropic.BadRequestError) as err:
-            stack.client().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": content}])
-        assert "not a public address" in err.value.message
-
-        async def anywhere(url: str) -> None:
-            return None
-
-        monkeypatch.setattr(cp, "_public_host", anywhere)
-        stack.client().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": content}])
-        assert base64.b64decode(stack.backend.requests[-1]["messages"][-1]["images"][0]) == png
-    finally:
-        stack.loop.run(runner.cleanup())
-
-
-# ======================================================================================
-# Configuration, model map, discovery, CLI, operations
-# ======================================================================================
-
-
-def test_config_precedence_flags_env_dotenv(tmp_path):
-    dotenv = tmp_path / ".env"
-    dotenv.write_text(
-        '# comment\nexport PORT=9001\nPROVIDER="openai"\nDEFAULT_MODEL=from-dotenv\nPROVIDER_TIMEOUT_MS=2500\n'
-    )
-    config = cp.load_config([], environ={"DEFAULT_MODEL": "from-env"}, dotenv_path=str(dotenv))
-    assert (config.port, config.provider, config.default_model, config.timeout) == (9001, "openai", "from-env", 2.5)
-    assert config.base_url == "http://127.0.0.1:8000/v1" and config.host == "127.0.0.1"
-    config = cp.load_config(
-        ["--model", "from-flag", "--port", "9002", "--timeout", "7"],
-        environ={"DEFAULT_MODEL": "from-env"},
-        dotenv_path=str(dotenv),
-    )
-    assert (config.default_model, config.port, config.timeout) == ("from-flag", 9002, 7.0)
-
-
-def test_model_map_resolution(tmp_path):
-    path = tmp_path / "map.json"
-    path.write_text(
-        json.dumps(
-            {
-                "claude-*haiku*": "small",
-                "claude-opus-5-5": "big",
-                "claude-*": "mid",
-                "claude-sonnet-4-5": {"model": "sonnet-ish", "max_tokens": 4096},
-            }
-        )
-    )
-    config = cp.load_config(["--model-map", str(path)], environ={}, dotenv_path="")
-    route = lambda name: (cp.resolve_route(config, name) or cp.Route("-", "", "")).model  # noqa: E731
-    assert route("claude-opus-5-5") == "big"
-    assert route("claude-haiku-5-5") == "small"  # first matching pattern wins
-    assert route("claude-sonnet-4-5-20250929") == "sonnet-ish"  # dated name -> undated key
-    assert cp.resolve_route(config, "claude-sonnet-4-5").max_tokens == 4096
-    assert route("claude-fable-5-2") == "mid"
-    assert cp.resolve_route(config, "gpt-4o") is None
-
-
-def test_example_model_map_is_valid():
-    config = cp.Config(model_map=cp.load_model_map(str(HERE / "model_map.example.json"), None))
-    for name in ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5", "claude-haiku-4-5-20251001"):
-        assert cp.resolve_route(config, name) is not None
-
-
-BAD_CONFIGURATIONS = {  # name -> (flags, environment, what the one line on stderr says)
-    "provider-flag": (["--provider", "bedrock"], {}, "unknown provider"),
-    "port-not-a-number": (["--port", "http"], {}, "bad port"),
-    "port-out-of-range": (["--port", "70000"], {}, "bad port"),
-    "model-map-file-missing": (["--model-map", "/nonexistent/map.json"], {}, "cannot read model map"),
-    "model-map-not-json": ([], {"MODEL_MAP_JSON": "{not json"}, "not valid JSON"),
-    "model-map-entry-not-object": ([], {"MODEL_MAP_JSON": '{"claude-x": 5}'}, "model map entry"),
-    "model-map-provider": (
-        [],
-        {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "provider": "vertex"}}'},
-        "unknown provider",
-    ),
-    "model-map-max-tokens": ([], {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "max_tokens": -1}}'}, "max_tokens"),
-    "model-map-api-key-env": (
-        [],
-        {"MODEL_MAP_JSON": '{"claude-x": {"model": "m", "api_key_env": "NOPE_NOT_SET"}}'},
-        "NOPE_NOT_SET",
-    ),
-}
-
-
-@pytest.fixture(scope="module")
-def bad_configuration_runs(tmp_path_factory):
-    """The proxy started with each bad configuration, all at once (each run is a fresh interpreter importing
-    the proxy, ~0.35 s of CPU), in an empty directory (no .env): name -> Popen."""
-    cwd = tmp_path_factory.mktemp("bad-configuration")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_MAP", "PROVIDER", "PORT"))}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(HERE / "claude_proxy.py"), *args],
-            env={**clean, **env},
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, (args, env, _) in BAD_CONFIGURATIONS.items()
-    }
-    yield procs
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.mark.parametrize("name", list(BAD_CONFIGURATIONS))
-def test_bad_configuration_exits_2_with_one_line(bad_configuration_runs, name):
-    message = BAD_CONFIGURATIONS[name][2]
-    proc = bad_configuration_runs[name]
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 2
-    assert message in stderr and "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) == 1
-
-
-def test_help_documents_every_option():
-    result = subprocess.run(
-        [sys.executable, str(HERE / "claude_proxy.py"), "--help"], capture_output=True, text=True, timeout=30
-    )
-    for option in (
-        "--host",
-        "--port",
-        "--provider",
-        "--base-url",
-        "--api-key",
-        "--model",
-        "--model-map",
-        "--timeout",
-        "--log-level",
-        "--system-messages",
-        "--auth-token",
-        "--check",
-        "--log-format",
-    ):
-        assert option in result.stdout
-
-
-def test_zero_config_discovers_backend_models(make_stack, provider):
-    stack = make_stack(provider, default_model=None)
-    stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
-    stack.client().messages.create(model="claude-haiku-5-5", max_tokens=10, messages=USER_HI)
-    models = [r["model"] for r in stack.backend.requests]
-    assert models == (["qwen3-coder", "qwen3-coder"] if provider == "openai" else ["qwen3:8b", "qwen3:1.7b"])
-    listed = stack.client().models.list()
-    assert (
-        provider == "openai"
-        and [m.id for m in listed.data] == ["qwen3-coder"]
-        or [m.id for m in listed.data] == ["qwen3:8b", "qwen3:1.7b"]
-    )
-
-
-def test_metrics_parse_and_move(make_stack):
-    parser = pytest.importorskip("prometheus_client.parser")
-    stack = make_stack("openai")
-    stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
-    with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=10, messages=USER_HI) as s:
-        s.get_final_message()
-    status, _, text = http(stack, "GET", "/metrics")
-    assert status == 200
-    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
-    requests = [
-        s
-        for s in families["claude_proxy_requests"].samples
-        if s.labels.get("route") == "/v1/messages" and s.labels.get("status") == "200"
-    ]
-    assert requests and requests[0].value == 2
-    assert any(s.value == 7 * 2 for s in families["claude_proxy_output_tokens"].samples)
-    counts = [s for s in families["claude_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
-    assert counts[0].value == 1
-    assert families["claude_proxy_active_streams"].samples[0].value == 0
-
-
-def test_check_command_reports_and_exits(make_stack, capsys):
-    stack = make_stack("openai")
-    good = cp.Config(provider="openai", base_url=stack.backend_url, default_model="backend-model")
-    assert stack.loop.run(cp.run_check(good, out=sys.stdout)) == 0
-    assert "ok" in capsys.readouterr().out
-    stack.backend.queue(Reply(404, {"error": {"message": "model 'nope' not found", "type": "not_found_error"}}))
-    bad = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "nope"})
-    assert stack.loop.run(cp.run_check(bad, out=sys.stdout)) == 1
-    assert "FAIL: 404" in capsys.readouterr().out
-
-
-def test_runs_under_gunicorn_with_two_workers(make_stack, tmp_path):
-    pytest.importorskip("gunicorn")
-    stack = make_stack("openai")
-    port = free_port()
-    env = dict(os.environ, PROVIDER="openai", PROVIDER_BASE_URL=stack.backend_url, DEFAULT_MODEL="gm")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "claude_proxy:create_app()",
-            "-k",
-            "aiohttp.GunicornWebWorker",
-            "-w",
-            "2",
-            "-b",
-            f"127.0.0.1:{port}",
-        ],
-        cwd=HERE,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
-        assert wait_for(lambda: _health(port), timeout=20)
-        for _ in range(4):
-            assert client.messages.create(model="claude-opus-5-5", max_tokens=5, messages=USER_HI).content
-        assert {r["model"] for r in stack.backend.requests} == {"gm"}
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _health(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-# ======================================================================================
-# Token counting
-# ======================================================================================
-
-
-def test_count_tokens_through_sdk(make_stack):
-    stack = make_stack("openai")
-    result = stack.client().messages.count_tokens(
-        model="claude-opus-5-5",
-        system="You are terse.",
-        messages=[{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}],
-    )
-    assert 10 <= result.input_tokens <= 40
-    assert stack.backend.requests == []  # no backend call
-
-
-@pytest.mark.parametrize("tokenizer", ["vllm", "llamacpp", None])
-def test_count_tokens_with_backend_tokenizer(make_stack, tokenizer, caplog):
-    stack = make_stack("openai", count_tokens="backend")
-    stack.backend.tokenizer = tokenizer
-    kwargs = dict(
-        model="claude-opus-5-5", system="sys words here", messages=[{"role": "user", "content": "one two three four"}]
-    )
-    counts = [stack.client().messages.count_tokens(**kwargs).input_tokens for _ in range(2)]
-    heuristic = cp.count_request_tokens(cp.parse_request(dict(kwargs), count_only=True))
-    expected = {"vllm": 321, "llamacpp": 7, None: heuristic}[tokenizer]
-    assert counts == [expected, expected]
-    calls = [r for r in stack.backend.requests if "tokenize" in r]
-    if tokenizer == "vllm":
-        assert len(calls) == 1 and calls[0]["tokenize"]["messages"][0]["role"] == "system"  # cached after one call
-    if tokenizer is None:
-        assert "no usable tokenizer" in caplog.text
-
-
-def test_token_counter_accuracy_by_category():
-    """count_text_tokens() is within 10% of tiktoken cl100k_base for every
-    category of fixtures/token_corpus.json (counts precomputed in the file),
-    and never under-counts a long sample by more than 10%."""
-    corpus = json.loads((LOCAL_FIXTURES / "token_corpus.json").read_text(encoding="utf-8"))
-    ref, est = defaultdict(int), defaultdict(int)
-    under = []
-    for sample in corpus:
-        n = cp.count_text_tokens(sample["text"])
-        ref[sample["category"]] += sample["cl100k"]
-        est[sample["category"]] += n
-        if len(sample["text"]) >= 4000 and n < 0.9 * sample["cl100k"]:
-            under.append((sample["category"], sample.get("source"), n, sample["cl100k"]))
-    assert set(ref) >= {
-        "prose",
-        "code_python",
-        "code_js",
-        "code_go_or_rust",
-        "json",
-        "shell_output",
-        "cjk",
-        "base64_noise",
-    }
-    errors = {cat: est[cat] / ref[cat] - 1 for cat in ref}
-    off = {cat: f"{100 * e:+.1f}% ({est[cat]} vs {ref[cat]})" for cat, e in errors.items() if abs(e) > 0.10}
-    assert not off, f"token estimate off by more than 10%: {off}"
-    assert not under, f"long samples under-counted by more than 10%: {under}"
-
-
-def test_count_tokens_claude_code_request_and_images():
-    request = parse_fixture(2)
-    count = cp.count_request_tokens(request)
-    # cl100k over exactly what the backend receives (message contents, tool-call arguments, compact tool
-    # definitions) is 10,718 tokens; the estimate adds a few per message and per tool for the template.
-    assert abs(count - 10718) / 10718 < 0.10
-    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (800).to_bytes(4, "big") + (600).to_bytes(4, "big")
-    assert cp.image_tokens("image/png", base64.b64encode(header + b"\x08\x06\x00\x00\x00").decode()) == 640
-    assert cp.image_tokens("image/png", "not base64 at all") == 1600  # unknown: Anthropic's maximum
-
-
-# ======================================================================================
-# Property-based: never a 500, never a hang
-# ======================================================================================
+# --- Property-based: never a 500, never a hang -------------------------------------------------
 
 
 def check_answer(code: int, headers: dict, text: str, stream: bool) -> None:
@@ -4068,3 +728,3062 @@ def test_parse_request_never_crashes_unit():
             assert exc.status == 400 and exc.type == "invalid_request_error"
 
     check()
+
+
+# --- JSON: the same with and without orjson ----------------------------------------------------
+
+
+def test_json_output_same_with_and_without_orjson():
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    for value in [
+        {"type": "text_delta", "text": 'naïve \u2028 "quoted" \\ \n\t\x01 😀'},
+        {"a": [1, 2.5, None, True]},
+        {"input": {"nested": {"k": "v"}}, "n": -3},
+    ]:
+        assert cp.dumps(value) == encoder.encode(value)
+        assert cp.dumps_bytes(value) == encoder.encode(value).encode()
+
+
+# ======================================================================================
+# 3. TOKENS
+# ======================================================================================
+
+
+# --- Token counting ----------------------------------------------------------------------------
+
+
+def test_count_tokens_through_sdk(make_stack):
+    stack = make_stack("openai")
+    result = stack.client().messages.count_tokens(
+        model="claude-opus-5-5",
+        system="You are terse.",
+        messages=[{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}],
+    )
+    assert 10 <= result.input_tokens <= 40
+    assert stack.backend.requests == []  # no backend call
+
+
+@pytest.mark.parametrize("tokenizer", ["vllm", "llamacpp", None])
+def test_count_tokens_with_backend_tokenizer(make_stack, tokenizer, caplog):
+    stack = make_stack("openai", count_tokens="backend")
+    stack.backend.tokenizer = tokenizer
+    kwargs = dict(
+        model="claude-opus-5-5", system="sys words here", messages=[{"role": "user", "content": "one two three four"}]
+    )
+    counts = [stack.client().messages.count_tokens(**kwargs).input_tokens for _ in range(2)]
+    heuristic = cp.count_request_tokens(cp.parse_request(dict(kwargs), count_only=True))
+    expected = {"vllm": 321, "llamacpp": 7, None: heuristic}[tokenizer]
+    assert counts == [expected, expected]
+    calls = [r for r in stack.backend.requests if "tokenize" in r]
+    if tokenizer == "vllm":
+        assert len(calls) == 1 and calls[0]["tokenize"]["messages"][0]["role"] == "system"  # cached after one call
+    if tokenizer is None:
+        assert "no usable tokenizer" in caplog.text
+
+
+def test_token_counter_accuracy_by_category():
+    """count_text_tokens() is within 10% of tiktoken cl100k_base for every
+    category of fixtures/token_corpus.json (counts precomputed in the file),
+    and never under-counts a long sample by more than 10%."""
+    corpus = json.loads((FIXTURES / "token_corpus.json").read_text(encoding="utf-8"))
+    ref, est = defaultdict(int), defaultdict(int)
+    under = []
+    for sample in corpus:
+        n = cp.count_text_tokens(sample["text"])
+        ref[sample["category"]] += sample["cl100k"]
+        est[sample["category"]] += n
+        if len(sample["text"]) >= 4000 and n < 0.9 * sample["cl100k"]:
+            under.append((sample["category"], sample.get("source"), n, sample["cl100k"]))
+    assert set(ref) >= {
+        "prose",
+        "code_python",
+        "code_js",
+        "code_go_or_rust",
+        "json",
+        "shell_output",
+        "cjk",
+        "base64_noise",
+    }
+    errors = {cat: est[cat] / ref[cat] - 1 for cat in ref}
+    off = {cat: f"{100 * e:+.1f}% ({est[cat]} vs {ref[cat]})" for cat, e in errors.items() if abs(e) > 0.10}
+    assert not off, f"token estimate off by more than 10%: {off}"
+    assert not under, f"long samples under-counted by more than 10%: {under}"
+
+
+def test_count_tokens_claude_code_request_and_images():
+    request = parse_fixture(2)
+    count = cp.count_request_tokens(request)
+    # cl100k over exactly what the backend receives (message contents, tool-call arguments, compact tool
+    # definitions) is 10,718 tokens; the estimate adds a few per message and per tool for the template.
+    assert abs(count - 10718) / 10718 < 0.10
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (800).to_bytes(4, "big") + (600).to_bytes(4, "big")
+    assert cp.image_tokens("image/png", base64.b64encode(header + b"\x08\x06\x00\x00\x00").decode()) == 640
+    assert cp.image_tokens("image/png", "not base64 at all") == 1600  # unknown: Anthropic's maximum
+
+
+# ======================================================================================
+# 4. TRANSLATION
+# ======================================================================================
+
+
+# --- Pure translation: Claude Code's real requests, cache-stable prompts, system messages ------
+
+
+def parse_fixture(turn: int) -> cp.MessagesRequest:
+    return cp.parse_request(cc_fixture(turn)["body"])
+
+
+ROUTE_OPENAI = cp.Route("qwen3-coder", "openai", "http://127.0.0.1:8000/v1")
+
+
+ROUTE_OLLAMA = cp.Route("qwen3:8b", "ollama", "http://127.0.0.1:11434")
+
+
+def backend_body(request: cp.MessagesRequest, provider: str, strategy: str = "reminder") -> dict:
+    """What the proxy sends the backend for this parsed request."""
+    route = ROUTE_OPENAI if provider == "openai" else ROUTE_OLLAMA
+    conv = cp.build_conversation(request, strategy)
+    return cp.PROVIDER_IMPLS[provider].body(conv, request, route)[0]
+
+
+def test_claude_code_fixture_translates(provider):
+    request = parse_fixture(2)
+    body = backend_body(request, provider)
+    dumped = json.dumps(body)
+    assert "x-anthropic-billing-header" not in dumped  # stripped: per-version cache buster
+    for key in ("cache_control", "defer_loading", "$schema", "context_management"):
+        assert f'"{key}"' not in dumped, key
+    assert "DeferredToolPlaceholder" not in dumped
+    names = [t["function"]["name"] for t in body["tools"]]
+    assert "Bash" in names and len(names) == 11
+    messages = body["messages"]
+    assert messages[0]["role"] == "system" and messages[0]["content"].startswith("You are a Claude agent")
+    # [user, system, assistant, user(tool_results)] -> system text kept in place, inside the user turn
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "tool"]
+    assert "<system-reminder>\n# Environment" in messages[1]["content"]
+    calls = messages[2]["tool_calls"]
+    assert [c["id"] for c in calls] == ["toolu_479c5658869b425f979f78ed", "toolu_730d3b4b5c8840ae8c38b534"]
+    assert [m["tool_call_id"] for m in messages[3:]] == [c["id"] for c in calls]
+    assert [m["content"] for m in messages[3:]] == ["one", "two"]
+    if provider == "openai":
+        assert json.loads(calls[0]["function"]["arguments"]) == {"command": "echo one", "description": "one"}
+        assert body["max_tokens"] == 128000 and body["reasoning_effort"] == "medium"
+        assert body["user"].startswith("{")
+    else:
+        assert calls[0]["function"]["arguments"] == {"command": "echo one", "description": "one"}
+        assert [m["tool_name"] for m in messages[3:]] == ["Bash", "Bash"]
+        assert body["options"]["num_predict"] == 128000
+
+
+def test_prompt_prefix_is_stable_across_turns(provider):
+    """Turn N's backend prompt must be a byte prefix of turn N+1's (KV-cache reuse on local servers)."""
+    turn1, turn2 = backend_body(parse_fixture(1), provider), backend_body(parse_fixture(2), provider)
+    m1, m2 = turn1["messages"], turn2["messages"]
+    assert len(m1) < len(m2)
+    for a, b in zip(m1, m2):
+        assert json.dumps(a) == json.dumps(b)
+    assert json.dumps(turn1["tools"]) == json.dumps(turn2["tools"])
+    # and translation is deterministic
+    assert json.dumps(backend_body(parse_fixture(2), provider)) == json.dumps(turn2)
+
+
+def test_conversation_ending_in_system_message_keeps_prefix():
+    base = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "system", "content": "note A"},
+    ]
+    longer = base + [{"role": "user", "content": "next"}]
+    r1 = cp.parse_request({"model": "m", "max_tokens": 5, "messages": base})
+    r2 = cp.parse_request({"model": "m", "max_tokens": 5, "messages": longer})
+    b1, b2 = backend_body(r1, "openai"), backend_body(r2, "openai")
+    assert b1["messages"][:2] == b2["messages"][:2]
+    assert b1["messages"][-1] == {"role": "user", "content": "<system-reminder>\nnote A\n</system-reminder>"}
+    assert b2["messages"][-1]["content"] == "<system-reminder>\nnote A\n</system-reminder>\n\nnext"
+
+
+@pytest.mark.parametrize("strategy", ["reminder", "hoist", "inline"])
+def test_system_message_strategies(strategy):
+    request = cp.parse_request(
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "system": "S",
+            "messages": [
+                {"role": "user", "content": "u1"},
+                {"role": "system", "content": [{"type": "text", "text": "env"}]},
+                {"role": "system", "content": []},
+                {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "u2"},
+            ],
+        }
+    )
+    messages = backend_body(request, "openai", strategy)["messages"]
+    if strategy == "reminder":
+        assert messages[0] == {"role": "system", "content": "S"}
+        assert messages[1] == {"role": "user", "content": "u1\n\n<system-reminder>\nenv\n</system-reminder>"}
+    elif strategy == "hoist":
+        assert messages[0] == {"role": "system", "content": "S\n\nenv"}
+        assert messages[1] == {"role": "user", "content": "u1"}
+    else:
+        assert messages[2] == {"role": "system", "content": "env"}
+    assert messages[-1] == {"role": "user", "content": "u2"}
+
+
+def test_sampling_and_stop_parameters():
+    request = cp.parse_request(
+        {
+            "model": "m",
+            "max_tokens": 300,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 40,
+            "stream": True,
+            "stop_sequences": ["###"],
+            "metadata": {"user_id": "u-1"},
+            "messages": [{"role": "user", "content": "x"}],
+        }
+    )
+    openai = backend_body(request, "openai")
+    assert (
+        openai["max_tokens"],
+        openai["temperature"],
+        openai["top_p"],
+        openai["top_k"],
+        openai["stop"],
+        openai["user"],
+    ) == (300, 0.2, 0.9, 40, ["###"], "u-1")
+    assert openai["stream_options"] == {"include_usage": True}
+    official = cp.PROVIDER_IMPLS["openai"].body(
+        cp.build_conversation(request), request, cp.Route("gpt-4.1", "openai", "https://api.openai.com/v1")
+    )[0]
+    assert "top_k" not in official  # the official API rejects it
+    ollama = backend_body(request, "ollama")
+    assert ollama["options"] == {"num_predict": 300, "temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop": ["###"]}
+    assert ollama["stream"] is True and "user" not in ollama
+
+
+def test_map_cap_and_context_window():
+    request = cp.parse_request({"model": "m", "max_tokens": 128000, "messages": [{"role": "user", "content": "x"}]})
+    route = cp.Route("small", "ollama", "http://h", max_tokens=8192, context_window=32768)
+    body = cp.ollama_request(cp.build_conversation(request), request, route)
+    assert body["options"]["num_predict"] == 8192 and body["options"]["num_ctx"] == 32768
+
+
+# --- Tool use: invalid arguments from small models: always a parseable stream, repaired when possible ---
+
+
+ANY_DICT = object()
+
+
+BAD_ARGS = {
+    "trailing_text": ('{"path": "a.py"} I hope this helps!', {"path": "a.py"}),
+    "extra_closing_brace": ('{"path": "a.py"}}', {"path": "a.py"}),
+    "single_quotes": ("{'path': 'a.py'}", {"path": "a.py"}),
+    "single_quotes_with_true_in_value": (
+        "{'command': 'test -f x && echo true || echo null'}",
+        {"command": "test -f x && echo true || echo null"},
+    ),
+    "python_literals": ("{'recursive': True, 'limit': None}", {"recursive": True, "limit": None}),
+    "missing_closing_brace": ('{"path": "a.py"', {"path": "a.py"}),
+    "missing_quote_and_brace": ('{"path": "a.py', {"path": "a.py"}),
+    "missing_nested_closers": ('{"edits": [{"old": "a", "new": "b"}', {"edits": [{"old": "a", "new": "b"}]}),
+    "cut_after_number": ('{"n": 12', {"n": 12}),
+    "code_fence_json": ('```json\n{"path": "a.py"}\n```', {"path": "a.py"}),
+    "code_fence_plain": ('```\n{"path": "a.py"}\n```', {"path": "a.py"}),
+    "double_encoded_string": (json.dumps('{"path": "a.py"}'), {"path": "a.py"}),
+    "leading_prose": ('Sure! {"path": "a.py"}', {"path": "a.py"}),
+    "total_garbage": ("I will read the file now.", {}),
+    "garbage_after_brace": ('{"path": "a.py", oops}', ANY_DICT),
+    "array_not_object": ('["a.py"]', ANY_DICT),
+    "trailing_comma": ('{"path": "a.py",}', {"path": "a.py"}),
+    "raw_newline_in_string": ('{"content": "line1\nline2"}', {"content": "line1\nline2"}),
+}
+
+
+@pytest.mark.parametrize("split", [1, 1000], ids=["char", "whole"])  # one char per fragment; all in one
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_openai_invalid_arguments_repaired(make_stack, case, split):
+    args, expected = BAD_ARGS[case]
+    stack = make_stack("openai")
+    chunks = [ROLE] + canonical(0, "call_aaaaaaaa0001", "Read", args, split) + [finish(), USAGE]
+    result = run_modes(stack, SSE(chunks))
+    ((kind, name, value),) = result["blocks"]
+    assert (kind, name) == ("tool_use", "Read")
+    assert result["stop_reason"] == "tool_use"
+    if expected is not ANY_DICT:
+        assert value == expected
+
+
+@pytest.mark.parametrize(
+    "case", ["trailing_text", "single_quotes", "missing_closing_brace", "total_garbage", "code_fence_json"]
+)
+def test_openai_non_streaming_body_invalid_arguments(make_stack, case):
+    args, expected = BAD_ARGS[case]
+    stack = make_stack("openai")
+    body = oai_completion(
+        None,
+        tool_calls=[{"id": "call_aaaaaaaa0001", "type": "function", "function": {"name": "Read", "arguments": args}}],
+        finish="tool_calls",
+    )
+    result = run_modes(stack, Reply(body=body))
+    assert result["blocks"] == [("tool_use", "Read", expected)]
+
+
+def test_truncated_arguments_at_max_tokens(make_stack):
+    """Cut off by max_tokens mid-arguments: stop_reason max_tokens, and still valid JSON for the SDK."""
+    stack = make_stack("openai")
+    chunks = (
+        [ROLE]
+        + canonical(0, "call_aaaaaaaa0001", "Read", '{"path": "a.py", "content": "def f(', 5)
+        + [finish("length"), USAGE]
+    )
+    result = run_modes(stack, SSE(chunks))
+    ((kind, name, value),) = result["blocks"]
+    assert (kind, name) == ("tool_use", "Read") and isinstance(value, dict)
+    assert value.get("path") == "a.py"
+    assert result["stop_reason"] == "max_tokens"
+
+
+# --- Tool use: the real Claude Code turn 2 (parallel tool calls and their results) -------------
+
+
+def replay(stack, body: dict, fixture: dict) -> dict:
+    headers = {k: v for k, v in fixture["headers"].items() if k.lower() not in ("content-length", "host")}
+    status, _, text = http(stack, "POST", fixture["path"], body, headers)
+    assert status == 200, text
+    events = raw_sse(text)
+    assert events[-1][0] == "message_stop"
+    return stack.backend.requests[-1]
+
+
+def test_fixture_turn2(make_stack, provider):
+    fx = cc_fixture(2)
+    body = fx["body"]
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "one", " two"))
+    sent = replay(stack, body, fx)
+    msgs = sent["messages"]
+    calls = [b for b in body["messages"][2]["content"] if b["type"] == "tool_use"]
+    results = [b for b in body["messages"][3]["content"] if b["type"] == "tool_result"]
+    a = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    assistant = msgs[a]
+    assert [c["id"] for c in assistant["tool_calls"]] == [c["id"] for c in calls]
+    for got, want in zip(assistant["tool_calls"], calls):
+        assert got["function"]["name"] == want["name"]
+        if provider == "openai":
+            assert got["type"] == "function"
+            assert isinstance(got["function"]["arguments"], str)
+            assert json.loads(got["function"]["arguments"]) == want["input"]
+        else:
+            assert got["function"]["arguments"] == want["input"]  # an object, not a string
+    tool_msgs = msgs[a + 1 : a + 3]
+    assert [m["role"] for m in tool_msgs] == ["tool", "tool"]
+    assert [m["tool_call_id"] for m in tool_msgs] == [r["tool_use_id"] for r in results]
+    assert [m["content"] for m in tool_msgs] == ["one", "two"]
+    # tools: everything but the deferred one, by their original names
+    want_tools = [t["name"] for t in body["tools"] if not t.get("defer_loading")]
+    assert [t["function"]["name"] for t in sent["tools"]] == want_tools
+    assert anthropic_only_keys(sent) == []
+    # the role:"system" message is kept, as a <system-reminder> in a user message
+    env = body["messages"][1]["content"]
+    env_text = env if isinstance(env, str) else env[0]["text"]
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    assert any(isinstance(c, str) and f"<system-reminder>\n{env_text}" in c for c in users), users
+    if provider == "openai":
+        assert assistant.get("content") in ("", None)
+        assert len(msgs) == a + 3  # nothing after the tool messages (the turn holds only tool results)
+        assert "DeferredToolPlaceholder" not in json.dumps(sent["tools"])
+        assert sent["max_tokens"] == 128000
+        assert "Run two commands" in users[0]
+    else:
+        assert [m["tool_name"] for m in tool_msgs] == ["Bash", "Bash"]
+        assert sent["options"]["num_predict"] == 128000
+
+
+def test_fixture_turn1_is_prefix_of_turn2(make_stack, provider):
+    """The real turn 1 and turn 2 requests: what the backend gets for turn 1 is a prefix of turn 2 (KV cache)."""
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "x"), text_answer(provider, "y"))
+    first = replay(stack, cc_fixture(1)["body"], cc_fixture(1))
+    second = replay(stack, cc_fixture(2)["body"], cc_fixture(2))
+    m1, m2 = first["messages"], second["messages"]
+    assert len(m2) > len(m1)
+    for i, msg in enumerate(m1):
+        assert json.dumps(msg) == json.dumps(m2[i]), i
+    assert json.dumps(first["tools"]) == json.dumps(second["tools"])
+
+
+def test_fixture_deferred_tool_revealed_by_tool_reference(make_stack, provider):
+    fx = cc_fixture(2)
+    body = copy.deepcopy(fx["body"])
+    body["messages"][3]["content"][1]["content"] = [
+        {"type": "text", "text": "two"},
+        {"type": "tool_reference", "tool_name": "DeferredToolPlaceholder"},
+    ]
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "ok"))
+    sent = replay(stack, body, fx)
+    names = [t["function"]["name"] for t in sent["tools"]]
+    assert "DeferredToolPlaceholder" in names
+    assert len(names) == len(body["tools"])
+    assert anthropic_only_keys(sent) == []
+    tool_msgs = [m for m in sent["messages"] if m["role"] == "tool"]
+    assert tool_msgs[1]["content"].startswith("two")
+    assert "DeferredToolPlaceholder" in tool_msgs[1]["content"]
+
+
+def test_fixture_through_sdk(make_stack, provider):
+    """The same body through the SDK's stream accumulator (extra fields via extra_body)."""
+    body = copy.deepcopy(cc_fixture(2)["body"])
+    body.pop("stream")
+    extra = {"context_management": body.pop("context_management"), "output_config": body.pop("output_config")}
+    stack = make_stack(provider)
+    stack.backend.queue(tool_answer(provider, [("call_zz00zz00zz", "Bash", {"command": "echo three"})], "Next:"))
+    with stack.client().messages.stream(extra_body=extra, **body) as s:
+        final = s.get_final_message()
+    assert summarize(final)["blocks"] == [("text", "Next:"), ("tool_use", "Bash", {"command": "echo three"})]
+    assert final.stop_reason == "tool_use"
+    sent = stack.backend.requests[0]
+    ids = [c["id"] for m in sent["messages"] for c in m.get("tool_calls") or ()]
+    assert ids == ["toolu_479c5658869b425f979f78ed", "toolu_730d3b4b5c8840ae8c38b534"]
+
+
+# --- Tool use: tool_choice ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "choice, expected, parallel",
+    [
+        (None, None, None),
+        ({"type": "auto"}, "auto", None),
+        ({"type": "any"}, "required", None),
+        ({"type": "tool", "name": "get_time"}, {"type": "function", "function": {"name": "get_time"}}, None),
+        ({"type": "none"}, "none", None),
+        ({"type": "auto", "disable_parallel_tool_use": True}, "auto", False),
+        ({"type": "any", "disable_parallel_tool_use": True}, "required", False),
+        (
+            {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+            {"type": "function", "function": {"name": "get_weather"}},
+            False,
+        ),
+        ({"type": "auto", "disable_parallel_tool_use": False}, "auto", None),
+    ],
+)
+def test_openai_tool_choice(make_stack, choice, expected, parallel):
+    stack = make_stack("openai")
+    stack.backend.queue(text_answer("openai", "ok"))
+    kw = {"tool_choice": choice} if choice else {}
+    stack.client().messages.create(**body_of(**kw))
+    sent = stack.backend.requests[0]
+    assert sent.get("tool_choice") == expected
+    assert sent.get("parallel_tool_calls") == parallel
+    if expected != "none":
+        assert [t["function"]["name"] for t in sent["tools"]] == [t["name"] for t in TOOLS]
+
+
+@pytest.mark.parametrize(
+    "choice, has_tools",
+    [
+        (None, True),
+        ({"type": "auto"}, True),
+        ({"type": "any"}, True),
+        ({"type": "tool", "name": "get_time"}, True),
+        ({"type": "none"}, False),
+        ({"type": "auto", "disable_parallel_tool_use": True}, True),
+    ],
+)
+def test_ollama_tool_choice(make_stack, choice, has_tools):
+    stack = make_stack("ollama")
+    stack.backend.queue(text_answer("ollama", "ok"))
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": PARIS}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01A", "content": "Sunny"}]},
+    ]
+    kw = {"tool_choice": choice} if choice else {}
+    stack.client().messages.create(**body_of(messages=history, **kw))
+    sent = stack.backend.requests[0]
+    assert ("tools" in sent) is has_tools
+    assert "tool_choice" not in sent and "parallel_tool_calls" not in sent
+    # tool history stays in the messages even when tools are removed
+    assert sent["messages"][-2]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert sent["messages"][-1]["role"] == "tool"
+
+
+# --- Tool use: tool_result variants ------------------------------------------------------------
+
+
+def two_calls_then(results: list, after: list = ()) -> list:
+    return [
+        {"role": "user", "content": "Do two things."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Doing both."},
+                {"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": PARIS},
+                {"type": "tool_use", "id": "toolu_01B", "name": "get_time", "input": TZ},
+            ],
+        },
+        {"role": "user", "content": list(results) + list(after)},
+    ]
+
+
+def send(stack, provider, messages) -> list:
+    stack.backend.queue(text_answer(provider, "ok"))
+    stack.client().messages.create(**body_of(messages=messages))
+    return stack.backend.requests[-1]["messages"]
+
+
+def test_tool_result_is_error(make_stack, provider):
+    stack = make_stack(provider)
+    msgs = send(
+        stack,
+        provider,
+        two_calls_then(
+            [
+                {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "city not found", "is_error": True},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_01B",
+                    "is_error": True,
+                    "content": [{"type": "text", "text": "bad tz"}],
+                },
+            ]
+        ),
+    )
+    tools = [m for m in msgs if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in tools] == ["toolu_01A", "toolu_01B"]
+    assert tools[0]["content"].startswith("Error") and "city not found" in tools[0]["content"]
+    assert tools[1]["content"].startswith("Error") and "bad tz" in tools[1]["content"]
+    assert msgs[-1]["role"] == "tool"
+
+
+def test_tool_result_is_error_false_not_marked(make_stack, provider):
+    stack = make_stack(provider)
+    msgs = send(
+        stack,
+        provider,
+        two_calls_then(
+            [
+                {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "Sunny", "is_error": False},
+                {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "12:00"},
+            ]
+        ),
+    )
+    assert [m["content"] for m in msgs if m["role"] == "tool"] == ["Sunny", "12:00"]
+
+
+SCREENSHOT_RESULTS = [  # the first result holds an image
+    {
+        "type": "tool_result",
+        "tool_use_id": "toolu_01A",
+        "content": [
+            {"type": "text", "text": "screenshot:"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1x1}},
+        ],
+    },
+    {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "12:00"},
+]
+
+
+def test_tool_result_images_openai(make_stack):
+    """OpenAI tool messages are text only: images go in ONE user message after ALL tool messages."""
+    stack = make_stack("openai")
+    msgs = send(
+        stack, "openai", two_calls_then(SCREENSHOT_RESULTS, after=[{"type": "text", "text": "What do you see?"}])
+    )
+    a = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    assert [m["role"] for m in msgs[a:]] == ["assistant", "tool", "tool", "user"]
+    assert [m["tool_call_id"] for m in msgs[a + 1 : a + 3]] == ["toolu_01A", "toolu_01B"]
+    assert all(isinstance(m["content"], str) for m in msgs[a + 1 : a + 3])
+    assert msgs[a + 1]["content"].startswith("screenshot:")
+    assert msgs[a + 2]["content"] == "12:00"
+    user_content = msgs[-1]["content"]
+    assert isinstance(user_content, list)
+    urls = [p["image_url"]["url"] for p in user_content if p["type"] == "image_url"]
+    assert urls == [f"data:image/png;base64,{PNG_1x1}"]
+    texts = [p["text"] for p in user_content if p["type"] == "text"]
+    assert "What do you see?" in texts
+    # the image comes before the user's own text, so it reads as the tool output
+    kinds = [p["type"] for p in user_content]
+    assert kinds.index("image_url") < max(i for i, p in enumerate(user_content) if p.get("text") == "What do you see?")
+
+
+def test_tool_result_images_ollama(make_stack):
+    stack = make_stack("ollama")
+    msgs = send(stack, "ollama", two_calls_then(SCREENSHOT_RESULTS))
+    a = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    assert [m["role"] for m in msgs[a : a + 3]] == ["assistant", "tool", "tool"]
+    assert [m["tool_name"] for m in msgs[a + 1 : a + 3]] == ["get_weather", "get_time"]
+    images = [(i, img) for i, m in enumerate(msgs) for img in m.get("images") or ()]
+    assert images and all(i > a for i, _ in images)
+    assert [img for _, img in images] == [PNG_1x1]  # raw base64, no data: prefix
+    assert all(i >= a + 3 for i, _ in images)  # never between the tool messages
+
+
+@pytest.mark.parametrize("content", ["", [], None], ids=["empty_string", "empty_list", "absent"])
+def test_tool_result_empty_content(make_stack, provider, content):
+    stack = make_stack(provider)
+    result = {"type": "tool_result", "tool_use_id": "toolu_01A"}
+    if content is not None:
+        result["content"] = content
+    msgs = send(
+        stack,
+        provider,
+        two_calls_then([result, {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "12:00"}]),
+    )
+    tools = [m for m in msgs if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in tools] == ["toolu_01A", "toolu_01B"]
+    assert isinstance(tools[0]["content"], str)
+    assert tools[1]["content"] == "12:00"
+    if provider == "ollama":
+        assert [m["tool_name"] for m in tools] == ["get_weather", "get_time"]
+
+
+def test_tool_result_text_and_document_blocks(make_stack, provider):
+    stack = make_stack(provider)
+    msgs = send(
+        stack,
+        provider,
+        two_calls_then(
+            [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_01A",
+                    "content": [
+                        {"type": "text", "text": "part one"},
+                        {"type": "text", "text": "part two"},
+                        {
+                            "type": "document",
+                            "source": {"type": "text", "media_type": "text/plain", "data": "doc body"},
+                            "title": "T",
+                        },
+                    ],
+                },
+                {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "12:00"},
+            ]
+        ),
+    )
+    first = next(m for m in msgs if m["role"] == "tool")
+    for needle in ("part one", "part two", "doc body"):
+        assert needle in first["content"]
+
+
+# --- Tool use: server tools are dropped with a warning -----------------------------------------
+
+
+def test_server_tools_dropped_with_warning(make_stack, provider, caplog):
+    caplog.set_level(logging.WARNING, logger="claude_proxy")
+    name = f"web_search_{uuid.uuid4().hex[:8]}"  # warnings are once per process: a fresh name
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "ok"))
+    msg = stack.client().messages.create(
+        **body_of(
+            tools=[
+                WEATHER_TOOL,
+                {"type": "web_search_20250305", "name": name, "max_uses": 5},
+                {"type": "custom", "name": "custom_typed", "input_schema": {"type": "object"}},
+            ]
+        )
+    )
+    assert msg.content[0].text == "ok"
+    sent = stack.backend.requests[0]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "custom_typed"]
+    warnings = [
+        r
+        for r in caplog.records
+        if r.name == "claude_proxy" and r.levelno == logging.WARNING and name in r.getMessage()
+    ]
+    assert warnings, [r.getMessage() for r in caplog.records]
+
+
+def test_only_server_tools_sends_no_tools(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "ok"))
+    stack.client().messages.create(
+        **body_of(tools=[{"type": "web_search_20250305", "name": "web_search"}], tool_choice={"type": "auto"})
+    )
+    sent = stack.backend.requests[0]
+    assert "tools" not in sent and "tool_choice" not in sent
+
+
+def test_server_tool_blocks_in_history(make_stack, provider):
+    """server_tool_use / web_search_tool_result blocks from an earlier Anthropic turn: no crash, no function call."""
+    stack = make_stack(provider)
+    history = [
+        {"role": "user", "content": "Search"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "server_tool_use", "id": "srvtoolu_01X", "name": "web_search", "input": {"query": "q"}},
+                {
+                    "type": "web_search_tool_result",
+                    "tool_use_id": "srvtoolu_01X",
+                    "content": [
+                        {
+                            "type": "web_search_result",
+                            "title": "R",
+                            "url": "https://e.com",
+                            "encrypted_content": "zz",
+                            "page_age": None,
+                        }
+                    ],
+                },
+                {"type": "text", "text": "Found it."},
+            ],
+        },
+        {"role": "user", "content": "Thanks"},
+    ]
+    stack.backend.queue(text_answer(provider, "ok"))
+    msg = stack.client().messages.create(
+        **body_of(messages=history, tools=[WEATHER_TOOL, {"type": "web_search_20250305", "name": "web_search"}])
+    )
+    assert msg.content[0].text == "ok"
+    sent = stack.backend.requests[0]
+    assert not any(m.get("tool_calls") for m in sent["messages"])
+    assert "zz" not in json.dumps(sent)  # encrypted content is not sent
+
+
+# --- Tool use: a multi-step agent loop: what the backend sees, and prefix (cache) stability ----
+
+
+def test_multi_step_loop(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(
+        tool_answer(provider, [("call_turn1000001", "get_weather", PARIS)]),
+        tool_answer(provider, [("call_turn2000001", "get_time", TZ)], text="Now the time."),
+        text_answer(provider, "Sunny, ", "noon."),
+    )
+    client = stack.client()
+    messages: list = [{"role": "user", "content": "Weather and time in Paris?"}]
+    system = "You are a helpful agent."
+    results = {"get_weather": "Sunny, 21C", "get_time": "12:00"}
+    finals = []
+    for _ in range(3):
+        with client.messages.stream(
+            model="claude-opus-5-5", max_tokens=1024, system=system, tools=TOOLS, messages=messages
+        ) as s:
+            msg = s.get_final_message()
+        finals.append(msg)
+        if msg.stop_reason != "tool_use":
+            break
+        messages = messages + [
+            as_history(msg),
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": b.id, "content": results[b.name]}
+                    for b in msg.content
+                    if b.type == "tool_use"
+                ],
+            },
+        ]
+    assert [m.stop_reason for m in finals] == ["tool_use", "tool_use", "end_turn"]
+    assert finals[-1].content[0].text == "Sunny, noon."
+    reqs = stack.backend.requests
+    assert len(reqs) == 3
+    call1 = finals[0].content[0]
+    call2 = [b for b in finals[1].content if b.type == "tool_use"][0]
+    # turn 2: system, user, assistant(call 1), tool(result 1)
+    m2 = reqs[1]["messages"]
+    assert [m["role"] for m in m2] == ["system", "user", "assistant", "tool"]
+    assert m2[2]["tool_calls"][0]["id"] == call1.id
+    assert m2[3]["tool_call_id"] == call1.id and m2[3]["content"] == "Sunny, 21C"
+    args = m2[2]["tool_calls"][0]["function"]["arguments"]
+    assert (json.loads(args) if provider == "openai" else args) == PARIS
+    if provider == "ollama":
+        assert m2[3]["tool_name"] == "get_weather"
+    m3 = reqs[2]["messages"]
+    assert [m["role"] for m in m3] == ["system", "user", "assistant", "tool", "assistant", "tool"]
+    assert m3[4]["content"] == "Now the time."
+    assert m3[4]["tool_calls"][0]["id"] == call2.id and m3[5]["tool_call_id"] == call2.id
+    # cache stability: each request's messages are a byte-for-byte prefix of the next one's
+    for earlier, later in ((reqs[0], reqs[1]), (reqs[1], reqs[2])):
+        a, b = earlier["messages"], later["messages"]
+        assert len(b) > len(a)
+        for i in range(len(a)):
+            assert json.dumps(a[i]) == json.dumps(b[i]), (i, a[i], b[i])
+        assert json.dumps(earlier["tools"]) == json.dumps(later["tools"])
+
+
+def test_multi_step_loop_with_thinking_history_openai(make_stack):
+    """Thinking returned with a tool call comes back in history; the prefix stays stable across turns."""
+    stack = make_stack("openai")
+    stack.backend.queue(
+        SSE(
+            [ROLE, oai_chunk({"reasoning_content": "Need weather."})]
+            + canonical(0, "call_turn1000001", "get_weather", PARIS_JSON)
+            + [finish(), USAGE]
+        ),
+        text_answer("openai", "Sunny."),
+        text_answer("openai", "Bye."),
+    )
+    client = stack.client()
+    messages: list = [{"role": "user", "content": "Weather?"}]
+    msg = client.messages.create(model="claude-opus-5-5", max_tokens=1024, tools=TOOLS, messages=messages)
+    assert [b.type for b in msg.content] == ["thinking", "tool_use"]
+    messages += [
+        as_history(msg),
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": msg.content[1].id, "content": "Sunny"}]},
+    ]
+    msg2 = client.messages.create(model="claude-opus-5-5", max_tokens=1024, tools=TOOLS, messages=messages)
+    messages += [as_history(msg2), {"role": "user", "content": "Thanks"}]
+    client.messages.create(model="claude-opus-5-5", max_tokens=1024, tools=TOOLS, messages=messages)
+    r2, r3 = stack.backend.requests[1]["messages"], stack.backend.requests[2]["messages"]
+    for i in range(len(r2)):
+        assert json.dumps(r2[i]) == json.dumps(r3[i]), i
+
+
+# --- Tool use: names OpenAI cannot take: shortened for the backend, mapped back for the client ---
+
+
+LONG = "mcp__a_very_long_server_name_for_testing__" + "create_pull_request_review_comment_reply"
+
+
+LONG2 = "mcp__a_very_long_server_name_for_testing__" + "create_pull_request_review_comment_thread"
+
+
+ODD = "mcp.server/tool name"
+
+
+OPENAI_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def named_tool(name: str) -> dict:
+    return {
+        "name": name,
+        "description": "x",
+        "input_schema": {"type": "object", "properties": {"body": {"type": "string"}}},
+    }
+
+
+def test_long_tool_names_openai(make_stack):
+    assert len(LONG) > 64 and len(LONG2) > 64 and LONG[:64] == LONG2[:64]
+    stack = make_stack("openai")
+
+    async def answer(request):
+        sent = await request.json()
+        alias = {t["function"]["description"]: t["function"]["name"] for t in sent["tools"]}
+        aliases = [t["function"]["name"] for t in sent["tools"]]
+        assert all(OPENAI_NAME.match(a) for a in aliases), aliases
+        assert len(set(aliases)) == len(aliases)
+        chunks = (
+            [ROLE]
+            + canonical(0, "call_long0000001", alias["long2"], '{"body": "hi"}')
+            + canonical(1, "call_long0000002", alias["odd"], '{"body": "yo"}')
+            + [finish(), USAGE]
+        )
+        return await write_sse(request, chunks)
+
+    tools = [
+        dict(named_tool(LONG), description="long"),
+        dict(named_tool(LONG2), description="long2"),
+        dict(named_tool(ODD), description="odd"),
+        WEATHER_TOOL,
+    ]
+    stack.backend.queue(answer, answer, answer)
+    body = body_of(tools=tools)
+    raw = check_stream(sse_events(stack, body))
+    client = stack.client()
+    with client.messages.stream(**body) as s:
+        streamed = summarize(s.get_final_message())
+    created = summarize(client.messages.create(**body))
+    expected = [("tool_use", LONG2, {"body": "hi"}), ("tool_use", ODD, {"body": "yo"})]
+    assert raw["blocks"] == streamed["blocks"] == created["blocks"] == expected
+    sent = stack.backend.requests[0]
+    assert "get_weather" in [t["function"]["name"] for t in sent["tools"]]  # short names unchanged
+
+    # next turn: the history and tool_choice use the same aliases as the tools list
+    stack.backend.queue(text_answer("openai", "done"))
+    ids = created["ids"]
+    client.messages.create(
+        **body_of(
+            tools=tools,
+            tool_choice={"type": "tool", "name": LONG},
+            messages=[
+                {"role": "user", "content": "go"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": ids[0], "name": LONG2, "input": {"body": "hi"}},
+                        {"type": "tool_use", "id": ids[1], "name": ODD, "input": {"body": "yo"}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": ids[0], "content": "ok"},
+                        {"type": "tool_result", "tool_use_id": ids[1], "content": "ok"},
+                    ],
+                },
+            ],
+        )
+    )
+    sent = stack.backend.requests[-1]
+    alias = {t["function"]["description"]: t["function"]["name"] for t in sent["tools"]}
+    history = [c["function"]["name"] for c in sent["messages"][-3]["tool_calls"]]
+    assert history == [alias["long2"], alias["odd"]]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": alias["long"]}}
+    assert LONG not in json.dumps(sent) and LONG2 not in json.dumps(sent)
+
+
+def test_long_tool_names_ollama_unchanged(make_stack):
+    stack = make_stack("ollama")
+    stack.backend.queue(
+        NDJSON([ollama_chunk(tool_calls=[oll_call(LONG, {"body": "hi"}, "call_k3j2h1g0")]), ollama_chunk(done=True)])
+    )
+    msg = stack.client().messages.create(**body_of(tools=[named_tool(LONG), WEATHER_TOOL]))
+    assert [(b.name, b.input) for b in msg.content] == [(LONG, {"body": "hi"})]
+    assert [t["function"]["name"] for t in stack.backend.requests[0]["tools"]] == [LONG, "get_weather"]
+
+
+# --- Tool use, unit level: argument repair, JSON prefixes, the event builder -------------------
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_ARGS) - {"raw_newline_in_string"}))  # end to end only
+def test_repair_arguments_unit(case):
+    args, expected = BAD_ARGS[case]
+    repaired = cp.repair_arguments(args)
+    if expected is ANY_DICT:
+        assert repaired is None or isinstance(json.loads(repaired), dict)
+    elif expected == {} and case == "total_garbage":
+        assert repaired is None or json.loads(repaired) == {}
+    else:
+        assert repaired is not None and json.loads(repaired) == expected
+
+
+def test_json_prefix_nothing_safe_after_a_break():
+    """Once the arguments stop being a JSON prefix, later fragments must not become 'safe' (streamable)."""
+    checker = cp.JsonPrefix()
+    assert checker.feed("I w") == 0 and checker.broken
+    assert checker.feed("ill read") == 0
+    assert checker.feed(" it") == 0
+    checker = cp.JsonPrefix()
+    checker.feed('{"a": 1} ')
+    assert checker.safe == 9
+    checker.feed("trailing")
+    checker.feed(" words")
+    assert checker.safe <= 9
+
+
+@pytest.mark.parametrize("fragments", [["I w", "ill ", "read"], ['{"a": 1}', " ok", " bye"], ["{", '{"a"', "x"]])
+def test_event_builder_broken_arguments_always_valid_json(fragments):
+    """Pure fold: whatever fragments arrive, the concatenated input_json_delta parses as an object."""
+    ev = cp.EventBuilder("msg_test", "m", 1)
+    ev.start()
+    ev.tool(0, "call_aaaaaaaa0001", "Read", "")
+    for piece in fragments:
+        ev.tool(0, None, None, piece)
+    ev.finish("tool_calls")
+    ev.end()
+    events = ev.take()
+    joined = "".join(
+        d["delta"]["partial_json"]
+        for n, d in events
+        if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
+    )
+    assert isinstance(json.loads(joined), dict), joined
+    assert isinstance(cp.fold_events(events)["content"][0]["input"], dict)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"path": "a.txt",', {"path": "a.txt"}),  # a dangling comma: no invented key
+        ('{"path": "a.txt", "mode', {"path": "a.txt"}),  # a half key is dropped
+        ('{"path": "a.txt", "mode":', {"path": "a.txt"}),  # a key without its value too
+        ('{"a": tru', {}),  # a half literal drops its member
+        ('{"a": [1, tr', {"a": [1]}),
+        ('{"a": "x\\u00', {"a": "x"}),  # a half escape in a value string
+        ('{"a": {"b": [1, 2', {"a": {"b": [1, 2]}}),
+    ],
+)
+def test_repair_never_invents_members(text, expected):
+    assert json.loads(cp.repair_arguments(text)) == expected
+
+
+def test_keys_are_held_back_until_their_value_begins():
+    check = cp.JsonPrefix()
+    assert check.feed('{"pa') == 1 and check.feed('th": "a') == 11 and check.feed('.txt", "x": tr') == 16
+    assert check.feed("ue}") == 28 and check.complete
+
+
+@pytest.mark.parametrize(
+    "fragments, expected",
+    [
+        (['{"a":', '{"a":1}}'], {"a": {"a": 1}}),  # a delta that repeats the text so far
+        (["{", '{"city"', '{"city": "Paris"}'], {"city": "Paris"}),  # cumulative snapshots
+        (['{"a":1', '{"a":1,"b":2}'], {"a": 1, "b": 2}),
+    ],
+)
+def test_snapshots_told_apart_from_deltas(fragments, expected):
+    call = cp._Call(0)
+    for fragment in fragments:
+        call.add(fragment)
+    assert json.loads(call.args) == expected
+
+
+def test_escape_split_across_fragments():
+    call = cp._Call(0)
+    for fragment in ['{"content": "x = 1\\', "nprint(x)", '",\n  "file_path": "a.py"}']:
+        call.add(fragment)
+    assert json.loads(call.args) == {"content": "x = 1\nprint(x)", "file_path": "a.py"}
+
+
+def test_whitespace_before_a_tool_call_is_not_emitted_after_it(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(
+        SSE(
+            [oai_chunk({"role": "assistant", "content": ""}), oai_chunk({"content": "\n\n"})]
+            + oai_tool_call_chunks(0, "call_abcdefgh1", "get_weather", '{"city": "Paris"}')
+            + [oai_chunk({}, "tool_calls")]
+        )
+    )
+    msg = stack.client().messages.create(model="m", max_tokens=50, messages=USER_HI)
+    assert [b.type for b in msg.content] == ["tool_use"]
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _streamed_arguments(fragments: list, reason: str) -> list:
+    ev = cp.EventBuilder("msg_1", "m", 10)
+    ev.start()
+    for fragment in fragments:
+        ev.tool(0, "call_abcdefgh", "name", fragment)
+    ev.finish(reason)
+    ev.end()
+    return [
+        d["delta"]["partial_json"]
+        for name, d in ev.take()
+        if name == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
+    ]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=5),
+    st.sampled_from([None, 1, 2]),
+    st.booleans(),
+    st.lists(st.integers(0, 10**6), max_size=8),
+    st.integers(0, 10**6),
+)
+def test_property_streamed_arguments_always_parse(value, indent, ascii_only, cuts, truncate_at):
+    """Any object, split anywhere: every streamed prefix is one the SDK's partial parser accepts and the
+    whole is the object; cut off anywhere (max_tokens), the whole is still a valid object."""
+    from jiter import from_json
+
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    fragments = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+    parts = _streamed_arguments(fragments, "tool_calls")
+    assert json.loads("".join(parts)) == value
+    sent = ""
+    for part in parts:
+        sent += part
+        from_json(sent.encode(), partial_mode="trailing-strings")
+    cut = truncate_at % (len(text) + 1)
+    assert isinstance(json.loads("".join(_streamed_arguments([text[:cut]], "length"))), dict)
+
+
+# --- Thinking, images, documents (both directions) ---------------------------------------------
+
+
+THINK_REQ = dict(model="claude-opus-5-5", max_tokens=200, messages=USER_HI)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "reasoning_details"])
+def test_openai_reasoning_fields_become_thinking(make_stack, field):
+    stack = make_stack("openai")
+    piece = (
+        (lambda t: {"reasoning_details": [{"type": "reasoning.text", "text": t}]})
+        if field == "reasoning_details"
+        else (lambda t: {field: t})
+    )
+    chunks = [
+        oai_chunk({"role": "assistant", "content": ""}),
+        oai_chunk(piece("Let me ")),
+        oai_chunk(piece("think.")),
+        oai_chunk({"content": "Answer."}),
+        oai_chunk({}, "stop"),
+        oai_chunk(choices=[], usage=oai_usage(10, 30, reasoning=20)),
+    ]
+    stack.backend.queue(SSE(chunks))
+    with stack.client().messages.stream(**THINK_REQ) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "Let me think."
+    assert final.content[0].signature  # non-empty: Claude Code drops thinking blocks without one
+    assert final.content[1].text == "Answer."
+    assert final.usage.output_tokens == 30  # reasoning tokens stay inside output_tokens
+
+
+def test_ollama_thinking_and_inline_think_tags(make_stack):
+    stack = make_stack("ollama")
+    stack.backend.queue(NDJSON([ollama_chunk("", thinking="Check."), ollama_chunk("Done."), ollama_chunk(done=True)]))
+    stack.backend.queue(
+        NDJSON(
+            [
+                ollama_chunk("<thi"),
+                ollama_chunk("nk>hidden plan</th"),
+                ollama_chunk("ink>\n\nVisible"),
+                ollama_chunk(done=True),
+            ]
+        )
+    )
+    client = stack.client()
+    first = client.messages.create(**THINK_REQ)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in first.content] == [
+        ("thinking", "Check."),
+        ("text", "Done."),
+    ]
+    with client.messages.stream(**THINK_REQ) as s:
+        second = s.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in second.content] == [
+        ("thinking", "hidden plan"),
+        ("text", "Visible"),
+    ]
+
+
+def test_thinking_display_omitted_round_trips_through_signature(make_stack):
+    """Claude Code asks for display "omitted": the text is hidden, and restored from the signature when the
+    conversation is sent back (DeepSeek needs it on tool turns)."""
+    stack = make_stack("openai")
+    stack.backend.queue(
+        SSE([oai_chunk({"reasoning_content": "secret plan"}), oai_chunk({"content": "ok"}), oai_chunk({}, "stop")])
+    )
+    msg = stack.client().messages.create(
+        model="m", max_tokens=50, messages=USER_HI, thinking={"type": "adaptive", "display": "omitted"}
+    )
+    block = msg.content[0]
+    assert block.type == "thinking" and block.thinking == "" and block.signature.startswith("cpx1.")
+    assert cp.reasoning_from_signature(block.signature) == "secret plan"
+    request = cp.parse_request(
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": [block.model_dump(), {"type": "tool_use", "id": "toolu_1", "name": "T", "input": {}}],
+                },
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}]},
+            ],
+        }
+    )
+    route = cp.Route("deepseek-chat", "openai", "https://api.deepseek.com/v1")
+    body = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(request), request, route)[0]
+    assert body["messages"][1]["reasoning_content"] == "secret plan"
+    ollama = cp.ollama_request(cp.build_conversation(request), request, ROUTE_OLLAMA)
+    assert ollama["messages"][1]["thinking"] == "secret plan"
+    plain = backend_body(request, "openai")  # not DeepSeek, no reasoning_history: not sent
+    assert "reasoning_content" not in plain["messages"][1]
+
+
+def test_thinking_request_switches():
+    def parsed(**kw: Any) -> cp.MessagesRequest:
+        return cp.parse_request({"model": "m", "max_tokens": 5, "messages": USER_HI, **kw})
+
+    assert (
+        backend_body(parsed(thinking={"type": "enabled", "budget_tokens": 2048}), "openai")["reasoning_effort"] == "low"
+    )
+    assert (
+        backend_body(parsed(thinking={"type": "enabled", "budget_tokens": 20000}), "openai")["reasoning_effort"]
+        == "high"
+    )
+    assert (
+        backend_body(parsed(thinking={"type": "adaptive"}, output_config={"effort": "high"}), "openai")[
+            "reasoning_effort"
+        ]
+        == "high"
+    )
+    assert "reasoning_effort" not in backend_body(parsed(thinking={"type": "disabled"}), "openai")
+    assert backend_body(parsed(thinking={"type": "enabled", "budget_tokens": 2048}), "ollama")["think"] is True
+    assert backend_body(parsed(thinking={"type": "disabled"}), "ollama")["think"] is False
+    assert backend_body(parsed(thinking={"type": "adaptive"}), "ollama")["think"] is True
+    assert "think" not in backend_body(parsed(), "ollama")
+
+
+def test_backend_rejecting_reasoning_effort_is_retried_without_it(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(
+        Reply(
+            400,
+            {
+                "error": {
+                    "message": "Unrecognized request argument supplied: reasoning_effort",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+        ),
+        SSE(oai_text_stream("fine")),
+        SSE(oai_text_stream("again")),
+    )
+    client = stack.client()
+    kwargs = dict(
+        model="m", max_tokens=50, messages=USER_HI, thinking={"type": "adaptive"}, output_config={"effort": "medium"}
+    )
+    assert client.messages.create(**kwargs).content[0].text == "fine"
+    assert client.messages.create(**kwargs).content[0].text == "again"
+    sent = stack.backend.requests
+    assert "reasoning_effort" in sent[0] and "reasoning_effort" not in sent[1] and "reasoning_effort" not in sent[2]
+
+
+def test_images_both_providers(make_stack, provider):
+    stack = make_stack(provider)
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1x1}},
+    ]
+    stack.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
+    sent = stack.backend.requests[0]["messages"][-1]
+    if provider == "openai":
+        assert sent["content"] == [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1x1}},
+        ]
+    else:
+        assert sent["content"] == "What is this?" and sent["images"] == [PNG_1x1]
+
+
+def test_image_url_openai_passes_through_and_ollama_needs_flag(make_stack):
+    content = [{"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]
+    openai = make_stack("openai")
+    openai.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
+    assert openai.backend.requests[0]["messages"][-1]["content"][0]["image_url"]["url"] == "https://example.com/cat.png"
+    ollama = make_stack("ollama")
+    with pytest.raises(anthropic.BadRequestError) as err:
+        ollama.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": content}])
+    assert "--fetch-images" in err.value.message and ollama.backend.requests == []
+
+
+def test_document_text_becomes_text(make_stack):
+    stack = make_stack("openai")
+    doc = {
+        "type": "document",
+        "title": "Notes",
+        "source": {"type": "text", "media_type": "text/plain", "data": "alpha"},
+    }
+    stack.client().messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": [doc]}])
+    assert stack.backend.requests[0]["messages"][-1]["content"] == '<document title="Notes">\nalpha\n</document>'
+
+
+# --- Usage, stop reasons, output limits, structured output -------------------------------------
+
+
+def test_cached_tokens_and_stop_sequence(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(100, 5, cached=80))))
+    stack.backend.queue(SSE(oai_text_stream("y", finish="stop", stop_reason="###")))
+    client = stack.client()
+    msg = client.messages.create(model="m", max_tokens=20, messages=USER_HI)
+    assert (msg.usage.input_tokens, msg.usage.cache_read_input_tokens) == (20, 80)
+    msg = client.messages.create(model="m", max_tokens=20, messages=USER_HI, stop_sequences=["###"])
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
+
+
+def test_length_and_content_filter_stop_reasons(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(
+        SSE(oai_text_stream("cut", finish="length"))
+        if provider == "openai"
+        else NDJSON(ollama_text_stream("cut", done_reason="length"))
+    )
+    msg = stack.client().messages.create(model="m", max_tokens=1, messages=USER_HI)
+    assert msg.stop_reason == "max_tokens"
+
+
+def test_max_tokens_too_large_is_lowered_and_remembered(make_stack):
+    stack = make_stack("openai")
+    vllm = {
+        "object": "error",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+        "message": "'max_tokens' or 'max_completion_tokens' is too large: 128000. "
+        "This model's maximum context length is 32768 tokens and your request has 1234 input tokens "
+        "(128000 > 32768 - 1234).",
+    }
+    stack.backend.queue(Reply(400, vllm), SSE(oai_text_stream("ok")), SSE(oai_text_stream("ok")))
+    client = stack.client(timeout=60)  # an explicit timeout lets the SDK send 128000 without streaming
+    assert client.messages.create(model="m", max_tokens=128000, messages=USER_HI).content[0].text == "ok"
+    assert [r["max_tokens"] for r in stack.backend.requests] == [128000, 32768 - 1234]
+    client.messages.create(model="m", max_tokens=128000, messages=USER_HI)
+    assert stack.backend.requests[2]["max_tokens"] <= 32768 - 1  # clamped up front from now on
+
+
+def test_max_tokens_zero_is_a_prewarm(make_stack):
+    stack = make_stack("openai")
+    msg = stack.client().messages.create(model="m", max_tokens=0, messages=USER_HI)
+    assert msg.content == [] and msg.stop_reason == "max_tokens"
+    assert stack.backend.requests == []
+
+
+def test_structured_output(make_stack, provider):
+    stack = make_stack(provider)
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    stack.backend.queue(text_answer(provider, '{"title": "x"}'))
+    stack.client().messages.create(
+        model="m", max_tokens=20, messages=USER_HI, output_config={"format": {"type": "json_schema", "schema": schema}}
+    )
+    sent = stack.backend.requests[0]
+    if provider == "openai":
+        assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    else:
+        assert sent["format"] == schema
+
+
+def test_scale_usage(make_stack):
+    stack = make_stack(
+        "openai", scale_usage=True, model_map={"claude-haiku-5-5": {"model": "small", "context_window": 50000}}
+    )
+    stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(1000, 5))))
+    msg = stack.client().messages.create(model="claude-haiku-5-5", max_tokens=20, messages=USER_HI)
+    assert msg.usage.input_tokens == 4000 and msg.usage.output_tokens == 5  # 200k / 50k = 4x
+
+
+def test_backend_wanting_max_completion_tokens(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(
+        Reply(
+            400,
+            {
+                "error": {
+                    "message": "Unsupported parameter: 'max_tokens' is not supported with "
+                    "this model. Use 'max_completion_tokens' instead.",
+                    "type": "invalid_request_error",
+                    "param": "max_tokens",
+                    "code": "unsupported_parameter",
+                }
+            },
+        ),
+        SSE(oai_text_stream("a")),
+        SSE(oai_text_stream("b")),
+    )
+    client = stack.client()
+    client.messages.create(model="m", max_tokens=50, messages=USER_HI)
+    client.messages.create(model="m", max_tokens=60, messages=USER_HI)
+    sent = stack.backend.requests
+    assert sent[0]["max_tokens"] == 50 and "max_tokens" not in sent[1] and sent[1]["max_completion_tokens"] == 50
+    assert sent[2]["max_completion_tokens"] == 60 and "max_tokens" not in sent[2]
+
+
+def test_official_openai_gets_max_completion_tokens():
+    req = cp.parse_request({"model": "m", "max_tokens": 10, "top_k": 5, "messages": USER_HI})
+    body = cp.PROVIDER_IMPLS["openai"].body(
+        cp.build_conversation(req), req, cp.Route("gpt-5", "openai", "https://api.openai.com/v1")
+    )[0]
+    assert body["max_completion_tokens"] == 10 and "max_tokens" not in body and "top_k" not in body
+
+
+# ======================================================================================
+# 5. PROVIDERS
+# ======================================================================================
+
+
+# --- Tool use: OpenAI-compatible streaming tool-call shapes ------------------------------------
+
+
+def _fresh() -> str:
+    return "chatcmpl-tool-" + uuid.uuid4().hex
+
+
+OPENAI_STREAMS = {
+    # OpenAI exactly: the first chunk carries role, content null and the first fragment
+    "openai_exact": (
+        [
+            oai_chunk(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [frag(0, "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", "")],
+                },
+                refusal=None,
+            )
+        ]
+        + [tc(frag(0, args=p)) for p in pieces(PARIS_JSON, 3)]
+        + [finish(), USAGE],
+        [W],
+    ),
+    "canonical": (
+        [ROLE] + canonical(0, "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", PARIS_JSON) + [finish(), USAGE],
+        [W],
+    ),
+    "id_repeated": (
+        [ROLE, tc(frag(0, "chatcmpl-tool-8c1d2e3f", "get_weather", ""))]
+        + [tc(frag(0, "chatcmpl-tool-8c1d2e3f", args=p)) for p in pieces(PARIS_JSON)]
+        + [finish(), USAGE],
+        [W],
+    ),
+    "id_and_name_repeated": (
+        [ROLE]
+        + [tc(frag(0, "call_k3j2h1g0x", "get_weather", p)) for p in [""] + pieces(PARIS_JSON)]
+        + [finish(), USAGE],
+        [W],
+    ),
+    "old_vllm_fresh_id_per_fragment": (
+        [ROLE, tc(frag(0, _fresh(), "get_weather", ""))]
+        + [tc(frag(0, _fresh(), args=p)) for p in pieces(PARIS_JSON)]
+        + [finish(), USAGE],
+        [W],
+    ),
+    "old_vllm_fresh_ids_two_calls": (
+        [ROLE, tc(frag(0, _fresh(), "get_weather", ""))]
+        + [tc(frag(0, _fresh(), args=p)) for p in pieces(PARIS_JSON)]
+        + [tc(frag(1, _fresh(), "get_time", ""))]
+        + [tc(frag(1, _fresh(), args=p)) for p in pieces(TZ_JSON)]
+        + [finish(), USAGE],
+        [W, T],
+    ),
+    "missing_index": (
+        [ROLE, tc(frag(id="call_gem1ni0001", name="get_weather", args=""))]
+        + [tc(frag(args=p)) for p in pieces(PARIS_JSON)]
+        + [finish(), USAGE],
+        [W],
+    ),
+    "missing_index_two_calls": (
+        [ROLE, tc(frag(id="call_gem1ni0001", name="get_weather", args=""))]
+        + [tc(frag(args=p)) for p in pieces(PARIS_JSON)]
+        + [tc(frag(id="call_gem1ni0002", name="get_time", args=""))]
+        + [tc(frag(args=p)) for p in pieces(TZ_JSON)]
+        + [finish(), USAGE],
+        [W, T],
+    ),
+    "missing_index_whole_calls_one_chunk": (
+        [
+            ROLE,
+            tc(
+                frag(id="call_gem1ni0001", name="get_weather", args=PARIS_JSON),
+                frag(id="call_gem1ni0002", name="get_time", args=TZ_JSON),
+            ),
+            finish(),
+            USAGE,
+        ],
+        [W, T],
+    ),
+    # Ollama /v1: the whole call in one chunk, a separate finish chunk, usage without details
+    "whole_call_one_chunk": (
+        [
+            oai_chunk(
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [frag(0, "call_x1y2z3w4", "get_weather", PARIS_JSON)],
+                },
+                model="qwen3:8b",
+            ),
+            finish(model="qwen3:8b"),
+            oai_chunk(choices=[], usage={"prompt_tokens": 40, "completion_tokens": 18, "total_tokens": 58}),
+        ],
+        [W],
+    ),
+    "two_whole_calls_one_chunk": (
+        [
+            oai_chunk(
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        frag(0, "call_x1y2z3w4", "get_weather", PARIS_JSON),
+                        frag(1, "call_a9b8c7d6", "get_time", TZ_JSON),
+                    ],
+                }
+            ),
+            finish(),
+            USAGE,
+        ],
+        [W, T],
+    ),
+    # SGLang: arguments before the name
+    "args_before_name": (
+        [
+            ROLE,
+            tc(frag(0, args='{"city": ')),
+            tc(frag(0, args='"Paris"}')),
+            tc(frag(0, "call_sgl00000001", "get_weather")),
+            finish(),
+            USAGE,
+        ],
+        [W],
+    ),
+    "args_before_name_then_more_args": (
+        [
+            ROLE,
+            tc(frag(0, args='{"ci')),
+            tc(frag(0, "call_sgl00000001", "get_weather", 'ty": ')),
+            tc(frag(0, args='"Paris"}')),
+            finish(),
+            USAGE,
+        ],
+        [W],
+    ),
+    "cumulative_snapshots": (
+        [
+            ROLE,
+            tc(frag(0, "call_cum0000001", "get_weather", "")),
+            tc(frag(0, args='{"ci')),
+            tc(frag(0, args='{"city": "Pa')),
+            tc(frag(0, args=PARIS_JSON)),
+            finish(),
+            USAGE,
+        ],
+        [W],
+    ),
+    "cumulative_snapshots_from_brace": (
+        [
+            ROLE,
+            tc(frag(0, "call_cum0000001", "get_weather", "")),
+            tc(frag(0, args="{")),
+            tc(frag(0, args='{"city"')),
+            tc(frag(0, args='{"city": "Par')),
+            tc(frag(0, args=PARIS_JSON)),
+            finish(),
+            USAGE,
+        ],
+        [W],
+    ),
+    "finish_stop_with_calls": (
+        [ROLE] + canonical(0, "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", PARIS_JSON) + [finish("stop"), USAGE],
+        [W],
+    ),
+    "parallel_sequential": (
+        [ROLE]
+        + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON)
+        + canonical(1, "call_bbbbbbbb0002", "get_time", TZ_JSON)
+        + [finish(), USAGE],
+        [W, T],
+    ),
+    "parallel_interleaved": (
+        [ROLE, tc(frag(0, "call_aaaaaaaa0001", "get_weather", "")), tc(frag(1, "call_bbbbbbbb0002", "get_time", ""))]
+        + [tc(frag(i, args=p)) for a, b in zip(pieces(PARIS_JSON, 6), pieces(TZ_JSON, 8)) for i, p in ((0, a), (1, b))]
+        + [finish(), USAGE],
+        [W, T],
+    ),
+    "parallel_interleaved_one_chunk": (
+        [ROLE, tc(frag(0, "call_aaaaaaaa0001", "get_weather", ""), frag(1, "call_bbbbbbbb0002", "get_time", ""))]
+        + [tc(frag(0, args=a), frag(1, args=b)) for a, b in zip(pieces(PARIS_JSON, 6), pieces(TZ_JSON, 8))]
+        + [finish(), USAGE],
+        [W, T],
+    ),
+    "parallel_index_from_1": (
+        [ROLE]
+        + canonical(1, "call_aaaaaaaa0001", "get_weather", PARIS_JSON)
+        + canonical(2, "call_bbbbbbbb0002", "get_time", TZ_JSON)
+        + [finish(), USAGE],
+        [W, T],
+    ),
+    "empty_arguments": (
+        [ROLE, tc(frag(0, "call_empty000001", "list_files", "")), finish(), USAGE],
+        [("tool_use", "list_files", {})],
+    ),
+    "empty_object_arguments": (
+        [ROLE, tc(frag(0, "call_empty000001", "list_files", "{}")), finish(), USAGE],
+        [("tool_use", "list_files", {})],
+    ),
+    "no_arguments_key": (
+        [ROLE, tc(frag(0, "call_empty000001", "list_files")), finish(), USAGE],
+        [("tool_use", "list_files", {})],
+    ),
+    "whitespace_arguments": (
+        [ROLE, tc(frag(0, "call_empty000001", "list_files", " ")), finish(), USAGE],
+        [("tool_use", "list_files", {})],
+    ),
+    "leading_newline_piece": (
+        [
+            ROLE,
+            tc(frag(0, "call_aaaaaaaa0001", "get_weather", "")),
+            tc(frag(0, args="\n")),
+            tc(frag(0, args=PARIS_JSON)),
+            finish(),
+            USAGE,
+        ],
+        [W],
+    ),
+    "text_before_calls": (
+        [ROLE, oai_chunk({"content": "Let me check"}), oai_chunk({"content": " the weather."})]
+        + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON)
+        + canonical(1, "call_bbbbbbbb0002", "get_time", TZ_JSON)
+        + [finish(), USAGE],
+        [("text", "Let me check the weather."), W, T],
+    ),
+    "reasoning_then_call": (
+        [ROLE, oai_chunk({"reasoning": "The user wants"}), oai_chunk({"reasoning": " weather."})]
+        + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON)
+        + [finish(), USAGE],
+        [("thinking", "The user wants weather."), W],
+    ),
+    "arguments_as_object": (
+        [ROLE, tc(frag(0, "call_obj0000001", "get_weather", {"city": "Paris"})), finish(), USAGE],
+        [W],
+    ),
+    "usage_on_finish_chunk": (
+        [ROLE] + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON) + [finish(usage=oai_usage(40, 18))],
+        [W],
+    ),
+    "nested_and_unicode_arguments": (
+        [ROLE]
+        + canonical(
+            0,
+            "call_aaaaaaaa0001",
+            "Read",
+            json.dumps({"path": '/tmp/é "x"\\y', "content": "a\nb\t\u2603 {not: json}"}),
+            3,
+        )
+        + [finish(), USAGE],
+        [("tool_use", "Read", {"path": '/tmp/é "x"\\y', "content": "a\nb\t\u2603 {not: json}"})],
+    ),
+}
+
+
+OPENAI_STREAMS["escapes_split_across_chunks"] = (
+    [
+        ROLE,
+        tc(frag(0, "call_aaaaaaaa0001", "Read", "")),
+        tc(frag(0, args='{"path": "a\\')),
+        tc(frag(0, args="nb\\u00")),
+        tc(frag(0, args='e9", "content": ')),
+        tc(frag(0, args='"x", "n": 1')),
+        tc(frag(0, args="0}")),
+        finish(),
+        USAGE,
+    ],
+    [("tool_use", "Read", {"path": "a\nb\u00e9", "content": "x", "n": 10})],
+)
+
+
+@pytest.mark.parametrize("case", sorted(OPENAI_STREAMS))
+def test_openai_stream_tool_call_shapes(make_stack, case):
+    chunks, expected = OPENAI_STREAMS[case]
+    assert_tool_use(run_modes(make_stack("openai"), SSE(chunks)), expected, usage=(40, 18))
+
+
+def test_openai_stream_usage_absent_still_tool_use(make_stack):
+    """No usage at all (interrupted include_usage): still a valid message with stop_reason tool_use."""
+    stack = make_stack("openai")
+    chunks = [ROLE] + canonical(0, "call_aaaaaaaa0001", "get_weather", PARIS_JSON) + [finish()]
+    result = run_modes(stack, SSE(chunks))
+    assert result["blocks"] == [W] and result["stop_reason"] == "tool_use"
+    assert result["usage"][1] >= 1
+
+
+def test_openai_stream_tool_args_stream_live(make_stack):
+    """Canonical arguments reach the client as input_json_delta pieces as they arrive, not one blob at the end."""
+    stack = make_stack("openai")
+    args = json.dumps({"path": "/a/b.py", "content": "x" * 50})
+    stack.backend.queue(SSE([ROLE] + canonical(0, "call_aaaaaaaa0001", "Read", args, 5) + [finish(), USAGE]))
+    events = sse_events(stack, body_of())
+    deltas = [
+        d["delta"]["partial_json"]
+        for n, d in events
+        if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
+    ]
+    assert len([d for d in deltas if d]) > 3
+    assert json.loads("".join(deltas)) == json.loads(args)
+
+
+def test_openai_stream_backend_ids_round_trip_when_usable(make_stack):
+    """D.8: a usable backend id may be passed through; whatever is emitted is what the client echoes
+    back, and the proxy sends that same string to the backend next turn."""
+    stack = make_stack("openai")
+    stack.backend.queue(
+        SSE([ROLE] + canonical(0, "chatcmpl-tool-3f9a0b1c2d", "get_weather", PARIS_JSON) + [finish(), USAGE]),
+        text_answer("openai", "Sunny."),
+    )
+    client = stack.client()
+    msg = client.messages.create(**body_of())
+    call = msg.content[0]
+    client.messages.create(
+        **body_of(
+            messages=[
+                {"role": "user", "content": "What's the weather in Paris?"},
+                as_history(msg),
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny"}]},
+            ]
+        )
+    )
+    sent = stack.backend.requests[1]["messages"]
+    assert sent[-2]["tool_calls"][0]["id"] == call.id
+    assert sent[-1] == {"role": "tool", "tool_call_id": call.id, "content": "Sunny"}
+
+
+# --- Tool use: Ollama NDJSON -------------------------------------------------------------------
+
+
+OLLAMA_STREAMS = {
+    "with_id": (
+        [ollama_chunk(tool_calls=[oll_call("get_weather", PARIS, "call_k3j2h1g0")]), ollama_chunk(done=True)],
+        [W],
+    ),
+    "without_id": ([ollama_chunk(tool_calls=[oll_call("get_weather", PARIS)]), ollama_chunk(done=True)], [W]),
+    "several_in_one_chunk": (
+        [
+            ollama_chunk(
+                tool_calls=[
+                    oll_call("get_weather", PARIS, "call_k3j2h1g0"),
+                    oll_call("get_time", TZ, "call_p9q8r7s6", 1),
+                ]
+            ),
+            ollama_chunk(done=True),
+        ],
+        [W, T],
+    ),
+    "several_in_one_chunk_without_ids": (
+        [
+            ollama_chunk(
+                tool_calls=[
+                    oll_call("get_weather", PARIS),
+                    oll_call("get_time", TZ, index=1),
+                    oll_call("get_weather", {"city": "Oslo"}, index=2),
+                ]
+            ),
+            ollama_chunk(done=True),
+        ],
+        [W, T, ("tool_use", "get_weather", {"city": "Oslo"})],
+    ),
+    "calls_in_separate_chunks": (
+        [
+            ollama_chunk(tool_calls=[oll_call("get_weather", PARIS, "call_k3j2h1g0")]),
+            ollama_chunk(tool_calls=[oll_call("get_time", TZ, "call_p9q8r7s6", 1)]),
+            ollama_chunk(done=True),
+        ],
+        [W, T],
+    ),
+    "thinking_and_content_one_chunk_then_calls": (
+        [
+            ollama_chunk(thinking="The user"),
+            ollama_chunk("Let me", thinking=" wants weather."),
+            ollama_chunk(" check."),
+            ollama_chunk(tool_calls=[oll_call("get_weather", PARIS, "call_k3j2h1g0")]),
+            ollama_chunk(done=True),
+        ],
+        [("thinking", "The user wants weather."), ("text", "Let me check."), W],
+    ),
+    "empty_arguments": (
+        [ollama_chunk(tool_calls=[oll_call("list_files", {}, "call_k3j2h1g0")]), ollama_chunk(done=True)],
+        [("tool_use", "list_files", {})],
+    ),
+    "null_arguments": (
+        [
+            ollama_chunk(tool_calls=[{"id": "call_k3j2h1g0", "function": {"index": 0, "name": "list_files"}}]),
+            ollama_chunk(done=True),
+        ],
+        [("tool_use", "list_files", {})],
+    ),
+    "call_in_done_chunk": (
+        [ollama_chunk(tool_calls=[oll_call("get_weather", PARIS, "call_k3j2h1g0")], done=True)],
+        [W],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OLLAMA_STREAMS))
+def test_ollama_stream_tool_calls(make_stack, case):
+    objects, expected = OLLAMA_STREAMS[case]
+    # tool_use although Ollama says done_reason "stop"
+    assert_tool_use(run_modes(make_stack("ollama"), NDJSON(objects)), expected, usage=(26, 10))
+
+
+@pytest.mark.parametrize(
+    "case", ["with_id", "without_id", "several_in_one_chunk_without_ids", "thinking_and_content_one_chunk_then_calls"]
+)
+def test_ollama_non_streamed_json_body(make_stack, case):
+    """An Ollama answer as one JSON object (C.3.1: the shape of a `stream: false` reply)."""
+    objects, expected = OLLAMA_STREAMS[case]
+    message = {"role": "assistant", "content": "", "thinking": None, "tool_calls": []}
+    thinking, content = "", ""
+    for obj in objects:
+        m = obj["message"]
+        thinking += m.get("thinking") or ""
+        content += m.get("content") or ""
+        message["tool_calls"] += m.get("tool_calls") or []
+    message.update(content=content, thinking=thinking or None)
+    if message["thinking"] is None:
+        del message["thinking"]
+    body = ollama_chunk(done=True)
+    body["message"] = message
+    assert_tool_use(run_modes(make_stack("ollama"), Reply(body=body)), expected)
+
+
+def test_ollama_generated_ids_unique_across_turns(make_stack):
+    """Minted ids (old Ollama sends none) must be unique in the conversation (D.8)."""
+    stack = make_stack("ollama")
+    answer = NDJSON(
+        [
+            ollama_chunk(tool_calls=[oll_call("get_weather", PARIS), oll_call("get_time", TZ, index=1)]),
+            ollama_chunk(done=True),
+        ]
+    )
+    stack.backend.queue(answer, answer)
+    client = stack.client()
+    ids = [b.id for _ in range(2) for b in client.messages.create(**body_of()).content]
+    assert len(ids) == 4 and len(set(ids)) == 4 and all(ids)
+
+
+# --- Tool use: OpenAI servers that ignore stream:true and answer with one chat.completion JSON ---
+
+
+OPENAI_BODIES = {
+    "one_call": (oai_completion(None, [oai_call("call_aaaaaaaa0001", "get_weather", PARIS_JSON)], "tool_calls"), [W]),
+    "text_and_two_calls": (
+        oai_completion(
+            "Checking both.",
+            [
+                oai_call("call_aaaaaaaa0001", "get_weather", PARIS_JSON),
+                oai_call("call_bbbbbbbb0002", "get_time", TZ_JSON),
+            ],
+            "tool_calls",
+        ),
+        [("text", "Checking both."), W, T],
+    ),
+    "finish_stop_with_calls": (
+        oai_completion("", [oai_call("call_aaaaaaaa0001", "get_weather", PARIS_JSON)], "stop"),
+        [W],
+    ),
+    "arguments_object": (
+        oai_completion(None, [oai_call("call_aaaaaaaa0001", "get_weather", PARIS)], "tool_calls"),
+        [W],
+    ),
+    "empty_arguments": (
+        oai_completion(None, [oai_call("call_aaaaaaaa0001", "list_files", "")], "tool_calls"),
+        [("tool_use", "list_files", {})],
+    ),
+    "same_id_twice": (
+        oai_completion(
+            None, [oai_call("call_0", "get_weather", PARIS_JSON), oai_call("call_0", "get_time", TZ_JSON)], "tool_calls"
+        ),
+        [W, T],
+    ),
+    "reasoning_content_and_call": (
+        oai_completion(
+            None,
+            [oai_call("call_aaaaaaaa0001", "get_weather", PARIS_JSON)],
+            "tool_calls",
+            reasoning_content="Need weather.",
+        ),
+        [("thinking", "Need weather."), W],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPENAI_BODIES))
+def test_openai_non_streamed_json_body(make_stack, case):
+    body, expected = OPENAI_BODIES[case]
+    assert_tool_use(run_modes(make_stack("openai"), Reply(body=body)), expected, usage=(12, 7))
+
+
+# --- Errors: backend HTTP errors before the stream ---------------------------------------------
+
+
+BACKEND_ERROR_MESSAGE = "Invalid value for 'temperature': must be between 0 and 2 (backend says so)"
+
+
+def backend_error_body(shape: str, status: int, message: str = BACKEND_ERROR_MESSAGE) -> tuple[Any, str, str]:
+    """An error answer as this kind of server sends it -> (body, content type, the text the client must see)."""
+    if shape == "openai":
+        return (
+            {"error": {"message": message, "type": "invalid_request_error", "param": "temperature", "code": None}},
+            "application/json",
+            message,
+        )
+    if shape == "vllm":
+        return (
+            {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status},
+            "application/json",
+            message,
+        )
+    if shape == "ollama":
+        msg = 'model "qwen3:99b" not found, try pulling it first'
+        return {"error": msg}, "application/json", msg
+    if shape == "html":
+        page = (
+            f"<html>\r\n<head><title>{status} Gateway Says No</title></head>\r\n<body>\r\n<center><h1>{status} "
+            "Gateway Says No</h1></center>\r\n<hr><center>nginx/1.27.3</center>\r\n</body>\r\n</html>\r\n"
+        )
+        return page, "text/html", f"{status} Gateway Says No"
+    if shape == "empty":
+        return "", "application/json", ""
+    raise AssertionError(shape)
+
+
+# backend status -> (client status, error type, SDK exception, x-should-retry)
+STATUS_MATRIX = [
+    (400, 400, "invalid_request_error", anthropic.BadRequestError, "false"),
+    (401, 401, "authentication_error", anthropic.AuthenticationError, "false"),
+    (403, 403, "permission_error", anthropic.PermissionDeniedError, "false"),
+    (404, 404, "not_found_error", anthropic.NotFoundError, "false"),
+    (413, 413, "request_too_large", anthropic.ContentTooLargeError, "false"),
+    (429, 429, "rate_limit_error", anthropic.RateLimitError, "true"),
+    (500, 500, "api_error", anthropic.InternalServerError, "any"),
+    (502, 502, "api_error", anthropic.InternalServerError, "true"),
+    (503, 529, "overloaded_error", anthropic.OverloadedError, "true"),
+    (529, 529, "overloaded_error", anthropic.OverloadedError, "true"),
+]
+
+
+SHAPES = ["openai", "vllm", "ollama", "html", "empty"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    "backend_status,status,etype,exc_class,retry", STATUS_MATRIX, ids=[str(r[0]) for r in STATUS_MATRIX]
+)
+def test_backend_http_error_maps(make_stack, backend_status, status, etype, exc_class, retry, shape):
+    stack = make_stack("openai")
+    body, ctype, shown = backend_error_body(shape, backend_status)
+    stack.backend.queue(Reply(backend_status, body, content_type=ctype))
+    with pytest.raises(exc_class) as info:
+        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
+    err = info.value
+    message = assert_sdk_error(err, status, etype)
+    assert shown in message, message
+    if shape == "empty":
+        assert str(backend_status) in message or "empty" in message, message
+    if retry != "any":
+        assert err.response.headers.get("x-should-retry") == retry
+    assert len(stack.backend.requests) == 1  # HTTP errors are not retried inside the proxy
+    assert_serves(stack, "openai")
+
+
+@pytest.mark.parametrize(
+    "backend_status,status,etype,exc_class,retry", STATUS_MATRIX, ids=[str(r[0]) for r in STATUS_MATRIX]
+)
+def test_backend_http_error_before_stream_is_http_error(
+    make_stack, provider, backend_status, status, etype, exc_class, retry
+):
+    """With stream: true the error still comes as an HTTP status: nothing was sent yet."""
+    stack = make_stack(provider)
+    body, ctype, shown = backend_error_body("ollama" if provider == "ollama" else "vllm", backend_status)
+    stack.backend.queue(Reply(backend_status, body, content_type=ctype))
+    with pytest.raises(exc_class) as info:
+        with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=50, messages=USER_HI) as s:
+            list(s)
+    message = assert_sdk_error(info.value, status, etype)
+    assert shown in message
+    if retry != "any":
+        assert info.value.response.headers.get("x-should-retry") == retry
+    assert len(stack.backend.requests) == 1
+    assert_serves(stack, provider)
+
+
+@pytest.mark.parametrize("backend_status,status", [(429, 429), (503, 529)])
+def test_retry_after_is_forwarded(make_stack, backend_status, status):
+    stack = make_stack("openai")
+    body, ctype, _ = backend_error_body("openai", backend_status, "Rate limit reached for requests")
+    stack.backend.queue(Reply(backend_status, body, content_type=ctype, headers={"retry-after": "7"}))
+    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
+    assert_error(code, headers, text, status, "rate_limit_error" if status == 429 else "overloaded_error", "true")
+    assert headers.get("retry-after") == "7"
+    assert len(stack.backend.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "backend_status,status,etype",
+    [
+        (404, 404, "not_found_error"),
+        (400, 400, "invalid_request_error"),
+        (500, 500, "api_error"),
+        (503, 529, "overloaded_error"),
+    ],
+)
+def test_ollama_native_errors(make_stack, backend_status, status, etype):
+    stack = make_stack("ollama")
+    message = {
+        404: 'model "qwen3:99b" not found, try pulling it first',
+        400: "registry.ollama.ai/library/gemma3:1b does not support tools",
+        500: "llama runner process has terminated: exit status 2",
+        503: "server busy, please try again.  maximum pending requests exceeded",
+    }[backend_status]
+    stack.backend.queue(Reply(backend_status, {"error": message}))
+    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
+    shown = assert_error(code, headers, text, status, etype)
+    assert message in shown
+    assert len(stack.backend.requests) == 1
+
+
+def test_backend_plain_text_error(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(Reply(500, "Internal Server Error: CUDA out of memory", content_type="text/plain"))
+    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
+    assert "CUDA out of memory" in assert_error(code, headers, text, 500, "api_error")
+
+
+# --- Errors: context overflow ------------------------------------------------------------------
+
+
+OVERFLOWS = {
+    "openai": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your messages "
+            "resulted in 9000 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    },
+    "vllm-requested": {
+        "object": "error",
+        "message": "This model's maximum context length is 8192 tokens. However, "
+        "you requested 9050 tokens (9000 in the messages, 50 in the completion). Please reduce the "
+        "length of the messages or completion.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+    "vllm-request-has": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your "
+            "request has 9000 input tokens. Please reduce the length of the input messages.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    },
+    # vLLM >= 0.11: "requested 0 output tokens and your prompt contains at least N input tokens"
+    "vllm-0-output": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, you "
+            "requested 0 output tokens and your prompt contains at least 9000 input tokens, for "
+            "a total of at least 9000 tokens. Please reduce the length of the input prompt or "
+            "the number of requested output tokens. (parameter=input_tokens, value=9000)",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
+    },
+    "llamacpp-numbers-in-message": {
+        "error": {
+            "code": 400,
+            "message": "request (9000 tokens) exceeds the available context size (8192 tokens), try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 9000,
+            "n_ctx": 8192,
+        }
+    },
+    # older llama.cpp builds: the numbers are only in n_prompt_tokens / n_ctx beside the message
+    "llamacpp-numbers-in-fields": {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 9000,
+            "n_ctx": 8192,
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(OVERFLOWS))
+def test_context_overflow_is_prompt_too_long(make_stack, name):
+    stack = make_stack("openai")
+    stack.backend.queue(Reply(400, OVERFLOWS[name]))
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
+    message = assert_sdk_error(info.value, 400, "invalid_request_error")
+    assert message == "prompt is too long: 9000 tokens > 8192 maximum"
+    assert info.value.response.headers.get("x-should-retry") == "false"
+    assert len(stack.backend.requests) == 1
+
+
+def test_context_overflow_vllm_output_budget_is_lowered(make_stack):
+    """vLLM >= 0.11: 'you requested 1000 output tokens and your prompt contains at least 8001 input tokens, for a
+    total of at least 9001 tokens'. The prompt fits: the proxy lowers max_tokens to what is left (191) and
+    retries, as it does for the older '(N in the messages, M in the completion)' wording."""
+    stack = make_stack("openai")
+    stack.backend.queue(
+        Reply(
+            400,
+            {
+                "error": {
+                    "message": "This model's maximum context length is 8192 tokens. "
+                    "However, you requested 1000 output tokens and your prompt contains at least 8001 input tokens, "
+                    "for a total of at least 9001 tokens. Please "
+                    "reduce the length of the input prompt or the number of requested output tokens. "
+                    "(parameter=input_tokens, value=8001)",
+                    "type": "BadRequestError",
+                    "param": "input_tokens",
+                    "code": 400,
+                }
+            },
+        ),
+        text_answer("openai", "fits"),
+    )
+    code, headers, text = http(stack, "POST", "/v1/messages", req(max_tokens=1000))
+    assert code == 200, text
+    assert len(stack.backend.requests) == 2
+    sent = stack.backend.requests[1]
+    assert sent.get("max_tokens", sent.get("max_completion_tokens")) <= 191
+
+
+def test_context_overflow_older_vllm_output_budget_is_lowered(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(
+        Reply(
+            400,
+            {
+                "object": "error",
+                "message": "This model's maximum context length is 8192 tokens. "
+                "However, you requested 9000 tokens (8000 in the messages, 1000 in the "
+                "completion). Please reduce the length of the messages or completion.",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            },
+        ),
+        text_answer("openai", "fits"),
+    )
+    code, _, text = http(stack, "POST", "/v1/messages", req(max_tokens=1000))
+    assert code == 200, text
+    sent = stack.backend.requests[1]
+    assert sent.get("max_tokens", sent.get("max_completion_tokens")) <= 192
+
+
+def test_context_overflow_when_streaming(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(Reply(400, OVERFLOWS["openai"]))
+    code, headers, text, _ = raw_stream(stack, VALID)
+    message = assert_error(code, headers, text, 400, "invalid_request_error", "false")
+    assert message == "prompt is too long: 9000 tokens > 8192 maximum"
+
+
+# --- Discovery ---------------------------------------------------------------------------------
+
+
+def test_zero_config_discovers_backend_models(make_stack, provider):
+    stack = make_stack(provider, default_model=None)
+    stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
+    stack.client().messages.create(model="claude-haiku-5-5", max_tokens=10, messages=USER_HI)
+    models = [r["model"] for r in stack.backend.requests]
+    assert models == (["qwen3-coder", "qwen3-coder"] if provider == "openai" else ["qwen3:8b", "qwen3:1.7b"])
+    listed = stack.client().models.list()
+    assert (
+        provider == "openai"
+        and [m.id for m in listed.data] == ["qwen3-coder"]
+        or [m.id for m in listed.data] == ["qwen3:8b", "qwen3:1.7b"]
+    )
+
+
+# ======================================================================================
+# 6. STREAMING AND BACKEND I/O
+# ======================================================================================
+
+
+# --- Basics through the SDK, both providers ----------------------------------------------------
+
+
+def test_create_non_streaming(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "Hello", " world"))
+    msg = stack.client().messages.create(model="claude-opus-5-5", max_tokens=100, messages=USER_HI)
+    assert msg.id.startswith("msg_")
+    assert msg.type == "message" and msg.role == "assistant"
+    assert msg.model == "claude-opus-5-5"
+    assert [b.type for b in msg.content] == ["text"]
+    assert msg.content[0].text == "Hello world"
+    assert msg.stop_reason == "end_turn" and msg.stop_sequence is None
+    expected = (12, 7) if provider == "openai" else (26, 10)
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == expected
+    sent = stack.backend.requests[0]
+    assert sent["model"] == "backend-model"
+    assert sent["stream"] is True  # streamed from the backend even for a non-streaming client
+
+
+def test_stream_accumulates(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "Hel", "lo", " there"))
+    with stack.client().messages.stream(model="claude-sonnet-5-5", max_tokens=50, messages=USER_HI) as s:
+        texts = list(s.text_stream)
+        final = s.get_final_message()
+    assert "".join(texts) == "Hello there"
+    assert final.content[0].text == "Hello there"
+    assert final.stop_reason == "end_turn"
+    assert final.model == "claude-sonnet-5-5"
+
+
+# --- Reliability: failures after the stream started --------------------------------------------
+
+
+def _drop_handler(provider: str) -> Callable:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if provider == "openai":
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for chunk in oai_text_stream("Hel", "lo")[:2]:
+                await resp.write(sse_bytes(chunk))
+        else:
+            resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+            await resp.prepare(request)
+            await resp.write(ndjson_bytes(ollama_chunk("Hel")))
+        await asyncio.sleep(0.05)
+        request.transport.close()  # the backend process dies: no terminating chunk
+        return resp
+
+    return handler
+
+
+def _stall_handler(provider: str) -> Callable:
+    """Some output, then silence longer than the proxy's timeout (0.3 s), then the rest."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if provider == "openai":
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            lines = [sse_bytes(c) for c in oai_text_stream("Hel", "lo") + ["[DONE]"]]
+        else:
+            resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+            lines = [ndjson_bytes(c) for c in ollama_text_stream("Hel", "lo")]
+        await resp.prepare(request)
+        await resp.write(b"".join(lines[:2]))
+        try:
+            await asyncio.sleep(0.8)
+            await resp.write(b"".join(lines[2:]))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return resp
+
+    return handler
+
+
+OAI_HEAD = oai_text_stream("Hel", "lo")[:3]  # role chunk + two content chunks
+
+
+OLL_HEAD = [ollama_chunk("Hel"), ollama_chunk("lo")]
+
+
+OAI_ERROR = {
+    "error": {
+        "message": "CUDA error: an illegal memory access was encountered",
+        "type": "server_error",
+        "param": None,
+        "code": 500,
+    }
+}
+
+
+OLL_ERROR = {"error": "an error was encountered while running the model"}
+
+
+OAI_BROKEN = '{"id":"chatcmpl-7f3a9c","choices":[{"delta":{"content":"x"'
+
+
+OLL_BROKEN = b'{"model":"qwen3:8b","message":{"role":"assistant","content":\n'
+
+
+def mid_stream_fault(kind: str, provider: str) -> Any:
+    """Faults after some output; the fault arrives in a later read than the output (delay 0.05 s)."""
+    if kind == "drop":
+        return _drop_handler(provider)
+    if kind == "stall":
+        return _stall_handler(provider)
+    if kind == "error-object":
+        if provider == "openai":
+            return SSE(OAI_HEAD + [OAI_ERROR], done=False, delay=0.05)
+        return NDJSON(OLL_HEAD + [OLL_ERROR], delay=0.05)
+    if kind == "malformed":
+        if provider == "openai":
+            return SSE(OAI_HEAD + [OAI_BROKEN], done=False, delay=0.05)
+        return NDJSON(OLL_HEAD + [OLL_BROKEN], delay=0.05)
+    if kind == "truncated":
+        if provider == "openai":
+            return SSE(OAI_HEAD, done=False)  # neither a finish_reason nor [DONE]
+        return NDJSON(OLL_HEAD)  # no done: true
+    raise AssertionError(kind)
+
+
+FAULTS = ["drop", "error-object", "malformed", "stall", "truncated"]
+
+
+def fault_stack(make_stack, provider: str, kind: str):
+    return make_stack(provider, timeout=0.3) if kind == "stall" else make_stack(provider)
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_mid_stream_fault_becomes_error_event(make_stack, provider, kind):
+    stack = fault_stack(make_stack, provider, kind)
+    stack.backend.queue(mid_stream_fault(kind, provider))
+    started = time.monotonic()
+    code, headers, text, events = raw_stream(stack, VALID)
+    assert time.monotonic() - started < 1.5
+    assert code == 200, text
+    names = [name for _, name, _ in events]
+    assert names[0] == "message_start"
+    assert "content_block_delta" in names  # what arrived before the fault was forwarded
+    assert names[-1] == "error", names
+    assert "message_stop" not in names
+    error = events[-1][2]
+    assert error["type"] == "error"
+    assert error["error"]["type"] in ("api_error", "overloaded_error", "timeout_error")
+    assert error["error"]["message"]
+    assert_serves(stack, provider)
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_mid_stream_fault_raises_in_sdk_stream(make_stack, provider, kind):
+    stack = fault_stack(make_stack, provider, kind)
+    stack.backend.queue(mid_stream_fault(kind, provider))
+    texts: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as info:
+        with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=50, messages=USER_HI) as s:
+            for text in s.text_stream:
+                texts.append(text)
+    assert isinstance(info.value.body, dict) and info.value.body["type"] == "error"
+    assert "".join(texts).startswith("Hel")
+    assert_serves(stack, provider)
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_mid_stream_fault_non_streaming_is_5xx(make_stack, provider, kind):
+    stack = fault_stack(make_stack, provider, kind)
+    stack.backend.queue(mid_stream_fault(kind, provider))
+    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
+    assert 500 <= code < 600, (code, text)
+    body = json.loads(text)
+    assert body["type"] == "error" and body["error"]["type"] in ("api_error", "overloaded_error", "timeout_error")
+    assert headers.get("request-id")
+    with pytest.raises(anthropic.InternalServerError):
+        stack.backend.queue(mid_stream_fault(kind, provider))
+        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
+    assert_serves(stack, provider)
+
+
+def test_mid_stream_error_keeps_backend_message(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(mid_stream_fault("error-object", provider))
+    _, _, _, events = raw_stream(stack, VALID)
+    expected = "illegal memory access" if provider == "openai" else "an error was encountered while running"
+    assert expected in events[-1][2]["error"]["message"]
+
+
+@pytest.mark.parametrize("kind", ["error-object", "malformed"])
+def test_output_before_fault_in_same_read_is_forwarded(make_stack, provider, kind):
+    """The backend's text and its error arrive in one TCP read: the text decoded before the error still reaches
+    the client, followed by `event: error` (nothing the backend produced is silently dropped)."""
+    stack = make_stack(provider)
+    if provider == "openai":
+        tail = OAI_ERROR if kind == "error-object" else OAI_BROKEN
+        stack.backend.queue(SSE([b"".join(sse_bytes(c) for c in OAI_HEAD + [tail])], done=False))
+    else:
+        tail = ndjson_bytes(OLL_ERROR) if kind == "error-object" else OLL_BROKEN
+        stack.backend.queue(NDJSON([b"".join(ndjson_bytes(c) for c in OLL_HEAD) + tail]))
+    _, _, _, events = raw_stream(stack, VALID)
+    names = [n for _, n, _ in events]
+    assert names[-1] == "error" and "message_stop" not in names
+    text = "".join(d["delta"].get("text", "") for _, n, d in events if n == "content_block_delta")
+    assert text == "Hello", names
+
+
+def test_stream_with_finish_but_without_done_is_complete(make_stack):
+    """Servers that end after the finish/usage chunk without `data: [DONE]` still completed the answer."""
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("ok"), done=False))
+    _, _, _, events = raw_stream(stack, VALID)
+    assert [n for _, n, _ in events][-1] == "message_stop"
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"choices": [{"index": 0, "delta": "x"}]},  # delta a string
+        {"choices": [{"index": 0, "delta": {"reasoning": 5}}]},  # reasoning a number
+        {"usage": {"prompt_tokens": "12"}, "choices": []},  # usage as strings
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "f"}]}}]},
+    ],
+)
+def test_odd_shaped_backend_json_is_an_error_event_not_a_broken_stream(make_stack, chunk):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE([oai_chunk({"content": "Hel"}), chunk]), SSE([oai_chunk({"content": "Hel"}), chunk]))
+    status, _, _, events = raw_stream(stack, req())
+    assert status == 200
+    names = [e[1] for e in events]
+    assert names[-1] == "error" and "message_stop" not in names
+    assert events[-1][2]["error"]["type"] == "api_error" and "unexpected shape" in events[-1][2]["error"]["message"]
+    code, headers, text = http(stack, "POST", "/v1/messages", req())  # non-streaming: a clean 502
+    assert_error(code, headers, text, 502, "api_error")
+    assert_serves(stack, "openai")
+    assert not stack.app[cp.BACKEND].session.connector._acquired  # every backend response released
+
+
+def test_non_streaming_client_disconnect_closes_the_backend(make_stack):
+    stack = make_stack("openai", ping_interval=0.05)
+    stack.backend.queue(SSE(oai_text_stream(*["x"] * 40), delay=0.05))
+    with pytest.raises(OSError):  # urllib: the read timed out
+        http(stack, "POST", "/v1/messages", req(), timeout=0.3)  # the client gives up
+    assert wait_for(lambda: stack.backend.disconnects >= 1, timeout=3)
+    assert_serves(stack, "openai")
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_client_leaving_before_the_backend_answers_closes_the_backend(make_stack, streaming):
+    """A local model may think for minutes before its first byte: a client that gives up meanwhile (Esc in
+    Claude Code) must not leave the backend computing."""
+    stack = make_stack("openai")
+    closed = []
+
+    async def slow_headers(request: web.Request) -> web.StreamResponse:
+        for _ in range(150):  # up to 3 s before any byte, watching our side of the connection
+            await asyncio.sleep(0.02)
+            if request.transport is None or request.transport.is_closing():
+                closed.append(True)
+                return web.Response(status=499)
+        return web.Response(status=500)
+
+    stack.backend.queue(slow_headers)
+    with pytest.raises(OSError):  # urllib: the read timed out
+        http(stack, "POST", "/v1/messages", req(stream=streaming), timeout=0.3)
+    assert wait_for(lambda: bool(closed), timeout=2.5)
+    assert_serves(stack, "openai")
+
+
+# --- Reliability: connection-level retries inside the proxy ------------------------------------
+
+
+async def _closing_server(counter: list) -> tuple[asyncio.AbstractServer, int]:
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counter.append(1)
+        try:
+            await asyncio.wait_for(reader.read(1), 1)  # take the request, then hang up without a byte
+        except asyncio.TimeoutError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_backend_closing_every_connection_is_502_after_retries(make_stack, loop_thread, retries):
+    counter: list = []
+    server, port = loop_thread.run(_closing_server(counter))
+    try:
+        stack = make_stack("openai", base_url=f"http://127.0.0.1:{port}/v1", retries=retries, discover=False)
+        code, headers, text = http(stack, "POST", "/v1/messages", VALID)
+        assert_error(code, headers, text, 502, "api_error", "true")
+        assert len(counter) == retries + 1
+    finally:
+        server.close()
+
+
+def test_backend_closing_once_is_retried(make_stack, provider):
+    stack = make_stack(provider)
+
+    async def hang_up(request: web.Request) -> web.StreamResponse:
+        request.transport.close()  # accepted, read the request, closed before any response byte
+        return web.Response()
+
+    stack.backend.queue(hang_up, text_answer(provider, "after", " retry"))
+    msg = stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
+    assert msg.content[0].text == "after retry"
+    assert len(stack.backend.requests) == 2
+
+
+def test_refused_connection_retries_then_502(make_stack):
+    stack = make_stack("openai", base_url=f"http://127.0.0.1:{free_port()}/v1", retries=2)
+    started = time.monotonic()
+    code, headers, text = http(stack, "POST", "/v1/messages", VALID)
+    elapsed = time.monotonic() - started
+    assert_error(code, headers, text, 502, "api_error", "true")
+    assert 0.1 <= elapsed < 2.5  # it backed off between attempts, briefly
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_http_errors_are_not_retried(make_stack, status):
+    stack = make_stack("openai", retries=3)
+    stack.backend.queue(Reply(status, {"error": {"message": "nope", "type": "server_error"}}))
+    code, _, _ = http(stack, "POST", "/v1/messages", VALID)
+    assert code >= 429
+    assert len(stack.backend.requests) == 1
+
+
+# --- Reliability: pings and early stream start -------------------------------------------------
+
+
+def test_pings_while_backend_is_silent(make_stack, provider):
+    stack = make_stack(provider, ping_interval=0.05)
+    answer = (
+        SSE(oai_text_stream("late"), first_delay=0.3)
+        if provider == "openai"
+        else NDJSON(ollama_text_stream("late"), first_delay=0.3)
+    )
+    stack.backend.queue(answer)
+    code, _, _, events = raw_stream(stack, VALID)
+    assert code == 200
+    names = [n for _, n, _ in events]
+    assert names[0] == "message_start"
+    first_content = names.index("content_block_start")
+    assert names.count("ping") >= 3
+    assert names[1:first_content].count("ping") >= 3  # pings before the first content
+    t_start = events[0][0]
+    t_content = events[first_content][0]
+    assert t_start < 0.2, events[:3]  # the client's stream opened as soon as the backend answered 2xx
+    assert t_content >= 0.28
+    assert names[-1] == "message_stop"
+
+
+def test_message_start_before_backend_first_chunk_sdk(make_stack):
+    """The SDK sees message_start while the backend has not sent a chunk yet."""
+    stack = make_stack("openai", ping_interval=0.05)
+    stack.backend.queue(SSE(oai_text_stream("late"), first_delay=0.4))
+    started = time.monotonic()
+    with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=50, messages=USER_HI) as s:
+        first = next(iter(s))
+        t_first = time.monotonic() - started
+        assert first.type == "message_start"
+        rest = [e.type for e in s]
+    assert t_first < 0.3
+    assert rest[-1] == "message_stop"
+
+
+# --- Reliability: client disconnect mid-stream -------------------------------------------------
+
+
+@pytest.mark.parametrize("ping_interval", [10.0, 0.05])
+def test_client_disconnect_closes_backend(make_stack, provider, ping_interval):
+    stack = make_stack(provider, ping_interval=ping_interval)
+    many = [f"w{i} " for i in range(200)]
+    stack.backend.queue(
+        SSE(oai_text_stream(*many), delay=0.03)
+        if provider == "openai"
+        else NDJSON(ollama_text_stream(*many), delay=0.03)
+    )
+    code, _, _, events = raw_stream(stack, VALID, stop=lambda block: "content_block_delta" in block)
+    assert code == 200 and events[-1][1] == "content_block_delta"
+    hung_up = time.monotonic()
+    assert wait_for(lambda: stack.backend.disconnects >= 1, 2.0), "the backend kept streaming to nobody"
+    assert time.monotonic() - hung_up < 1.5
+    assert_serves(stack, provider)
+
+
+# --- Reliability: no leaks ---------------------------------------------------------------------
+
+
+def test_no_task_or_connection_leaks_after_mixed_traffic(make_stack):
+    """Many requests mixed with faults: afterwards no extra tasks on the loop, no connection held."""
+    stack = make_stack("openai", timeout=0.3)
+    backend = stack.app[cp.BACKEND]
+
+    async def drop(request):
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
+        request.transport.close()
+        return resp
+
+    client = stack.client()
+    baseline = stack.loop.run(_task_count())
+    for i in range(60):
+        kind = i % 5
+        if kind == 0:
+            stack.backend.queue(SSE(oai_text_stream("a", "b")))
+        elif kind == 1:
+            stack.backend.queue(Reply(500, {"error": {"message": "boom", "type": "server_error"}}))
+        elif kind == 2:
+            stack.backend.queue(drop)
+        elif kind == 3:
+            stack.backend.queue(SSE(oai_text_stream("slow"), first_delay=1.0))  # > timeout: stall
+        else:
+            stack.backend.queue(SSE(oai_text_stream("c")))
+        try:
+            if i % 2:
+                client.messages.create(model="m", max_tokens=5, messages=USER_HI)
+            else:
+                with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
+                    s.get_final_message()
+        except anthropic.APIError:
+            pass
+    client.close()
+    # left: the loop's own tasks, plus at most the idle keep-alive connection the proxy's pool holds
+    assert wait_for(lambda: stack.loop.run(_task_count()) <= baseline, timeout=3), stack.loop.run(_task_names())
+    connector = backend.session.connector
+    assert wait_for(lambda: not connector._acquired, timeout=3)  # every backend connection released or closed
+    assert cp.Metrics is not None and stack.app[cp.METRICS].active_streams == 0
+
+
+async def _task_names() -> list:
+    await asyncio.sleep(0.05)
+    return [t.get_coro().__qualname__ for t in asyncio.all_tasks() if not t.done()]
+
+
+async def _task_count() -> int:
+    """Tasks on the loop, not counting idle keep-alive connection handlers (up to two: the SDK's
+    connection to the proxy, and the proxy's pooled connection to the backend)."""
+    names = await _task_names()
+    return len(names) - min(2, names.count("RequestHandler.start"))
+
+
+# --- Errors: unreachable and silent backends ---------------------------------------------------
+
+
+def test_backend_unreachable_is_502(make_stack, provider):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
+    stack = make_stack(provider, base_url=base, retries=1)
+    started = time.monotonic()
+    with pytest.raises(anthropic.InternalServerError) as info:
+        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
+    assert time.monotonic() - started < 3
+    message = assert_sdk_error(info.value, 502, "api_error")
+    assert "unreachable" in message
+    assert info.value.response.headers.get("x-should-retry") == "true"
+    # streaming: still an HTTP error, nothing was started
+    code, headers, text, _ = raw_stream(stack, VALID)
+    assert_error(code, headers, text, 502, "api_error", "true")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_backend_timeout_before_first_byte_is_504(make_stack, provider, stream):
+    stack = make_stack(provider, timeout=0.3)
+    stack.backend.queue(
+        Reply(200, oai_completion("late") if provider == "openai" else ollama_chunk("late", done=True), delay=0.8)
+    )
+    started = time.monotonic()
+    if stream:
+        code, headers, text, _ = raw_stream(stack, VALID)
+    else:
+        code, headers, text = http(stack, "POST", "/v1/messages", VALID)
+    assert time.monotonic() - started < 0.75
+    assert_error(code, headers, text, 504, "api_error", "true")
+    assert len(stack.backend.requests) == 1  # a timeout is not retried
+    assert_serves(stack, provider)
+
+
+def test_backend_timeout_through_sdk(make_stack):
+    stack = make_stack("openai", timeout=0.3)
+    stack.backend.queue(Reply(200, oai_completion("late"), delay=0.8))
+    with pytest.raises(anthropic.InternalServerError) as info:
+        stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
+    assert_sdk_error(info.value, 504, "api_error")
+    assert info.value.response.headers.get("x-should-retry") == "true"
+
+
+# --- A backend refusing an optional field ------------------------------------------------------
+
+
+def test_optional_field_is_dropped_only_when_the_backend_names_it(make_stack):
+    stack = make_stack("openai")
+    alternate = {
+        "object": "error",
+        "message": "Conversation roles must alternate user/assistant/user/assistant/...",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+    stack.backend.queue(Reply(400, alternate))
+    body = req(metadata={"user_id": "u-1"})
+    code, headers, text = http(stack, "POST", "/v1/messages", body)
+    assert_error(code, headers, text, 400, "invalid_request_error", "false")
+    assert len(stack.backend.requests) == 1  # not retried without `user`
+    http(stack, "POST", "/v1/messages", body)
+    assert stack.backend.requests[1]["user"] == "u-1"  # and not dropped for later requests
+
+
+# --- Fetching images for Ollama ----------------------------------------------------------------
+
+
+def test_fetch_images_refuses_private_addresses_and_reads_whole_images(make_stack, monkeypatch):
+    stack = make_stack("ollama", fetch_images=True)
+    png = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + (2 << 20) * b"\0"  # 2 MiB, larger than one read
+    big = web.Application()
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=png, content_type="image/png")
+
+    big.router.add_get("/cat.png", image)
+    from conftest import start_site
+
+    runner, port = stack.loop.run(start_site(big))
+    try:
+        url = f"http://127.0.0.1:{port}/cat.png"
+        content = [{"type": "image", "source": {"type": "url", "url": url}}]
+        with pytest.raises(anthropic.BadRequestError) as err:
+            stack.client().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": content}])
+        assert "not a public address" in err.value.message
+
+        async def anywhere(url: str) -> None:
+            return None
+
+        monkeypatch.setattr(cp, "_public_host", anywhere)
+        stack.client().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": content}])
+        assert base64.b64decode(stack.backend.requests[-1]["messages"][-1]["images"][0]) == png
+    finally:
+        stack.loop.run(runner.cleanup())
+
+
+# ======================================================================================
+# 7. HTTP APP
+# ======================================================================================
+
+
+# --- Routes, probes, body limits ---------------------------------------------------------------
+
+
+def test_unknown_path_is_404_json(make_stack):
+    stack = make_stack("openai")
+    for method, path in [("GET", "/nope"), ("POST", "/v1/complete"), ("GET", "/v1/messages/batches")]:
+        code, headers, text = http(stack, method, path, {} if method == "POST" else None)
+        assert_error(code, headers, text, 404, "not_found_error")
+
+
+def test_get_messages_is_405_json(make_stack):
+    stack = make_stack("openai")
+    code, headers, text = http(stack, "GET", "/v1/messages")
+    message = assert_error(code, headers, text, 405, "invalid_request_error")
+    assert "GET" in message
+
+
+@pytest.mark.parametrize("path", ["/", "/api/hello"])
+def test_head_probe_is_200(make_stack, path):
+    stack = make_stack("openai")
+    code, headers, text = http(stack, "HEAD", path)
+    assert code == 200 and text == ""
+
+
+def test_health(make_stack):
+    stack = make_stack("openai")
+    code, headers, text = http(stack, "GET", "/health")
+    assert code == 200 and json.loads(text) == {"status": "ok"}
+    assert headers.get("request-id")
+
+
+MODEL_MAP = {
+    "claude-opus-5-5": "big-model",
+    "claude-*haiku*": "small-model",
+    "claude-sonnet-5-5": {"model": "mid-model", "max_tokens": 4096},
+}
+
+
+def test_models_list(make_stack):
+    stack = make_stack("openai", model_map=MODEL_MAP, default_model="backend-model", discover=False)
+    code, headers, text = http(stack, "GET", "/v1/models")
+    assert code == 200
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
+    assert page["has_more"] is False
+    assert page["first_id"] == "claude-opus-5-5" and page["last_id"] == "backend-model"
+    for model in page["data"]:
+        assert model["type"] == "model" and model["display_name"] and model["created_at"]
+    sdk_ids = [m.id for m in stack.client().models.list()]
+    assert sdk_ids == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
+    code, _, text = http(stack, "GET", "/v1/models?limit=1")
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5"] and page["has_more"] is True
+
+
+def test_model_get_and_404(make_stack):
+    stack = make_stack("openai", model_map=MODEL_MAP, default_model="backend-model", discover=False)
+    model = stack.client().models.retrieve("claude-sonnet-5-5")
+    assert model.id == "claude-sonnet-5-5" and model.type == "model"
+    with pytest.raises(anthropic.NotFoundError) as info:
+        stack.client().models.retrieve("claude-nope-1")
+    assert_sdk_error(info.value, 404, "not_found_error")
+
+
+def test_beta_query_string(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "beta"))
+    code, _, text = http(
+        stack,
+        "POST",
+        "/v1/messages?beta=true",
+        VALID,
+        headers={"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"},
+    )
+    assert code == 200 and json.loads(text)["content"][0]["text"] == "beta"
+    stack.backend.queue(text_answer(provider, "beta2"))
+    msg = stack.client().beta.messages.create(model="claude-opus-5-5", max_tokens=20, messages=USER_HI)
+    assert msg.content[0].text == "beta2"
+
+
+def test_body_over_limit_is_413(make_stack):
+    stack = make_stack("openai", max_body_bytes=2048)
+    body = req(messages=[{"role": "user", "content": "x" * 4000}])
+    code, headers, text = http(stack, "POST", "/v1/messages", body)
+    assert_error(code, headers, text, 413, "request_too_large")
+    assert stack.backend.requests == []
+    with pytest.raises(anthropic.APIStatusError) as info:
+        stack.client().messages.create(**body)
+    assert_sdk_error(info.value, 413, "request_too_large")
+    stack.backend.queue(text_answer("openai", "small"))
+    code, _, text = http(stack, "POST", "/v1/messages", VALID)
+    assert code == 200
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded"])
+def test_wrong_content_type_is_400(make_stack, ctype):
+    stack = make_stack("openai")
+    code, headers, text = http(stack, "POST", "/v1/messages", VALID, headers={"content-type": ctype})
+    assert "content-type" in assert_error(code, headers, text, 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("OPTIONS", "/v1/messages", 405),
+        ("GET", "/../../etc/passwd", 404),
+        ("GET", "/v1/../health", 404),
+        ("PUT", "/v1/messages", 405),
+        ("DELETE", "/health", 405),
+        ("GET", "/v1/messages/count_tokens", 405),
+    ],
+)
+def test_odd_methods_and_paths(make_stack, method, path, status):
+    stack = make_stack("openai")
+    req = urllib.request.Request(stack.proxy_url + path, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            code, text = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        code, text = err.code, err.read().decode()
+    assert code == status
+    if status >= 400:
+        assert json.loads(text)["type"] == "error"
+
+
+def test_header_injection_in_model_name_and_request_id(make_stack):
+    stack = make_stack("openai")
+    body = json.dumps({"model": "m\r\nX-Evil: 1", "max_tokens": 5, "messages": USER_HI}).encode()
+    req = urllib.request.Request(
+        stack.proxy_url + "/v1/messages",
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json", "x-request-id": "abc\tdef"},
+    )
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        raise AssertionError("expected a 400")
+    except urllib.error.HTTPError as err:
+        assert err.code == 400 and "X-Evil" not in err.headers and err.headers["request-id"].startswith("req_")
+        assert "model" in json.loads(err.read())["error"]["message"]
+
+
+def test_model_ids_with_slashes_and_backward_paging(make_stack):
+    stack = make_stack(
+        "openai",
+        default_model="Qwen/Qwen3-8B",
+        discover=False,
+        model_map={"claude-a": "x", "claude-b": "y", "claude-c": "z"},
+    )
+    code, _, text = http(stack, "GET", "/v1/models/Qwen/Qwen3-8B")
+    assert code == 200 and json.loads(text)["id"] == "Qwen/Qwen3-8B"
+    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-c&limit=1")
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-b"] and page["has_more"] is True
+    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-b&limit=5")
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-a"] and page["has_more"] is False
+
+
+# --- Security: inbound auth and what reaches the backend ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"x-api-key": "wrong"},
+        {"authorization": "Bearer wrong"},
+        {"x-api-key": "s3cret-but-longer"},
+        {"authorization": "s3cret"},
+    ],
+    ids=["none", "wrong-key", "wrong-bearer", "prefix", "no-bearer-scheme"],
+)
+def test_auth_rejects(make_stack, headers):
+    stack = make_stack("openai", auth_token="s3cret")
+    code, hdrs, text = http(stack, "POST", "/v1/messages", VALID, headers=headers)
+    assert_error(code, hdrs, text, 401, "authentication_error", "false")
+    assert stack.backend.requests == []
+    code, hdrs, text = http(stack, "GET", "/v1/models", headers=headers)
+    assert_error(code, hdrs, text, 401, "authentication_error")
+
+
+def test_auth_sdk_wrong_key(make_stack):
+    stack = make_stack("openai", auth_token="s3cret")
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        stack.client(api_key="wrong").messages.create(**VALID)
+    assert_sdk_error(info.value, 401, "authentication_error")
+
+
+@pytest.mark.parametrize("how", ["x-api-key", "bearer"])
+def test_auth_accepts_and_key_is_not_forwarded(make_stack, how):
+    stack = make_stack("openai", auth_token="s3cret", api_key="sk-backend-123")
+    stack.backend.queue(text_answer("openai", "ok"))
+    client = stack.client(api_key="s3cret") if how == "x-api-key" else stack.client(api_key=None, auth_token="s3cret")
+    msg = client.messages.create(**VALID)
+    assert msg.content[0].text == "ok"
+    sent = {k.lower(): v for k, v in stack.backend.headers[0].items()}
+    assert "x-api-key" not in sent
+    assert sent.get("authorization") == "Bearer sk-backend-123"
+    assert "s3cret" not in json.dumps(sent)
+
+
+def test_client_key_not_forwarded_without_backend_key(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "ok"))
+    stack.client(api_key="sk-ant-client-secret").messages.create(**VALID)
+    sent = {k.lower(): v for k, v in stack.backend.headers[0].items()}
+    assert "x-api-key" not in sent and "authorization" not in sent
+    assert "sk-ant-client-secret" not in json.dumps(sent)
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/health"), ("HEAD", "/"), ("HEAD", "/api/hello")])
+def test_open_paths_without_auth(make_stack, method, path):
+    stack = make_stack("openai", auth_token="s3cret")
+    code, _, _ = http(stack, method, path)
+    assert code == 200
+
+
+# --- Metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_parse_and_move(make_stack):
+    parser = pytest.importorskip("prometheus_client.parser")
+    stack = make_stack("openai")
+    stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
+    with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=10, messages=USER_HI) as s:
+        s.get_final_message()
+    status, _, text = http(stack, "GET", "/metrics")
+    assert status == 200
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    requests = [
+        s
+        for s in families["claude_proxy_requests"].samples
+        if s.labels.get("route") == "/v1/messages" and s.labels.get("status") == "200"
+    ]
+    assert requests and requests[0].value == 2
+    assert any(s.value == 7 * 2 for s in families["claude_proxy_output_tokens"].samples)
+    counts = [s for s in families["claude_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert counts[0].value == 1
+    assert families["claude_proxy_active_streams"].samples[0].value == 0
+
+
+# ======================================================================================
+# 8. CLI
+# ======================================================================================
+
+
+# --- Graceful shutdown -------------------------------------------------------------------------
+
+
+def test_sigterm_lets_streams_finish(make_stack, tmp_path):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("one", "two", "three"), delay=0.3))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "claude_proxy.py"),
+            "--provider",
+            "openai",
+            "--base-url",
+            stack.backend_url,
+            "--model",
+            "m",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(lambda: _health(port), timeout=15)
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+        with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
+            first = next(iter(s.text_stream))
+            proc.send_signal(signal.SIGTERM)  # while the backend is still streaming
+            rest = "".join(s.text_stream)
+            final = s.get_final_message()
+        assert first + rest == "onetwothree" and final.stop_reason == "end_turn"
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+
+
+# --- Help, check, gunicorn ---------------------------------------------------------------------
+
+
+def test_help_documents_every_option():
+    result = subprocess.run(
+        [sys.executable, str(HERE / "claude_proxy.py"), "--help"], capture_output=True, text=True, timeout=30
+    )
+    for option in (
+        "--host",
+        "--port",
+        "--provider",
+        "--base-url",
+        "--api-key",
+        "--model",
+        "--model-map",
+        "--timeout",
+        "--log-level",
+        "--system-messages",
+        "--auth-token",
+        "--check",
+        "--log-format",
+    ):
+        assert option in result.stdout
+
+
+def test_check_command_reports_and_exits(make_stack, capsys):
+    stack = make_stack("openai")
+    good = cp.Config(provider="openai", base_url=stack.backend_url, default_model="backend-model")
+    assert stack.loop.run(cp.run_check(good, out=sys.stdout)) == 0
+    assert "ok" in capsys.readouterr().out
+    stack.backend.queue(Reply(404, {"error": {"message": "model 'nope' not found", "type": "not_found_error"}}))
+    bad = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "nope"})
+    assert stack.loop.run(cp.run_check(bad, out=sys.stdout)) == 1
+    assert "FAIL: 404" in capsys.readouterr().out
+
+
+def test_runs_under_gunicorn_with_two_workers(make_stack, tmp_path):
+    pytest.importorskip("gunicorn")
+    stack = make_stack("openai")
+    port = free_port()
+    env = dict(os.environ, PROVIDER="openai", PROVIDER_BASE_URL=stack.backend_url, DEFAULT_MODEL="gm")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "claude_proxy:create_app()",
+            "-k",
+            "aiohttp.GunicornWebWorker",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+        assert wait_for(lambda: _health(port), timeout=20)
+        for _ in range(4):
+            assert client.messages.create(model="claude-opus-5-5", max_tokens=5, messages=USER_HI).content
+        assert {r["model"] for r in stack.backend.requests} == {"gm"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _health(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
