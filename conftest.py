@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import json
 import pathlib
 import socket
 import ssl
+import sys
 import threading
 import time
 import urllib.error
@@ -63,6 +65,26 @@ async def start_site(app: web.Application) -> tuple[web.AppRunner, int]:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return runner, port
+
+
+@pytest.fixture(scope="session")
+def cp_without_orjson():
+    """claude_proxy loaded once more with orjson hidden: its stdlib JSON path, whether orjson is installed or not."""
+    spec = importlib.util.spec_from_file_location("claude_proxy_without_orjson", HERE / "claude_proxy.py")
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get("orjson")
+    sys.modules["orjson"] = None  # type: ignore[assignment]
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+        if saved is None:
+            sys.modules.pop("orjson", None)
+        else:
+            sys.modules["orjson"] = saved
+    assert module._orjson is None
+    return module
 
 
 # --- what real servers send -------------------------------------------------------------------------

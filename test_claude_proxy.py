@@ -458,6 +458,43 @@ def test_json_nested_deeper_than_the_encoder_is_a_400(make_stack):
     assert "too deeply" in assert_error(code, headers, text, 400, "invalid_request_error", "false")
 
 
+def test_json_nesting_limit_is_the_proxys_own(cp_without_orjson):
+    """MAX_JSON_DEPTH, not the parser's or the encoder's limit: a request body is accepted or refused the same with
+    and without orjson, below the parsers' own limits and past them."""
+
+    def nested(depth: int) -> bytes:
+        return ('{"a":' * (depth - 1) + "[1]" + "}" * (depth - 1)).encode()
+
+    limit = cp.MAX_JSON_DEPTH
+    assert limit == cp_without_orjson.MAX_JSON_DEPTH and limit < 255  # orjson's encoder stops at 255 levels
+    for module in (cp, cp_without_orjson):
+        for raw in (nested(limit), b"[[1]]", json.dumps({"s": "[{" * limit, "t": [[1]] * limit}).encode()):
+            assert module.loads_request(raw) == json.loads(raw)
+        for depth in (limit + 1, 300, 5000):
+            with pytest.raises(module.JsonTooDeep, match=f"deeper than {limit} levels"):
+                module.loads_request(nested(depth))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_json_nesting_limit_end_to_end(make_stack, extra):
+    """A request exactly MAX_JSON_DEPTH deep is forwarded; one level more is a 400, never sent to the backend."""
+    stack = make_stack("openai")
+    # the body, tools[], the tool: 3 levels; each wrapping below: 2 (the schema and its properties)
+    wraps, odd = divmod(cp.MAX_JSON_DEPTH + extra - 4, 2)
+    schema: dict = {"type": "object", "properties": {}} if odd else {"type": "object"}
+    for _ in range(wraps):
+        schema = {"type": "object", "properties": {"x": schema}}
+    body = req(tools=[{"name": "deep", "input_schema": schema}])
+    code, headers, text = http(stack, "POST", "/v1/messages", body)
+    if extra:
+        message = assert_error(code, headers, text, 400, "invalid_request_error", "false")
+        assert f"too deeply (objects and arrays deeper than {cp.MAX_JSON_DEPTH} levels)" in message
+        assert stack.backend.requests == []
+    else:
+        assert code == 200, text
+        assert len(stack.backend.requests) == 1
+
+
 def test_signature_inflation_is_bounded():
     import zlib
 
