@@ -720,12 +720,21 @@ def canonical(index: int, call_id: str, name: str, args: str, n: int = 4) -> lis
 
 
 def check_stream(events: list) -> dict:
-    """Check Anthropic's SSE rules (A.9.2, A.9.5, F.3) and return what the stream describes."""
+    """The Anthropic SSE grammar, checked on [(event, data)] (from raw_sse, sse_events or raw_stream), and what the
+    stream describes: {"blocks": [("text", str) | ("tool_use", name, input) | ("thinking", str)], "ids": tool_use
+    ids, "stop_reason", "usage": (input, output tokens)}. The one check of the grammar, used by bench/bench.py too.
+
+    The rules: pings anywhere; no error event; one message_start first (role assistant, content [], no stop reason
+    yet); content blocks one at a time, indexed 0, 1, ..., each content_block_start, deltas of its own kind,
+    content_block_stop; a tool_use block starts with input {} and a non-empty id and name, and its input_json_delta
+    pieces join into a JSON object; a thinking block ends with a signature_delta; then message_delta (with
+    usage.output_tokens) and message_stop last; nothing else."""
     evs = [(n, d) for n, d in events if n != "ping"]
     names = [n for n, _ in evs]
     assert "error" not in names, evs
     assert names[0] == "message_start", names
     start = evs[0][1]["message"]
+    assert start["role"] == "assistant", start
     assert start["content"] == [] and start["stop_reason"] is None and start["stop_sequence"] is None
     assert names[-2:] == ["message_delta", "message_stop"], names
     assert names.count("message_start") == 1 and names.count("message_stop") == 1
@@ -785,6 +794,8 @@ def check_stream(events: list) -> dict:
             assert open_idx is None, "message_delta while a block is open"
             assert isinstance(data["usage"]["output_tokens"], int)
             final = data
+        elif name != "message_stop":
+            raise AssertionError(f"unexpected event {name}: {data}")
     assert open_idx is None
     return {
         "blocks": blocks,
@@ -832,7 +843,7 @@ def as_history(msg) -> dict:
 
 def run_modes(stack, answer, **kw) -> dict:
     """The same backend answer three ways: raw SSE (rules checked), SDK stream accumulator, SDK create.
-    All three must describe the same message (F.4); tool ids non-empty and unique in each."""
+    All three must describe the same message; tool ids non-empty and unique in each."""
     stack.backend.queue(answer, answer, answer)
     body = body_of(**kw)
     results = {"raw": check_stream(sse_events(stack, body))}

@@ -2434,7 +2434,7 @@ def test_openai_stream_tool_args_stream_live(make_stack):
 
 
 def test_openai_stream_backend_ids_round_trip_when_usable(make_stack):
-    """D.8: a usable backend id may be passed through; whatever is emitted is what the client echoes
+    """Tool-use ids: a usable backend id may be passed through; whatever is emitted is what the client echoes
     back, and the proxy sends that same string to the backend next turn."""
     stack = make_stack("openai")
     stack.backend.queue(
@@ -2539,7 +2539,7 @@ def test_ollama_stream_tool_calls(make_stack, case):
     "case", ["with_id", "without_id", "several_in_one_chunk_without_ids", "thinking_and_content_one_chunk_then_calls"]
 )
 def test_ollama_non_streamed_json_body(make_stack, case):
-    """An Ollama answer as one JSON object (C.3.1: the shape of a `stream: false` reply)."""
+    """An Ollama answer as one JSON object (the shape of its `stream: false` reply)."""
     objects, expected = OLLAMA_STREAMS[case]
     message = {"role": "assistant", "content": "", "thinking": None, "tool_calls": []}
     thinking, content = "", ""
@@ -2557,7 +2557,7 @@ def test_ollama_non_streamed_json_body(make_stack, case):
 
 
 def test_ollama_generated_ids_unique_across_turns(make_stack):
-    """Minted ids (old Ollama sends none) must be unique in the conversation (D.8)."""
+    """Minted ids (old Ollama sends none) must be unique in the conversation."""
     stack = make_stack("ollama")
     answer = NDJSON(
         [
