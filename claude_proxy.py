@@ -836,14 +836,37 @@ def _char_class(i: int) -> int:
 
 
 def _wide_class(i: int) -> int:
-    """Second table, for non-ASCII text only: which chars cost extra."""
-    if 0xCE <= i <= 0xCF or 0xD5 <= i <= 0xDF:
-        return ord("g")  # Greek, Hebrew, Arabic...: ~1 token per char
-    if 0xC2 <= i <= 0xDF:
-        return ord("l")  # accented Latin, Cyrillic: ~0.3 extra per char
-    if i >= 0xE0 and i != 0xE2:
-        return ord("c")  # CJK, kana, Hangul, Indic: ~1 token per char
-    return ord(".")
+    """Second table, for non-ASCII text only: the script of a UTF-8 lead byte (one letter per script)."""
+    if 0xC3 <= i <= 0xCB:
+        return ord("a")  # accented Latin (U+00C0-02FF)
+    if 0xCC <= i <= 0xCD:
+        return ord("m")  # combining diacritics (decomposed accents)
+    if 0xCE <= i <= 0xCF:
+        return ord("g")  # Greek
+    if 0xD0 <= i <= 0xD4:
+        return ord("y")  # Cyrillic
+    if 0xD6 <= i <= 0xD7:
+        return ord("h")  # Hebrew
+    if 0xD8 <= i <= 0xDB:
+        return ord("r")  # Arabic
+    if i == 0xE3:
+        return ord("k")  # kana, CJK punctuation
+    if 0xE4 <= i <= 0xE9:
+        return ord("c")  # CJK ideographs
+    if 0xEA <= i <= 0xED:
+        return ord("K")  # Hangul syllables
+    if i == 0xC2 or 0xD5 <= i <= 0xDF:
+        return ord("o")  # Latin-1 symbols, Armenian, Syriac, ... (2 bytes)
+    if i in (0xE0, 0xE1, 0xEE, 0xEF):
+        return ord("x")  # Indic, Thai, Georgian, fullwidth forms, ... (3 bytes; Devanagari and Thai also below)
+    return ord(".")  # ASCII, U+2000-2FFF punctuation (0xE2), emoji (0xF0, counted apart)
+
+
+# Two-byte prefixes (lead + first continuation byte) of a few scripts whose lead byte they share with others.
+_DEVANAGARI = (b"\xe0\xa4", b"\xe0\xa5")  # U+0900-097F
+_THAI = (b"\xe0\xb8", b"\xe0\xb9")  # U+0E00-0E7F
+_VIETNAMESE = (b"\xe1\xba", b"\xe1\xbb")  # U+1E80-1EFF: ạ ả ấ ầ ẩ ẫ ậ ... ỹ
+_UKRAINIAN = ("і", "ї", "є", "І")  # letters that Russian lacks: Ukrainian words split more
 
 
 # UTF-8 lead byte -> class; continuation bytes (0x80-0xBF) are deleted so that
@@ -863,19 +886,37 @@ except AttributeError:  # Python 3.9: slower, same result
         return bin(x).count("1")
 
 
-# Weight of each feature returned by _token_features (fitted, then rounded).
+# Weight of each feature returned by _token_features (fitted, then rounded: bench/fit_token_weights.py).
 _TOKEN_WEIGHTS = (
-    1.0,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
-    0.45,  # words that swallowed a punctuation prefix (".append", "_name")
-    -0.08,  # words preceded by a space (" the" is the cheapest kind of word)
-    0.19,  # letters beyond the 8th in a word (long / rare words split)
-    2.2,  # lower->Upper switches that do not start a camelCase hump (base64)
-    0.35,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
-    1.08,  # CJK / kana / Hangul / other 3-4 byte characters
-    0.3,  # accented Latin / Cyrillic characters
-    0.9,  # Greek / Hebrew / Arabic characters
-    2.0,  # 4-byte characters (emoji), on top of the CJK weight
+    1.02,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
+    0.0,  # words that swallowed a punctuation prefix (".append", "_name")
+    -0.29,  # words preceded by a space (" the" is the cheapest kind of word)
+    0.02,  # letters beyond the 8th in a word (long / rare words split)
+    1.73,  # lower->Upper switches that do not start a camelCase hump (base64)
+    0.0,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
+    0.23,  # letters beyond the 5th in a word
+    0.1,  # words ending in a vowel
+    0.81,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
+    6.23,  # foreign Latin: "ij" (Dutch)
+    0.04,  # foreign Latin: letters beyond the 3rd in a word
+    1.66,  # accented Latin letters
+    1.74,  # combining diacritics
+    0.83,  # Greek
+    0.24,  # Cyrillic
+    2.66,  # Ukrainian-only letters, on top of Cyrillic
+    0.94,  # Hebrew
+    0.61,  # Arabic
+    0.21,  # Devanagari, on top of "other 3-byte"
+    -0.05,  # Thai, on top of "other 3-byte"
+    -0.97,  # Vietnamese letters with two accents, on top of "other 3-byte"
+    0.99,  # kana, CJK punctuation
+    1.04,  # CJK ideographs
+    1.12,  # Hangul
+    0.9,  # other 2-byte characters (Latin-1 symbols, Armenian, ...)
+    1.0,  # other 3-byte characters (Indic, Thai, Georgian, fullwidth, ...)
+    5.01,  # 4-byte characters (emoji)
 )
+_FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
 
 
 def _token_features(text: str) -> tuple:
@@ -916,8 +957,8 @@ def _chunk_features(text: str) -> tuple:
     masks = _LANE_MASKS.get(size)
     if masks is None:
         m0 = int.from_bytes(b"\x01" * size, "little")
-        masks = _LANE_MASKS[size] = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2))
-    M0, M1, M2, M3, M4, M5, M02 = masks
+        masks = _LANE_MASKS[size] = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2), m0 << 7)
+    M0, M1, M2, M3, M4, M5, M02, M7 = masks
     pc = _popcount
     # Character i is byte i of X (bits 8i..8i+7, one bit per class).  A left
     # shift by 8 puts the previous character on each position, a right shift
@@ -958,12 +999,32 @@ def _chunk_features(text: str) -> tuple:
     cons = X & M0
     cons ^= cons & (X >> 7)
     c3 = pc(cons & (cons << 8) & (cons << 16))
+    # Letters beyond the 5th in a word; words ending in a vowel (lane 7: vowel, next char no letter).
+    long5 = pc(a & (a << 16) & M0)
+    vowel_end = pc(X & M7 & ((X & M0 & ~Xn) << 7))
+    letters = pc(X & M0)
+    lower = letters - pc(X & M1)
+    # Non-English Latin-script text costs more per word: cl100k learnt its merges mostly on English.  English
+    # (and code, which borrows English words) is told apart by its "th" (~2% of letters, ~0.1% elsewhere).
     if ascii_only:
-        return (pieces, pc(pre), space_words, long_tail, noise_case, c3, 0, 0, 0, 0)
-    # Non-ASCII extras: keep only the UTF-8 lead bytes (short for mostly-ASCII
-    # text), then classify them.
-    leads = raw.translate(None, _ASCII_AND_CONT)
-    wide = leads.translate(_WIDE_TABLE)
+        scripts = (0,) * 16
+        ascii_letters = letters
+    else:
+        # Non-ASCII extras: keep only the UTF-8 lead bytes (short for mostly-ASCII text), then classify them.
+        leads = raw.translate(None, _ASCII_AND_CONT)
+        wide = leads.translate(_WIDE_TABLE)
+        counts = [wide.count(c) for c in b"amgy"]
+        counts.append(sum(text.count(c) for c in _UKRAINIAN))
+        counts += [wide.count(c) for c in b"hr"]
+        counts += [sum(raw.count(p) for p in prefixes) for prefixes in (_DEVANAGARI, _THAI, _VIETNAMESE)]
+        counts += [wide.count(c) for c in b"kcKox"]
+        counts.append(leads.count(b"\xf0"))
+        scripts = tuple(counts)
+        ascii_letters = letters - sum(counts[:4]) - counts[5] - counts[6] - counts[13]
+    foreign = 0.0
+    if ascii_letters > 0:
+        th = text.count("th") + text.count("Th")
+        foreign = max(0.0, 1.0 - th / (ascii_letters * _FOREIGN_TH)) * lower / letters
     return (
         pieces,
         pc(pre),
@@ -971,11 +1032,12 @@ def _chunk_features(text: str) -> tuple:
         long_tail,
         noise_case,
         c3,
-        wide.count(b"c"),
-        wide.count(b"l"),
-        wide.count(b"g"),
-        leads.count(b"\xf0"),
-    )
+        long5,
+        vowel_end,
+        c3 * foreign,
+        text.count("ij") * foreign,
+        pc(a & M0) * foreign,
+    ) + scripts
 
 
 def count_text_tokens(text: str) -> int:
