@@ -888,33 +888,32 @@ except AttributeError:  # Python 3.9: slower, same result
 
 # Weight of each feature returned by _token_features (fitted, then rounded: bench/fit_token_weights.py).
 _TOKEN_WEIGHTS = (
-    1.02,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
+    1.01,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
     0.0,  # words that swallowed a punctuation prefix (".append", "_name")
-    -0.29,  # words preceded by a space (" the" is the cheapest kind of word)
-    0.02,  # letters beyond the 8th in a word (long / rare words split)
-    1.73,  # lower->Upper switches that do not start a camelCase hump (base64)
+    -0.32,  # words preceded by a space (" the" is the cheapest kind of word)
+    0.05,  # letters beyond the 8th in a word (long / rare words split)
+    1.53,  # lower->Upper switches that do not start a camelCase hump (base64)
     0.0,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
-    0.23,  # letters beyond the 5th in a word
-    0.1,  # words ending in a vowel
-    0.81,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
-    6.23,  # foreign Latin: "ij" (Dutch)
-    0.04,  # foreign Latin: letters beyond the 3rd in a word
-    1.66,  # accented Latin letters
-    1.74,  # combining diacritics
-    0.83,  # Greek
+    0.24,  # letters beyond the 5th in a word
+    0.19,  # words ending in a vowel
+    1.07,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
+    6.79,  # foreign Latin: "ij" (Dutch)
+    1.73,  # accented Latin letters
+    1.67,  # combining diacritics
+    0.82,  # Greek
     0.24,  # Cyrillic
-    2.66,  # Ukrainian-only letters, on top of Cyrillic
-    0.94,  # Hebrew
+    2.68,  # Ukrainian-only letters, on top of Cyrillic
+    0.93,  # Hebrew
     0.61,  # Arabic
     0.21,  # Devanagari, on top of "other 3-byte"
     -0.05,  # Thai, on top of "other 3-byte"
-    -0.97,  # Vietnamese letters with two accents, on top of "other 3-byte"
+    -1.05,  # Vietnamese letters with two accents, on top of "other 3-byte"
     0.99,  # kana, CJK punctuation
     1.04,  # CJK ideographs
-    1.12,  # Hangul
+    1.13,  # Hangul
     0.9,  # other 2-byte characters (Latin-1 symbols, Armenian, ...)
     1.0,  # other 3-byte characters (Indic, Thai, Georgian, fullwidth, ...)
-    5.01,  # 4-byte characters (emoji)
+    5.17,  # 4-byte characters (emoji)
 )
 _FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
 
@@ -1001,7 +1000,9 @@ def _chunk_features(text: str) -> tuple:
     c3 = pc(cons & (cons << 8) & (cons << 16))
     # Letters beyond the 5th in a word; words ending in a vowel (lane 7: vowel, next char no letter).
     long5 = pc(a & (a << 16) & M0)
-    vowel_end = pc(X & M7 & ((X & M0 & ~Xn) << 7))
+    word_end = X & M0
+    word_end ^= word_end & Xn
+    vowel_end = pc(X & M7 & (word_end << 7))
     letters = pc(X & M0)
     lower = letters - pc(X & M1)
     # Non-English Latin-script text costs more per word: cl100k learnt its merges mostly on English.  English
@@ -1014,10 +1015,14 @@ def _chunk_features(text: str) -> tuple:
         leads = raw.translate(None, _ASCII_AND_CONT)
         wide = leads.translate(_WIDE_TABLE)
         counts = [wide.count(c) for c in b"amgy"]
-        counts.append(sum(text.count(c) for c in _UKRAINIAN))
+        counts.append(sum(text.count(c) for c in _UKRAINIAN) if counts[3] else 0)
         counts += [wide.count(c) for c in b"hr"]
-        counts += [sum(raw.count(p) for p in prefixes) for prefixes in (_DEVANAGARI, _THAI, _VIETNAMESE)]
-        counts += [wide.count(c) for c in b"kcKox"]
+        other3 = wide.count(b"x")
+        counts += [
+            sum(raw.count(p) for p in prefixes) if other3 else 0 for prefixes in (_DEVANAGARI, _THAI, _VIETNAMESE)
+        ]
+        counts += [wide.count(c) for c in b"kcKo"]
+        counts.append(other3)
         counts.append(leads.count(b"\xf0"))
         scripts = tuple(counts)
         ascii_letters = letters - sum(counts[:4]) - counts[5] - counts[6] - counts[13]
@@ -1036,7 +1041,6 @@ def _chunk_features(text: str) -> tuple:
         vowel_end,
         c3 * foreign,
         text.count("ij") * foreign,
-        pc(a & M0) * foreign,
     ) + scripts
 
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import claude_proxy as cp  # noqa: E402
 
-FREE = {2, 18, 19, 20}  # feature indexes that may be negative (the last three: on top of "other 3-byte")
-FIXED = {24: 0.9, 25: 1.0}  # scripts the corpus lacks: other 2-byte, other 3-byte (Bengali, Georgian, ...)
+FREE = {2, 17, 18, 19}  # feature indexes that may be negative (the last three: on top of "other 3-byte")
+FIXED = {23: 0.9, 24: 1.0}  # scripts the corpus lacks: other 2-byte, other 3-byte (Bengali, Georgian, ...)
 
 
 def load():
