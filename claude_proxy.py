@@ -807,9 +807,14 @@ def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
 # loop: bytes.translate() maps every character to a byte of class bits, the
 # result is read as one big int, neighbour tests ("letter preceded by a
 # non-letter") become shifts and ANDs of that int, and int.bit_count() counts
-# the hits: ~2 ms per 200 KB.  The weights in _TOKEN_WEIGHTS were fitted
-# against tiktoken's cl100k_base on fixtures/token_corpus.json (prose, code,
-# JSON, shell output, CJK, base64/hex noise).
+# the hits: ~3-4 ms per 200 KB.  Other languages: non-ASCII characters are
+# counted per script from their UTF-8 lead byte (a second translate()), a few
+# scripts that share a lead byte by a 2-byte prefix; Latin-script text that is
+# not English (told by how rarely "th" occurs) pays for its consonant clusters,
+# since cl100k splits its words more.  The weights in _TOKEN_WEIGHTS were fitted
+# (bench/fit_token_weights.py) against tiktoken's cl100k_base on
+# fixtures/token_corpus.json (prose, code, JSON, shell output, CJK, base64/hex
+# noise) and fixtures/token_corpus_i18n.json (21 languages, mixed text).
 # ---------------------------------------------------------------------------
 # Class bits of the per-character byte ("lanes" of the big int below).
 _L, _U, _D, _S, _N, _P, _PS, _V = 1, 2, 4, 8, 16, 32, 64, 128

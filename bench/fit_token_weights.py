@@ -63,6 +63,9 @@ def table(rows, weights):
 
 def main():
     rows = load()
+    if "--table" in sys.argv:  # the table of the weights in claude_proxy.py
+        table(rows, np.array(cp._TOKEN_WEIGHTS))
+        return
     w = fit(rows)
     w = np.array([round(x, 2) for x in w])
     print("_TOKEN_WEIGHTS =", ", ".join(f"{x:g}" for x in w))
