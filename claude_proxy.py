@@ -833,9 +833,9 @@ def _char_class(i: int) -> int:
         return _S | _PS  # horizontal whitespace
     if i in (10, 13):
         return _N
-    if i < 128 or i == 0xE2:
-        return _P | _PS  # ASCII punctuation; U+2000-2FFF quotes, dashes, arrows
-    if 0xC2 <= i <= 0xDF:
+    if i < 128 or i == 0xE2 or i == 0xC2:
+        return _P | _PS  # ASCII punctuation; U+2000-2FFF quotes, dashes, arrows; U+0080-00BF: « » ° NBSP
+    if 0xC3 <= i <= 0xDF:
         return _L | _V  # 2-byte chars: accented Latin, Cyrillic, Greek, Arabic...
     return 0  # CJK, kana, Hangul, Indic, emoji (counted separately)
 
@@ -860,8 +860,8 @@ def _wide_class(i: int) -> int:
         return ord("c")  # CJK ideographs
     if 0xEA <= i <= 0xED:
         return ord("K")  # Hangul syllables
-    if i == 0xC2 or 0xD5 <= i <= 0xDF:
-        return ord("o")  # Latin-1 symbols, Armenian, Syriac, ... (2 bytes)
+    if 0xD5 <= i <= 0xDF:
+        return ord("o")  # Armenian, Syriac, Thaana, ... (2 bytes)
     if i in (0xE0, 0xE1, 0xEE, 0xEF):
         return ord("x")  # Indic, Thai, Georgian, fullwidth forms, ... (3 bytes; Devanagari and Thai also below)
     return ord(".")  # ASCII, U+2000-2FFF punctuation (0xE2), emoji (0xF0, counted apart)
@@ -893,32 +893,32 @@ except AttributeError:  # Python 3.9: slower, same result
 
 # Weight of each feature returned by _token_features (fitted, then rounded: bench/fit_token_weights.py).
 _TOKEN_WEIGHTS = (
-    1.01,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
+    1.02,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
     0.0,  # words that swallowed a punctuation prefix (".append", "_name")
     -0.32,  # words preceded by a space (" the" is the cheapest kind of word)
-    0.05,  # letters beyond the 8th in a word (long / rare words split)
-    1.53,  # lower->Upper switches that do not start a camelCase hump (base64)
+    0.08,  # letters beyond the 8th in a word (long / rare words split)
+    1.5,  # lower->Upper switches that do not start a camelCase hump (base64)
     0.0,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
-    0.24,  # letters beyond the 5th in a word
-    0.19,  # words ending in a vowel
-    1.07,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
-    6.79,  # foreign Latin: "ij" (Dutch)
-    1.73,  # accented Latin letters
-    1.67,  # combining diacritics
+    0.23,  # letters beyond the 5th in a word
+    0.2,  # words ending in a vowel
+    1.08,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
+    6.73,  # foreign Latin: "ij" (Dutch)
+    1.74,  # accented Latin letters
+    1.65,  # combining diacritics
     0.82,  # Greek
     0.24,  # Cyrillic
-    2.68,  # Ukrainian-only letters, on top of Cyrillic
+    2.67,  # Ukrainian-only letters, on top of Cyrillic
     0.93,  # Hebrew
-    0.61,  # Arabic
+    0.6,  # Arabic
     0.21,  # Devanagari, on top of "other 3-byte"
     -0.05,  # Thai, on top of "other 3-byte"
-    -1.05,  # Vietnamese letters with two accents, on top of "other 3-byte"
+    -1.07,  # Vietnamese letters with two accents, on top of "other 3-byte"
     0.99,  # kana, CJK punctuation
     1.04,  # CJK ideographs
     1.13,  # Hangul
-    0.9,  # other 2-byte characters (Latin-1 symbols, Armenian, ...)
+    0.9,  # other 2-byte letters (Armenian, Syriac, ...)
     1.0,  # other 3-byte characters (Indic, Thai, Georgian, fullwidth, ...)
-    5.17,  # 4-byte characters (emoji)
+    5.13,  # 4-byte characters (emoji)
 )
 _FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
 

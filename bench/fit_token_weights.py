@@ -43,6 +43,30 @@ def fit(rows):
     return lsq_linear(A, b, bounds=(lo, hi)).x
 
 
+def fit_minimax(rows, category_bound=0.07):
+    """Smallest worst error over the samples of >= 2,000 characters, every category within category_bound."""
+    from scipy.optimize import linprog
+
+    k = len(rows[0][4])
+    A, b = [], []
+    for _cat, _src, text, cl, f in rows:
+        if len(text) >= 2000:
+            A += [list(f / cl) + [-1], list(-f / cl) + [-1]]
+            b += [1, -1]
+    cats = collections.defaultdict(lambda: [np.zeros(k), 0])
+    for cat, _src, _text, cl, f in rows:
+        cats[cat][0] += f
+        cats[cat][1] += cl
+    for f, cl in cats.values():
+        A += [list(f / cl) + [0], list(-f / cl) + [0]]
+        b += [1 + category_bound, -(1 - category_bound)]
+    bounds = [(None, None) if i in FREE else (0, None) for i in range(k)] + [(0, None)]
+    for i, v in FIXED.items():
+        bounds[i] = (v, v)
+    res = linprog(np.r_[np.zeros(k), 1], A_ub=np.array(A), b_ub=np.array(b), bounds=bounds, method="highs")
+    return res.x[:k]
+
+
 def table(rows, weights):
     ref, est, n, worst = collections.Counter(), collections.Counter(), collections.Counter(), {}
     for cat, src, text, cl, f in rows:
@@ -66,7 +90,7 @@ def main():
     if "--table" in sys.argv:  # the table of the weights in claude_proxy.py
         table(rows, np.array(cp._TOKEN_WEIGHTS))
         return
-    w = fit(rows)
+    w = fit_minimax(rows) if "--minimax" in sys.argv else fit(rows)
     w = np.array([round(x, 2) for x in w])
     print("_TOKEN_WEIGHTS =", ", ".join(f"{x:g}" for x in w))
     table(rows, w)
