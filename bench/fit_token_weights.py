@@ -3,12 +3,18 @@
 Calibration-time only: needs numpy and scipy.  Least squares on the relative error of every sample, each
 category weighted equally, weights >= 0 except the "word after a space" discount; prints the rounded
 weights and the accuracy table (the README's) that they give.
-Run: python bench/fit_token_weights.py [--table]
+Run: python bench/fit_token_weights.py [--table | --minimax | --tables TABLES.json | --tokens]
+  --table: the README table of the weights in claude_proxy.py; --minimax: minimise the worst long sample instead;
+  --tables: the packed vocabulary tables (_CL100K_ONE_CHAR, _CL100K_ACCENTED) from the output of
+  `node bench/cl100k_tables.mjs TABLES.json`; --tokens: time count_text_tokens on 200 KB of text.
 """
 
+import base64
 import collections
 import json
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import claude_proxy as cp  # noqa: E402
 
-FREE = {2, 17, 18, 19}  # feature indexes that may be negative (the last three: on top of "other 3-byte")
+FREE = {2, 17, 18, 19, 28}  # may be negative: "word after a space", 3 scripts on top of "other 3-byte", vocab words
 FIXED = {23: 0.9, 24: 1.0}  # scripts the corpus lacks: other 2-byte, other 3-byte (Bengali, Georgian, ...)
 
 
@@ -85,7 +91,68 @@ def table(rows, weights):
         )
 
 
+def pack(data: bytes, name: str) -> None:
+    text = base64.b85encode(zlib.compress(data, 9)).decode()
+    print(f"{name} = (")
+    for i in range(0, len(text), 110):
+        print(f'    "{text[i : i + 110]}"')
+    print(")")
+
+
+def tables(path):
+    """Packed vocabulary tables: a bitmap of the one-token CJK ideographs then Hangul syllables; the words."""
+    t = json.loads(Path(path).read_text(encoding="utf-8"))
+    blob = bytearray()
+    for chars, lo, hi in ((t["cjk"], 0x4E00, 0x9FFF), (t["hangul"], 0xAC00, 0xD7A3)):
+        bits = bytearray((hi - lo + 8) // 8)
+        for c in chars:
+            i = ord(c) - lo
+            bits[i >> 3] |= 1 << (i & 7)
+        blob += bits
+    pack(bytes(blob), "_CL100K_ONE_CHAR")
+    pack(" ".join(t["accented"]).encode(), "_CL100K_ACCENTED")
+
+
+def timing():
+    """count_text_tokens on 200 KB: the first 200 KB of the multilingual corpus (as before) and an interleaved mix
+    of every category of both corpora (code, prose in every script, CJK, emoji)."""
+    corpora = [
+        json.loads((ROOT / "fixtures" / n).read_text(encoding="utf-8"))
+        for n in ("token_corpus.json", "token_corpus_i18n.json")
+    ]
+    by_cat = collections.defaultdict(list)
+    for s in corpora[0] + corpora[1]:
+        by_cat[s["category"]].append(s["text"])
+    mixed, i = [], 0
+    while sum(map(len, mixed)) < 200_000:
+        mixed += [texts[i % len(texts)] for texts in by_cat.values()]
+        i += 1
+    cases = {
+        "first 200 KB of token_corpus_i18n.json": "\n".join(s["text"] for s in corpora[1])[:200_000],
+        "200 KB interleaved mix of all categories": "\n".join(mixed)[:200_000],
+        "200 KB English prose + code (ASCII)": ("\n".join(s["text"] for s in corpora[0] if s["category"] != "cjk") * 2)[
+            :200_000
+        ],
+    }
+    for name, text in cases.items():
+        cp.count_text_tokens(text[:1000])
+        best = min(_timed(cp.count_text_tokens, text) for _ in range(20))
+        print(f"{name}: {best * 1000:.2f} ms")
+
+
+def _timed(fn, arg):
+    start = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - start
+
+
 def main():
+    if "--tables" in sys.argv:
+        tables(sys.argv[sys.argv.index("--tables") + 1])
+        return
+    if "--tokens" in sys.argv:
+        timing()
+        return
     rows = load()
     if "--table" in sys.argv:  # the table of the weights in claude_proxy.py
         table(rows, np.array(cp._TOKEN_WEIGHTS))
