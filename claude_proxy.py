@@ -807,11 +807,14 @@ def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
 # loop: bytes.translate() maps every character to a byte of class bits, the
 # result is read as one big int, neighbour tests ("letter preceded by a
 # non-letter") become shifts and ANDs of that int, and int.bit_count() counts
-# the hits: ~3-4 ms per 200 KB.  Other languages: non-ASCII characters are
+# the hits: ~3.5 ms per 200 KB (7-9 ms in other languages).  Other languages: non-ASCII characters are
 # counted per script from their UTF-8 lead byte (a second translate()), a few
 # scripts that share a lead byte by a 2-byte prefix; Latin-script text that is
 # not English (told by how rarely "th" occurs) pays for its consonant clusters,
-# since cl100k splits its words more.  The weights in _TOKEN_WEIGHTS were fitted
+# since cl100k splits its words more.  Three small tables read from cl100k's
+# vocabulary (bench/cl100k_tables.mjs) tell the one-token CJK ideographs and
+# Hangul syllables (the common ones) and accented Latin words ("contraseña")
+# from the rest, which cost more.  The weights in _TOKEN_WEIGHTS were fitted
 # (bench/fit_token_weights.py) against tiktoken's cl100k_base on
 # fixtures/token_corpus.json (prose, code, JSON, shell output, CJK, base64/hex
 # noise) and fixtures/token_corpus_i18n.json (21 languages, mixed text).
@@ -872,7 +875,7 @@ _DEVANAGARI = (b"\xe0\xa4", b"\xe0\xa5")  # U+0900-097F
 _THAI = (b"\xe0\xb8", b"\xe0\xb9")  # U+0E00-0E7F
 _VIETNAMESE = (b"\xe1\xba", b"\xe1\xbb")  # U+1E80-1EFF: ạ ả ấ ầ ẩ ẫ ậ ... ỹ
 _UKRAINIAN = ("і", "ї", "є", "І")  # letters that Russian lacks: Ukrainian words split more
-_DUTCH = (("aa", "ee", "oo", "uu"), ("sch", "cht"))  # Dutch/German-looking letter groups, in non-English text
+_DOUBLE_VOWELS = ("aa", "ee", "oo", "uu")  # Dutch/German-looking letter groups, in non-English text
 
 # Vocabulary tables read from cl100k's ranks (bench/cl100k_tables.mjs, packed by fit_token_weights.py --tables).
 # A bitmap of the CJK ideographs (U+4E00-9FFF) and Hangul syllables (U+AC00-D7A3) that are one token: the
@@ -960,37 +963,37 @@ except AttributeError:  # Python 3.9: slower, same result
 
 # Weight of each feature returned by _token_features (fitted, then rounded: bench/fit_token_weights.py).
 _TOKEN_WEIGHTS = (
-    0.98,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
-    0.03,  # words that swallowed a punctuation prefix (".append", "_name")
-    -0.34,  # words preceded by a space (" the" is the cheapest kind of word)
-    0.02,  # letters beyond the 8th in a word (long / rare words split)
-    1.67,  # lower->Upper switches that do not start a camelCase hump (base64)
+    0.99,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
+    0.0,  # words that swallowed a punctuation prefix (".append", "_name")
+    -0.27,  # words preceded by a space (" the" is the cheapest kind of word)
+    0.07,  # letters beyond the 8th in a word (long / rare words split)
+    1.56,  # lower->Upper switches that do not start a camelCase hump (base64)
     0.0,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
-    0.23,  # letters beyond the 5th in a word
-    0.43,  # words ending in a vowel
-    0.9,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
-    1.24,  # foreign Latin: "ij" (Dutch)
-    1.85,  # accented Latin letters
-    1.58,  # combining diacritics
-    0.8,  # Greek
-    0.22,  # Cyrillic
+    0.2,  # letters beyond the 5th in a word
+    0.31,  # words ending in a vowel
+    1.11,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
+    1.84,  # foreign Latin: "ij" (Dutch)
+    1.83,  # accented Latin letters
+    1.6,  # combining diacritics
+    0.81,  # Greek
+    0.23,  # Cyrillic
     2.61,  # Ukrainian-only letters, on top of Cyrillic
-    0.89,  # Hebrew
-    0.57,  # Arabic
+    0.91,  # Hebrew
+    0.58,  # Arabic
     0.21,  # Devanagari, on top of "other 3-byte"
     -0.05,  # Thai, on top of "other 3-byte"
-    -0.45,  # Vietnamese letters with two accents, on top of "other 3-byte"
+    -0.37,  # Vietnamese letters with two accents, on top of "other 3-byte"
     0.9,  # kana, CJK punctuation
     0.77,  # CJK ideographs
-    0.88,  # Hangul
+    0.89,  # Hangul
     0.9,  # other 2-byte letters (Armenian, Syriac, ...)
     1.0,  # other 3-byte characters (Indic, Thai, Georgian, fullwidth, ...)
-    5.1,  # 4-byte characters (emoji)
+    5.37,  # 4-byte characters (emoji)
     1.62,  # CJK ideographs that are not one token (on top of CJK)
-    0.86,  # Hangul syllables that are not one token (on top of Hangul)
-    -3.14,  # words with an accented letter that are one token (their accents cost nothing extra)
-    2.28,  # foreign Latin: doubled vowels (Dutch, German, Finnish)
-    1.71,  # foreign Latin: "sch", "cht"
+    0.83,  # Hangul syllables that are not one token (on top of Hangul)
+    -3.36,  # words with an accented letter that are one token (their accents cost nothing extra)
+    1.96,  # foreign Latin: doubled vowels (Dutch, German, Finnish)
+    0.6,  # foreign Latin: capitalised words at the start of a line
 )
 _FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
 
@@ -1115,7 +1118,9 @@ def _chunk_features(text: str) -> tuple:
     if ascii_letters > 0:
         th = text.count("th") + text.count("Th")
         foreign = max(0.0, 1.0 - th / (ascii_letters * _FOREIGN_TH)) * lower / letters
-    groups = [sum(map(text.count, group)) * foreign if foreign else 0 for group in _DUTCH]
+    doubled = sum(map(text.count, _DOUBLE_VOWELS)) * foreign if foreign else 0
+    # Capitalised words at the start of a line (lists of names, UI strings): without the space, rarer tokens.
+    line_caps = pc(Lst & (X >> 1) & (Xp >> 4)) * foreign
     return (
         (
             pieces,
@@ -1130,7 +1135,7 @@ def _chunk_features(text: str) -> tuple:
             text.count("ij") * foreign,
         )
         + scripts
-        + tuple(vocab + groups)
+        + (*vocab, doubled, line_caps)
     )
 
 
