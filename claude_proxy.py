@@ -1112,8 +1112,9 @@ def _chunk_features(text: str) -> tuple:
         if counts[12]:
             vocab[1] = counts[12] - len(_HANGUL_ONE_TOKEN.findall(text))
         if counts[0]:
-            words, strip = _ACCENTED_WORDS, _WORD_PUNCT
-            vocab[2] = sum(1 for w in text.split() if not w.isascii() and w.strip(strip).lower() in words)
+            accented = [w for w in text.split() if not w.isascii()]
+            stripped = map(str.strip, accented, [_WORD_PUNCT] * len(accented))
+            vocab[2] = sum(map(_ACCENTED_WORDS.__contains__, map(str.lower, stripped)))
     foreign = 0.0
     if ascii_letters > 0:
         th = text.count("th") + text.count("Th")
