@@ -965,19 +965,19 @@ except AttributeError:  # Python 3.9: slower, same result
 _TOKEN_WEIGHTS = (
     0.99,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
     0.0,  # words that swallowed a punctuation prefix (".append", "_name")
-    -0.27,  # words preceded by a space (" the" is the cheapest kind of word)
-    0.07,  # letters beyond the 8th in a word (long / rare words split)
-    1.56,  # lower->Upper switches that do not start a camelCase hump (base64)
+    -0.24,  # words preceded by a space (" the" is the cheapest kind of word)
+    0.06,  # letters beyond the 8th in a word (long / rare words split)
+    1.58,  # lower->Upper switches that do not start a camelCase hump (base64)
     0.0,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
-    0.2,  # letters beyond the 5th in a word
+    0.19,  # letters beyond the 5th in a word
     0.31,  # words ending in a vowel
-    1.11,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
-    1.84,  # foreign Latin: "ij" (Dutch)
-    1.83,  # accented Latin letters
-    1.6,  # combining diacritics
+    1.13,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
+    1.47,  # foreign Latin: "ij" (Dutch)
+    1.36,  # accented Latin letters
+    1.84,  # combining diacritics
     0.81,  # Greek
     0.23,  # Cyrillic
-    2.61,  # Ukrainian-only letters, on top of Cyrillic
+    2.6,  # Ukrainian-only letters, on top of Cyrillic
     0.91,  # Hebrew
     0.58,  # Arabic
     0.21,  # Devanagari, on top of "other 3-byte"
@@ -988,12 +988,13 @@ _TOKEN_WEIGHTS = (
     0.89,  # Hangul
     0.9,  # other 2-byte letters (Armenian, Syriac, ...)
     1.0,  # other 3-byte characters (Indic, Thai, Georgian, fullwidth, ...)
-    5.37,  # 4-byte characters (emoji)
+    5.48,  # 4-byte characters (emoji)
     1.62,  # CJK ideographs that are not one token (on top of CJK)
     0.83,  # Hangul syllables that are not one token (on top of Hangul)
-    -3.36,  # words with an accented letter that are one token (their accents cost nothing extra)
-    1.96,  # foreign Latin: doubled vowels (Dutch, German, Finnish)
-    0.6,  # foreign Latin: capitalised words at the start of a line
+    -2.69,  # words with an accented letter that are one token (their accents cost nothing extra)
+    0.84,  # foreign Latin: doubled vowels (Dutch, German, Finnish)
+    1.99,  # Latin Extended-A letters (Polish, Czech, Turkish...), on top of accented Latin
+    0.77,  # foreign Latin: capitalised words at the start of a line
 )
 _FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
 
@@ -1087,7 +1088,7 @@ def _chunk_features(text: str) -> tuple:
     lower = letters - pc(X & M1)
     # Non-English Latin-script text costs more per word: cl100k learnt its merges mostly on English.  English
     # (and code, which borrows English words) is told apart by its "th" (~2% of letters, ~0.1% elsewhere).
-    vocab = [0, 0, 0]  # rare CJK ideographs, rare Hangul syllables, one-token accented words
+    vocab = [0, 0, 0, 0]  # rare CJK ideographs, rare Hangul syllables, one-token accented words, Latin Extended-A
     if ascii_only:
         scripts = (0,) * 16
         ascii_letters = letters
@@ -1112,6 +1113,7 @@ def _chunk_features(text: str) -> tuple:
         if counts[12]:
             vocab[1] = counts[12] - len(_HANGUL_ONE_TOKEN.findall(text))
         if counts[0]:
+            vocab[3] = leads.count(b"\xc4") + leads.count(b"\xc5")  # U+0100-017F: ą ę ł ś ż č ř ş ğ ı ...
             accented = [w for w in text.split() if not w.isascii()]
             stripped = map(str.strip, accented, [_WORD_PUNCT] * len(accented))
             vocab[2] = sum(map(_ACCENTED_WORDS.__contains__, map(str.lower, stripped)))
