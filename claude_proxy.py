@@ -992,8 +992,8 @@ _TOKEN_WEIGHTS = (
     1.62,  # CJK ideographs that are not one token (on top of CJK)
     0.83,  # Hangul syllables that are not one token (on top of Hangul)
     -2.69,  # words with an accented letter that are one token (their accents cost nothing extra)
-    0.84,  # foreign Latin: doubled vowels (Dutch, German, Finnish)
-    1.99,  # Latin Extended-A letters (Polish, Czech, Turkish...), on top of accented Latin
+    0.84,  # Latin Extended-A letters (Polish, Czech, Turkish...), on top of accented Latin
+    1.99,  # foreign Latin: doubled vowels (Dutch, German, Finnish)
     0.77,  # foreign Latin: capitalised words at the start of a line
 )
 _FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
