@@ -848,6 +848,30 @@ def test_token_counter_accuracy_by_category():
     assert not under, f"long samples under-counted by more than 10%: {under}"
 
 
+def test_token_counter_accuracy_by_language():
+    """count_text_tokens() is within 10% of cl100k_base for every language and mixed-text category of
+    fixtures/token_corpus_i18n.json (real text: UDHR, Django/Sphinx/Debian translations, translated man pages,
+    code and Markdown with CJK, emoji; counts precomputed by bench/token_corpus_i18n.py), and no sample of
+    2,000 characters or more is off by more than 15%."""
+    long_sample_tolerance = 0.15
+    corpus = json.loads((FIXTURES / "token_corpus_i18n.json").read_text(encoding="utf-8"))
+    ref, est = defaultdict(int), defaultdict(int)
+    off_samples = []
+    for sample in corpus:
+        assert sample["source"] and sample["licence"]
+        n = cp.count_text_tokens(sample["text"])
+        ref[sample["category"]] += sample["cl100k"]
+        est[sample["category"]] += n
+        if len(sample["text"]) >= 2000 and abs(n / sample["cl100k"] - 1) > long_sample_tolerance:
+            off_samples.append((sample["category"], sample["source"], n, sample["cl100k"]))
+    languages = "en fr de es pt it nl pl cs tr vi ru uk el ar he hi th zh ja ko".split()
+    assert set(ref) >= {*languages, "mixed_code", "mixed_markdown_cjk", "mixed_emoji"}
+    errors = {cat: est[cat] / ref[cat] - 1 for cat in ref}
+    off = {cat: f"{100 * e:+.1f}% ({est[cat]} vs {ref[cat]})" for cat, e in errors.items() if abs(e) > 0.10}
+    assert not off, f"token estimate off by more than 10%: {off}"
+    assert not off_samples, f"long samples off by more than {long_sample_tolerance:.0%}: {off_samples}"
+
+
 def test_count_tokens_claude_code_request_and_images():
     request = parse_fixture(2)
     count = cp.count_request_tokens(request)
