@@ -1261,14 +1261,6 @@ _ASCII_AND_CONT = bytes(range(0xC0))
 _LANE_MASKS: dict[int, tuple] = {}  # padded length (a power of two) -> lane masks
 _CHUNK = 16384  # chars per big-int pass
 
-try:
-    _popcount = int.bit_count  # Python >= 3.10
-except AttributeError:  # Python 3.9: slower, same result
-
-    def _popcount(x: int) -> int:
-        return bin(x).count("1")
-
-
 # Weight of each feature returned by _token_features (fitted, then rounded: bench/fit_token_weights.py).
 _TOKEN_WEIGHTS = (
     0.99,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
@@ -1347,7 +1339,7 @@ def _chunk_features(text: str) -> tuple:
         m0 = int.from_bytes(b"\x01" * size, "little")
         masks = _LANE_MASKS[size] = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2), m0 << 7)
     M0, M1, M2, M3, M4, M5, M02, M7 = masks
-    pc = _popcount
+    pc = int.bit_count
     # Character i is byte i of X (bits 8i..8i+7, one bit per class).  A left
     # shift by 8 puts the previous character on each position, a right shift
     # the next one; shifting by 8 +/- k also moves a class bit k lanes.  Every
