@@ -152,6 +152,7 @@ RETRY_BACKOFF = (0.1, 2.0)  # seconds: first delay and cap, doubled per retry, j
 DISCOVERY_INTERVAL = 5.0  # seconds between two on-demand model listings
 PROBE_TIMEOUT = 5.0  # seconds for model lists and tokenizer endpoints
 IMAGE_FETCH_TIMEOUT = 15.0
+SHUTDOWN_TIMEOUT = 1.0  # after --shutdown-grace, for aiohttp to close connections (it waits twice at most)
 WARN_ONCE_MEMORY = 1000  # distinct warnings remembered by warn_once
 TOKEN_MEMO_SIZE = 8192  # token counts remembered (long texts, tool definitions)
 BACKEND_TOKEN_CACHE_SIZE = 512  # counts from a backend tokenizer remembered
@@ -447,6 +448,12 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
     # set only through Config(...): no flag, no environment variable
     Option("connect_timeout", None, (), 10.0, "seconds to connect to the backend", check=_positive),
     Option("ping_interval", None, (), 10.0, "seconds without a write before a stream gets a ping", check=_positive),
+    Option(
+        "shutdown_grace", "--shutdown-grace", ("SHUTDOWN_GRACE",), 3.0,
+        "on SIGINT/SIGTERM, seconds that requests in flight get to finish before they are ended with an "
+        "overloaded error the client retries (the proxy exits at most 2 s later)",
+        parse=_number, unit="s",
+    ),
     Option("discover", None, (), True, "ask the backend for its models when no map or default model applies"),
 )  # fmt: skip
 
@@ -3202,6 +3209,7 @@ class Backend:
         self.backend_models: list[str] = []
         self.context_windows: dict[str, int] = {}
         self.token_cache: dict[str, int] = {}
+        self.in_flight: set[Any] = set()  # the Watch of every request at work (shutdown ends them)
         self._discovered_at = 0.0
 
     async def start(self) -> None:
@@ -3611,27 +3619,40 @@ class Watch:
     task is cancelled, which closes the backend connection at once, and ClientGone comes out of the
     block) and, given the stream `out`, pings after `interval` s without a write (`last`)."""
 
-    def __init__(self, request: web.Request, interval: float, out: Optional[web.StreamResponse] = None) -> None:
-        self.request, self.interval, self.out = request, interval, out
+    def __init__(self, request: web.Request, backend: Backend, out: Optional[web.StreamResponse] = None) -> None:
+        self.request, self.interval, self.out = request, backend.config.ping_interval, out
+        self.in_flight = backend.in_flight
         self.last = time.monotonic()
-        self.gone = False
+        self.gone = self.stopped = False
         self.task: Optional[asyncio.Task] = None
         self.watcher: Optional[asyncio.Task] = None
 
     async def __aenter__(self) -> Watch:
         self.task = asyncio.current_task()
         self.watcher = asyncio.create_task(self._watch())
+        self.in_flight.add(self)
         return self
 
     async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        self.in_flight.discard(self)
         if not self.watcher.done():  # type: ignore[union-attr]
             self.watcher.cancel()  # type: ignore[union-attr]
             await asyncio.wait([self.watcher])  # type: ignore[list-item]  # our own cancellation still propagates
-        if kind is asyncio.CancelledError and self.gone:
+        if kind is asyncio.CancelledError and (self.gone or self.stopped):
             if hasattr(self.task, "uncancel"):  # Python 3.11+: the cancellation was ours, and it is handled
                 self.task.uncancel()  # type: ignore[union-attr]
-            raise ClientGone() from None
+            if self.gone:
+                raise ClientGone() from None
+            raise ApiError(
+                529, "the proxy is shutting down: send the request again", retry=True, kind="shutdown"
+            ) from None
         return False
+
+    def stop(self) -> None:
+        """The proxy is shutting down and the grace period is over: end the work with an overloaded error."""
+        if not self.gone and self.task is not None:
+            self.stopped = True
+            self.task.cancel()
 
     async def _watch(self) -> None:
         try:
@@ -3663,7 +3684,7 @@ async def open_backend(
 
 def _watching(request: Optional[web.Request], backend: Backend) -> Any:
     """A Watch without pings, or nothing when there is no client to watch (--check)."""
-    return Watch(request, backend.config.ping_interval) if request is not None else contextlib.nullcontext()
+    return Watch(request, backend) if request is not None else contextlib.nullcontext()
 
 
 async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Request] = None) -> dict[str, Any]:
@@ -3703,7 +3724,7 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
             "x-accel-buffering": "no",
         },
     )
-    watch = Watch(request, backend.config.ping_interval, out)
+    watch = Watch(request, backend, out)
     record = ex.record
 
     async def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
@@ -3720,13 +3741,13 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
         await out.prepare(request)
         ex.builder.start_message()
         await out.write(sse(ex.builder.take()) + PING)
-        async with watch:  # stopped before the end: no ping may follow the last event
-            try:
+        try:
+            async with watch:  # stopped before the end: no ping may follow the last event
                 await pump(resp, ex, emit)
-            except ClientGone:
-                raise
-            except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
-                error = relay_error(exc, backend.config)
+        except ClientGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
+            error = relay_error(exc, backend.config)
         if error is not None:
             record.failed(error)
             await out.write(sse([("error", error.body())]))
@@ -4079,10 +4100,21 @@ def create_app(config: Optional[Config] = None) -> web.Application:
         if config.discover:  # the start-up probe: lists the backend's models, only warns when it is down
             await backend.discover(force=True)
 
+    async def shutdown(app: web.Application) -> None:
+        """SIGINT/SIGTERM: requests in flight get the grace period to finish, then are ended cleanly."""
+        deadline = time.monotonic() + config.shutdown_grace
+        while backend.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if backend.in_flight:
+            log.warning("shutting down: ending %d request(s) still in flight", len(backend.in_flight))
+        for watch in list(backend.in_flight):
+            watch.stop()
+
     async def cleanup(app: web.Application) -> None:
         await backend.close()
 
     app.on_startup.append(startup)
+    app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -4190,7 +4222,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         web.run_app(
-            create_app(config), host=config.host, port=config.port, print=None, access_log=None, shutdown_timeout=5
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            print=None,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
     except OSError as exc:
         sys.stderr.write(f"claude-proxy: cannot listen on {url}: {exc.strerror}\n")

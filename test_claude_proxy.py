@@ -3773,6 +3773,36 @@ def test_sigterm_lets_streams_finish(make_stack, tmp_path):
         proc.kill()
 
 
+def test_ctrl_c_ends_a_long_stream_within_the_bound(make_stack, tmp_path):
+    """A stream that outlasts --shutdown-grace ends with a retryable overloaded error, and the process exits at
+    most 2 s after the grace (Ctrl-C used to take 8-10 s, with the stream cut off without an error)."""
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream(*["w "] * 200), delay=0.05))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "claude_proxy.py"), "--provider", "openai", "--base-url", stack.backend_url]
+        + ["--model", "m", "--port", str(port), "--shutdown-grace", "0.5"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(lambda: _health(port), timeout=15)
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as err:
+            with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
+                next(iter(s.text_stream))
+                started = time.monotonic()
+                proc.send_signal(signal.SIGINT)
+                for _ in s.text_stream:
+                    pass
+        assert err.value.body["error"]["type"] == "overloaded_error" and "shutting down" in str(err.value)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 0.5 + 2 + 1  # grace + aiohttp's close + process exit
+    finally:
+        proc.kill()
+
+
 # --- Help, check, gunicorn ---------------------------------------------------------------------
 
 
