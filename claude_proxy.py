@@ -195,7 +195,16 @@ PROVIDERS = ("openai", "ollama")
 DEFAULT_BASE_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000/v1"}
 SYSTEM_MESSAGE_STRATEGIES = ("reminder", "hoist", "inline")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MODEL_MAP_KEYS = ("model", "provider", "base_url", "api_key_env", "max_tokens", "context_window", "reasoning_history")
+MODEL_MAP_KEYS = (
+    "model",
+    "provider",
+    "base_url",
+    "api_key_env",
+    "max_tokens",
+    "context_window",
+    "reasoning_history",
+    "send_user_id",
+)
 
 
 class ConfigError(Exception):
@@ -440,6 +449,18 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
         switch=True,
     ),
     Option(
+        "send_user_id", "--send-user-id", ("SEND_USER_ID",), False,
+        "pass the client's metadata.user_id (Claude Code's device and session ids) to OpenAI-compatible backends "
+        "as `user`; off by default (map entries may set send_user_id)",
+        switch=True,
+    ),
+    Option(
+        "shutdown_grace", "--shutdown-grace", ("SHUTDOWN_GRACE",), 3.0,
+        "on SIGINT/SIGTERM, seconds that requests in flight get to finish before they are ended with an "
+        "overloaded error the client retries (the proxy exits at most 2 s later)",
+        parse=_number, unit="s",
+    ),
+    Option(
         "check", "--check", (), False,
         "contact the backend, send a one-token request for each mapped model, print what works, exit non-zero "
         "on failure",
@@ -448,12 +469,6 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
     # set only through Config(...): no flag, no environment variable
     Option("connect_timeout", None, (), 10.0, "seconds to connect to the backend", check=_positive),
     Option("ping_interval", None, (), 10.0, "seconds without a write before a stream gets a ping", check=_positive),
-    Option(
-        "shutdown_grace", "--shutdown-grace", ("SHUTDOWN_GRACE",), 3.0,
-        "on SIGINT/SIGTERM, seconds that requests in flight get to finish before they are ended with an "
-        "overloaded error the client retries (the proxy exits at most 2 s later)",
-        parse=_number, unit="s",
-    ),
     Option("discover", None, (), True, "ask the backend for its models when no map or default model applies"),
 )  # fmt: skip
 
@@ -469,6 +484,7 @@ class Route:
     max_tokens: Optional[int] = None  # cap for the request's max_tokens
     context_window: Optional[int] = None
     reasoning_history: Optional[bool] = None  # send thinking back as reasoning_content; None: provider default
+    send_user_id: bool = False  # pass metadata.user_id on as `user` (Claude Code's device and session ids)
 
 
 class _ConfigRules:
@@ -483,7 +499,7 @@ class _ConfigRules:
     def _route_of(self, name: str, entry: Any) -> Route:
         where = f"model map entry {name!r}"
         if isinstance(entry, str) and entry:
-            return Route(entry, self.provider, self.base_url, self.api_key)
+            return self.default_route(entry)
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
             raise ConfigError(f'{where}: must be a backend model name or an object with a "model" string')
         unknown = set(entry) - set(MODEL_MAP_KEYS)
@@ -496,8 +512,9 @@ class _ConfigRules:
             value = entry.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{where}: {key} must be a positive integer")
-        if "reasoning_history" in entry and not isinstance(entry["reasoning_history"], bool):
-            raise ConfigError(f"{where}: reasoning_history must be true or false")
+        for key in ("reasoning_history", "send_user_id"):
+            if key in entry and not isinstance(entry[key], bool):
+                raise ConfigError(f"{where}: {key} must be true or false")
         base_url = (
             entry.get("base_url") or (self.base_url if provider == self.provider else DEFAULT_BASE_URLS[provider])
         ).rstrip("/")
@@ -514,10 +531,11 @@ class _ConfigRules:
             entry.get("max_tokens"),
             entry.get("context_window"),
             entry.get("reasoning_history"),
+            entry.get("send_user_id", self.send_user_id),
         )
 
     def default_route(self, model: str) -> Route:
-        return Route(model, self.provider, self.base_url, self.api_key)
+        return Route(model, self.provider, self.base_url, self.api_key, send_user_id=self.send_user_id)
 
 
 def _config_field(option: Option) -> tuple[str, str, Any]:
@@ -1878,7 +1896,7 @@ def openai_request(
     if official:  # OpenAI's own API rejects top_k, and its reasoning models take only max_completion_tokens
         body.pop("top_k", None)
         body["max_completion_tokens"] = body.pop("max_tokens")
-    if req.metadata and req.metadata.user_id:
+    if route.send_user_id and req.metadata and req.metadata.user_id:  # off by default: a device and session id
         body["user"] = req.metadata.user_id
     effort = reasoning_effort(req)
     if effort:

@@ -3434,7 +3434,7 @@ def test_backend_timeout_through_sdk(make_stack):
 
 
 def test_optional_field_is_dropped_only_when_the_backend_names_it(make_stack):
-    stack = make_stack("openai")
+    stack = make_stack("openai", send_user_id=True)
     alternate = {
         "object": "error",
         "message": "Conversation roles must alternate user/assistant/user/assistant/...",
@@ -3449,6 +3449,17 @@ def test_optional_field_is_dropped_only_when_the_backend_names_it(make_stack):
     assert len(stack.backend.requests) == 1  # not retried without `user`
     http(stack, "POST", "/v1/messages", body)
     assert stack.backend.requests[1]["user"] == "u-1"  # and not dropped for later requests
+
+
+def test_user_id_is_not_sent_unless_configured(make_stack):
+    """metadata.user_id is Claude Code's device and session id: kept from backends unless asked for."""
+    body = req(metadata={"user_id": '{"device_id":"d","session_id":"s"}'})
+    stack = make_stack("openai", model_map={"claude-x": {"model": "x", "send_user_id": True}, "claude-y": "y"})
+    for model in ("claude-x", "claude-y", "m"):
+        assert http(stack, "POST", "/v1/messages", dict(body, model=model))[0] == 200
+    assert [r.get("user") for r in stack.backend.requests] == ['{"device_id":"d","session_id":"s"}', None, None]
+    on = make_stack("openai", send_user_id=True)
+    assert http(on, "POST", "/v1/messages", body)[0] == 200 and on.backend.requests[0]["user"]
 
 
 # --- Fetching images for Ollama ----------------------------------------------------------------
