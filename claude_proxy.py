@@ -36,7 +36,9 @@ import os
 import random
 import re
 import secrets
+import shutil
 import sys
+import textwrap
 import time
 import typing
 import zlib
@@ -4175,13 +4177,17 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
                 await relay_message(backend, exchange(req, route, config, 1.0, new_id("req_"), RequestRecord()))
                 rows.append((name, f"{route.model} ({route.provider})", "ok"))
             except ApiError as exc:
-                rows.append((name, "", f"FAIL: {exc.status} {exc.message}"[:200]))
+                rows.append((name, "", f"FAIL: {exc.status} {exc.message}"))
     finally:
         await backend.close()
     width = [max(len(r[i]) for r in rows + [("client model", "backend model", "")]) for i in range(2)]
     out.write(f"{'client model':<{width[0]}}  {'backend model':<{width[1]}}  result\n")
+    indent = width[0] + width[1] + 4  # results are printed whole, wrapped to the terminal
+    room = max(40, shutil.get_terminal_size((100, 24)).columns - indent)
     for row in rows:
-        out.write(f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {row[2]}\n")
+        lines = textwrap.wrap(row[2], room, break_long_words=False, break_on_hyphens=False) or [""]
+        out.write(f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {lines[0]}\n")
+        out.writelines(" " * indent + line + "\n" for line in lines[1:])
     return 1 if any(r[2].startswith("FAIL") for r in rows) else 0
 
 
@@ -4233,17 +4239,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             "listening on %s without --auth-token: anyone who can reach this address can use the backend", config.host
         )
     url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
-    print(
+    key = "any"
+    if config.auth_token:  # the command that works, without the whole secret in a terminal log
+        token = config.auth_token
+        key = f"<your --auth-token: {token[:2]}…{token[-2:]}>" if len(token) >= 12 else "<your --auth-token>"
+    banner = (
         f"claude-proxy {__version__} listening on {url} -> {config.provider} at {public_url(config.base_url)}\n"
-        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=any claude",
-        flush=True,
+        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY={key} claude"
     )
     try:
         web.run_app(
             create_app(config),
             host=config.host,
             port=config.port,
-            print=None,
+            print=lambda _: print(banner, flush=True),  # called once the port is bound
             access_log=None,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
         )

@@ -3839,6 +3839,58 @@ def test_help_documents_every_option():
         assert option in result.stdout
 
 
+def test_port_in_use_is_one_line_and_exit_2_without_a_banner(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(HERE / "claude_proxy.py"), "--port", str(port), "--provider", "openai"]
+            + ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2 and "listening" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if "WARNING" not in line]
+    assert len(errors) == 1 and "cannot listen" in errors[0] and "in use" in errors[0], result.stderr
+
+
+def test_banner_after_bind_suggests_the_auth_token_without_printing_it(tmp_path):
+    port = free_port()
+    token = "sk-proxy-0123456789abcdef"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "claude_proxy.py"), "--port", str(port), "--provider", "openai"]
+        + ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--auth-token", token],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        banner = proc.stdout.readline() + proc.stdout.readline()
+        assert _health(port), "the banner is printed once the port answers"
+        assert f"listening on http://127.0.0.1:{port}" in banner and token not in banner
+        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=<your --auth-token: sk…ef>" in banner
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_check_prints_long_messages_whole_and_wrapped(make_stack, capsys):
+    """Regression: --check cut its results at 200 characters, and the fix at the end of a message was lost."""
+    stack = make_stack("openai")
+    tail = "the fix is at the very end of this message: start the server with --some-flag"
+    stack.backend.queue(Reply(400, {"error": {"message": "x" * 10 + " word" * 60 + " " + tail}}))
+    config = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "m"})
+    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 1
+    out = capsys.readouterr().out
+    assert " ".join(out.split()).endswith(tail) and max(len(line) for line in out.splitlines()) <= 200
+
+
 def test_check_command_reports_and_exits(make_stack, capsys):
     stack = make_stack("openai")
     good = cp.Config(provider="openai", base_url=stack.backend_url, default_model="backend-model")
