@@ -154,6 +154,7 @@ RETRY_BACKOFF = (0.1, 2.0)  # seconds: first delay and cap, doubled per retry, j
 DISCOVERY_INTERVAL = 5.0  # seconds between two on-demand model listings
 PROBE_TIMEOUT = 5.0  # seconds for model lists and tokenizer endpoints
 IMAGE_FETCH_TIMEOUT = 15.0
+OUTPUT_CAP_SLACK = 8  # output tokens below the limit given that still count as reaching it
 SHUTDOWN_TIMEOUT = 1.0  # after --shutdown-grace, for aiohttp to close connections (it waits twice at most)
 WARN_ONCE_MEMORY = 1000  # distinct warnings remembered by warn_once
 TOKEN_MEMO_SIZE = 8192  # token counts remembered (long texts, tool definitions)
@@ -3212,6 +3213,7 @@ class Exchange:
     builder: EventBuilder
     request_id: str
     record: RequestRecord
+    sent_max_tokens: int = 0  # the output limit the backend was given, after the lessons it taught
 
 
 CLIENT_CONTEXT_WINDOW = 200_000
@@ -3229,6 +3231,7 @@ class Backend:
         self.backend_models: list[str] = []
         self.context_windows: dict[str, int] = {}
         self.token_cache: dict[str, int] = {}
+        self.capped: set[str] = set()  # models warned about for their own output cap
         self.in_flight: set[Any] = set()  # the Watch of every request at work (shutdown ends them)
         self._discovered_at = 0.0
 
@@ -3459,6 +3462,7 @@ class Backend:
             holder[field_name] = cap
         if context and holder[field_name] > context - ex.input_estimate:
             holder[field_name] = max(1, context - ex.input_estimate)
+        ex.sent_max_tokens = holder[field_name]
 
     def _learn(self, ex: Exchange, key: tuple[str, str], body: dict[str, Any], message: str) -> bool:
         """Adapt the body to a 400 that says what the model cannot take; False if nothing applies."""
@@ -3475,7 +3479,7 @@ class Backend:
         if allowed and allowed < holder[field_name]:
             known_ctx, known_cap = self.limits.get(key, (None, None))
             self.limits[key] = (ctx or known_ctx, cap or known_cap)
-            holder[field_name] = allowed
+            holder[field_name] = ex.sent_max_tokens = allowed
             log.info("backend model %s: max_tokens lowered to %d to fit its limits", model, allowed)
             return True
         rejected = next((f for f in OPTIONAL_FIELDS if f in body and _names_field(message, f)), None)
@@ -3485,6 +3489,26 @@ class Backend:
             log.warning("backend model %s rejected %r; sending requests without it from now on", model, rejected)
             return True
         return False
+
+    def note_output_cap(self, ex: Exchange) -> None:
+        """A `length` stop well below the limit the backend was given is the server's own output cap (llama.cpp
+        -n, a Modelfile's num_predict): Claude Code then asks for continuations and reports its own maximum.
+        Say so once per model, with the fix."""
+        produced, outcome, model = ex.builder.usage_out, ex.builder.outcome, ex.route.model
+        if not outcome or outcome.stop_reason != "max_tokens" or produced is None or model in self.capped:
+            return
+        if produced + OUTPUT_CAP_SLACK < ex.sent_max_tokens:
+            self.capped.add(model)
+            log.warning(
+                "backend model %s stopped at %d output tokens ('length') although it was given %d: the server caps "
+                "output on its own, so answers end early and Claude Code asks for continuations. Raise the server's "
+                "limit (llama.cpp: -n/--n-predict; Ollama: num_predict in the Modelfile; vLLM: the model's "
+                'generation_config max_tokens), or set "max_tokens": %d for this model in the model map',
+                model,
+                produced,
+                ex.sent_max_tokens,
+                produced,
+            )
 
     async def _post(self, ex: Exchange, data: bytes) -> aiohttp.ClientResponse:
         """One POST; connection failures before any response byte are retried (jittered backoff)."""
@@ -3728,6 +3752,7 @@ async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Re
         if resp is not None:
             resp.release() if ex.builder.outcome else resp.close()
     ex.record.outcome = ex.builder.outcome
+    backend.note_output_cap(ex)
     return fold_events(events)
 
 
@@ -3778,6 +3803,7 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
         if resp is not None:  # close: the backend sees it and stops generating
             resp.release() if ex.builder.outcome and error is None else resp.close()
     record.outcome = ex.builder.outcome
+    backend.note_output_cap(ex)
     return out
 
 

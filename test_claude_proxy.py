@@ -2059,6 +2059,25 @@ def test_cached_tokens_and_stop_sequence(make_stack):
     assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
 
 
+def test_backend_output_cap_below_the_request_is_a_warning_once_per_model(make_stack, provider, caplog):
+    """The server stopped at its own cap (llama.cpp -n 100) while the client allowed 4000: stop_reason stays
+    max_tokens, and one WARNING says how to raise the cap; stopping at the client's own limit says nothing."""
+    stack = make_stack(provider)
+    capped = (
+        SSE(oai_text_stream("cut", finish="length", usage=oai_usage(completion=100)))
+        if provider == "openai"
+        else NDJSON(ollama_text_stream("cut", done_reason="length", completion=100))
+    )
+    caplog.set_level(logging.WARNING, logger="claude_proxy")
+    for max_tokens in (100, 4000, 4000):
+        stack.backend.queue(copy.deepcopy(capped))
+        msg = stack.client().messages.create(model="m", max_tokens=max_tokens, messages=USER_HI)
+        assert msg.stop_reason == "max_tokens"
+    warnings = [r.getMessage() for r in caplog.records if "caps output on its own" in r.getMessage()]
+    assert len(warnings) == 1 and "stopped at 100 output tokens" in warnings[0] and "given 4000" in warnings[0]
+    assert "--n-predict" in warnings[0] and '"max_tokens": 100' in warnings[0]
+
+
 def test_length_and_content_filter_stop_reasons(make_stack, provider):
     stack = make_stack(provider)
     stack.backend.queue(
