@@ -505,24 +505,9 @@ def test_signature_inflation_is_bounded():
     assert time.monotonic() - started < 1.0
 
 
-def test_stdlib_json_rejects_what_orjson_rejects():
+def test_stdlib_json_rejects_what_orjson_rejects(cp_without_orjson):
     """Without orjson (the minimal install), the same inputs are refused and the same bytes written."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("claude_proxy_stdlib_json", HERE / "claude_proxy.py")
-    module = importlib.util.module_from_spec(spec)
-    saved = sys.modules.get("orjson")
-    sys.modules["orjson"] = None  # type: ignore[assignment]
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-        if saved is None:
-            sys.modules.pop("orjson", None)
-        else:
-            sys.modules["orjson"] = saved
-    assert module._orjson is None
+    module = cp_without_orjson
     for raw in [
         b'{"a":"\\ud83d"}',
         b'{"a":"\\udc00"}',
