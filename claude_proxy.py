@@ -105,6 +105,14 @@ log = logging.getLogger("claude_proxy")
 PROVIDERS = ("openai", "ollama")
 DEFAULT_BASE_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000/v1"}
 SYSTEM_MESSAGE_STRATEGIES = ("reminder", "hoist", "inline")
+# Ollama runs a model with the num_ctx of each request, else with its own default (4k on small machines) and
+# cuts the prompt's start without an error. Claude Code's system prompt and tools alone take 11-13k tokens;
+# 32k leaves ~20k for the conversation and a compaction, and costs 1.5-5 GB of KV cache on 4-32B models
+# (Ollama's own choice on 24-48 GB GPUs). More: context_window in the map, or --context-window.
+DEFAULT_NUM_CTX = 32768
+# A request whose estimate is over the window by more than this is answered "prompt is too long" before the
+# backend: the heuristic is within +-5% of real tokenizers on whole requests (README, token counting).
+OVERFLOW_MARGIN = 0.10
 
 
 class ConfigError(Exception):
@@ -145,7 +153,9 @@ class Config:
     discover: bool = True  # ask the backend for its models when no map/default applies
     check: bool = False  # --check: test the backend and exit
     fetch_images: bool = False  # Ollama: download image URLs (it accepts only base64)
-    scale_usage: bool = False  # report input tokens scaled to a 200k window (see README)
+    scale_usage: bool = False  # report input tokens scaled to the window Claude Code believes (see README)
+    context_window: Optional[int] = None  # window of models nobody else states; Ollama's num_ctx (default 32768)
+    client_window: Optional[int] = None  # the window Claude Code was told (`run`); None: what it believes by name
     count_tokens: str = "heuristic"  # or "backend": the model's own tokenizer where the server has one
 
     def __post_init__(self) -> None:
@@ -220,13 +230,24 @@ _DATE_SUFFIX = re.compile(r"-\d{8}$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def resolve_route(config: Config, model: str, discovered: Optional[dict[str, str]] = None) -> Optional[Route]:
-    """Client model name -> Route. Exact beats pattern, first pattern wins, then the default model,
-    then the pick among the backend's own models. None: nothing maps it."""
+def resolve_route(
+    config: Config,
+    model: str,
+    discovered: Optional[dict[str, str]] = None,
+    backend_models: Union[list[str], set[str], tuple[str, ...]] = (),
+) -> Optional[Route]:
+    """Client model name -> Route. An exact map key first; then a backend model by its own name (one the
+    map sends somewhere, with that entry's settings, or one the backend lists, as is); then the first
+    matching pattern, the default model, and last the zero-config pick. None: nothing maps it."""
     routes = config.routes
     for name in (model, _DATE_SUFFIX.sub("", model)):
         if name in routes and not _GLOB_CHARS.search(name):
             return routes[name]
+    for route in routes.values():
+        if route.model == model:
+            return route
+    if model in backend_models:
+        return config.default_route(model)
     for pattern, route in routes.items():
         if _GLOB_CHARS.search(pattern) and fnmatch.fnmatchcase(model, pattern):
             return route
@@ -1473,9 +1494,14 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
             msg["images"] = [src.data for src in images]
         messages.append(msg)
     options: dict[str, Any] = {"num_predict": effective_max_tokens(req, route), **sampling(req)}
-    if route.context_window:
-        options["num_ctx"] = route.context_window
-    body: dict[str, Any] = {"model": route.model, "messages": messages, "stream": True, "options": options}
+    options["num_ctx"] = route.context_window or DEFAULT_NUM_CTX  # Ollama's own default silently cuts prompts
+    body: dict[str, Any] = {
+        "model": route.model,
+        "messages": messages,
+        "stream": True,
+        "options": options,
+        "truncate": False,  # an error instead of a prompt cut from the front (Ollama >= 0.12; older ignore it)
+    }
     if conv.tools and not (req.tool_choice and req.tool_choice.type == "none"):
         body["tools"] = function_tools(conv.tools)
     if req.thinking:  # a model without thinking answers 400, and the proxy then drops `think` for it
@@ -2332,11 +2358,16 @@ class OpenAIProvider(Provider):
         return body, renamed
 
     def models(self, data: Any) -> list[dict[str, Any]]:
-        return [
-            {"name": m["id"], "context_window": m.get("max_model_len")}
-            for m in (data or {}).get("data") or ()
-            if isinstance(m, dict) and m.get("id")
-        ]
+        """vLLM states max_model_len; llama.cpp's meta.n_ctx is its running context (its /props is more exact)."""
+        models = []
+        for m in (data or {}).get("data") or ():
+            if isinstance(m, dict) and m.get("id"):
+                meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
+                window, source = _positive(m.get("max_model_len")), "max_model_len in /v1/models"
+                if not window and _positive(meta.get("n_ctx")):
+                    window, source = meta["n_ctx"], "llama.cpp n_ctx in /v1/models"
+                models.append({"name": m["id"], "context_window": window, "source": source})
+        return models
 
 
 class OllamaProvider(Provider):
@@ -2355,6 +2386,23 @@ class OllamaProvider(Provider):
 
 
 PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": OllamaProvider()}
+
+
+def _positive(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def trained_context(show: Any) -> Optional[int]:
+    """Ollama /api/show -> the context length the model was trained for (model_info.<arch>.context_length)."""
+    info = (show or {}).get("model_info") if isinstance(show, dict) else None
+    if not isinstance(info, dict):
+        return None
+    arch = info.get("general.architecture")
+    found = _positive(info.get(f"{arch}.context_length"))
+    return found or next(
+        (_positive(v) for k, v in info.items() if k.endswith(".context_length") and _positive(v)), None
+    )
+
 
 # Fields a backend may reject for a model; on a 400 that names one, it is dropped (and remembered).
 OPTIONAL_FIELDS = (
@@ -2384,10 +2432,30 @@ _LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (nu
     ),
     re.compile(r"n_prompt_tokens=(?P<prompt>\d+), n_ctx=(?P<ctx>\d+)"),  # llama.cpp (fields of its error)
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<ctx>\d+) tokens\)", re.I),
+    re.compile(  # LM Studio
+        r"keep the first (?P<prompt>\d+) tokens when context the overflows.{0,80}?context length of only "
+        r"(?P<ctx>\d+) tokens",
+        re.S | re.I,
+    ),
+    re.compile(r"input \((?P<prompt>\d+) tokens\) is longer than the model's context length \((?P<ctx>\d+) tok", re.I),
+    re.compile(r"prompt contains (?P<prompt>\d+) tokens.{0,40}?model with (?P<ctx>\d+) maximum context length", re.I),
     re.compile(r"supports at most (?P<cap>\d+) completion tokens", re.I),
 ]
 
 
+_OVER_BY = re.compile(r"exceeded max context length by (\d+) tokens", re.I)  # Ollama
+_OVERFLOW_WORDS = (  # context overflows that carry no usable numbers
+    "context_length_exceeded",
+    "exceeds the available context",
+    "input length exceeds the context length",  # Ollama with truncate: false (HTTP 400; 500 in some versions)
+    "prompt too long; exceeded",  # Ollama
+    "prompt is longer than the context length",
+    "exceed_context_size_error",
+    "maximum context length",
+    "is longer than the model's context length",
+    "when context the overflows",  # LM Studio
+    "greater than the context length",  # LM Studio
+)
 _WANTS_COMPLETION_TOKENS = re.compile(r"use .?max_completion_tokens.? instead|max_tokens.? is not supported", re.I)
 
 
@@ -2421,14 +2489,40 @@ def backend_error_text(raw: bytes) -> str:
     return text[:500]
 
 
-def map_backend_error(status: int, message: str, retry_after: Optional[str] = None) -> ApiError:
-    """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint)."""
+def too_long(prompt: int, window: int) -> ApiError:
+    """The error on which Claude Code compacts the conversation (it parses both numbers)."""
+    return ApiError(400, f"prompt is too long: {prompt} tokens > {window} maximum", retry=False)
+
+
+def check_fits(estimate: int, route: Route) -> None:
+    """Answer a request that cannot fit the known window before the backend (which may cut it silently)."""
+    window = route.context_window
+    if window and estimate > window * (1 + OVERFLOW_MARGIN):
+        raise too_long(estimate, window)
+
+
+def map_backend_error(
+    status: int,
+    message: str,
+    retry_after: Optional[str] = None,
+    estimate: Optional[int] = None,
+    window: Optional[int] = None,
+) -> ApiError:
+    """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint). A context
+    overflow becomes `prompt is too long: N tokens > M maximum`, with the backend's numbers where it gives
+    them, else with the proxy's estimate and the window it knows (Ollama's wordings carry no numbers)."""
     lowered = message.lower()
-    if status in (400, 413, 422):
+    if status in (400, 413, 422, 500):
         ctx, prompt, _ = context_limits(message)
+        over = _OVER_BY.search(message)
+        if over and window:
+            ctx, prompt = window, window + int(over.group(1))
         if ctx and prompt and prompt >= ctx:  # Claude Code compacts on exactly this wording
-            return ApiError(400, f"prompt is too long: {prompt} tokens > {ctx} maximum", retry=False)
-        if "context_length_exceeded" in lowered or "exceeds the available context" in lowered:
+            return too_long(prompt, ctx)
+        if not (ctx and prompt) and any(w in lowered for w in _OVERFLOW_WORDS):
+            ctx = ctx or window
+            if ctx:
+                return too_long(max(prompt or estimate or 0, ctx + 1), ctx)
             return ApiError(400, f"prompt is too long: {message}", retry=False)
     text = f"backend returned HTTP {status}: {message}"
     if status == 401:
@@ -2490,7 +2584,33 @@ async def _public_host(url: str) -> None:
             raise invalid("messages", f"image url {url[:100]!r}: {address} is not a public address")
 
 
-CLIENT_CONTEXT_WINDOW = 200_000
+# Claude Code compacts when a conversation comes within ~33k tokens (20k for the answer, 13k of margin) of the
+# window it assumes for the model name: 1M for its default claude-opus-5-5 and for names it does not know.
+CLIENT_COMPACT_BUFFER = 33_000
+CLIENT_MIN_WINDOW = 132_000  # told to Claude Code by `run` for smaller models: it compacts at 75% of theirs
+
+
+def client_believed_window(model: str) -> int:
+    """The context window Claude Code 2.1.332 assumes for a model name it sends (without env overrides)."""
+    lowered = model.lower()
+    if "[1m]" in lowered or not lowered.startswith("claude-") or "opus-5" in lowered or "sonnet-5" in lowered:
+        return 1_000_000
+    return 200_000
+
+
+def compaction_point(window: int) -> int:
+    """Prompt size at which a conversation should be compacted: leave 33k (Claude Code's own reserve for the
+    answer and the summary), but at least a quarter of a small window."""
+    return window - min(CLIENT_COMPACT_BUFFER, window // 4)
+
+
+def usage_scale(client_window: int, window: int) -> float:
+    """Factor for reported input tokens so that Claude Code, which compacts at client_window - 33k, does so
+    when the real prompt reaches compaction_point(window). With client_window = max(window, 132k) (what `run`
+    tells it) the factor is client_window / window: /context then shows the true fraction of the window."""
+    return max(1.0, (client_window - CLIENT_COMPACT_BUFFER) / compaction_point(window))
+
+
 MAX_IMAGE_BYTES = 20 << 20
 
 
@@ -2504,7 +2624,8 @@ class Backend:
         self.limits: dict[tuple[str, str], tuple[Optional[int], Optional[int]]] = {}  # (context, max output)
         self.discovered: dict[str, str] = {}  # family -> backend model (zero-config)
         self.backend_models: list[str] = []
-        self.context_windows: dict[str, int] = {}
+        self.windows: dict[str, tuple[int, str]] = {}  # backend model -> (running context, where it was read)
+        self.trained: dict[str, Optional[int]] = {}  # Ollama model -> trained context length (/api/show)
         self.token_cache: dict[str, int] = {}
         self._discovered_at = 0.0
 
@@ -2563,7 +2684,12 @@ class Backend:
             )
             return
         self.backend_models = [m["name"] for m in models]
-        self.context_windows = {m["name"]: m["context_window"] for m in models if m.get("context_window")}
+        self.windows = {m["name"]: (m["context_window"], m["source"]) for m in models if m.get("context_window")}
+        if config.provider == "openai":
+            await self._server_windows()
+        else:
+            mapped = [r.model for r in config.routes.values() if r.base_url == config.base_url]
+            await self._show([config.default_model or "", *self.backend_models[:40], *mapped])
         self.discovered = pick_models(models)
         if self.discovered:
             log.info(
@@ -2574,11 +2700,91 @@ class Backend:
             )
         else:
             log.warning("backend %s lists no models", public_url(config.base_url))
+        self.log_windows()
 
-    def usage_scale(self, route: Route) -> float:
-        """--scale-usage: Claude Code compacts near 200k input tokens; make a smaller window look full."""
-        window = route.context_window or self.context_windows.get(route.model)
-        return CLIENT_CONTEXT_WINDOW / window if self.config.scale_usage and window else 1.0
+    async def _get_json(self, url: str, body: Any = None) -> Any:
+        """GET (or POST body) -> the JSON answer, None on any failure (probes of optional endpoints)."""
+        assert self.session is not None
+        route = self.config.default_route("")
+        try:
+            async with self.session.request(
+                "POST" if body is not None else "GET",
+                url,
+                data=None if body is None else dumps(body),
+                headers=self.headers(route, new_id("req_")),
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:
+                data = await resp.json(content_type=None, loads=loads) if resp.status == 200 else None
+                return data if isinstance(data, dict) else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+
+    async def _server_windows(self) -> None:
+        """OpenAI-compatible servers that state the context a request may use: llama.cpp's /props (the
+        context of one slot: what a request gets), LM Studio's /api/v0/models (each loaded model's context)."""
+        root = re.sub(r"/v1$", "", self.config.base_url)
+        llama = any(src.startswith("llama.cpp") for _, src in self.windows.values())
+        if len(self.backend_models) == 1 and (llama or not self.windows):
+            props = await self._get_json(root + "/props")
+            settings = (props or {}).get("default_generation_settings")
+            n_ctx = _positive(settings.get("n_ctx")) if isinstance(settings, dict) else None
+            if n_ctx:
+                self.windows[self.backend_models[0]] = (n_ctx, "llama.cpp /props n_ctx")
+        if any(name not in self.windows for name in self.backend_models):
+            studio = await self._get_json(root + "/api/v0/models")
+            for m in (studio or {}).get("data") or ():
+                if isinstance(m, dict) and m.get("id") in self.backend_models and m.get("state") == "loaded":
+                    loaded = _positive(m.get("loaded_context_length"))
+                    if loaded:
+                        self.windows[m["id"]] = (loaded, "LM Studio loaded_context_length")
+
+    async def _show(self, names: list[str]) -> None:
+        """Ollama: the trained context length of each model (/api/show), which caps the num_ctx sent."""
+        todo = [n for n in dict.fromkeys(names) if n and n not in self.trained]
+        shows = await asyncio.gather(*(self._get_json(self.config.base_url + "/api/show", {"model": n}) for n in todo))
+        for name, show in zip(todo, shows):
+            self.trained[name] = trained_context(show)
+
+    def window(self, route: Route) -> Optional[int]:
+        """The context a request to this backend model gets: for Ollama the num_ctx the proxy sends (the
+        map's context_window, else --context-window, else 32768; never above the trained length); for the
+        others the map's, else what the server states, else --context-window. None: unknown."""
+        main = route.base_url == self.config.base_url
+        if route.provider == "ollama":
+            want = route.context_window or self.config.context_window or DEFAULT_NUM_CTX
+            trained = self.trained.get(route.model) if main else None
+            return min(want, trained) if trained else want
+        stated = self.windows.get(route.model) if main else None
+        return route.context_window or (stated[0] if stated else None) or self.config.context_window
+
+    def log_windows(self) -> None:
+        """At start: the window each model runs with, where it comes from, and how to change it."""
+        config = self.config
+        names = [r.model for r in config.routes.values()] + [config.default_model or ""] + self.backend_models
+        routes = [resolve_route(config, n, None, self.backend_models) for n in dict.fromkeys(names) if n]
+        parts = []
+        for route in dict.fromkeys(r for r in routes if r):
+            window = self.window(route)
+            if route.provider == "ollama":
+                trained = self.trained.get(route.model)
+                how = "num_ctx sent" + (f", trained for {trained}" if trained else "")
+            else:
+                stated = self.windows.get(route.model)
+                how = "model map" if route.context_window else (stated[1] if stated else "--context-window")
+            parts.append(f"{route.model} {window} ({how})" if window else f"{route.model} unknown")
+        if parts:
+            log.info(
+                "context windows: %s; change with context_window in the model map or --context-window",
+                ", ".join(parts[:20]),
+            )
+
+    def usage_scale(self, route: Route, client_model: str) -> float:
+        """--scale-usage (and `run`): scale reported input tokens so that Claude Code compacts in time for the
+        backend model's real window (see usage_scale())."""
+        config = self.config
+        if not route.context_window or not (config.scale_usage or config.client_window):
+            return 1.0
+        return usage_scale(config.client_window or client_believed_window(client_model), route.context_window)
 
     async def fetch_images(self, req: MessagesRequest) -> None:
         """Replace image URLs with their bytes (base64), for backends that take no URLs (Ollama)."""
@@ -2671,13 +2877,12 @@ class Backend:
         return count
 
     async def route(self, model: str) -> Route:
+        """Client model name -> Route with the backend model's real context window (see window())."""
         config = self.config
-        route = resolve_route(config, model, self.discovered)
-        if route is None and model in self.backend_models:
-            route = config.default_route(model)
+        route = resolve_route(config, model, self.discovered, self.backend_models)
         if route is None and config.discover and not config.default_model:
             await self.discover()
-            route = resolve_route(config, model, self.discovered)
+            route = resolve_route(config, model, self.discovered, self.backend_models)
         if route is None:
             hint = (
                 ""
@@ -2693,7 +2898,10 @@ class Backend:
                 "default with --model / DEFAULT_MODEL",
                 retry=False,
             )
-        return route
+        if route.provider == "ollama" and route.base_url == config.base_url and route.model not in self.trained:
+            await self._show([route.model])  # a model pulled after the start
+        window = self.window(route)
+        return route if window == route.context_window else dataclasses.replace(route, context_window=window)
 
     async def open(self, job: Job) -> aiohttp.ClientResponse:
         """POST the job to its backend; return the 2xx response, or raise the mapped ApiError.
@@ -2721,7 +2929,9 @@ class Backend:
                 if self._learn(job, key, body, message):
                     data = _encode(body)
                     continue
-            raise map_backend_error(resp.status, message, resp.headers.get("retry-after"))
+            raise map_backend_error(
+                resp.status, message, resp.headers.get("retry-after"), job.input_estimate, job.route.context_window
+            )
 
     def _apply_lessons(self, job: Job, key: tuple[str, str], body: dict[str, Any]) -> None:
         for name in self.rejected.get(key, set()) & body.keys():
@@ -3327,6 +3537,7 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
         if not too_deep(exc):
             raise
         raise TOO_DEEP from None
+    check_fits(estimate, route)
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
     builder = EventBuilder(
         new_id("msg_"),
@@ -3334,7 +3545,7 @@ async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
         estimate,
         tool_names=tool_names,
         show_thinking=show_thinking,
-        usage_scale=backend.usage_scale(route),
+        usage_scale=backend.usage_scale(route, req.model),
     )
     info = request[INFO]
     info.update(model=req.model, backend_model=route.model, provider=route.provider, stream=bool(req.stream))
@@ -3360,7 +3571,7 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     req = parse_request(await read_json(request), count_only=True)
     config, backend = request.app[CONFIG], request.app[BACKEND]
     route = None
-    if config.count_tokens == "backend" or config.scale_usage:
+    if config.count_tokens == "backend" or config.scale_usage or config.client_window:
         try:
             route = await backend.route(req.model)
         except ApiError:
@@ -3369,17 +3580,27 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     if count is None:
         count = count_request_tokens(req, build_conversation(req, config.system_messages))
     if route:
-        count = round(count * backend.usage_scale(route))
+        count = round(count * backend.usage_scale(route, req.model))
     return json_response({"input_tokens": count}, request[REQUEST_ID])
 
 
 def model_list(config: Config, backend: Backend) -> list[dict[str, Any]]:
+    """The map's names, the default model, and every backend model a client can ask for by its own name (the
+    backend's list and the map's targets), with the context window each runs with where it is known."""
     names = [n for n in config.model_map if not _GLOB_CHARS.search(n)]
     if config.default_model:
         names.append(config.default_model)
     names.extend(backend.backend_models)
-    seen: dict[str, None] = dict.fromkeys(names)
-    return [{"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"} for name in seen]
+    names.extend(route.model for route in config.routes.values())
+    models = []
+    for name in dict.fromkeys(names):
+        model = {"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+        route = resolve_route(config, name, backend.discovered, backend.backend_models)
+        window = backend.window(route) if route else None
+        if window:
+            model["max_input_tokens"] = window
+        models.append(model)
+    return models
 
 
 async def handle_models(request: web.Request) -> web.Response:

@@ -317,7 +317,14 @@ def test_sampling_and_stop_parameters():
     )[0]
     assert "top_k" not in official  # the official API rejects it
     ollama = backend_body(request, "ollama")
-    assert ollama["options"] == {"num_predict": 300, "temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop": ["###"]}
+    assert ollama["options"] == {
+        "num_predict": 300,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 40,
+        "stop": ["###"],
+        "num_ctx": 32768,
+    }
     assert ollama["stream"] is True and "user" not in ollama
 
 
@@ -2189,7 +2196,8 @@ def test_scale_usage(make_stack):
     )
     stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(1000, 5))))
     msg = stack.client().messages.create(model="claude-haiku-5-5", max_tokens=20, messages=USER_HI)
-    assert msg.usage.input_tokens == 4000 and msg.usage.output_tokens == 5  # 200k / 50k = 4x
+    # Claude Code assumes 200k for this name and compacts 33k before it; the proxy wants it at 75% of 50k
+    assert msg.usage.input_tokens == round(1000 * 167_000 / 37_500) and msg.usage.output_tokens == 5
 
 
 def test_backend_wanting_max_completion_tokens(make_stack):
@@ -2878,13 +2886,14 @@ def test_models_list(make_stack):
     code, headers, text = http(stack, "GET", "/v1/models")
     assert code == 200
     page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
+    ids = ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model", "big-model", "small-model", "mid-model"]
+    assert [m["id"] for m in page["data"]] == ids  # backend models by their own names too
     assert page["has_more"] is False
-    assert page["first_id"] == "claude-opus-5-5" and page["last_id"] == "backend-model"
+    assert page["first_id"] == "claude-opus-5-5" and page["last_id"] == "mid-model"
     for model in page["data"]:
         assert model["type"] == "model" and model["display_name"] and model["created_at"]
     sdk_ids = [m.id for m in stack.client().models.list()]
-    assert sdk_ids == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
+    assert sdk_ids == ids
     code, _, text = http(stack, "GET", "/v1/models?limit=1")
     page = json.loads(text)
     assert [m["id"] for m in page["data"]] == ["claude-opus-5-5"] and page["has_more"] is True
