@@ -2588,14 +2588,14 @@ async def _public_host(url: str) -> None:
 # window it assumes for the model name: 1M for its default claude-opus-5-5 and for names it does not know.
 CLIENT_COMPACT_BUFFER = 33_000
 CLIENT_MIN_WINDOW = 132_000  # told to Claude Code by `run` for smaller models: it compacts at 75% of theirs
+_CLAUDE_200K = re.compile(r"claude-(?:[a-z]+-)?[34](?:[-.]|$)")  # claude-sonnet-4-5, claude-3-5-haiku-…
 
 
 def client_believed_window(model: str) -> int:
     """The context window Claude Code 2.1.332 assumes for a model name it sends (without env overrides)."""
-    lowered = model.lower()
-    if "[1m]" in lowered or not lowered.startswith("claude-") or "opus-5" in lowered or "sonnet-5" in lowered:
-        return 1_000_000
-    return 200_000
+    if "[1m]" not in model.lower() and _CLAUDE_200K.match(model.lower()):
+        return 200_000
+    return 1_000_000  # claude-*-5 models, and names it does not know (with a warning)
 
 
 def compaction_point(window: int) -> int:
@@ -2844,9 +2844,10 @@ class Backend:
             if isinstance(data.get("count"), int):  # vLLM
                 count = data["count"]
             else:  # llama.cpp: render the chat template, then tokenize the prompt
+                template = {k: payload[k] for k in ("messages", "tools") if k in payload}  # it renders tools
                 async with self.session.post(
                     root + "/apply-template",
-                    data=dumps({"messages": body["messages"]}),
+                    data=dumps(template),
                     headers=headers,
                     timeout=timeout,
                 ) as resp:

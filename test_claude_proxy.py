@@ -2196,8 +2196,8 @@ def test_scale_usage(make_stack):
     )
     stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(1000, 5))))
     msg = stack.client().messages.create(model="claude-haiku-5-5", max_tokens=20, messages=USER_HI)
-    # Claude Code assumes 200k for this name and compacts 33k before it; the proxy wants it at 75% of 50k
-    assert msg.usage.input_tokens == round(1000 * 167_000 / 37_500) and msg.usage.output_tokens == 5
+    # Claude Code assumes 1M for this name and compacts 33k before it; the proxy wants it at 75% of 50k
+    assert msg.usage.input_tokens == round(1000 * 967_000 / 37_500) and msg.usage.output_tokens == 5
 
 
 def test_backend_wanting_max_completion_tokens(make_stack):
@@ -4077,3 +4077,460 @@ def test_parse_request_never_crashes_unit():
             assert exc.status == 400 and exc.type == "invalid_request_error"
 
     check()
+
+
+# --- context windows (issue 12) ---
+
+
+VLLM_MODELS = {  # vLLM 0.11 GET /v1/models
+    "object": "list",
+    "data": [
+        {
+            "id": "Qwen/Qwen3-8B",
+            "object": "model",
+            "created": 1764230400,
+            "owned_by": "vllm",
+            "root": "Qwen/Qwen3-8B",
+            "parent": None,
+            "max_model_len": 40960,
+            "permission": [{"id": "modelperm-1", "object": "model_permission", "allow_sampling": True}],
+        },
+        {
+            "id": "Qwen/Qwen3-0.6B",
+            "object": "model",
+            "created": 1764230400,
+            "owned_by": "vllm",
+            "root": "Qwen/Qwen3-0.6B",
+            "parent": None,
+            "max_model_len": 8192,
+            "permission": [],
+        },
+    ],
+}
+LLAMACPP_MODELS = {  # llama-server (--ctx-size 8192 --parallel 2), as the real one in shared/real_llama answers
+    "models": [{"name": "tiny", "model": "tiny", "type": "model", "capabilities": ["completion"]}],
+    "object": "list",
+    "data": [
+        {
+            "id": "tiny",
+            "aliases": ["tiny"],
+            "tags": [],
+            "object": "model",
+            "created": 1796157067,
+            "owned_by": "llamacpp",
+            "meta": {"vocab_type": 2, "n_vocab": 151936, "n_ctx": 16384, "n_ctx_train": 32768, "n_embd": 128},
+        }
+    ],
+}
+LLAMACPP_PROPS = {
+    "default_generation_settings": {"id": 0, "n_ctx": 8192, "speculative": False, "is_processing": False},
+    "total_slots": 2,
+    "model_alias": "tiny",
+    "model_path": "/models/tiny.gguf",
+    "build_info": "b7100-1a2b3c4",
+}
+LMSTUDIO_MODELS = {"data": [{"id": "qwen/qwen3-coder-30b", "object": "model", "owned_by": "organization_owner"}]}
+LMSTUDIO_V0 = {  # LM Studio 0.3 GET /api/v0/models
+    "object": "list",
+    "data": [
+        {
+            "id": "qwen/qwen3-coder-30b",
+            "object": "model",
+            "type": "llm",
+            "publisher": "qwen",
+            "arch": "qwen3moe",
+            "compatibility_type": "gguf",
+            "quantization": "Q4_K_M",
+            "state": "loaded",
+            "max_context_length": 262144,
+            "loaded_context_length": 4096,
+        }
+    ],
+}
+OLLAMA_TAGS = {
+    "models": [
+        {"name": "qwen3-coder:30b", "model": "qwen3-coder:30b", "size": 18556700761, "digest": "06c1097efce0"},
+        {"name": "qwen3:4b", "model": "qwen3:4b", "size": 2497293918, "digest": "359d7dd4bcda"},
+    ]
+}
+
+
+def ollama_show(trained: int) -> dict:
+    """Ollama 0.12 POST /api/show (shortened: no license, modelfile or tensors)."""
+    return {
+        "parameters": 'temperature 0.7\ntop_k 20\nstop "<|im_end|>"',
+        "template": "{{- range .Messages }}…",
+        "details": {"format": "gguf", "family": "qwen3", "parameter_size": "4.0B", "quantization_level": "Q4_K_M"},
+        "model_info": {
+            "general.architecture": "qwen3",
+            "general.parameter_count": 4022468096,
+            "qwen3.attention.head_count": 32,
+            "qwen3.context_length": trained,
+            "qwen3.embedding_length": 2560,
+        },
+        "capabilities": ["completion", "tools", "thinking"],
+        "modified_at": "2026-11-20T10:00:00.000000000Z",
+    }
+
+
+class ServerBytes:
+    """A fake backend made of the given answers per path (what one real server sends), recording requests."""
+
+    def __init__(self, pages: dict[str, Any]) -> None:
+        self.pages = pages  # "GET /v1/models" -> JSON, or a callable (body) -> web.Response
+        self.requests: list[tuple[str, Any]] = []
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else None
+        key = f"{request.method} {request.path}"
+        self.requests.append((key, body))
+        page = self.pages.get(key)
+        if page is None:
+            return web.Response(status=404, text="Not Found")
+        if callable(page):
+            return await page(request, body)
+        return web.json_response(page)
+
+    def sent(self, key: str) -> list[Any]:
+        return [body for k, body in self.requests if k == key]
+
+
+async def _default_chat(request: web.Request, body: dict) -> web.StreamResponse:
+    ollama = request.path == "/api/chat"
+    resp = web.StreamResponse(headers={"content-type": "application/x-ndjson" if ollama else "text/event-stream"})
+    await resp.prepare(request)
+    if ollama:
+        for obj in ollama_text_stream("Hello", prompt=1000, completion=5):
+            await resp.write(ndjson_bytes(obj))
+    else:
+        for chunk in oai_text_stream("Hello", usage=oai_usage(1000, 5)):
+            await resp.write(sse_bytes(chunk))
+        await resp.write(sse_bytes("[DONE]"))
+    return resp
+
+
+@pytest.fixture
+def window_stack(loop_thread):
+    """window_stack(pages, provider, **config) -> (fake server, proxy Stack); the proxy starts after the server,
+    so its start-up discovery reads the server's pages."""
+    import conftest as harness
+
+    runners = []
+    stacks = []
+
+    def make(pages: dict[str, Any], provider: str = "openai", **overrides: Any):
+        server = ServerBytes({"POST /v1/chat/completions": _default_chat, "POST /api/chat": _default_chat, **pages})
+        runner, port = loop_thread.run(harness.start_site(server.app()))
+        runners.append(runner)
+        base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
+        config = cp.Config(**{"provider": provider, "base_url": base, "timeout": 5.0, **overrides})
+        app = cp.create_app(config)
+        prunner, pport = loop_thread.run(harness.start_site(app))
+        runners.append(prunner)
+        stacks.append(harness.Stack(None, base, f"http://127.0.0.1:{pport}", config, app, loop_thread))
+        return server, stacks[-1]
+
+    yield make
+    for stack in stacks:
+        for client in stack.clients:
+            client.close()
+    for runner in reversed(runners):
+        loop_thread.run(runner.cleanup())
+
+
+def chat_key(provider: str) -> str:
+    return "POST /v1/chat/completions" if provider == "openai" else "POST /api/chat"
+
+
+def listing(provider: str) -> dict[str, Any]:
+    """Two backend models, listed the provider's way."""
+    if provider == "openai":
+        return {"GET /v1/models": VLLM_MODELS}
+    return {"GET /api/tags": OLLAMA_TAGS, "POST /api/show": ollama_show_handler({"qwen3:4b": 40960})}
+
+
+def ollama_show_handler(trained: dict[str, int]) -> Any:
+    async def show(request: web.Request, body: dict) -> web.Response:
+        if body.get("model") not in trained:
+            return web.json_response({"error": f"model '{body.get('model')}' not found"}, status=404)
+        return web.json_response(ollama_show(trained[body["model"]]))
+
+    return show
+
+
+@pytest.mark.parametrize("default_model", [None, "qwen3-coder:30b"])
+def test_backend_model_asked_by_its_own_name(window_stack, provider, default_model):
+    """Zero config or not, a name the backend lists is sent as is; a Claude name still gets the pick."""
+    first, second = ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B") if provider == "openai" else ("qwen3-coder:30b", "qwen3:4b")
+    server, stack = window_stack(listing(provider), provider, default_model=default_model)
+    client = stack.client()
+    msg = client.messages.create(model=second, max_tokens=20, messages=USER_HI)
+    assert msg.model == second
+    client.messages.create(model="claude-opus-5-5", max_tokens=20, messages=USER_HI)
+    sent = server.sent(chat_key(provider))
+    assert [b["model"] for b in sent] == [second, default_model or first]
+
+
+def test_map_target_asked_by_name_keeps_its_entry(window_stack, provider):
+    """A backend model the map names answers by its own name with that entry's settings (its cap, its window)."""
+    model_map = {"claude-*": "qwen3:4b", "claude-haiku-5-5": {"model": "tiny-coder", "max_tokens": 64}}
+    server, stack = window_stack(listing(provider), provider, model_map=model_map)
+    stack.client().messages.create(model="tiny-coder", max_tokens=1000, messages=USER_HI)
+    sent = server.sent(chat_key(provider))[0]
+    assert sent["model"] == "tiny-coder"
+    assert (sent["options"]["num_predict"] if provider == "ollama" else sent["max_tokens"]) == 64
+
+
+def test_models_endpoint_lists_backend_models_with_windows(window_stack, provider):
+    server, stack = window_stack(listing(provider), provider)
+    models = {m.id: m for m in stack.client().models.list(limit=100)}
+    if provider == "openai":
+        assert models["Qwen/Qwen3-8B"].max_input_tokens == 40960
+        assert models["Qwen/Qwen3-0.6B"].max_input_tokens == 8192
+        assert stack.client().models.retrieve("Qwen/Qwen3-0.6B").max_input_tokens == 8192
+    else:  # the num_ctx the proxy sends, capped by the trained length
+        assert models["qwen3-coder:30b"].max_input_tokens == 32768
+        assert models["qwen3:4b"].max_input_tokens == 32768
+
+
+@pytest.mark.parametrize(
+    "pages, model, window",
+    [
+        ({"GET /v1/models": VLLM_MODELS}, "Qwen/Qwen3-0.6B", 8192),
+        ({"GET /v1/models": LLAMACPP_MODELS, "GET /props": LLAMACPP_PROPS}, "tiny", 8192),  # a slot's n_ctx
+        ({"GET /v1/models": LLAMACPP_MODELS}, "tiny", 16384),  # without /props: meta.n_ctx
+        ({"GET /v1/models": LMSTUDIO_MODELS, "GET /api/v0/models": LMSTUDIO_V0}, "qwen/qwen3-coder-30b", 4096),
+    ],
+    ids=["vllm", "llamacpp-props", "llamacpp-meta", "lmstudio"],
+)
+def test_openai_server_windows(window_stack, caplog, pages, model, window):
+    with caplog.at_level(logging.INFO):
+        server, stack = window_stack(pages, "openai")
+    assert f"{model} {window} (" in caplog.text  # logged at start
+    assert stack.client().models.retrieve(model).max_input_tokens == window
+    # over the window by more than the margin: answered before the backend, in the words Claude Code compacts on
+    words = "lorem ipsum dolor sit amet " * int(window * 0.3)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stack.client().messages.create(model=model, max_tokens=20, messages=[{"role": "user", "content": words}])
+    message = assert_sdk_error(info.value, 400, "invalid_request_error")
+    found = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", message)
+    assert found and int(found.group(2)) == window and int(found.group(1)) > window * 1.1
+    assert server.sent("POST /v1/chat/completions") == []
+    # a request that fits goes through
+    stack.client().messages.create(model=model, max_tokens=20, messages=USER_HI)
+    assert len(server.sent("POST /v1/chat/completions")) == 1
+
+
+def test_unknown_window_stays_unknown(window_stack):
+    server, stack = window_stack({"GET /v1/models": LMSTUDIO_MODELS}, "openai")  # no /api/v0: nothing states it
+    assert stack.client().models.retrieve("qwen/qwen3-coder-30b").max_input_tokens is None
+    words = "lorem ipsum " * 100_000
+    stack.client().messages.create(
+        model="qwen/qwen3-coder-30b", max_tokens=20, messages=[{"role": "user", "content": words}]
+    )
+    assert len(server.sent("POST /v1/chat/completions")) == 1  # the backend decides
+
+
+@pytest.mark.parametrize(
+    "model_map, context_window, trained, num_ctx",
+    [
+        ({}, None, 40960, 32768),  # the default
+        ({}, None, 8192, 8192),  # never above the trained length
+        ({"qwen3:4b": {"model": "qwen3:4b", "context_window": 65536}}, None, 131072, 65536),  # the map
+        ({"qwen3:4b": {"model": "qwen3:4b", "context_window": 65536}}, None, 40960, 40960),
+        ({}, 49152, 131072, 49152),  # --context-window
+        ({}, None, None, 32768),  # /api/show without a context length
+    ],
+)
+def test_ollama_always_sends_num_ctx(window_stack, caplog, model_map, context_window, trained, num_ctx):
+    pages = {
+        "GET /api/tags": OLLAMA_TAGS,
+        "POST /api/show": ollama_show_handler({"qwen3:4b": trained} if trained else {}),
+    }
+    with caplog.at_level(logging.INFO):
+        server, stack = window_stack(pages, "ollama", model_map=model_map, context_window=context_window)
+    assert f"qwen3:4b {num_ctx} (num_ctx sent" in caplog.text and "--context-window" in caplog.text
+    for model in ("qwen3:4b", "claude-opus-5-5"):
+        stack.client().messages.create(model=model, max_tokens=20, messages=USER_HI)
+    first, second = server.sent("POST /api/chat")
+    assert first["options"]["num_ctx"] == num_ctx and first["truncate"] is False
+    assert second["model"] == "qwen3-coder:30b" and second["options"]["num_ctx"] == (context_window or 32768)
+    assert stack.client().models.retrieve("qwen3:4b").max_input_tokens == num_ctx
+
+
+def test_ollama_num_ctx_without_a_map_route_unit():
+    req = cp.parse_request(VALID)
+    body = cp.ollama_request(cp.build_conversation(req), req, cp.Route("m", "ollama", "http://h"))
+    assert body["options"]["num_ctx"] == cp.DEFAULT_NUM_CTX == 32768 and body["truncate"] is False
+
+
+def ollama_error(status: int, text: str) -> Any:
+    async def answer(request: web.Request, body: dict) -> web.Response:
+        return web.json_response({"error": text}, status=status)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "status, text, expect",
+    [
+        (400, "the input length exceeds the context length", None),
+        (500, "the input length exceeds the context length", None),
+        (400, "prompt too long; exceeded max context length by 4021 tokens", (32768 + 4021, 32768)),
+    ],
+)
+def test_ollama_overflow_becomes_prompt_is_too_long(window_stack, status, text, expect):
+    pages = {"GET /api/tags": OLLAMA_TAGS, "POST /api/chat": ollama_error(status, text)}
+    server, stack = window_stack(pages, "ollama")
+    words = "lorem ipsum dolor sit amet " * 5000  # ~25k tokens by the estimate: under the window, sent
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stack.client().messages.create(model="qwen3:4b", max_tokens=20, messages=[{"role": "user", "content": words}])
+    message = assert_sdk_error(info.value, 400, "invalid_request_error")
+    found = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", message)
+    assert found, message
+    prompt, window = int(found.group(1)), int(found.group(2))
+    assert window == 32768 and prompt > window
+    if expect:
+        assert (prompt, window) == expect
+    assert info.value.response.headers.get("x-should-retry") == "false"
+
+
+@pytest.mark.parametrize(
+    "status, message, expect",
+    [
+        (
+            400,
+            "Trying to keep the first 9000 tokens when context the overflows. However, the model is loaded with "
+            "context length of only 8192 tokens, which is not enough. Try to load the model with a larger context "
+            "length, or provide a shorter input",
+            "prompt is too long: 9000 tokens > 8192 maximum",
+        ),
+        (
+            400,
+            "The input (516368 tokens) is longer than the model's context length (262144 tokens).",
+            "prompt is too long: 516368 tokens > 262144 maximum",
+        ),
+        (
+            400,
+            "Prompt contains 240000 tokens and 0 draft tokens, too large for model with 128000 maximum context length",
+            "prompt is too long: 240000 tokens > 128000 maximum",
+        ),
+        (400, "the input length exceeds the context length", "prompt is too long: 40000 tokens > 32768 maximum"),
+        (500, "the input length exceeds the context length", "prompt is too long: 40000 tokens > 32768 maximum"),
+        (
+            400,
+            "prompt too long; exceeded max context length by 100 tokens",
+            "prompt is too long: 32868 tokens > 32768 maximum",
+        ),
+        (
+            400,
+            "request (9009 tokens) exceeds the available context size (8192 tokens), try increasing it "
+            "(n_prompt_tokens=9009, n_ctx=8192)",
+            "prompt is too long: 9009 tokens > 8192 maximum",
+        ),
+    ],
+)
+def test_overflow_wordings_unit(status, message, expect):
+    error = cp.map_backend_error(status, message, None, 40000, 32768)
+    assert (error.status, error.message, error.retry) == (400, expect, False)
+
+
+def test_overflow_without_numbers_or_window_unit():
+    error = cp.map_backend_error(400, "the input length exceeds the context length")
+    assert error.status == 400 and error.message.startswith("prompt is too long")
+    # an estimate under the window still says "over": the backend measured it
+    error = cp.map_backend_error(400, "the input length exceeds the context length", None, 20000, 32768)
+    assert error.message == "prompt is too long: 32769 tokens > 32768 maximum"
+    # a completion that does not fit is not a prompt overflow
+    vllm = "This model's maximum context length is 32768 tokens. However, you requested 40000 tokens (30000 in the "
+    vllm += "messages, 10000 in the completion). Please reduce the length of the messages or completion."
+    assert not cp.map_backend_error(400, vllm).message.startswith("prompt is too long")
+
+
+@pytest.mark.parametrize(
+    "model, believed", [("claude-opus-5-5", 1_000_000), ("claude-haiku-4-5-20251001", 200_000), ("qwen3:4b", 1_000_000)]
+)
+def test_client_believed_window_unit(model, believed):
+    """As Claude Code 2.1.332's /context shows them (see README)."""
+    assert cp.client_believed_window(model) == believed
+
+
+def test_usage_scale_unit():
+    # `run` tells Claude Code max(window, 132k): the factor is then that / window, /context shows the true fraction
+    assert cp.usage_scale(132_000, 32_768) == pytest.approx(132_000 / 32_768)
+    assert cp.usage_scale(200_000, 200_000) == 1.0
+    # without `run`: Claude Code compacts 33k before 1M; the proxy makes that happen at 75% of a 32k window
+    assert cp.usage_scale(1_000_000, 32_768) * 32_768 * 0.75 == pytest.approx(1_000_000 - 33_000)
+
+
+@pytest.mark.parametrize("client_window", [132_000, None])
+def test_usage_scaled_to_the_window_claude_code_uses(window_stack, provider, client_window):
+    """With `run` (client_window) or --scale-usage, usage and count_tokens are scaled so that Claude Code's own
+    compaction point (its window - 33k) falls where the backend model's window is 75% full."""
+    server, stack = window_stack(listing(provider), provider, client_window=client_window, scale_usage=True)
+    model = "Qwen/Qwen3-0.6B" if provider == "openai" else "qwen3:4b"
+    window = 8192 if provider == "openai" else 32768
+    client = stack.client()
+    msg = client.messages.create(model=model, max_tokens=20, messages=USER_HI)
+    scale = cp.usage_scale(client_window or 1_000_000, window)
+    assert msg.usage.input_tokens == round(1000 * scale) and msg.usage.output_tokens == 5
+    raw = cp.count_request_tokens(cp.parse_request({**VALID, "model": model}))
+    counted = client.messages.count_tokens(model=model, messages=USER_HI).input_tokens
+    assert counted == round(raw * scale)
+
+
+def test_usage_not_scaled_by_default(window_stack):
+    server, stack = window_stack(listing("openai"), "openai")
+    msg = stack.client().messages.create(model="Qwen/Qwen3-0.6B", max_tokens=20, messages=USER_HI)
+    assert msg.usage.input_tokens == 1000
+
+
+def llamacpp_tokenizer_pages() -> dict[str, Any]:
+    """llama-server --jinja with a Qwen template: /apply-template renders tools into the system turn, as the
+    real one does (see shared/real_llama); /tokenize counts words."""
+
+    async def apply_template(request: web.Request, body: dict) -> web.Response:
+        system, turns = "", []
+        for m in body["messages"]:
+            if m["role"] == "system":
+                system = m["content"]
+            else:
+                turns.append(f"<|im_start|>{m['role']}\n{m.get('content') or ''}<|im_end|>\n")
+        if body.get("tools"):
+            system += "\n\n# Tools\n\n<tools>\n" + "\n".join(json.dumps(t) for t in body["tools"]) + "\n</tools>"
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return web.json_response({"prompt": head + "".join(turns) + "<|im_start|>assistant\n"})
+
+    async def tokenize(request: web.Request, body: dict) -> web.Response:
+        if "content" not in body:
+            return web.json_response({"error": {"code": 500, "message": '"content" must be provided'}}, status=500)
+        return web.json_response({"tokens": list(range(len(body["content"].split())))})
+
+    return {
+        "GET /v1/models": LLAMACPP_MODELS,
+        "GET /props": LLAMACPP_PROPS,
+        "POST /apply-template": apply_template,
+        "POST /tokenize": tokenize,
+    }
+
+
+def test_count_tokens_backend_sends_tools_and_system_to_llamacpp(window_stack):
+    server, stack = window_stack(llamacpp_tokenizer_pages(), "openai", count_tokens="backend")
+    tool = {
+        "name": "get_weather",
+        "description": "Weather for a city, in words of several kinds and lengths",
+        "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}},
+    }
+    client = stack.client()
+    bare = client.messages.count_tokens(model="tiny", messages=USER_HI).input_tokens
+    with_system = client.messages.count_tokens(model="tiny", system="be brief and kind", messages=USER_HI)
+    with_tools = client.messages.count_tokens(model="tiny", system="be brief and kind", messages=USER_HI, tools=[tool])
+    assert bare < with_system.input_tokens < with_tools.input_tokens
+    sent = server.sent("POST /apply-template")[-1]
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    assert sent["messages"][0] == {"role": "system", "content": "be brief and kind"}
