@@ -3921,7 +3921,145 @@ def setup_logging(config: Config) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+CLAUDE_INSTALL = "npm install -g @anthropic-ai/claude-code"
+CLAUDE_DEFAULT_MODEL = "claude-opus-5-5"  # what Claude Code 2.1.332 asks for without --model / ANTHROPIC_MODEL
+
+
+def parse_tokens(text: Optional[str]) -> Optional[int]:
+    """'132000', '128k', '1m' -> tokens (as Claude Code reads its window variables); None if not a number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", (text or "").lower())
+    if not match:
+        return None
+    return int(float(match.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[match.group(2)])
+
+
+def claude_model(claude_args: list[str], environ: dict[str, str]) -> str:
+    """The model name Claude Code will send: its --model argument, else ANTHROPIC_MODEL, else its default."""
+    for i, arg in enumerate(claude_args):
+        if arg == "--model" and i + 1 < len(claude_args):
+            return claude_args[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return environ.get("ANTHROPIC_MODEL") or CLAUDE_DEFAULT_MODEL
+
+
+def claude_environment(
+    config: Config, url: str, model: str, window: Optional[int], environ: dict[str, str]
+) -> tuple[dict[str, str], Optional[int]]:
+    """The environment Claude Code runs with under `run`, and the window it is told (None: not told).
+    CLAUDE_CODE_AUTO_COMPACT_WINDOW sets both its /context window and its compaction point (window - 33k; it
+    reads values under 100k as 100k); CLAUDE_CODE_MAX_CONTEXT_TOKENS is its window for names it does not know.
+    Told max(window, 132k) while the proxy scales usage by that / window, it shows the true fraction of the
+    model's window and compacts at 75% of a small window, 33k before the end of a large one."""
+    env = dict(environ)
+    env["ANTHROPIC_BASE_URL"] = url
+    env["ANTHROPIC_AUTH_TOKEN"] = config.auth_token or "claude-proxy"  # Bearer: no API-key approval prompt
+    env.pop("ANTHROPIC_API_KEY", None)  # a real key is never needed here, and would be preferred by some paths
+    told = parse_tokens(environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW"))  # the user's own choice wins
+    if told is None and window:
+        told = max(window, CLIENT_MIN_WINDOW)
+    if told:
+        env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW") or str(told)
+        env.setdefault("CLAUDE_CODE_MAX_CONTEXT_TOKENS", str(told))
+    return env, told
+
+
+def run_claude(config: Config, claude_args: list[str], environ: Optional[dict[str, str]] = None) -> int:
+    """`run`: the proxy on a free loopback port in a thread, logging to a file; Claude Code in the foreground
+    with the proxy's address, key and context settings; its exit code returned; the proxy stopped after it."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import threading
+    import urllib.request
+
+    environ = dict(os.environ if environ is None else environ)
+    claude = shutil.which("claude", path=environ.get("PATH"))
+    if not claude:
+        sys.stderr.write(
+            f"claude-proxy run: Claude Code (`claude`) is not on PATH; install it with: {CLAUDE_INSTALL}\n"
+        )
+        return 127
+    log_path = os.path.join(tempfile.gettempdir(), f"claude-proxy-{os.getpid()}.log")
+    log_file = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed below)
+    setup_logging(config)
+    logging.getLogger().handlers[0].setStream(log_file)  # type: ignore[attr-defined]
+    config.host = "127.0.0.1"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="claude-proxy", daemon=True)
+    thread.start()
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+
+    async def start() -> tuple[int, Optional[Route]]:
+        await runner.setup()  # the start-up discovery runs here
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            route = await app[BACKEND].route(model)
+        except ApiError as exc:
+            log.warning("%s", exc.message)
+            route = None
+        return port, route
+
+    def call(coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    model = claude_model(claude_args, environ)
+    try:
+        port, route = call(start())
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # it listens already: this checks that it answers
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            sys.stderr.write(f"claude-proxy run: the proxy at {url} does not answer; see {log_path}\n")
+            return 1
+        window = route.context_window if route else None
+        env, told = claude_environment(config, url, model, window, environ)
+        config.client_window = told
+        backend_model = f"{route.model} ({route.provider}, window {window or 'unknown'})" if route else "(unmapped)"
+        log.info("run: %s -> %s; Claude Code is told a window of %s", model, backend_model, told or "(its own)")
+        sys.stderr.write(
+            f"claude-proxy run: proxy on {url} -> {config.provider} at {public_url(config.base_url)}; "
+            f"{model} -> {backend_model}; log: {log_path}\n"
+        )
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is Claude Code's to handle
+        try:
+            code = subprocess.call([claude, *claude_args], env=env)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 128 - code if code < 0 else code
+    finally:
+        with contextlib.suppress(Exception):
+            call(runner.cleanup(), 10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        logging.getLogger().handlers[0].setStream(sys.stderr)  # type: ignore[attr-defined]
+        log_file.close()
+
+
+def split_run(argv: list[str]) -> tuple[list[str], Optional[list[str]]]:
+    """`[proxy flags] run [claude arguments]` -> (proxy flags, claude arguments); None without `run`."""
+    takes_value = {s for a in build_parser()._actions if a.nargs != 0 for s in a.option_strings}
+    i = 0
+    while i < len(argv):
+        if argv[i] == "run":
+            return argv[:i], argv[i + 1 :]
+        if argv[i] == "--":
+            break
+        i += 2 if argv[i] in takes_value else 1
+    return argv, None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv, claude_args = split_run(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(argv)
     except ConfigError as exc:
@@ -3930,6 +4068,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         sys.stderr.write(f"claude-proxy: unknown log level {config.log_level!r}\n")
         return 2
+    if claude_args is not None:
+        return run_claude(config, claude_args)
     setup_logging(config)
     if config.check:
         return asyncio.run(run_check(config))
