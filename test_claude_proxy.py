@@ -4534,3 +4534,104 @@ def test_count_tokens_backend_sends_tools_and_system_to_llamacpp(window_stack):
     sent = server.sent("POST /apply-template")[-1]
     assert sent["tools"][0]["function"]["name"] == "get_weather"
     assert sent["messages"][0] == {"role": "system", "content": "be brief and kind"}
+
+
+FAKE_CLAUDE = """#!{python}
+import json, os, sys
+import anthropic
+
+client = anthropic.Anthropic(max_retries=0)  # ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN from the environment
+model = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "claude-opus-5-5"
+msg = client.messages.create(model=model, max_tokens=20, messages=[{{"role": "user", "content": "hi"}}])
+names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_AUTO_COMPACT_WINDOW",
+         "CLAUDE_CODE_MAX_CONTEXT_TOKENS")
+out = {{"args": sys.argv[1:], "env": {{n: os.environ.get(n) for n in names}}, "usage": msg.usage.input_tokens}}
+with open(os.environ["FAKE_CLAUDE_OUT"], "w") as f:
+    json.dump(out, f)
+sys.exit(int(os.environ.get("FAKE_CLAUDE_EXIT", "0")))
+"""
+
+
+def run_proxy(tmp_path, args: list[str], env: Optional[dict] = None, claude: bool = True):
+    """`python claude_proxy.py <args>` with a fake `claude` (the anthropic SDK) on PATH -> (process, what it saw)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if claude:
+        (bin_dir / "claude").write_text(FAKE_CLAUDE.format(python=sys.executable))
+        (bin_dir / "claude").chmod(0o755)
+    full_env = {
+        "PATH": str(bin_dir) + os.pathsep + os.path.dirname(sys.executable),  # not where the real one is
+        "TMPDIR": str(tmp_path),
+        "FAKE_CLAUDE_OUT": str(tmp_path / "claude.json"),
+        "ANTHROPIC_API_KEY": "sk-ant-real-key-never-needed",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "claude_proxy.py"), *args],
+        env=full_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seen = json.loads((tmp_path / "claude.json").read_text()) if (tmp_path / "claude.json").exists() else None
+    return proc, seen
+
+
+def test_run_starts_claude_code_on_the_proxy(make_stack, tmp_path, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(
+        SSE(oai_text_stream("ok", usage=oai_usage(1000, 5)))
+        if provider == "openai"
+        else NDJSON(ollama_text_stream("ok", prompt=1000))
+    )
+    model = "qwen3-coder" if provider == "openai" else "qwen3:1.7b"
+    args = ["--provider", provider, "--base-url", stack.backend_url, "--auth-token", "tok-1"]
+    proc, seen = run_proxy(tmp_path, [*args, "run", "-p", "hi", "--model", model], {"FAKE_CLAUDE_EXIT": "7"})
+    assert proc.returncode == 7, proc.stderr  # Claude Code's exit code
+    assert seen["args"] == ["-p", "hi", "--model", model]  # its arguments, untouched
+    env = seen["env"]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", env["ANTHROPIC_BASE_URL"])
+    assert env["ANTHROPIC_AUTH_TOKEN"] == "tok-1" and env["ANTHROPIC_API_KEY"] is None
+    # a 32k window (vLLM's max_model_len / Ollama's num_ctx): Claude Code is told 132k, usage is scaled to match
+    assert env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "132000"
+    assert seen["usage"] == round(1000 * 132_000 / 32_768)
+    assert stack.backend.requests[-1]["model"] == model
+    log_path = re.search(r"log: (\S+)", proc.stderr).group(1)
+    assert log_path.startswith(str(tmp_path)) and f"run: {model} -> {model}" in pathlib.Path(log_path).read_text()
+    assert "POST /v1/messages" in pathlib.Path(log_path).read_text() and "POST /v1/messages" not in proc.stderr
+    port = int(env["ANTHROPIC_BASE_URL"].rsplit(":", 1)[1])
+    with pytest.raises(OSError):  # the proxy stopped with Claude Code
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_run_keeps_the_users_compaction_window(make_stack, tmp_path):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("ok", usage=oai_usage(1000, 5))))
+    proc, seen = run_proxy(
+        tmp_path,
+        ["--provider", "openai", "--base-url", stack.backend_url, "run", "--model=qwen3-coder"],
+        {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": "200k"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert seen["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "200k"
+    assert seen["env"]["ANTHROPIC_AUTH_TOKEN"]  # some key, without --auth-token
+    assert seen["usage"] == round(1000 * cp.usage_scale(200_000, 32_768))
+
+
+def test_run_without_claude_says_how_to_install_it(tmp_path):
+    proc, seen = run_proxy(tmp_path, ["--provider", "openai", "run", "-p", "hi"], claude=False)
+    assert proc.returncode == 127 and seen is None
+    assert "npm install -g @anthropic-ai/claude-code" in proc.stderr
+
+
+def test_split_run_unit():
+    assert cp.split_run(["--provider", "openai", "run", "-p", "x", "--model", "m"]) == (
+        ["--provider", "openai"],
+        ["-p", "x", "--model", "m"],
+    )
+    assert cp.split_run(["--model", "run", "--port", "1"]) == (["--model", "run", "--port", "1"], None)
+    assert cp.split_run(["--fetch-images", "run"]) == (["--fetch-images"], [])
+    assert cp.claude_model(["-p", "x"], {"ANTHROPIC_MODEL": "qwen3:4b"}) == "qwen3:4b"
+    assert cp.claude_model([], {}) == "claude-opus-5-5"
+    assert [cp.parse_tokens(t) for t in ("132000", "128k", "1m", "x")] == [132000, 128000, 1000000, None]
