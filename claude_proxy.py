@@ -99,7 +99,59 @@ log = logging.getLogger("claude_proxy")
 
 
 # ======================================================================================
-# 1. CONFIG
+# 1. SHARED: limits, ids, warnings
+# ======================================================================================
+# Every limit, cache size and timeout that is not a configuration option, in one place.
+
+MAX_LINE_BYTES = 64 << 20  # one backend stream line, or a whole JSON answer
+MAX_ERROR_BODY_BYTES = 1 << 20  # a backend's error body, read to find its message
+MAX_REASONING_BYTES = 4 << 20  # reasoning restored from a thinking signature (inflation cap)
+MAX_IMAGE_BYTES = 20 << 20  # one image fetched with --fetch-images
+MAX_ERROR_CHARS = 2000  # a backend's error message passed on to the client
+MAX_SNIPPET_CHARS = 200  # raw backend bytes quoted in an error or a warning
+MAX_DEBUG_CHARS = 20000  # a translated request body logged at DEBUG
+CONNECTION_POOL = 1024  # open backend connections, in all and per host
+KEEPALIVE_SECONDS = 30
+RETRY_BACKOFF = (0.1, 2.0)  # seconds: first delay and cap, doubled per retry, jittered to 50-100%
+DISCOVERY_INTERVAL = 5.0  # seconds between two on-demand model listings
+PROBE_TIMEOUT = 5.0  # seconds for model lists and tokenizer endpoints
+IMAGE_FETCH_TIMEOUT = 15.0
+WARN_ONCE_MEMORY = 1000  # distinct warnings remembered by warn_once
+TOKEN_MEMO_SIZE = 8192  # token counts remembered (long texts, tool definitions)
+BACKEND_TOKEN_CACHE_SIZE = 512  # counts from a backend tokenizer remembered
+# Token overheads of a chat template, added to the counted text (fitted on Claude Code requests).
+TOKENS_PER_REQUEST, TOKENS_PER_TURN, TOKENS_PER_TOOL_CALL, TOKENS_PER_TOOL = 3, 4, 6, 8
+
+_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ids = random.Random(secrets.randbits(128))
+if hasattr(os, "register_at_fork"):  # pre-forking servers (gunicorn --preload): no two workers share a sequence
+    os.register_at_fork(after_in_child=lambda: _ids.seed(secrets.randbits(128)))
+
+
+def new_id(prefix: str, n: int = 24) -> str:
+    """msg_/toolu_/req_ ids: unique, not secret (a seeded PRNG is ~10x faster than secrets per id)."""
+    return prefix + "".join(_ids.choices(_ID_ALPHABET, k=n))
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log a warning the first time it happens (a bounded memory: clients choose some of the words)."""
+    if message not in _warned:
+        if len(_warned) >= WARN_ONCE_MEMORY:
+            _warned.clear()
+        _warned.add(message)
+        log.warning(message)
+
+
+def public_url(url: str) -> str:
+    """A URL safe to show in logs and errors: no user:password@."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
+# ======================================================================================
+# 2. CONFIG
 # ======================================================================================
 
 PROVIDERS = ("openai", "ollama")
@@ -110,10 +162,292 @@ SYSTEM_MESSAGE_STRATEGIES = ("reminder", "hoist", "inline")
 # 32k leaves ~20k for the conversation and a compaction, and costs 1.5-5 GB of KV cache on 4-32B models
 # (Ollama's own choice on 24-48 GB GPUs). More: context_window in the map, or --context-window.
 DEFAULT_NUM_CTX = 32768
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_MAP_KEYS = ("model", "provider", "base_url", "api_key_env", "max_tokens", "context_window", "reasoning_history")
 
 
 class ConfigError(Exception):
     """Bad configuration: reported as one line on stderr, exit code 2."""
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """KEY=VALUE lines; `export`, comments, blank lines and single/double quotes are understood."""
+    values = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            continue
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def load_model_map(path: Optional[str], inline: Optional[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for source, text in (
+        ("MODEL_MAP_FILE " + str(path), _read_file(path, "model map") if path else None),
+        ("MODEL_MAP_JSON", inline),
+    ):
+        if not text:
+            continue
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: must be a JSON object of model name -> backend model")
+        data.pop("_comment", None)
+        result.update(data)
+    return result
+
+
+def _read_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+# --- the option table: each setting once -----------------------------------------------------------
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"bad port {text!r}: must be a number 1-65535")
+    return int(text)
+
+
+def _port_range(value: int) -> Optional[str]:
+    return None if isinstance(value, int) and 1 <= value <= 65535 else f"bad port {value}: must be 1-65535"
+
+
+def _fresh(default: Any) -> Any:
+    return type(default)(default) if isinstance(default, (dict, list)) else default
+
+
+def _positive(value: float) -> Optional[str]:
+    return None if value > 0 else f"must be positive, got {value:g}"
+
+
+def parse_tokens(text: Optional[str]) -> Optional[int]:
+    """'132000', '128k', '1m' -> tokens (as Claude Code reads its window variables); None if not a number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", (text or "").lower())
+    if not match:
+        return None
+    return int(float(match.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[match.group(2)])
+
+
+def _tokens(text: str) -> int:
+    value = parse_tokens(text)
+    if value is None:
+        raise ValueError(f"expected a number of tokens (32768, 64k), got {text!r}")
+    return value
+
+
+def _window(value: Optional[int]) -> Optional[str]:
+    return None if value is None or value >= 1024 else f"a context window of {value} tokens is too small"
+
+
+def _model_map(given: Optional[str], env: typing.Mapping[str, str]) -> dict[str, Any]:
+    return load_model_map(given or env.get("MODEL_MAP_FILE") or None, env.get("MODEL_MAP_JSON"))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting, once: its Config field, flag, environment variables, default, parsing, check and help.
+    OPTIONS drives Config (fields, defaults, validation), build_parser() (flags, --help), load_config()
+    (flags, then environment, then .env, then the default) and the README's table (a test compares them).
+    A new setting is one entry here (and its README row); the code reads it as config.<name>. Numbers: parse=_number,
+    an int when the default is one."""
+
+    name: str  # the Config field
+    flag: Optional[str]  # None, and no env: set only through Config(...) (tests, create_app callers)
+    env: tuple[str, ...]  # the first one set wins
+    default: Any  # in Config's units (seconds, bytes)
+    help: str
+    parse: typing.Callable[[str], Any] = str  # flag/environment text -> value; ValueError: a ConfigError naming it
+    choices: tuple[str, ...] = ()
+    check: Optional[typing.Callable[[Any], Optional[str]]] = None  # value -> what is wrong with it, or None
+    switch: bool = False  # a flag without a value (and --no-... when on by default); the environment: 1/true/yes/on
+    scale: float = 1  # Config value per unit given (MiB -> bytes)
+    unit: str = ""  # of the flag's value, for --help and the README
+    env_scale: Optional[float] = None  # when the environment variable has its own unit (milliseconds)
+    env_unit: str = ""
+    shown: Optional[str] = None  # the default as --help and the README show it, when not derived from `default`
+    read: Optional[typing.Callable[[Optional[str], typing.Mapping[str, str]], Any]] = None  # (flag text, env) -> value
+
+    @property
+    def where(self) -> str:
+        return " / ".join(([self.flag] if self.flag else []) + list(self.env)) or self.name
+
+    def shown_default(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.switch:
+            return "on" if self.default else "off"
+        if self.default is None or self.default in ("", {}):
+            return "none"
+        if isinstance(self.default, (int, float)):
+            return f"{self.default / self.scale:g}" + (f" {self.unit}" if self.unit else "")
+        return str(self.default)
+
+    def help_text(self) -> str:
+        env = ", ".join(f"{name}={0 if self.default else 1}" if self.switch else name for name in self.env)
+        if env and self.env_unit:
+            env += f", in {self.env_unit}"
+        shown = self.shown_default()
+        text = self.help + (f" [{env}]" if env else "")
+        text += f" (default {shown})" if shown and not self.switch and self.default is not None else ""
+        return text.replace("%", "%%")  # argparse formats help with %
+
+    def value(self, given: Any, env: typing.Mapping[str, str]) -> Any:
+        """The flag's text (None: not given), else the first environment variable set, else the default."""
+        if self.read:
+            return self.read(given, env)
+        source, text, scale = self.flag, given, self.scale
+        if given is None or given == "":  # an empty flag, like an empty variable, leaves the setting alone
+            source = next((name for name in self.env if env.get(name)), None)
+            if source is None:
+                return _fresh(self.default)
+            text = env[source]
+            scale = self.env_scale or self.scale
+        if self.switch:
+            return given if given is not None else text.lower() in ("1", "true", "yes", "on")
+        try:
+            value = self.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        if scale != 1:
+            value *= scale
+        return int(value) if type(self.default) is int else value
+
+    def validate(self, value: Any) -> None:
+        if self.choices and value not in self.choices:
+            raise ConfigError(
+                f"unknown {self.name.replace('_', ' ')} {value!r} ({self.where}): use one of {', '.join(self.choices)}"
+            )
+        problem = self.check(value) if self.check else None
+        if problem:
+            raise ConfigError(f"{self.where}: {problem}")
+
+
+OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag, env, default, help, ...)
+    Option("host", "--host", ("HOST",), "127.0.0.1", "address to listen on (anything else exposes the proxy)"),
+    Option("port", "--port", ("PORT",), 8080, "port to listen on", parse=_port, check=_port_range),
+    Option(
+        "provider", "--provider", ("PROVIDER",), "ollama",
+        "backend kind: openai (any Chat Completions server) or ollama (native /api/chat)",
+        parse=str.lower, choices=PROVIDERS,
+    ),
+    Option(
+        "base_url", "--base-url", ("PROVIDER_BASE_URL",), "",
+        "backend base URL (give OpenAI-compatible URLs with their /v1)",
+        shown=", ".join(f"{url} ({name})" for name, url in DEFAULT_BASE_URLS.items()),
+    ),
+    Option(
+        "api_key", "--api-key", ("PROVIDER_API_KEY",), None,
+        "key sent to the backend as 'Authorization: Bearer'; the client's own key is never forwarded",
+    ),
+    Option("default_model", "--model", ("DEFAULT_MODEL",), None, "backend model for names the map does not know"),
+    Option(
+        "model_map", "--model-map", ("MODEL_MAP_FILE", "MODEL_MAP_JSON"), {},
+        "JSON file mapping client model names or glob patterns to backend models; MODEL_MAP_JSON may hold the "
+        "same JSON inline",
+        read=_model_map,
+    ),
+    Option(
+        "timeout", "--timeout", ("PROVIDER_TIMEOUT_MS",), 120.0,
+        "seconds to wait for the backend's first byte and between chunks",
+        parse=_number, check=_positive, unit="s", env_scale=0.001, env_unit="ms",
+    ),
+    Option(
+        "system_messages", "--system-messages", ("SYSTEM_MESSAGES",), "reminder",
+        "what to do with role 'system' messages inside messages: reminder (wrap them in <system-reminder> in the "
+        "neighbouring user turn), hoist (append to the system prompt), inline (keep a system message in place)",
+        choices=SYSTEM_MESSAGE_STRATEGIES,
+    ),
+    Option(
+        "retries", "--retries", ("PROVIDER_RETRIES",), 2, "retries of connection failures before any byte",
+        parse=_number,
+    ),
+    Option(
+        "max_body_bytes", "--max-body-mb", ("MAX_BODY_MB",), 32 << 20, "largest request body",
+        parse=_number, scale=1 << 20, unit="MiB",
+    ),
+    Option(
+        "auth_token", "--auth-token", ("PROXY_AUTH_TOKEN",), None,
+        "require this key from clients (x-api-key or Authorization: Bearer)",
+    ),
+    Option(
+        "log_level", "--log-level", ("LOG_LEVEL",), "INFO",
+        "DEBUG, INFO, WARNING, ERROR or CRITICAL (DEBUG logs translated requests)",
+        parse=str.upper, choices=LOG_LEVELS,
+    ),
+    Option(
+        "log_format", "--log-format", ("LOG_FORMAT",), "text", "text or json (one JSON object per line)",
+        parse=str.lower, choices=("text", "json"),
+    ),
+    Option(
+        "count_tokens", "--count-tokens", ("COUNT_TOKENS",), "heuristic",
+        "heuristic (no backend call) or backend: count_tokens asks the server's tokenizer (vLLM /tokenize, "
+        "llama.cpp /apply-template + /tokenize), cached, falling back to the heuristic",
+        parse=str.lower, choices=("heuristic", "backend"),
+    ),
+    Option(
+        "context_window", "--context-window", ("CONTEXT_WINDOW",), None,
+        "context window of models the map gives none: sent to Ollama as num_ctx (default 32768, never above a "
+        "model's trained length); for other servers, used when they state none",
+        parse=_tokens, check=_window, unit="tokens", shown="32768 (Ollama)",
+    ),
+    Option(
+        "scale_usage", "--scale-usage", ("SCALE_USAGE",), False,
+        "report input tokens scaled so that Claude Code, with the window it assumes for the model name (1M or "
+        "200k), compacts at 75% of the backend model's window (`run` does this by itself); reported usage is then "
+        "no longer raw",
+        switch=True,
+    ),
+    Option(
+        "fetch_images", "--fetch-images", ("FETCH_IMAGES",), False,
+        "for Ollama (it accepts only base64), download image URLs in requests (http/https, at most 20 MiB each); "
+        "off by default: the proxy then fetches URLs chosen by its clients",
+        switch=True,
+    ),
+    Option(
+        "check", "--check", (), False,
+        "contact the backend, send a one-token request for each mapped model, print what works, exit non-zero "
+        "on failure",
+        switch=True, shown="",
+    ),
+    # set only through Config(...): no flag, no environment variable
+    Option("connect_timeout", None, (), 10.0, "seconds to connect to the backend", check=_positive),
+    Option("ping_interval", None, (), 10.0, "seconds without a write before a stream gets a ping", check=_positive),
+    Option("discover", None, (), True, "ask the backend for its models when no map or default model applies"),
+    Option(
+        "client_window", None, (), None,
+        "the context window Claude Code was told (`run` sets it): usage is scaled from each model's window to it",
+        check=_window,
+    ),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -129,50 +463,13 @@ class Route:
     reasoning_history: Optional[bool] = None  # send thinking back as reasoning_content; None: provider default
 
 
-@dataclass
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    provider: str = "ollama"
-    base_url: str = ""
-    api_key: Optional[str] = None
-    default_model: Optional[str] = None
-    model_map: dict[str, Any] = field(default_factory=dict)  # name or glob -> str | dict entry
-    timeout: float = 120.0  # seconds to the backend's first byte and between chunks
-    connect_timeout: float = 10.0
-    log_level: str = "INFO"
-    log_format: str = "text"  # or "json"
-    system_messages: str = "reminder"
-    ping_interval: float = 10.0
-    max_body_bytes: int = 32 * 1024 * 1024
-    retries: int = 2
-    auth_token: Optional[str] = None
-    discover: bool = True  # ask the backend for its models when no map/default applies
-    check: bool = False  # --check: test the backend and exit
-    fetch_images: bool = False  # Ollama: download image URLs (it accepts only base64)
-    scale_usage: bool = False  # report input tokens scaled to the window Claude Code believes (see README)
-    context_window: Optional[int] = None  # window of models nobody else states; Ollama's num_ctx (default 32768)
-    client_window: Optional[int] = None  # the window Claude Code was told (`run`); None: what it believes by name
-    count_tokens: str = "heuristic"  # or "backend": the model's own tokenizer where the server has one
+class _ConfigRules:
+    """Config's behaviour; its fields (one per OPTIONS entry, and `environ`) are added by make_dataclass below."""
 
-    def __post_init__(self) -> None:
-        if self.provider not in PROVIDERS:
-            raise ConfigError(f"unknown provider {self.provider!r}: use one of {', '.join(PROVIDERS)}")
-        if not self.base_url:
-            self.base_url = DEFAULT_BASE_URLS[self.provider]
-        self.base_url = self.base_url.rstrip("/")
-        if not (1 <= int(self.port) <= 65535):
-            raise ConfigError(f"bad port {self.port}: must be 1-65535")
-        if self.system_messages not in SYSTEM_MESSAGE_STRATEGIES:
-            raise ConfigError(
-                f"unknown --system-messages {self.system_messages!r}: use one of {', '.join(SYSTEM_MESSAGE_STRATEGIES)}"
-            )
-        if self.timeout <= 0:
-            raise ConfigError("timeout must be positive")
-        if self.count_tokens not in ("heuristic", "backend"):
-            raise ConfigError(f"unknown --count-tokens {self.count_tokens!r}: use heuristic or backend")
-        if self.log_format not in ("text", "json"):
-            raise ConfigError(f"unknown log format {self.log_format!r}: use text or json")
+    def __post_init__(self) -> None:  # every check of every setting, for main(), create_app() and Config(...)
+        for option in OPTIONS:
+            option.validate(getattr(self, option.name))
+        self.base_url = (self.base_url or DEFAULT_BASE_URLS[self.provider]).rstrip("/")
         self.routes = {name: self._route_of(name, entry) for name, entry in self.model_map.items()}
 
     def _route_of(self, name: str, entry: Any) -> Route:
@@ -181,15 +478,7 @@ class Config:
             return Route(entry, self.provider, self.base_url, self.api_key)
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
             raise ConfigError(f'{where}: must be a backend model name or an object with a "model" string')
-        unknown = set(entry) - {
-            "model",
-            "provider",
-            "base_url",
-            "api_key_env",
-            "max_tokens",
-            "context_window",
-            "reasoning_history",
-        }
+        unknown = set(entry) - set(MODEL_MAP_KEYS)
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         provider = entry.get("provider", self.provider)
@@ -206,7 +495,7 @@ class Config:
         ).rstrip("/")
         api_key = self.api_key if base_url == self.base_url else None  # never the main key to another host
         if entry.get("api_key_env"):
-            api_key = os.environ.get(entry["api_key_env"])
+            api_key = self.environ.get(entry["api_key_env"])
             if api_key is None:
                 raise ConfigError(f"{where}: environment variable {entry['api_key_env']} is not set")
         return Route(
@@ -221,6 +510,26 @@ class Config:
 
     def default_route(self, model: str) -> Route:
         return Route(model, self.provider, self.base_url, self.api_key)
+
+
+def _config_field(option: Option) -> tuple[str, str, Any]:
+    default = option.default
+    kind = "Optional[str]" if default is None else type(default).__name__
+    if isinstance(default, (dict, list)):
+        return option.name, kind, field(default_factory=lambda: _fresh(default))
+    return option.name, kind, field(default=default)
+
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [
+        *(_config_field(option) for option in OPTIONS),
+        # where a map entry's api_key_env is looked up (load_config passes os.environ or its environ, and .env)
+        ("environ", "Mapping[str, str]", field(default_factory=dict, repr=False, compare=False)),
+    ],
+    bases=(_ConfigRules,),
+    namespace={"__module__": __name__, "__doc__": "The settings: one field per OPTIONS entry. Raises ConfigError."},
+)
 
 
 _DATE_SUFFIX = re.compile(r"-\d{8}$")
@@ -276,56 +585,44 @@ def pick_models(models: list[dict[str, Any]]) -> dict[str, str]:
     return {"*": names[0], "opus": names[0], "sonnet": names[0], "haiku": smallest}
 
 
-def parse_dotenv(text: str) -> dict[str, str]:
-    """KEY=VALUE lines; `export`, comments, blank lines and single/double quotes are understood."""
-    values = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            continue
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        values[key] = value
-    return values
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="claude_proxy.py",
+        description="Serve Anthropic's Messages API (for Claude Code and the Anthropic SDKs) on top of an "
+        "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
+        "variable in brackets, or in a .env file in the working directory (flags win, then the "
+        "environment, then .env, then the defaults). `claude_proxy.py [options] run [claude arguments...]` "
+        "starts Claude Code on the proxy (see README: Context windows).",
+    )
+    for option in OPTIONS:
+        if option.switch and option.flag:  # a switch that is on by default also gets --no-...
+            action = argparse.BooleanOptionalAction if option.default else "store_true"
+            p.add_argument(option.flag, dest=option.name, action=action, default=None, help=option.help_text())
+        elif option.flag:
+            p.add_argument(
+                option.flag,
+                dest=option.name,
+                metavar=option.flag[2:].upper().replace("-", "_"),
+                help=option.help_text(),
+            )
+    p.add_argument("--version", action="version", version=f"claude-proxy {__version__}")
+    return p
 
 
-def load_model_map(path: Optional[str], inline: Optional[str]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for source, text in (
-        ("MODEL_MAP_FILE " + str(path), _read_file(path) if path else None),
-        ("MODEL_MAP_JSON", inline),
-    ):
-        if not text:
-            continue
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: must be a JSON object of model name -> backend model")
-        data.pop("_comment", None)
-        result.update(data)
-    return result
-
-
-def _read_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read model map {path}: {exc.strerror}") from None
+def load_config(
+    argv: Optional[list[str]] = None, environ: Optional[typing.Mapping[str, str]] = None, dotenv_path: str = ".env"
+) -> Config:
+    """Flags, then environment (default: os.environ), then .env, then defaults. Raises ConfigError on bad values."""
+    given = vars(build_parser().parse_args(argv))
+    env = dict(os.environ if environ is None else environ)
+    if dotenv_path and os.path.isfile(dotenv_path):
+        for key, value in parse_dotenv(_read_file(dotenv_path, "environment file")).items():
+            env.setdefault(key, value)
+    return Config(**{option.name: option.value(given.get(option.name), env) for option in OPTIONS}, environ=env)
 
 
 # ======================================================================================
-# 2. WIRE TYPES AND VALIDATION
+# 3. WIRE TYPES AND VALIDATION
 # ======================================================================================
 # Requests are parsed into dataclasses by one generic function, `parse_as`, driven by the
 # field types. Unknown fields are ignored (clients send new betas all the time); a missing or
@@ -350,7 +647,11 @@ ERROR_TYPES = {
 
 
 class ApiError(Exception):
-    """An error the client sees in Anthropic's shape: an HTTP error, or `event: error` mid-stream."""
+    """An error the client sees in Anthropic's shape: an HTTP error, or `event: error` mid-stream.
+    `kind` names a failure that is not the client's own mistake (the backend's, the network's, the
+    proxy's): `unreachable`, `connect_timeout`, `no_answer`, `stalled`, `connection_lost`, `malformed`,
+    `truncated`, `oversized`, `stream_error`, `too_long`, `http_<backend status>`, `internal`. Metrics
+    and logs read it; None for requests the client got wrong (validation, auth, unknown model)."""
 
     def __init__(
         self,
@@ -359,6 +660,7 @@ class ApiError(Exception):
         error_type: Optional[str] = None,
         retry: Optional[bool] = None,
         retry_after: Optional[str] = None,
+        kind: Optional[str] = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -366,6 +668,7 @@ class ApiError(Exception):
         self.type = error_type or ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         self.retry = retry  # -> x-should-retry; None leaves the decision to the client's policy
         self.retry_after = retry_after
+        self.kind = kind
 
     def body(self, request_id: Optional[str] = None) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "error", "error": {"type": self.type, "message": self.message}}
@@ -808,7 +1111,7 @@ def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
 
 
 # ======================================================================================
-# 3. TOKENS
+# 4. TOKENS
 # ======================================================================================
 # A heuristic counter (no tokenizer download, no backend call), calibrated against a BPE
 # tokenizer (cl100k). count_request_tokens (end of section 4) counts what the backend receives.
@@ -1124,23 +1427,13 @@ def _tool_tokens(tool: Tool) -> int:
 
 
 # ======================================================================================
-# 4. TRANSLATION (pure functions: no I/O, no globals that change the output)
+# 5. TRANSLATION (pure functions: no I/O, no globals that change the output)
 # ======================================================================================
 # Request side: Anthropic request -> a neutral conversation (`Turn`s) -> each provider's body.
 # Response side: backend deltas drive `EventBuilder`, a fold that emits Anthropic stream events;
 # `fold_events` turns those events into the non-streaming Message. One path serves both.
 
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
-_warned: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """Log a warning the first time it happens (a bounded memory: clients choose some of the words)."""
-    if message not in _warned:
-        if len(_warned) >= 1000:
-            _warned.clear()
-        _warned.add(message)
-        log.warning(message)
 
 
 @dataclass
@@ -1541,14 +1834,28 @@ _STR_STOP = re.compile(r'["\\\x00-\x1f]')
 _LITERAL = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
 _LITERAL_CHARS = frozenset("0123456789+-.eEtrufalsn")
 _HEX = frozenset("0123456789abcdefABCDEF")
-# parser states
-_VALUE, _KEY_OR_END, _KEY, _COLON, _AFTER, _STRING, _ESCAPE, _UNICODE, _LIT, _ITEM_OR_END, _BAD = range(11)
+# JsonPrefix's states: where the parser stands after the last character it read.
+_EXPECT_VALUE = 0  # a value may begin (top level: only `{`)
+_EXPECT_KEY_OR_CLOSE = 1  # just after `{`: a key or `}`
+_EXPECT_KEY = 2  # after a comma in an object: a key
+_EXPECT_COLON = 3  # after a key: `:`
+_AFTER_VALUE = 4  # a value ended: `,`, the closer of the open container, or (top level) the end
+_IN_STRING = 5  # inside a string (a key when `in_key`)
+_IN_ESCAPE = 6  # after a backslash inside a string
+_IN_UNICODE = 7  # inside a \uXXXX escape (`uni` hex digits read so far)
+_IN_LITERAL = 8  # inside a number, true, false or null (`lit` so far)
+_EXPECT_ITEM_OR_CLOSE = 9  # just after `[`: a value or `]`
+_BROKEN = 10  # the text is not a prefix of a JSON object: nothing after `safe` is ever streamed
 
 
 class JsonPrefix:
-    """Incremental check that text is a prefix of one JSON object. `safe` is how much of what was
-    fed is certainly valid (a half-read literal or escape is held back); `complete` is True once
-    the object has closed. Strings are skipped with one regex search, so long arguments are cheap."""
+    """Incremental check that text is a prefix of one JSON object, for streaming tool arguments.
+
+    Invariant: everything before `safe` is a prefix that the client's partial-JSON parser accepts and
+    never has to take back; so a half-read literal (`tr`), escape (`\\u00`), surrogate pair, a key whose
+    value has not begun, and a comma with nothing after it are held back until they prove sound.
+    `is_whole` is True once the object has closed. Strings are skipped with one regex search, so long
+    arguments are cheap."""
 
     __slots__ = (
         "stack",
@@ -1567,167 +1874,193 @@ class JsonPrefix:
 
     def __init__(self) -> None:
         self.stack: list[str] = []
-        self.state, self.in_key, self.held, self.lit, self.safe, self.fed, self.uni = _VALUE, False, 0, "", 0, 0, 0
+        self.state, self.in_key, self.held, self.lit, self.safe, self.fed, self.uni = (
+            _EXPECT_VALUE,
+            False,
+            0,
+            "",
+            0,
+            0,
+            0,
+        )
         self.comma = -1  # a comma with nothing after it yet is held back: `{"a": 1,` may end there
         self.key_start = 0  # where the current member began: a key is held back until its value is sound
         self.code, self.high_at = 0, -1  # a \uD8xx high surrogate waits for its low half (the SDK rejects halves)
 
     @property
-    def complete(self) -> bool:
-        return self.state == _AFTER and not self.stack
+    def is_whole(self) -> bool:
+        return self.state == _AFTER_VALUE and not self.stack
 
     @property
     def broken(self) -> bool:
-        return self.state == _BAD
+        return self.state == _BROKEN
 
     def feed(self, s: str) -> int:
         """Consume s; return the new `safe` length (of everything fed so far)."""
         i, n, base, st = 0, len(s), self.fed, self.state
-        if self.state == _BAD:
+        if st == _BROKEN:
             self.fed += n
             return self.safe
         while i < n:
             st = self.state
-            if st == _STRING:
-                m = _STR_STOP.search(s, i)
-                if m is None:
-                    i = n
+            if st == _IN_STRING:
+                i = self._string(s, i, base)
+                if self.state == _BROKEN:
                     break
-                if self.high_at >= 0 and m.start() != i:
-                    self.state = _BAD  # a high surrogate escape not followed by its low half
-                    break
-                i = m.start()
-                c = s[i]
-                if self.high_at >= 0 and c != "\\":
-                    self.state = _BAD
-                    break
-                if c == '"':
-                    self.state = _COLON if self.in_key else _AFTER
-                elif c == "\\":
-                    self.state, self.held = _ESCAPE, base + i
-                else:
-                    self.state = _BAD
-                    break
-                i += 1
                 continue
             c = s[i]
-            if st == _ESCAPE:
-                if c == "u":
-                    self.state, self.uni, self.code = _UNICODE, 0, 0
-                elif c in '"\\/bfnrt' and self.high_at < 0:
-                    self.state = _STRING
-                else:
-                    self.state = _BAD
-                    break
-                i += 1
-                continue
-            if st == _UNICODE:
-                if c not in _HEX:
-                    self.state = _BAD
-                    break
-                self.uni += 1
-                self.code = self.code * 16 + int(c, 16)
-                if self.uni == 4:
-                    self.state = _STRING
-                    if 0xD800 <= self.code <= 0xDBFF and self.high_at < 0:
-                        self.high_at = self.held
-                    elif 0xDC00 <= self.code <= 0xDFFF and self.high_at >= 0:
-                        self.high_at = -1
-                    elif 0xD800 <= self.code <= 0xDFFF or self.high_at >= 0:
-                        self.state = _BAD  # half a surrogate pair
+            if st == _IN_ESCAPE:
+                self._escape(c)
+            elif st == _IN_UNICODE:
+                self._unicode(c)
+            else:
+                if st == _IN_LITERAL:
+                    if c in _LITERAL_CHARS:
+                        self.lit += c
+                        i += 1
+                        continue
+                    if not _LITERAL.fullmatch(self.lit):
+                        self.state = _BROKEN
                         break
-                i += 1
-                continue
-            if st == _LIT:
-                if c in _LITERAL_CHARS:
-                    self.lit += c
+                    self.state = st = _AFTER_VALUE
+                    self.lit = ""
+                if c in " \t\r\n":
                     i += 1
                     continue
-                if not _LITERAL.fullmatch(self.lit):
-                    self.state = _BAD
-                    break
-                self.state, self.lit = _AFTER, ""
-                st = _AFTER
-            if c in " \t\r\n":
-                i += 1
-                continue
-            if st in (_VALUE, _ITEM_OR_END):
-                if st == _ITEM_OR_END and c == "]":
-                    self.stack.pop()
-                    self.state = _AFTER
-                elif not self.stack and c != "{":
-                    self.state = _BAD  # the top level must be an object
-                elif c == "{":
-                    self.stack.append("}")
-                    self.state = _KEY_OR_END
-                elif c == "[":
-                    self.stack.append("]")
-                    self.state = _ITEM_OR_END
-                elif c == '"':
-                    self.state, self.in_key = _STRING, False
-                elif c in _LITERAL_CHARS:  # held from the comma before it, if any: `[1,` may end there
-                    self.state, self.lit, self.held = _LIT, c, self.comma if self.comma >= 0 else base + i
-                else:
-                    self.state = _BAD
-            elif st in (_KEY_OR_END, _KEY):
-                if c == '"':  # the member begins at its comma, if any: `{"a": 1, "b` may end there
-                    self.state, self.in_key = _STRING, True
-                    self.key_start = self.comma if self.comma >= 0 else base + i
-                elif c == "}" and st == _KEY_OR_END:
-                    self.stack.pop()
-                    self.state = _AFTER
-                else:
-                    self.state = _BAD
-            elif st == _COLON:
-                self.state = _VALUE if c == ":" else _BAD
-            elif st == _AFTER:
-                if not self.stack:
-                    self.state = _BAD  # trailing text after the object
-                elif c == ",":
-                    self.state = _KEY if self.stack[-1] == "}" else _VALUE
-                elif c == self.stack[-1]:
-                    self.stack.pop()
-                else:
-                    self.state = _BAD
-            if self.state == _BAD:
+                self._structure(st, c, base + i)
+                if self.state != _BROKEN:
+                    self.comma = base + i if c == "," else -1
+            if self.state == _BROKEN:
                 break
-            self.comma = base + i if c == "," else -1
             i += 1
         self.fed = base + n
-        if self.state in (_LIT, _ESCAPE, _UNICODE) or (self.state == _BAD and st in (_LIT, _ESCAPE, _UNICODE)):
+        self._hold_back(st, base + i)
+        return self.safe
+
+    def _string(self, s: str, i: int, base: int) -> int:
+        """Inside a string: skip to its next quote, backslash or control character; the index to go on from."""
+        m = _STR_STOP.search(s, i)
+        if m is None:
+            return len(s)
+        if self.high_at >= 0 and (m.start() != i or m.group() != "\\"):
+            self.state = _BROKEN  # a high surrogate escape not followed by its low half
+            return i
+        i = m.start()
+        c = s[i]
+        if c == '"':
+            self.state = _EXPECT_COLON if self.in_key else _AFTER_VALUE
+        elif c == "\\":
+            self.state, self.held = _IN_ESCAPE, base + i
+        else:
+            self.state = _BROKEN  # a raw control character
+            return i
+        return i + 1
+
+    def _escape(self, c: str) -> None:
+        if c == "u":
+            self.state, self.uni, self.code = _IN_UNICODE, 0, 0
+        elif c in '"\\/bfnrt' and self.high_at < 0:
+            self.state = _IN_STRING
+        else:
+            self.state = _BROKEN
+
+    def _unicode(self, c: str) -> None:
+        if c not in _HEX:
+            self.state = _BROKEN
+            return
+        self.uni += 1
+        self.code = self.code * 16 + int(c, 16)
+        if self.uni < 4:
+            return
+        self.state = _IN_STRING
+        if 0xD800 <= self.code <= 0xDBFF and self.high_at < 0:
+            self.high_at = self.held
+        elif 0xDC00 <= self.code <= 0xDFFF and self.high_at >= 0:
+            self.high_at = -1
+        elif 0xD800 <= self.code <= 0xDFFF or self.high_at >= 0:
+            self.state = _BROKEN  # half a surrogate pair
+
+    def _structure(self, st: int, c: str, at: int) -> None:
+        """A character outside strings and literals (not white space), at position `at`."""
+        if st in (_EXPECT_VALUE, _EXPECT_ITEM_OR_CLOSE):
+            if st == _EXPECT_ITEM_OR_CLOSE and c == "]":
+                self.stack.pop()
+                self.state = _AFTER_VALUE
+            elif not self.stack and c != "{":
+                self.state = _BROKEN  # the top level must be an object
+            elif c == "{":
+                self.stack.append("}")
+                self.state = _EXPECT_KEY_OR_CLOSE
+            elif c == "[":
+                self.stack.append("]")
+                self.state = _EXPECT_ITEM_OR_CLOSE
+            elif c == '"':
+                self.state, self.in_key = _IN_STRING, False
+            elif c in _LITERAL_CHARS:  # held from the comma before it, if any: `[1,` may end there
+                self.state, self.lit, self.held = _IN_LITERAL, c, self.comma if self.comma >= 0 else at
+            else:
+                self.state = _BROKEN
+        elif st in (_EXPECT_KEY_OR_CLOSE, _EXPECT_KEY):
+            if c == '"':  # the member begins at its comma, if any: `{"a": 1, "b` may end there
+                self.state, self.in_key = _IN_STRING, True
+                self.key_start = self.comma if self.comma >= 0 else at
+            elif c == "}" and st == _EXPECT_KEY_OR_CLOSE:
+                self.stack.pop()
+                self.state = _AFTER_VALUE
+            else:
+                self.state = _BROKEN
+        elif st == _EXPECT_COLON:
+            self.state = _EXPECT_VALUE if c == ":" else _BROKEN
+        elif st == _AFTER_VALUE:
+            if not self.stack:
+                self.state = _BROKEN  # trailing text after the object
+            elif c == ",":
+                self.state = _EXPECT_KEY if self.stack[-1] == "}" else _EXPECT_VALUE
+            elif c == self.stack[-1]:
+                self.stack.pop()
+            else:
+                self.state = _BROKEN
+
+    def _hold_back(self, st: int, stopped_at: int) -> None:
+        """Set `safe` (the invariant above): `st` is the state before the last character read."""
+        if self.state in (_IN_LITERAL, _IN_ESCAPE, _IN_UNICODE) or (
+            self.state == _BROKEN and st in (_IN_LITERAL, _IN_ESCAPE, _IN_UNICODE)
+        ):
             self.safe = self.held  # a literal or escape not yet known to be valid is held back
-        elif self.state == _BAD:
-            self.safe = base + i
+        elif self.state == _BROKEN:
+            self.safe = stopped_at
         else:
             self.safe = self.fed
         if self.comma >= 0:
             self.safe = min(self.safe, self.comma)
-        if self._in_member(st if self.state == _BAD else self.state):
+        if self._in_member(st if self.state == _BROKEN else self.state):
             self.safe = min(self.safe, self.key_start)
         if self.high_at >= 0:
             self.safe = min(self.safe, self.high_at)
-        return self.safe
 
     def _in_member(self, state: int) -> bool:
         """Inside an object member whose value has not begun soundly: its key may not be sent yet."""
         return (
             bool(self.stack)
             and self.stack[-1] == "}"
-            and (state in (_COLON, _VALUE, _LIT) or (state in (_STRING, _ESCAPE, _UNICODE) and self.in_key))
+            and (
+                state in (_EXPECT_COLON, _EXPECT_VALUE, _IN_LITERAL)
+                or (state in (_IN_STRING, _IN_ESCAPE, _IN_UNICODE) and self.in_key)
+            )
         )
 
-    def completed(self, text: str) -> str:
+    def made_whole(self, text: str) -> str:
         """The fed text (not broken) made into a whole object without inventing anything: an
         unfinished member or element is dropped, an open value string is closed, brackets closed."""
-        if self.state == _VALUE and not self.stack:
+        if self.state == _EXPECT_VALUE and not self.stack:
             return "{}"
         state, closers = self.state, "".join(reversed(self.stack))
-        if self._in_member(state) and not (state == _LIT and _LITERAL.fullmatch(self.lit)):
+        if self._in_member(state) and not (state == _IN_LITERAL and _LITERAL.fullmatch(self.lit)):
             text = text[: self.key_start]  # `{"a": 1, "b` / `{"a": tru` -> drop the member
-        elif state in (_STRING, _ESCAPE, _UNICODE):  # a value string: closed, without half an escape or pair
-            cut = self.high_at if self.high_at >= 0 else self.held if state != _STRING else len(text)
+        elif state in (_IN_STRING, _IN_ESCAPE, _IN_UNICODE):  # a value string: closed, without half an escape or pair
+            cut = self.high_at if self.high_at >= 0 else self.held if state != _IN_STRING else len(text)
             return text[:cut] + '"' + closers
-        elif state == _LIT and not _LITERAL.fullmatch(self.lit):
+        elif state == _IN_LITERAL and not _LITERAL.fullmatch(self.lit):
             text = text[: self.held]  # `[1, tr` -> `[1`
         stripped = text.rstrip()
         if stripped.endswith(","):
@@ -1768,8 +2101,8 @@ def repair_arguments(text: str) -> Optional[str]:
             pass
         checker = JsonPrefix()
         checker.feed(s[start:])
-        if not checker.broken and _is_object(checker.completed(s[start:])):
-            return checker.completed(s[start:])
+        if not checker.broken and _is_object(checker.made_whole(s[start:])):
+            return checker.made_whole(s[start:])
     try:
         import ast
 
@@ -1798,16 +2131,17 @@ def _breaks(text: str) -> bool:
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
 
 
-class _Call:
-    """One tool call being received: `args` is what the client gets (raw control characters inside
-    strings escaped, as small models emit real newlines in file contents); `raw` the backend's text."""
+class ToolCall:
+    """One tool call being received. `raw` is the backend's argument text; `args` what the client gets
+    (raw control characters inside strings escaped: small models emit real newlines in file contents);
+    `sent` how much of `args` has been streamed. state: pending -> open (its block streams) -> done."""
 
     __slots__ = ("key", "id", "name", "args", "raw", "sent", "checker", "state", "in_string", "escaped", "snapshots")
 
     def __init__(self, key: Any) -> None:
         self.key, self.id, self.name, self.args, self.raw, self.sent = key, "", "", "", "", 0
         self.checker = JsonPrefix()
-        self.state = "pending"  # pending -> open -> done
+        self.state = "pending"
         self.in_string = self.escaped = self.snapshots = False
 
     def add(self, fragment: str) -> None:
@@ -1840,8 +2174,110 @@ class _Call:
         self.args += "".join(out)
         self.escaped = escaped_at == len(fragment)
 
+    def take_safe(self) -> str:
+        """The arguments that became safe to stream since the last call (see JsonPrefix)."""
+        if len(self.args) == self.checker.fed:
+            return ""
+        safe = self.checker.feed(self.args[self.checker.fed :])
+        if safe <= self.sent:
+            return ""
+        piece, self.sent = self.args[self.sent : safe], safe
+        return piece
 
-# --- the response fold ---------------------------------------------------------------------------
+    def close(self) -> list[str]:
+        """The call ends: the last safe piece, then what makes the streamed text a whole object (the
+        rest of the repaired arguments, or the streamed part closed as it is, or `{}`)."""
+        self.state = "done"
+        pieces = [self.take_safe()]
+        sent = self.args[: self.sent]
+        if self.checker.is_whole and self.sent >= len(self.args.rstrip()):
+            return [p for p in pieces if p]
+        repaired = repair_arguments(self.args)
+        if repaired is None:
+            log.warning(
+                "tool %s: arguments are not valid JSON and could not be repaired; delivering what was valid", self.name
+            )
+        if repaired is not None and repaired.startswith(sent):
+            pieces.append(repaired[len(sent) :])
+        else:
+            check = JsonPrefix()
+            check.feed(sent)
+            pieces.append(check.made_whole(sent)[len(sent) :])  # the streamed part never ends inside a member
+            if repaired is not None:
+                log.warning(
+                    "tool %s: repaired arguments differ from what was streamed; closed the streamed part", self.name
+                )
+        return [p for p in pieces if p]
+
+
+class ToolCalls:
+    """Tool-call fragments in, calls out, whatever way the backend numbers them. Shapes real servers send:
+
+    - OpenAI: `index` on every fragment, the id and name on the first one (canonical);
+    - the id repeated on every fragment (LM Studio, some proxies), or a fresh id on every fragment of the
+      same index (older vLLM): the first id of an index wins;
+    - no `index` at all: a fragment with a new id starts a new call, one without an id continues the last;
+    - the same index used again for a new call after the old one closed (some llama.cpp builds);
+    - whole calls, in order, each in one piece (Ollama; non-streaming bodies): `whole()`;
+    - arguments before the name, and cumulative snapshots instead of deltas (handled by ToolCall).
+
+    One call streams at a time (`active`); a call that begins while another is open waits and is sent
+    whole when the open one is done (`pending`). Ids are kept byte for byte unless missing, short or
+    already used, when a `toolu_` id replaces them."""
+
+    def __init__(self) -> None:
+        self.calls: dict[Any, ToolCall] = {}
+        self.active: Optional[ToolCall] = None
+        self.last_key: Any = None
+        self.ids: set[str] = set()
+
+    def fragment(self, index: Optional[int], call_id: Optional[str], name: Optional[str], arguments: Any) -> ToolCall:
+        key: Any = index
+        if key is None:
+            last = self.calls.get(self.last_key)
+            key = self.last_key if self.last_key is not None else 0
+            if call_id and last is not None and last.id and call_id != last.id:
+                key = ("auto", len(self.calls))
+        call = self.calls.get(key)
+        if call is None or call.state == "done" and (call_id and call_id != call.id):
+            if call is not None:  # the same index reused for a new call after the old one closed
+                key = (key, len(self.calls))
+            call = self.calls[key] = ToolCall(key)
+        self.last_key = key
+        return self._update(call, call_id, name, arguments)
+
+    def whole(self, call_id: Optional[str], name: Optional[str], arguments: Any) -> ToolCall:
+        key = ("whole", len(self.calls))
+        call = self.calls[key] = ToolCall(key)
+        return self._update(call, call_id, name, arguments if arguments is not None else {})
+
+    def _update(self, call: ToolCall, call_id: Optional[str], name: Optional[str], arguments: Any) -> ToolCall:
+        if call_id and not call.id:
+            call.id = call_id
+        if name and not call.name:
+            call.name = name
+        if arguments is not None and not isinstance(arguments, str):
+            arguments = dumps(arguments)
+        if arguments:
+            call.add(arguments)
+            if call.state == "done":
+                warn_once("tool call arguments arrived after the call's block was closed; ignored")
+        return call
+
+    def may_open(self, call: ToolCall) -> bool:
+        """A pending call with a name may open its block when no other call is streaming an unfinished object."""
+        return call.state == "pending" and bool(call.name) and (self.active is None or self.active.checker.is_whole)
+
+    def open(self, call: ToolCall) -> None:
+        if not call.id or call.id in self.ids or len(call.id) < 8:
+            call.id = new_id("toolu_")
+        self.ids.add(call.id)
+        call.state = "open"
+        self.active = call
+
+    def pending(self) -> list[ToolCall]:
+        return [call for call in self.calls.values() if call.state == "pending"]
+
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -1854,6 +2290,47 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
+class ThinkTags:
+    """Reasoning that a model writes inline as <think>...</think> at the very start of its answer (servers
+    without a reasoning parser). Text in, ("thinking" | "text", piece) out; a tag may be split across
+    chunks at any byte, and only what could still be a tag is held back. state: start -> inside -> off."""
+
+    __slots__ = ("state", "held")
+
+    def __init__(self) -> None:
+        self.state, self.held = "start", ""
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        if self.state == "off":
+            return [("text", text)]
+        out: list[tuple[str, str]] = []
+        self.held += text
+        if self.state == "start":
+            head = self.held.lstrip()
+            if head.startswith(THINK_OPEN):
+                self.held, self.state = head[len(THINK_OPEN) :], "inside"
+            elif THINK_OPEN.startswith(head):
+                return out  # could still become <think>: wait for more
+            else:
+                return self.flush()
+        end = self.held.find(THINK_CLOSE)
+        if end >= 0:
+            out.append(("thinking", self.held[:end]))
+            rest = self.held[end + len(THINK_CLOSE) :].lstrip()
+            self.held, self.state = "", "off"
+            return out + [("text", rest)] if rest else out
+        keep = len(self.held) - _partial_suffix(self.held, THINK_CLOSE)
+        out.append(("thinking", self.held[:keep]))
+        self.held = self.held[keep:]
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        """Whatever is held, as what it is now; no tags are looked for after this."""
+        held, kind = self.held, "thinking" if self.state == "inside" else "text"
+        self.held, self.state = "", "off"
+        return [(kind, held)] if held else []
+
+
 STOP_REASONS = {
     "stop": "end_turn",
     "length": "max_tokens",
@@ -1864,18 +2341,6 @@ STOP_REASONS = {
     "max_tokens": "max_tokens",
 }
 SIGNATURE_PREFIX = "cpx1."
-MAX_REASONING_BYTES = 4 << 20
-
-
-_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_ids = random.Random(secrets.randbits(128))
-if hasattr(os, "register_at_fork"):  # pre-forking servers (gunicorn --preload): no two workers share a sequence
-    os.register_at_fork(after_in_child=lambda: _ids.seed(secrets.randbits(128)))
-
-
-def new_id(prefix: str, n: int = 24) -> str:
-    """msg_/toolu_/req_ ids: unique, not secret (a seeded PRNG is ~10x faster than secrets per id)."""
-    return prefix + "".join(_ids.choices(_ID_ALPHABET, k=n))
 
 
 def thinking_signature(text: str, keep_text: bool) -> str:
@@ -1897,14 +2362,23 @@ def reasoning_from_signature(signature: Optional[str]) -> str:
         return ""
 
 
-class EventBuilder:
-    """Backend deltas in, Anthropic stream events out: a pure state machine (no I/O).
+@dataclass
+class Outcome:
+    """How an answer ended: what the final message_delta says, and what the log line and metrics read."""
 
-    Call start(), then text()/thinking()/tool()/finish()/usage() as the backend's data arrives,
-    then end(); after each call, `take()` returns the events produced so far as (name, payload).
-    One block is open at a time and indexes count up across thinking, text and tool_use blocks.
-    A tool call streams its arguments live while they are a valid JSON prefix; calls that
-    interleave with the open one are buffered and emitted whole when it closes."""
+    stop_reason: str
+    stop_sequence: Optional[str]
+    usage: dict[str, int]
+
+
+class EventBuilder:
+    """Backend deltas in, Anthropic stream events out: a pure fold (no I/O), the block grammar only.
+
+    Call start_message(), then text()/content()/thinking()/tool_fragment()/tool_call()/usage()/
+    backend_stop() as the backend's data arrives, then end_message(), which sets `outcome`; after each
+    call `take()` returns the events produced so far as (name, payload). One block is open at a time;
+    indexes count up across thinking, text and tool_use blocks. Inline <think> tags are split off by
+    ThinkTags, tool-call fragments assembled by ToolCalls."""
 
     def __init__(
         self,
@@ -1917,7 +2391,7 @@ class EventBuilder:
         usage_scale: float = 1.0,
     ) -> None:
         self.msg_id, self.model = msg_id, model
-        self.usage_scale = usage_scale  # --scale-usage; 1.0 reports the backend's raw counts
+        self.usage_scale = usage_scale  # 1.0 reports the backend's raw counts
         self.input_estimate = round(input_estimate * usage_scale)
         self.tool_names = tool_names or {}
         self.show_thinking = show_thinking
@@ -1925,27 +2399,29 @@ class EventBuilder:
         self.index = -1
         self.open: Optional[str] = None  # "text" | "thinking" | "tool"
         self.thinking_parts: list[str] = []
-        self.calls: dict[Any, _Call] = {}
-        self.active: Optional[_Call] = None
-        self.last_key: Any = None
-        self.ids: set[str] = set()
-        self.finish_reason: Optional[str] = None
-        self.stop_reason: Optional[str] = None  # final, set by end()
-        self.stop_sequence: Optional[str] = None
-        self.finished = False  # the backend said it was done (finish_reason / done / [DONE])
+        self.think = ThinkTags()
+        self.tools = ToolCalls()
         self.tool_blocks = 0
         self.out_chars = 0
+        self.stop_reason: Optional[str] = None  # the backend's, mapped; None until it says it stopped
+        self.stop_sequence: Optional[str] = None
+        self.backend_stopped = False  # the backend said it was done (finish_reason / done)
         self.usage_in: Optional[int] = None
         self.usage_out: Optional[int] = None
         self.cache_read = 0
-        self.think_tags = "start"  # start -> inside -> off: inline <think> only at the answer's start
-        self.pending = ""
+        self.outcome: Optional[Outcome] = None  # set by end_message()
 
     def take(self) -> list[tuple[str, dict[str, Any]]]:
         events, self.events = self.events, []
         return events
 
-    def start(self) -> None:
+    def start_message(self) -> None:
+        usage = {
+            "input_tokens": self.input_estimate,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 1,
+        }
         self.events.append(
             (
                 "message_start",
@@ -1959,12 +2435,7 @@ class EventBuilder:
                         "content": [],
                         "stop_reason": None,
                         "stop_sequence": None,
-                        "usage": {
-                            "input_tokens": self.input_estimate,
-                            "cache_creation_input_tokens": 0,
-                            "cache_read_input_tokens": 0,
-                            "output_tokens": 1,
-                        },
+                        "usage": usage,
                     },
                 },
             )
@@ -1984,6 +2455,10 @@ class EventBuilder:
             ("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
         )
 
+    def _args(self, piece: str) -> None:
+        self.out_chars += len(piece)
+        self._delta({"type": "input_json_delta", "partial_json": piece})
+
     def _close(self) -> None:
         if self.open is None:
             return
@@ -1991,40 +2466,23 @@ class EventBuilder:
             text = "".join(self.thinking_parts)
             self.thinking_parts = []
             self._delta({"type": "signature_delta", "signature": thinking_signature(text, self.show_thinking)})
-        elif self.open == "tool":
-            self._finish_call(self.active)
-            self.active = None
+        elif self.open == "tool" and self.tools.active is not None:
+            call, self.tools.active = self.tools.active, None
+            for piece in call.close():
+                self._args(piece)
         self.events.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         self.open = None
 
     def content(self, text: str) -> None:
-        """Backend content: text, except reasoning that a model writes inline as <think>...</think> at
-        the start of its answer (tags may be split across chunks), which becomes a thinking block."""
-        if self.think_tags == "off":
+        """Backend content: text, except inline <think>...</think> reasoning at the answer's start."""
+        if self.think.state == "off":
             return self.text(text)
-        self.pending += text
-        while self.pending:
-            if self.think_tags == "start":
-                head = self.pending.lstrip()
-                if head.startswith(THINK_OPEN):
-                    self.pending, self.think_tags = head[len(THINK_OPEN) :], "inside"
-                elif THINK_OPEN.startswith(head):
-                    return  # could still become <think>: wait for more
-                else:
-                    self.think_tags, text, self.pending = "off", self.pending, ""
-                    return self.text(text)
-            elif self.think_tags == "inside":
-                end = self.pending.find(THINK_CLOSE)
-                if end >= 0:
-                    self.thinking(self.pending[:end])
-                    self.pending, self.think_tags = self.pending[end + len(THINK_CLOSE) :].lstrip(), "off"
-                    text, self.pending = self.pending, ""
-                    return self.text(text)
-                keep = _partial_suffix(self.pending, THINK_CLOSE)
-                self.thinking(self.pending[: len(self.pending) - keep])
-                self.pending = self.pending[len(self.pending) - keep :]
-                return
+        self._pieces(self.think.feed(text))
         return None
+
+    def _pieces(self, pieces: list[tuple[str, str]]) -> None:
+        for kind, piece in pieces:
+            self.thinking(piece) if kind == "thinking" else self.text(piece)
 
     def text(self, text: str) -> None:
         if not text:
@@ -2046,94 +2504,46 @@ class EventBuilder:
             self.thinking_parts.append(text)
 
     # -- tool calls --
-    def tool(self, key: Any, call_id: Optional[str], name: Optional[str], arguments: Any) -> None:
-        """One tool-call fragment. key: the backend's index (None when it gives none)."""
-        if self.think_tags == "start":  # text held back in case it began a <think>: it precedes the call
-            held, self.pending, self.think_tags = self.pending, "", "off"
-            if held.strip():
-                self.text(held)
-        if key is None:  # servers that omit `index`: a new id starts a new call
-            last = self.calls.get(self.last_key)
-            key = self.last_key if self.last_key is not None else 0
-            if call_id and last is not None and last.id and call_id != last.id:
-                key = ("auto", len(self.calls))
-        call = self.calls.get(key)
-        if call is None or call.state == "done" and (call_id and call_id != call.id):
-            if call is not None:  # the same index reused for a new call after the old one closed
-                key = (key, len(self.calls))
-            call = self.calls[key] = _Call(key)
-        self.last_key = key
-        if call_id and not call.id:
-            call.id = call_id
-        if name and not call.name:
-            call.name = name
-        if arguments is not None and not isinstance(arguments, str):
-            arguments = dumps(arguments)
-        if arguments:
-            call.add(arguments)
-        if call.state == "done":
-            if arguments:
-                warn_once("tool call arguments arrived after the call's block was closed; ignored")
-            return
-        if call is self.active:
-            self._stream_args(call)
-        elif call.name and (self.active is None or self.active.checker.complete):
-            self._start_call(call)
+    def tool_fragment(self, index: Optional[int], call_id: Optional[str], name: Optional[str], arguments: Any) -> None:
+        """A piece of a streamed tool call; index None when the backend gives none."""
+        self._before_call()
+        self._advance(self.tools.fragment(index, call_id, name, arguments))
 
-    def _start_call(self, call: _Call) -> None:
+    def tool_call(self, call_id: Optional[str], name: Optional[str], arguments: Any) -> None:
+        """A whole tool call in one piece."""
+        self._before_call()
+        self._advance(self.tools.whole(call_id, name, arguments))
+
+    def _before_call(self) -> None:
+        if self.think.state == "start":  # text held back in case it began a <think>: it precedes the call
+            self._pieces([(kind, piece) for kind, piece in self.think.flush() if piece.strip()])
+
+    def _advance(self, call: ToolCall) -> None:
+        if call is self.tools.active:
+            piece = call.take_safe()
+            if piece:
+                self._args(piece)
+        elif self.tools.may_open(call):
+            self._open_call(call)
+
+    def _open_call(self, call: ToolCall) -> None:
+        self._close()
+        self.tools.open(call)
         name = self.tool_names.get(call.name, call.name)
-        if not call.id or call.id in self.ids or len(call.id) < 8:
-            call.id = new_id("toolu_")
-        self.ids.add(call.id)
         self._open("tool", {"type": "tool_use", "id": call.id, "name": name, "input": {}})
-        call.state = "open"
-        self.active = call
         self.tool_blocks += 1
-        self._stream_args(call)
-
-    def _stream_args(self, call: _Call) -> None:
-        if len(call.args) == call.checker.fed:
-            return
-        safe = call.checker.feed(call.args[call.checker.fed :])
-        if safe > call.sent:
-            self._delta({"type": "input_json_delta", "partial_json": call.args[call.sent : safe]})
-            self.out_chars += safe - call.sent
-            call.sent = safe
-
-    def _finish_call(self, call: Optional[_Call]) -> None:
-        """Close the open call's JSON: deliver the rest of its repaired arguments (or `{}`)."""
-        if call is None:
-            return
-        call.state = "done"
-        self._stream_args(call)
-        sent = call.args[: call.sent]
-        if call.checker.complete and call.sent >= len(call.args.rstrip()):
-            return
-        repaired = repair_arguments(call.args)
-        if repaired is None:
-            log.warning(
-                "tool %s: arguments are not valid JSON and could not be repaired; delivering what was valid", call.name
-            )
-        if repaired is not None and repaired.startswith(sent):
-            rest = repaired[len(sent) :]
-        else:
-            check = JsonPrefix()
-            check.feed(sent)
-            rest = check.completed(sent)[len(sent) :]  # the streamed part never ends inside a member
-            if repaired is not None:
-                log.warning(
-                    "tool %s: repaired arguments differ from what was streamed; closed the streamed part", call.name
-                )
-        if rest:
-            self._delta({"type": "input_json_delta", "partial_json": rest})
+        piece = call.take_safe()
+        if piece:
+            self._args(piece)
 
     # -- the end --
-    def finish(self, reason: Optional[str], stop_sequence: Optional[str] = None) -> None:
-        self.finished = True
+    def backend_stop(self, reason: Optional[str], stop_sequence: Optional[str] = None) -> None:
+        """The backend says it stopped (finish_reason, done), and why."""
+        self.backend_stopped = True
         if reason:
-            self.finish_reason = STOP_REASONS.get(reason, "end_turn")
+            self.stop_reason = STOP_REASONS.get(reason, "end_turn")
         if stop_sequence:
-            self.finish_reason, self.stop_sequence = "stop_sequence", stop_sequence
+            self.stop_reason, self.stop_sequence = "stop_sequence", stop_sequence
 
     def usage(self, input_tokens: Optional[int], output_tokens: Optional[int], cache_read: int = 0) -> None:
         if input_tokens is not None:
@@ -2142,38 +2552,27 @@ class EventBuilder:
         if output_tokens is not None:
             self.usage_out = output_tokens
 
-    def end(self) -> None:
-        if self.pending:  # an unfinished "<thi" or an unclosed <think> at the very end
-            text, self.pending = self.pending, ""
-            self.thinking(text) if self.think_tags == "inside" else self.text(text)
+    def end_message(self) -> None:
+        self._pieces(self.think.flush())  # an unfinished "<thi" or an unclosed <think> at the very end
         self._close()
-        for call in self.calls.values():  # calls that could not stream live go out whole, in order
-            if call.state == "pending":
-                if not call.name:
-                    log.warning("dropping a tool call without a name (arguments %r)", call.args[:200])
-                    continue
-                self._start_call(call)
-                self._close()
-        stop = self.finish_reason or "end_turn"
+        for call in self.tools.pending():  # calls that could not stream live go out whole, in order
+            if not call.name:
+                log.warning("dropping a tool call without a name (arguments %r)", call.args[:200])
+                continue
+            self._open_call(call)
+            self._close()
+        stop = self.stop_reason or "end_turn"
         if self.tool_blocks and stop != "max_tokens":
             stop = "tool_use"
-        self.stop_reason = stop
         usage = {
             "input_tokens": self.usage_in if self.usage_in is not None else self.input_estimate,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": self.cache_read,
             "output_tokens": self.usage_out if self.usage_out is not None else max(1, self.out_chars // 4),
         }
-        self.events.append(
-            (
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": stop, "stop_sequence": self.stop_sequence},
-                    "usage": usage,
-                },
-            )
-        )
+        self.outcome = Outcome(stop, self.stop_sequence, usage)
+        delta = {"stop_reason": stop, "stop_sequence": self.stop_sequence}
+        self.events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
         self.events.append(("message_stop", {"type": "message_stop"}))
 
 
@@ -2259,7 +2658,7 @@ def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
         if len(delta) == 1 and content:  # the common chunk: one piece of text
             ev.content(content if isinstance(content, str) else _parts_text(content))
             if choice.get("finish_reason"):
-                ev.finish(choice["finish_reason"])
+                ev.backend_stop(choice["finish_reason"])
             continue
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if not reasoning and delta.get("reasoning_details"):
@@ -2272,12 +2671,12 @@ def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
             ev.content(content if isinstance(content, str) else _parts_text(content))
         for i, call in enumerate(delta.get("tool_calls") or ()):
             fn = call.get("function") or {}
-            key = call.get("index", None if "delta" in choice else i)
-            ev.tool(key, call.get("id"), fn.get("name"), fn.get("arguments"))
+            index = call.get("index", None if "delta" in choice else i)
+            ev.tool_fragment(index, call.get("id"), fn.get("name"), fn.get("arguments"))
         finish = choice.get("finish_reason")
         if finish:
             stop = choice.get("stop_reason")  # vLLM: the stop string that matched
-            ev.finish(finish, stop if isinstance(stop, str) and finish == "stop" else None)
+            ev.backend_stop(finish, stop if isinstance(stop, str) and finish == "stop" else None)
 
 
 def _parts_text(parts: Any) -> str:
@@ -2295,17 +2694,12 @@ def ollama_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
         ev.thinking(message["thinking"])
     if message.get("content"):
         ev.content(message["content"])
-    for call in message.get("tool_calls") or ():
+    for call in message.get("tool_calls") or ():  # Ollama sends each call whole
         fn = call.get("function") or {}
-        ev.tool(
-            ("ollama", len(ev.calls)),
-            call.get("id"),
-            fn.get("name"),
-            fn.get("arguments") if fn.get("arguments") is not None else {},
-        )
+        ev.tool_call(call.get("id"), fn.get("name"), fn.get("arguments"))
     if obj.get("done"):
         ev.usage(obj.get("prompt_eval_count"), obj.get("eval_count"))
-        ev.finish(obj.get("done_reason") or "stop")
+        ev.backend_stop(obj.get("done_reason") or "stop")
 
 
 def stream_error(error: Any) -> ApiError:
@@ -2316,18 +2710,19 @@ def stream_error(error: Any) -> ApiError:
     else:
         message, kind = str(error), ""
     overloaded = any(w in (message + kind).lower() for w in ("overload", "capacity", "queue", "unavailable"))
-    return ApiError(529 if overloaded else 500, f"backend error during the stream: {message}"[:2000])
+    return ApiError(
+        529 if overloaded else 500, f"backend error during the stream: {message}"[:MAX_ERROR_CHARS], kind="stream_error"
+    )
 
 
 # ======================================================================================
-# 5. PROVIDERS
+# 6. PROVIDERS
 # ======================================================================================
 # A provider is small: where to POST, how the stream is framed, which pure functions build
 # the body and decode the answer, and how to list models. All I/O is shared (section 6).
 
 
 class Provider:
-    name: str
     chat_path: str
     models_path: str
     framing: str  # "sse" or "ndjson"
@@ -2342,7 +2737,7 @@ class Provider:
 
 
 class OpenAIProvider(Provider):
-    name, chat_path, models_path, framing = "openai", "/chat/completions", "/models", "sse"
+    chat_path, models_path, framing = "/chat/completions", "/models", "sse"
     decode = staticmethod(openai_decode)
 
     def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
@@ -2360,15 +2755,15 @@ class OpenAIProvider(Provider):
         for m in (data or {}).get("data") or ():
             if isinstance(m, dict) and m.get("id"):
                 meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
-                window, source = _positive(m.get("max_model_len")), "max_model_len in /v1/models"
-                if not window and _positive(meta.get("n_ctx")):
+                window, source = _positive_int(m.get("max_model_len")), "max_model_len in /v1/models"
+                if not window and _positive_int(meta.get("n_ctx")):
                     window, source = meta["n_ctx"], "llama.cpp n_ctx in /v1/models"
                 models.append({"name": m["id"], "context_window": window, "source": source})
         return models
 
 
 class OllamaProvider(Provider):
-    name, chat_path, models_path, framing = "ollama", "/api/chat", "/api/tags", "ndjson"
+    chat_path, models_path, framing = "/api/chat", "/api/tags", "ndjson"
     decode = staticmethod(ollama_decode)
 
     def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
@@ -2385,7 +2780,7 @@ class OllamaProvider(Provider):
 PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": OllamaProvider()}
 
 
-def _positive(value: Any) -> Optional[int]:
+def _positive_int(value: Any) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
@@ -2395,9 +2790,9 @@ def trained_context(show: Any) -> Optional[int]:
     if not isinstance(info, dict):
         return None
     arch = info.get("general.architecture")
-    found = _positive(info.get(f"{arch}.context_length"))
+    found = _positive_int(info.get(f"{arch}.context_length"))
     return found or next(
-        (_positive(v) for k, v in info.items() if k.endswith(".context_length") and _positive(v)), None
+        (_positive_int(v) for k, v in info.items() if k.endswith(".context_length") and _positive_int(v)), None
     )
 
 
@@ -2488,7 +2883,7 @@ def backend_error_text(raw: bytes) -> str:
 
 def too_long(prompt: int, window: int) -> ApiError:
     """The error on which Claude Code compacts the conversation (it parses both numbers)."""
-    return ApiError(400, f"prompt is too long: {prompt} tokens > {window} maximum", retry=False)
+    return ApiError(400, f"prompt is too long: {prompt} tokens > {window} maximum", retry=False, kind="too_long")
 
 
 def check_fits(estimate: int, route: Route) -> None:
@@ -2522,49 +2917,31 @@ def map_backend_error(
             ctx = ctx or window
             if ctx:
                 return too_long(max(prompt or estimate or 0, ctx + 1), ctx)
-            return ApiError(400, f"prompt is too long: {message}", retry=False)
+            return ApiError(400, f"prompt is too long: {message}", retry=False, kind="too_long")
     text = f"backend returned HTTP {status}: {message}"
+    kind = f"http_{status}"
     if status == 401:
-        return ApiError(401, f"the backend rejected the proxy's API key (PROVIDER_API_KEY): {message}", retry=False)
+        return ApiError(
+            401, f"the backend rejected the proxy's API key (PROVIDER_API_KEY): {message}", retry=False, kind=kind
+        )
     if status in (400, 403, 404, 413):
-        return ApiError(status, text, retry=False)
+        return ApiError(status, text, retry=False, kind=kind)
     if status == 422:
-        return ApiError(400, text, retry=False)
+        return ApiError(400, text, retry=False, kind=kind)
     if status == 429:
-        return ApiError(429, text, retry=True, retry_after=retry_after)
+        return ApiError(429, text, retry=True, retry_after=retry_after, kind=kind)
     if status in (503, 529):
-        return ApiError(529, text, retry=True, retry_after=retry_after)
+        return ApiError(529, text, retry=True, retry_after=retry_after, kind=kind)
     if status in (408, 504):
-        return ApiError(504, text, retry=True)
+        return ApiError(504, text, retry=True, kind=kind)
     if status >= 500:
-        return ApiError(502, text, retry=True) if status == 502 else ApiError(500, text)
-    return ApiError(400, text, retry=False)
+        return ApiError(502, text, retry=True, kind=kind) if status == 502 else ApiError(500, text, kind=kind)
+    return ApiError(400, text, retry=False, kind=kind)
 
 
 # ======================================================================================
-# 6. STREAMING AND BACKEND I/O
+# 7. STREAMING AND BACKEND I/O
 # ======================================================================================
-
-
-@dataclass
-class Job:
-    """One client request, translated and ready to send (the parsed request itself is not kept:
-    a stream holds only what it needs)."""
-
-    prewarm: bool  # max_tokens 0: no backend call, an empty answer
-    stream: bool
-    input_estimate: int  # heuristic prompt tokens (unscaled), for clamping max_tokens
-    route: Route
-    provider: Provider
-    body: dict[str, Any]
-    builder: EventBuilder
-    request_id: str
-    info: dict[str, Any]  # for the request's log line
-
-
-def public_url(url: str) -> str:
-    """A URL safe to show in logs and errors: no user:password@."""
-    return re.sub(r"//[^/@]*@", "//", url)
 
 
 async def _public_host(url: str) -> None:
@@ -2581,6 +2958,165 @@ async def _public_host(url: str) -> None:
         address = ipaddress.ip_address(info[4][0])
         if not address.is_global:
             raise invalid("messages", f"image url {url[:100]!r}: {address} is not a public address")
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return dumps_bytes(body)
+    except (TypeError, ValueError, RecursionError) as exc:
+        if not too_deep(exc):
+            raise
+        raise TOO_DEEP from None
+
+
+_CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10 tells connecting apart
+
+
+def _max_tokens_slot(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Where a backend body keeps its output limit: (the dict, the key)."""
+    holder = body.get("options", body)
+    return holder, next(f for f in ("num_predict", "max_completion_tokens", "max_tokens") if f in holder)
+
+
+def _names_field(message: str, name: str) -> bool:
+    """Does a backend's 400 text name this request field as the problem (not merely contain the word)?"""
+    if name == "think" and "does not support thinking" in message:
+        return True
+    return (
+        re.search(
+            rf"""['"`]{name}['"`]|(?:argument|parameter|field|property|key)s?(?: supplied)?:? {name}\b""", message, re.I
+        )
+        is not None
+    )
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A body, read to its end or to `limit` bytes (then one byte more, so the caller can tell)."""
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client closed its connection: stop, close the backend request, log one INFO line."""
+
+
+# --- backend stream framing: bytes in, JSON payloads out (sans-I/O, like h11) ----------------------
+
+
+class LineFrames:
+    """NDJSON (Ollama): every non-blank line is one payload. `feed` takes bytes split anywhere and returns
+    the payloads completed by them; `flush` returns a last line that had no newline. A line longer than
+    MAX_LINE_BYTES is an error. `done` is True when the framing itself said the answer is complete."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self.buf
+        buf += data
+        end = data.rfind(b"\n")  # only the new bytes can hold a new line end
+        if end < 0:
+            if len(buf) > MAX_LINE_BYTES:
+                raise ApiError(502, f"backend sent a line longer than {MAX_LINE_BYTES >> 20} MiB", kind="oversized")
+            return []
+        end += len(buf) - len(data)
+        lines = bytes(buf[:end]).split(b"\n")
+        del buf[: end + 1]
+        return self.payloads(lines)
+
+    def flush(self) -> list[bytes]:
+        tail, self.buf = bytes(self.buf), bytearray()
+        return self.payloads([tail])
+
+    def payloads(self, lines: list[bytes]) -> list[bytes]:
+        return [line for line in lines if line.strip()]
+
+
+class SSEFrames(LineFrames):
+    """Server-sent events (OpenAI-compatible servers): the payloads are the `data:` fields, one per line as
+    every such server sends them; comments (`: keep-alive`), `event:`/`id:`/`retry:` fields and blank
+    lines are skipped, CRLF line ends are accepted, and `data: [DONE]` ends the answer (`done`)."""
+
+    def payloads(self, lines: list[bytes]) -> list[bytes]:
+        out = []
+        for line in lines:
+            if line.startswith(b"data:") and not self.done:
+                line = line[5:].strip()
+                if line == b"[DONE]":
+                    self.done = True
+                elif line:
+                    out.append(line)
+        return out
+
+
+class WholeBody:
+    """A server that ignored `stream` and answered with one JSON body: that body is the one payload,
+    complete by definition once the response ends."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.buf += data
+        if len(self.buf) > MAX_LINE_BYTES:
+            raise ApiError(502, f"backend answer is larger than {MAX_LINE_BYTES >> 20} MiB", kind="oversized")
+        return []
+
+    def flush(self) -> list[bytes]:
+        self.done = True
+        return [bytes(self.buf)]
+
+
+def frames_for(content_type: str, provider: Provider) -> Union[LineFrames, WholeBody]:
+    """The decoder for a backend response, from its content type and the provider's stream format."""
+    if "json" in content_type and "ndjson" not in content_type:
+        return WholeBody()
+    return SSEFrames() if provider.framing == "sse" else LineFrames()
+
+
+# --- one request's relay ---------------------------------------------------------------------------
+
+
+@dataclass
+class RequestRecord:
+    """What one request's log line and metrics report, filled in as the request goes."""
+
+    model: Optional[str] = None  # as the client named it
+    backend_model: Optional[str] = None
+    provider: Optional[str] = None
+    stream: Optional[bool] = None
+    first_event: Optional[float] = None  # monotonic time of the first streamed event
+    retries: int = 0
+    outcome: Optional[Outcome] = None
+    error: Optional[str] = None
+    error_kind: Optional[str] = None  # set for failures that are not the client's own mistakes
+    counted: Optional[int] = None  # count_tokens: the answer
+
+    def failed(self, error: ApiError) -> None:
+        self.error, self.error_kind = error.message, error.kind
+
+
+@dataclass
+class Exchange:
+    """One client request translated for its backend, and the fold its answer goes through (the parsed
+    request itself is not kept: a stream holds only what it needs)."""
+
+    prewarm: bool  # max_tokens 0: no backend call, an empty answer
+    stream: bool
+    input_estimate: int  # heuristic prompt tokens (unscaled), for clamping max_tokens
+    route: Route
+    provider: Provider
+    body: dict[str, Any]
+    builder: EventBuilder
+    request_id: str
+    record: RequestRecord
 
 
 # Claude Code compacts when a conversation comes within ~33k tokens (20k for the answer, 13k of margin) of the
@@ -2608,9 +3144,6 @@ def usage_scale(client_window: int, window: int) -> float:
     when the real prompt reaches compaction_point(window). With client_window = max(window, 132k) (what `run`
     tells it) the factor is client_window / window: /context then shows the true fraction of the window."""
     return max(1.0, (client_window - CLIENT_COMPACT_BUFFER) / compaction_point(window))
-
-
-MAX_IMAGE_BYTES = 20 << 20
 
 
 class Backend:
@@ -2726,14 +3259,14 @@ class Backend:
         if len(self.backend_models) == 1 and (llama or not self.windows):
             props = await self._get_json(root + "/props")
             settings = (props or {}).get("default_generation_settings")
-            n_ctx = _positive(settings.get("n_ctx")) if isinstance(settings, dict) else None
+            n_ctx = _positive_int(settings.get("n_ctx")) if isinstance(settings, dict) else None
             if n_ctx:
                 self.windows[self.backend_models[0]] = (n_ctx, "llama.cpp /props n_ctx")
         if any(name not in self.windows for name in self.backend_models):
             studio = await self._get_json(root + "/api/v0/models")
             for m in (studio or {}).get("data") or ():
                 if isinstance(m, dict) and m.get("id") in self.backend_models and m.get("state") == "loaded":
-                    loaded = _positive(m.get("loaded_context_length"))
+                    loaded = _positive_int(m.get("loaded_context_length"))
                     if loaded:
                         self.windows[m["id"]] = (loaded, "LM Studio loaded_context_length")
 
@@ -2903,18 +3436,18 @@ class Backend:
         window = self.window(route)
         return route if window == route.context_window else dataclasses.replace(route, context_window=window)
 
-    async def open(self, job: Job) -> aiohttp.ClientResponse:
-        """POST the job to its backend; return the 2xx response, or raise the mapped ApiError.
+    async def open(self, ex: Exchange) -> aiohttp.ClientResponse:
+        """POST the ex to its backend; return the 2xx response, or raise the mapped ApiError.
         A 400 that names what the model cannot take (an optional field, max_tokens over its
         limit) is answered by adapting the body and sending it again; the lesson is remembered.
         Only the encoded body is kept while the backend thinks (a dict of it costs several times more)."""
-        key = (job.route.base_url, job.route.model)
-        body, job.body = job.body, {}
-        self._apply_lessons(job, key, body)
+        key = (ex.route.base_url, ex.route.model)
+        body, ex.body = ex.body, {}
+        self._apply_lessons(ex, key, body)
         data = _encode(body)
         del body
         while True:
-            resp = await self._post(job, data)
+            resp = await self._post(ex, data)
             if resp.status < 300:
                 return resp
             try:
@@ -2926,14 +3459,14 @@ class Backend:
             message = backend_error_text(raw)
             if resp.status in (400, 422):
                 body = loads(data)
-                if self._learn(job, key, body, message):
+                if self._learn(ex, key, body, message):
                     data = _encode(body)
                     continue
             raise map_backend_error(
-                resp.status, message, resp.headers.get("retry-after"), job.input_estimate, job.route.context_window
+                resp.status, message, resp.headers.get("retry-after"), ex.input_estimate, ex.route.context_window
             )
 
-    def _apply_lessons(self, job: Job, key: tuple[str, str], body: dict[str, Any]) -> None:
+    def _apply_lessons(self, ex: Exchange, key: tuple[str, str], body: dict[str, Any]) -> None:
         for name in self.rejected.get(key, set()) & body.keys():
             if name == "max_tokens":  # this backend wants the newer name
                 body["max_completion_tokens"] = body.pop("max_tokens")
@@ -2943,12 +3476,12 @@ class Backend:
         context, cap = self.limits.get(key, (None, None))
         if cap and holder[field_name] > cap:
             holder[field_name] = cap
-        if context and holder[field_name] > context - job.input_estimate:
-            holder[field_name] = max(1, context - job.input_estimate)
+        if context and holder[field_name] > context - ex.input_estimate:
+            holder[field_name] = max(1, context - ex.input_estimate)
 
-    def _learn(self, job: Job, key: tuple[str, str], body: dict[str, Any], message: str) -> bool:
+    def _learn(self, ex: Exchange, key: tuple[str, str], body: dict[str, Any], message: str) -> bool:
         """Adapt the body to a 400 that says what the model cannot take; False if nothing applies."""
-        model = job.route.model
+        model = ex.route.model
         memory = self.rejected.setdefault(key, set())
         if "max_tokens" in body and _WANTS_COMPLETION_TOKENS.search(message):
             memory.add("max_tokens")
@@ -2972,182 +3505,154 @@ class Backend:
             return True
         return False
 
-    async def _post(self, job: Job, data: bytes) -> aiohttp.ClientResponse:
+    async def _post(self, ex: Exchange, data: bytes) -> aiohttp.ClientResponse:
         """One POST; connection failures before any response byte are retried (jittered backoff)."""
         assert self.session is not None
-        route = job.route
+        route = ex.route
         where = public_url(route.base_url)
         attempt = 0
         while True:
             try:
                 return await self.session.post(
-                    route.base_url + job.provider.chat_path, data=data, headers=self.headers(route, job.request_id)
+                    route.base_url + ex.provider.chat_path, data=data, headers=self.headers(route, ex.request_id)
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if attempt >= self.config.retries:
                     raise ApiError(
-                        502, f"backend {where} is unreachable: {type(exc).__name__}: {exc}"[:500], retry=True
+                        502,
+                        f"backend {where} is unreachable (is it running at {where}?): {type(exc).__name__}: {exc}"[
+                            :500
+                        ],
+                        retry=True,
+                        kind="unreachable",
                     ) from None
                 attempt += 1
-                job.info["retries"] = attempt
-                await asyncio.sleep(min(2.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
+                ex.record.retries = attempt
+                first, cap = RETRY_BACKOFF
+                await asyncio.sleep(min(cap, first * 2**attempt) * random.uniform(0.5, 1.0))
             except asyncio.TimeoutError as exc:
                 if isinstance(exc, _CONNECT_TIMEOUT):
                     raise ApiError(
                         504,
-                        f"could not connect to backend {where} within {self.config.connect_timeout:g} s",
+                        f"could not connect to backend {where} within {self.config.connect_timeout:g} s "
+                        f"(is it running at {where}?)",
                         retry=True,
+                        kind="connect_timeout",
                     ) from None
                 raise ApiError(
-                    504, f"backend {where} did not answer within {self.config.timeout:g} s", retry=True
+                    504,
+                    f"backend {where} did not answer within {self.config.timeout:g} s (a slow model may need more: "
+                    "raise it with --timeout or PROVIDER_TIMEOUT_MS)",
+                    retry=True,
+                    kind="no_answer",
                 ) from None
             except aiohttp.ClientError as exc:
-                raise ApiError(502, f"backend request failed: {type(exc).__name__}: {exc}"[:500], retry=True) from None
+                raise ApiError(
+                    502,
+                    f"backend request failed: {type(exc).__name__}: {exc}"[:500],
+                    retry=True,
+                    kind="connection_lost",
+                ) from None
 
 
-def _encode(body: dict[str, Any]) -> bytes:
+def exchange(
+    req: MessagesRequest, route: Route, config: Config, usage_scale: float, request_id: str, record: RequestRecord
+) -> Exchange:
+    """A parsed request made ready for its route: the backend body, the prompt estimate, and the fold
+    the answer will go through (all translation is in the pure functions of sections 5 and 6)."""
+    provider = PROVIDER_IMPLS[route.provider]
     try:
-        return dumps_bytes(body)
+        conv = build_conversation(req, config.system_messages)
+        body, tool_names = provider.body(conv, req, route)
+        estimate = count_request_tokens(req, conv)
     except (TypeError, ValueError, RecursionError) as exc:
         if not too_deep(exc):
             raise
         raise TOO_DEEP from None
-
-
-_CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10 tells connecting apart
-
-
-def _max_tokens_slot(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """Where a backend body keeps its output limit: (the dict, the key)."""
-    holder = body.get("options", body)
-    return holder, next(f for f in ("num_predict", "max_completion_tokens", "max_tokens") if f in holder)
-
-
-def _names_field(message: str, name: str) -> bool:
-    """Does a backend's 400 text name this request field as the problem (not merely contain the word)?"""
-    if name == "think" and "does not support thinking" in message:
-        return True
-    return (
-        re.search(
-            rf"""['"`]{name}['"`]|(?:argument|parameter|field|property|key)s?(?: supplied)?:? {name}\b""", message, re.I
-        )
-        is not None
+    record.model, record.backend_model, record.provider = req.model, route.model, route.provider
+    check_fits(estimate, route)
+    show_thinking = not (req.thinking and req.thinking.display == "omitted")
+    builder = EventBuilder(
+        new_id("msg_"), req.model, estimate, tool_names=tool_names, show_thinking=show_thinking, usage_scale=usage_scale
     )
+    record.model, record.backend_model, record.provider = req.model, route.model, route.provider
+    record.stream = bool(req.stream)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:MAX_DEBUG_CHARS])
+    return Exchange(req.max_tokens == 0, bool(req.stream), estimate, route, provider, body, builder, request_id, record)
 
 
-async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """A body, read to its end or to `limit` bytes (then one byte more, so the caller can tell)."""
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            break
-    return b"".join(chunks)
-
-
-class ClientGone(Exception):
-    """The client closed its connection: stop, close the backend request, log one INFO line."""
-
-
-async def pump(resp: Optional[aiohttp.ClientResponse], job: Job, emit: Any) -> None:
-    """Read the backend's answer as it arrives, decode each SSE data line / NDJSON line (or a whole
-    JSON body from a server that ignored `stream`), fold it into events, and emit them per read.
-    resp None: `max_tokens: 0` (a cache pre-warm), which asks for no output at all."""
-    ev = job.builder
+async def pump(resp: Optional[aiohttp.ClientResponse], ex: Exchange, emit: Any) -> None:
+    """Read the backend's answer as it arrives: framing -> payloads -> the fold -> events, emitted per
+    read. resp None: `max_tokens: 0` (a cache pre-warm), which asks for no output at all."""
+    ev = ex.builder
     if resp is None:
-        ev.finish("length")
-        ev.end()
-        await emit(ev.take())
-        return
-    ctype = resp.headers.get("content-type", "")
-    if "json" in ctype and "ndjson" not in ctype:  # a non-streaming answer
-        raw = await read_capped(resp, MAX_LINE_BYTES)
-        if len(raw) > MAX_LINE_BYTES:
-            raise ApiError(502, f"backend answer is larger than {MAX_LINE_BYTES >> 20} MiB")
-        _decode(job, raw)
-        ev.finished = True
-        ev.end()
-        await emit(ev.take())
-        return
-    sse_framing = job.provider.framing == "sse"
-    debug = log.isEnabledFor(logging.DEBUG)
-    buf = bytearray()
-    done = False
-    async for data in resp.content.iter_any():
-        buf += data
-        end = data.rfind(b"\n")  # only the new bytes can hold a new line end
-        if end >= 0:
-            end += len(buf) - len(data)
-        else:
-            if len(buf) > MAX_LINE_BYTES:
-                raise ApiError(502, f"backend sent a line longer than {MAX_LINE_BYTES >> 20} MiB")
-            continue
-        lines = bytes(buf[:end]).split(b"\n")
-        del buf[: end + 1]
-        if debug:
-            log.debug("backend answer: %s", b"\n".join(lines)[:4000].decode("utf-8", "replace"))
-        for line in lines:
-            if sse_framing:
-                if not line.startswith(b"data:"):
-                    continue
-                line = line[5:].strip()
-                if line == b"[DONE]":
-                    done = True
-                    break
-            elif not line.strip():
-                continue
-            try:
-                _decode(job, line)
-            except ApiError:
-                await emit(ev.take())  # what the backend produced before the fault still reaches the client
-                raise
-        events = ev.take()
-        if events:
-            await emit(events)
-        if done:
-            break
-    tail = bytes(buf).strip()
-    if tail and not done:
-        if sse_framing and tail.startswith(b"data:"):
-            tail = tail[5:].strip()
-        if tail == b"[DONE]":
-            done = True
-        else:
-            _decode(job, tail)
-    if not (ev.finished or done):
-        raise ApiError(502, "backend stream ended before the answer was complete (connection closed early)")
-    ev.end()
+        ev.backend_stop("length")
+    else:
+        frames = frames_for(resp.headers.get("content-type", ""), ex.provider)
+        async for data in resp.content.iter_any():
+            payloads = frames.feed(data)
+            if payloads:
+                await _fold(ex, payloads, emit)
+            if frames.done:
+                break
+        if not frames.done:
+            await _fold(ex, frames.flush(), emit)
+        if not (ev.backend_stopped or frames.done):
+            raise ApiError(
+                502, "backend stream ended before the answer was complete (connection closed early)", kind="truncated"
+            )
+    ev.end_message()
     await emit(ev.take())
 
 
-MAX_LINE_BYTES = 64 << 20
+async def _fold(ex: Exchange, payloads: list[bytes], emit: Any) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("backend answer: %s", b"\n".join(payloads)[:4000].decode("utf-8", "replace"))
+    try:
+        for payload in payloads:
+            decode_payload(ex, payload)
+    finally:  # what the backend produced before a fault still reaches the client
+        events = ex.builder.take()
+        if events:
+            await emit(events)
 
 
-def _decode(job: Job, raw: bytes) -> None:
-    """One backend JSON object into the job's fold; any malformed or odd-shaped data is a 502."""
+def decode_payload(ex: Exchange, raw: bytes) -> None:
+    """One backend JSON object into the exchange's fold; any malformed or odd-shaped data is a 502."""
     try:
         obj = loads(raw)
     except (ValueError, RecursionError):
-        raise ApiError(502, f"backend sent malformed JSON: {raw[:200]!r}") from None
+        raise ApiError(502, f"backend sent malformed JSON: {raw[:MAX_SNIPPET_CHARS]!r}", kind="malformed") from None
     if not isinstance(obj, dict):
-        raise ApiError(502, f"backend sent unexpected JSON: {raw[:200]!r}")
+        raise ApiError(502, f"backend sent unexpected JSON: {raw[:MAX_SNIPPET_CHARS]!r}", kind="malformed")
     try:
-        job.provider.decode(obj, job.builder)
+        ex.provider.decode(obj, ex.builder)
     except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as exc:
-        raise ApiError(502, f"backend sent JSON of an unexpected shape ({type(exc).__name__}): {raw[:200]!r}") from None
+        raise ApiError(
+            502,
+            f"backend sent JSON of an unexpected shape ({type(exc).__name__}): {raw[:MAX_SNIPPET_CHARS]!r}",
+            kind="malformed",
+        ) from None
 
 
-def _mid_stream_error(exc: BaseException, config: Config) -> ApiError:
+def relay_error(exc: BaseException, config: Config) -> ApiError:
     """Whatever ended a relay early -> the error the client sees (HTTP error or `event: error`)."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, asyncio.TimeoutError):
-        return ApiError(504, f"backend sent nothing for {config.timeout:g} s", retry=True)
+        return ApiError(
+            504, f"backend sent nothing for {config.timeout:g} s (raise it with --timeout)", retry=True, kind="stalled"
+        )
     if isinstance(exc, aiohttp.ClientError):
-        return ApiError(502, f"backend connection lost: {type(exc).__name__}: {exc}"[:500], retry=True)
+        return ApiError(
+            502, f"backend connection lost: {type(exc).__name__}: {exc}"[:500], retry=True, kind="connection_lost"
+        )
     log.exception("internal error while relaying the backend's answer")
-    return ApiError(500, "internal proxy error (see the proxy's log)")
+    return ApiError(500, "internal proxy error (see the proxy's log)", kind="internal")
+
+
+PING = sse([("ping", {"type": "ping"})])
 
 
 class Watch:
@@ -3194,13 +3699,15 @@ class Watch:
         self.task.cancel()  # type: ignore[union-attr]
 
 
-async def open_backend(request: Optional[web.Request], backend: Backend, job: Job) -> Optional[aiohttp.ClientResponse]:
-    """backend.open(job), abandoned at once if the client leaves meanwhile (a local model can take
+async def open_backend(
+    request: Optional[web.Request], backend: Backend, ex: Exchange
+) -> Optional[aiohttp.ClientResponse]:
+    """backend.open(ex), abandoned at once if the client leaves meanwhile (a local model can take
     minutes before its first byte). None for a pre-warm (max_tokens 0): nothing to ask."""
-    if job.prewarm:
+    if ex.prewarm:
         return None
     async with _watching(request, backend):
-        return await backend.open(job)
+        return await backend.open(ex)
 
 
 def _watching(request: Optional[web.Request], backend: Backend) -> Any:
@@ -3208,94 +3715,82 @@ def _watching(request: Optional[web.Request], backend: Backend) -> Any:
     return Watch(request, backend.config.ping_interval) if request is not None else contextlib.nullcontext()
 
 
-async def complete(backend: Backend, job: Job, request: Optional[web.Request] = None) -> dict[str, Any]:
+async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Request] = None) -> dict[str, Any]:
     """Non-streaming: stream from the backend anyway (the timeout bounds silence, not the answer's
     length), fold the events into one Message. A backend that answers with one JSON body works too."""
-    resp = await open_backend(request, backend, job)
+    resp = await open_backend(request, backend, ex)
     events: list[tuple[str, dict[str, Any]]] = []
 
     async def collect(batch: list[tuple[str, dict[str, Any]]]) -> None:
         events.extend(batch)
 
     try:
-        job.builder.start()
+        ex.builder.start_message()
         async with _watching(request, backend):
-            await pump(resp, job, collect)
+            await pump(resp, ex, collect)
     except ClientGone:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Anthropic error
-        raise _mid_stream_error(exc, backend.config) from None
+        raise relay_error(exc, backend.config) from None
     finally:
         if resp is not None:
-            resp.release() if events and events[-1][0] == "message_stop" else resp.close()
-    message = fold_events(events)
-    job.info.update(stop=message.get("stop_reason"), usage=message.get("usage"))
-    return message
+            resp.release() if ex.builder.outcome else resp.close()
+    ex.record.outcome = ex.builder.outcome
+    return fold_events(events)
 
 
-PING = sse([("ping", {"type": "ping"})])
-
-
-async def stream(request: web.Request, backend: Backend, job: Job) -> web.StreamResponse:
+async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> web.StreamResponse:
     """Streaming: open the client's stream as soon as the backend answers 2xx, ping while it is
     silent, forward every read as it arrives, end with `event: error` if the backend fails."""
-    resp = await open_backend(request, backend, job)
+    resp = await open_backend(request, backend, ex)
     out = web.StreamResponse(
         status=200,
         headers={
             "content-type": "text/event-stream; charset=utf-8",
             "cache-control": "no-cache",
-            "request-id": job.request_id,
+            "request-id": ex.request_id,
             "x-accel-buffering": "no",
         },
     )
     watch = Watch(request, backend.config.ping_interval, out)
+    record = ex.record
 
     async def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
-        if "ttft" not in job.info:
-            job.info["ttft"] = time.monotonic()
+        if record.first_event is None:
+            record.first_event = time.monotonic()
         try:
             await out.write(sse(events))
         except (ConnectionError, RuntimeError) as exc:
             raise ClientGone() from exc
         watch.last = time.monotonic()
 
-    ok = False
     error: Optional[ApiError] = None
-    metrics = request.app[METRICS]
-    metrics.active_streams += 1
     try:
         await out.prepare(request)
-        job.builder.start()
-        await out.write(sse(job.builder.take()) + PING)
+        ex.builder.start_message()
+        await out.write(sse(ex.builder.take()) + PING)
         async with watch:  # stopped before the end: no ping may follow the last event
             try:
-                await pump(resp, job, emit)
-                ok = True
+                await pump(resp, ex, emit)
             except ClientGone:
                 raise
             except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
-                error = _mid_stream_error(exc, backend.config)
+                error = relay_error(exc, backend.config)
         if error is not None:
-            job.info["error"] = error.message
+            record.failed(error)
             await out.write(sse([("error", error.body())]))
         await out.write_eof()
     except (ClientGone, ConnectionError, RuntimeError):
-        job.info["error"] = "client disconnected"
+        record.error, record.error_kind = "client disconnected", "client_disconnected"
     finally:
-        metrics.active_streams -= 1
-        if resp is not None:
-            resp.release() if ok else resp.close()  # close: the backend sees it and stops generating
-    if ok:
-        job.info.update(
-            stop=job.builder.stop_reason,
-            usage={"input_tokens": job.builder.usage_in, "output_tokens": job.builder.usage_out},
-        )
+        if resp is not None:  # close: the backend sees it and stops generating
+            resp.release() if ex.builder.outcome and error is None else resp.close()
+    record.outcome = ex.builder.outcome
     return out
 
 
 # ======================================================================================
-# 7. HTTP APP
+# 8. HTTP APP
 # ======================================================================================
 
 BACKEND: web.AppKey[Backend] = web.AppKey("backend", Backend)
@@ -3304,7 +3799,7 @@ current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("reques
 OPEN_PATHS = ("/health", "/", "/api/hello")
 _RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.14; plain strings before
 REQUEST_ID: Any = _RequestKey("request_id", str) if _RequestKey else "request_id"
-INFO: Any = _RequestKey("info", dict) if _RequestKey else "info"
+RECORD: Any = _RequestKey("record", RequestRecord) if _RequestKey else "record"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -3326,72 +3821,6 @@ def _authorized(request: web.Request, token: str) -> bool:
     if not given and auth.lower().startswith("bearer "):
         given = auth[7:].strip()
     return hmac.compare_digest(given.encode(), token.encode())
-
-
-@web.middleware
-async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Request ids, inbound auth, Anthropic-shaped errors for everything, one log line per request."""
-    incoming = request.headers.get("x-request-id", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else new_id("req_")
-    request[REQUEST_ID] = request_id
-    current_request_id.set(request_id)  # every log line of this request carries it
-    info: dict[str, Any] = {}
-    request[INFO] = info
-    started = time.monotonic()
-    config = request.app[CONFIG]
-    try:
-        if config.auth_token and request.path not in OPEN_PATHS and not _authorized(request, config.auth_token):
-            raise ApiError(401, "invalid x-api-key: this proxy requires its --auth-token", retry=False)
-        response = await handler(request)
-    except ApiError as exc:
-        response = error_response(exc, request_id)
-        info["error"] = exc.message
-    except web.HTTPException as exc:
-        if exc.status == 405:
-            error = ApiError(405, f"method {request.method} is not allowed for {request.path}", retry=False)
-        elif exc.status == 413:
-            error = ApiError(413, f"request body is larger than {config.max_body_bytes} bytes", retry=False)
-        elif exc.status == 404:
-            error = ApiError(404, f"not found: {request.method} {request.path}", retry=False)
-        else:
-            error = ApiError(exc.status, exc.reason or "error")
-        response = error_response(error, request_id)
-    except Exception:  # a bug: never a traceback to the client, always one in the log
-        log.exception("internal error handling %s %s", request.method, request.path)
-        response = error_response(ApiError(500, "internal proxy error (see the proxy's log)"), request_id)
-    if not response.prepared:
-        response.headers.setdefault("request-id", request_id)
-    quiet = request.path in ("/health", "/metrics") or request.method == "HEAD"  # probes and scrapes
-    log_request(
-        request, response.status, started, info, logging.DEBUG if quiet and response.status < 400 else logging.INFO
-    )
-    return response
-
-
-def log_request(
-    request: web.Request, status: int, started: float, info: dict[str, Any], level: int = logging.INFO
-) -> None:
-    """The one line per request (text or JSON; health checks and scrapes at DEBUG), and its metrics."""
-    usage = info.get("usage") or {}
-    now = time.monotonic()
-    fields: dict[str, Any] = {"method": request.method, "path": request.path, "status": status}
-    if "model" in info:
-        fields.update(
-            model=info["model"], backend_model=info["backend_model"], provider=info["provider"], stream=info["stream"]
-        )
-    if "ttft" in info:
-        fields["ttft_ms"] = round((info["ttft"] - started) * 1000, 1)
-    fields["time_ms"] = round((now - started) * 1000, 1)
-    if usage:
-        fields.update(input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"))
-    for key in ("stop", "retries", "error"):
-        if info.get(key):
-            fields[key] = info[key] if key != "error" else str(info[key])[:300]
-    text = " ".join(
-        f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items() if k not in ("method", "path")
-    )
-    log.log(level, "%s %s %s", request.method, request.path, text, extra={"fields": fields})
-    request.app[METRICS].observe(fields, now - started)
 
 
 class Metrics:
@@ -3434,8 +3863,8 @@ class Metrics:
                 self.inc("claude_proxy_output_tokens_total", fields["output_tokens"], model=model)
             if fields.get("retries"):
                 self.inc("claude_proxy_backend_retries_total", fields["retries"])
-            if fields.get("error") or fields["status"] >= 500:
-                self.inc("claude_proxy_backend_errors_total", kind=error_kind(fields))
+            if fields.get("error_kind"):
+                self.inc("claude_proxy_backend_errors_total", kind=fields["error_kind"])
 
     def render(self) -> str:
         helps = {
@@ -3479,22 +3908,83 @@ def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def error_kind(fields: dict[str, Any]) -> str:
-    error = str(fields.get("error", "")).lower()
-    for kind in (
-        "client disconnected",
-        "unreachable",
-        "timed out",
-        "did not answer",
-        "sent nothing",
-        "connection lost",
-        "malformed",
-        "ended before",
-        "too long",
-    ):
-        if kind in error:
-            return kind.replace(" ", "_")
-    return f"http_{fields['status']}"
+@web.middleware
+async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Request ids, inbound auth, Anthropic-shaped errors for everything, one log line per request."""
+    incoming = request.headers.get("x-request-id", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else new_id("req_")
+    request[REQUEST_ID] = request_id
+    current_request_id.set(request_id)  # every log line of this request carries it
+    record = request[RECORD] = RequestRecord()
+    started = time.monotonic()
+    config = request.app[CONFIG]
+    try:
+        if config.auth_token and request.path not in OPEN_PATHS and not _authorized(request, config.auth_token):
+            raise ApiError(401, "invalid x-api-key: this proxy requires its --auth-token", retry=False)
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc, request_id)
+        record.failed(exc)
+    except web.HTTPException as exc:
+        if exc.status == 405:
+            error = ApiError(405, f"method {request.method} is not allowed for {request.path}", retry=False)
+        elif exc.status == 413:
+            error = ApiError(413, f"request body is larger than {config.max_body_bytes} bytes", retry=False)
+        elif exc.status == 404:
+            error = ApiError(404, f"not found: {request.method} {request.path}", retry=False)
+        else:
+            error = ApiError(exc.status, exc.reason or "error")
+        response = error_response(error, request_id)
+    except Exception:  # a bug: never a traceback to the client, always one in the log
+        log.exception("internal error handling %s %s", request.method, request.path)
+        error = ApiError(500, "internal proxy error (see the proxy's log)", kind="internal")
+        response = error_response(error, request_id)
+        record.failed(error)
+    if not response.prepared:
+        response.headers.setdefault("request-id", request_id)
+    # probes, scrapes and token counts (Claude Code sends dozens for one /context) are DEBUG when they succeed
+    quiet = request.path in QUIET_PATHS or request.method == "HEAD"
+    log_request(
+        request, response.status, started, record, logging.DEBUG if quiet and response.status < 400 else logging.INFO
+    )
+    return response
+
+
+QUIET_PATHS = ("/health", "/metrics", "/v1/messages/count_tokens")
+
+
+def log_request(
+    request: web.Request, status: int, started: float, record: RequestRecord, level: int = logging.INFO
+) -> None:
+    """The one line per request (text or JSON), and its metrics."""
+    now = time.monotonic()
+    fields: dict[str, Any] = {"method": request.method, "path": request.path, "status": status}
+    if record.model is not None:
+        fields["model"] = record.model
+    if record.backend_model is not None:
+        fields.update(backend_model=record.backend_model, provider=record.provider)
+    if record.stream is not None:
+        fields["stream"] = record.stream
+    if record.first_event is not None:
+        fields["ttft_ms"] = round((record.first_event - started) * 1000, 1)
+    fields["time_ms"] = round((now - started) * 1000, 1)
+    outcome = record.outcome
+    if outcome is not None:
+        fields.update(input_tokens=outcome.usage["input_tokens"], output_tokens=outcome.usage["output_tokens"])
+        fields["stop"] = outcome.stop_reason
+    if record.counted is not None:
+        fields["input_tokens"] = record.counted
+    if record.retries:
+        fields["retries"] = record.retries
+    if record.error:
+        fields["error"] = record.error[:300]
+    if record.error_kind:
+        fields["error_kind"] = record.error_kind
+    text = " ".join(
+        f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items() if k not in ("method", "path")
+    )
+    log.log(level, "%s %s %s", request.method, request.path, text, extra={"fields": fields})
+    request.app[METRICS].observe(fields, now - started)
 
 
 async def read_json(request: web.Request) -> Any:
@@ -3521,50 +4011,24 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, f"request body is not valid JSON: {exc}"[:300], retry=False) from None
 
 
-async def prepare_job(request: web.Request, req: MessagesRequest) -> Job:
-    """Route the request and translate it (all translation is in the pure functions above)."""
-    backend = request.app[BACKEND]
-    config = request.app[CONFIG]
+async def handle_messages(request: web.Request) -> web.StreamResponse:
+    req = parse_request(await read_json(request))
+    config, backend, record = request.app[CONFIG], request.app[BACKEND], request[RECORD]
     route = await backend.route(req.model)
-    provider = PROVIDER_IMPLS[route.provider]
     if route.provider == "ollama" and config.fetch_images:
         await backend.fetch_images(req)
+    ex = exchange(req, route, config, backend.usage_scale(route, req.model), request[REQUEST_ID], record)
+    metrics = request.app[METRICS]
+    metrics.active_streams += ex.stream
     try:
-        conv = build_conversation(req, config.system_messages)
-        body, tool_names = provider.body(conv, req, route)
-        estimate = count_request_tokens(req, conv)
-    except (TypeError, ValueError, RecursionError) as exc:
-        if not too_deep(exc):
-            raise
-        raise TOO_DEEP from None
-    check_fits(estimate, route)
-    show_thinking = not (req.thinking and req.thinking.display == "omitted")
-    builder = EventBuilder(
-        new_id("msg_"),
-        req.model,
-        estimate,
-        tool_names=tool_names,
-        show_thinking=show_thinking,
-        usage_scale=backend.usage_scale(route, req.model),
-    )
-    info = request[INFO]
-    info.update(model=req.model, backend_model=route.model, provider=route.provider, stream=bool(req.stream))
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:20000])
-    return Job(
-        req.max_tokens == 0, bool(req.stream), estimate, route, provider, body, builder, request[REQUEST_ID], info
-    )
-
-
-async def handle_messages(request: web.Request) -> web.StreamResponse:
-    job = await prepare_job(request, parse_request(await read_json(request)))
-    try:
-        if job.stream:
-            return await stream(request, request.app[BACKEND], job)
-        return json_response(await complete(request.app[BACKEND], job, request), job.request_id)
+        if ex.stream:
+            return await relay_stream(request, backend, ex)
+        return json_response(await relay_message(backend, ex, request), ex.request_id)
     except ClientGone:
-        request[INFO]["error"] = "client disconnected"
+        record.error, record.error_kind = "client disconnected", "client_disconnected"
         return web.Response(status=499)  # nobody reads it: the connection is gone
+    finally:
+        metrics.active_streams -= ex.stream
 
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
@@ -3581,6 +4045,7 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
         count = count_request_tokens(req, build_conversation(req, config.system_messages))
     if route:
         count = round(count * backend.usage_scale(route, req.model))
+    request[RECORD].model, request[RECORD].counted = req.model, count
     return json_response({"input_tokens": count}, request[REQUEST_ID])
 
 
@@ -3654,7 +4119,8 @@ async def handle_hello(request: web.Request) -> web.Response:
 
 def create_app(config: Optional[Config] = None) -> web.Application:
     """The aiohttp Application (also for other servers: gunicorn, aiohttp.web.run_app, tests).
-    Without a config it reads the environment and .env, as the command line would without flags."""
+    Without a config it reads the environment and .env, as the command line would without flags, with the same
+    checks: bad configuration raises ConfigError (a one-line message), as main() reports it."""
     if config is None:
         config = load_config([])
         if not logging.getLogger().handlers:
@@ -3688,155 +4154,8 @@ def create_app(config: Optional[Config] = None) -> web.Application:
 
 
 # ======================================================================================
-# 8. CLI
+# 9. CLI
 # ======================================================================================
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="claude_proxy.py",
-        description="Serve Anthropic's Messages API (for Claude Code and the Anthropic SDKs) on top of an "
-        "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
-        "variable in brackets, or in a .env file in the working directory (flags win, then the "
-        "environment, then .env, then the defaults).",
-    )
-    p.add_argument(
-        "--host", help="address to listen on [HOST] (default 127.0.0.1; anything else exposes the proxy to the network)"
-    )
-    p.add_argument("--port", help="port to listen on [PORT] (default 8080)")
-    p.add_argument(
-        "--provider",
-        help="backend kind: openai (any Chat Completions server) or ollama (native "
-        "/api/chat) [PROVIDER] (default ollama)",
-    )
-    p.add_argument(
-        "--base-url",
-        help="backend base URL [PROVIDER_BASE_URL] (default http://127.0.0.1:11434 for "
-        "ollama, http://127.0.0.1:8000/v1 for openai: give OpenAI URLs with their /v1)",
-    )
-    p.add_argument(
-        "--api-key",
-        help="key sent to the backend as 'Authorization: Bearer' [PROVIDER_API_KEY]; "
-        "the client's own key is never forwarded",
-    )
-    p.add_argument("--model", help="backend model for client models the map does not name [DEFAULT_MODEL]")
-    p.add_argument(
-        "--model-map",
-        help="JSON file mapping client model names or glob patterns to backend "
-        "models [MODEL_MAP_FILE]; MODEL_MAP_JSON may hold the same JSON inline",
-    )
-    p.add_argument(
-        "--timeout",
-        help="seconds to wait for the backend's first byte and between chunks "
-        "[PROVIDER_TIMEOUT_MS, in milliseconds] (default 120)",
-    )
-    p.add_argument(
-        "--system-messages",
-        help="what to do with role 'system' messages inside messages "
-        "[SYSTEM_MESSAGES]: reminder (default: wrap them in <system-reminder> "
-        "in the neighbouring user turn), hoist (append to the system prompt), "
-        "inline (keep a system message in place)",
-    )
-    p.add_argument("--retries", help="retries of connection failures before any byte [PROVIDER_RETRIES] (default 2)")
-    p.add_argument("--max-body-mb", help="largest request body in MiB [MAX_BODY_MB] (default 32)")
-    p.add_argument(
-        "--auth-token", help="require this key from clients (x-api-key or Authorization: Bearer) [PROXY_AUTH_TOKEN]"
-    )
-    p.add_argument(
-        "--log-level", help="DEBUG, INFO, WARNING or ERROR [LOG_LEVEL] (default INFO; DEBUG logs translated requests)"
-    )
-    p.add_argument(
-        "--fetch-images",
-        action="store_true",
-        default=None,
-        help="for Ollama, download image URLs in requests (http/https, at most 20 MiB each) "
-        "[FETCH_IMAGES=1]; off by default: the proxy then fetches URLs chosen by its clients",
-    )
-    p.add_argument(
-        "--scale-usage",
-        action="store_true",
-        default=None,
-        help="report input tokens scaled from the model's context window (map context_window, or "
-        "the backend's max_model_len) to Claude's 200k, so Claude Code compacts before the "
-        "backend overflows [SCALE_USAGE=1]; reported usage is then no longer raw",
-    )
-    p.add_argument(
-        "--count-tokens",
-        help="heuristic (default: no backend call) or backend: count_tokens asks the "
-        "server's tokenizer (vLLM /tokenize, llama.cpp /apply-template + "
-        "/tokenize), cached, falling back to the heuristic [COUNT_TOKENS]",
-    )
-    p.add_argument("--log-format", help="text or json (one JSON object per line) [LOG_FORMAT] (default text)")
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="contact the backend, send a one-token request for each "
-        "mapped model, print what works, exit non-zero on failure",
-    )
-    p.add_argument("--version", action="version", version=f"claude-proxy {__version__}")
-    return p
-
-
-def load_config(
-    argv: Optional[list[str]] = None, environ: Optional[dict[str, str]] = None, dotenv_path: str = ".env"
-) -> Config:
-    """Flags, then environment, then .env, then defaults. Raises ConfigError on bad values."""
-    args = build_parser().parse_args(argv)
-    env = dict(environ if environ is not None else os.environ)
-    if dotenv_path and os.path.isfile(dotenv_path):
-        for key, value in parse_dotenv(_read_file(dotenv_path)).items():
-            env.setdefault(key, value)
-            if environ is None:
-                os.environ.setdefault(key, value)
-
-    def pick(flag: Optional[str], *names: str) -> Optional[str]:
-        if flag is not None:
-            return flag
-        return next((env[n] for n in names if env.get(n)), None)
-
-    def number(value: Optional[str], what: str, default: float, scale: float = 1.0) -> float:
-        if value is None:
-            return default
-        try:
-            number = float(value) * scale
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number) or number < 0:
-            raise ConfigError(f"{what}: expected a non-negative number, got {value!r}")
-        return number
-
-    def flag(value: Optional[bool], name: str) -> bool:
-        return bool(value) if value is not None else env.get(name, "").lower() in ("1", "true", "yes", "on")
-
-    timeout_ms = env.get("PROVIDER_TIMEOUT_MS")
-    timeout = (
-        number(args.timeout, "--timeout", 120.0)
-        if args.timeout is not None
-        else number(timeout_ms, "PROVIDER_TIMEOUT_MS", 120.0, 0.001)
-    )
-    port = pick(args.port, "PORT") or "8080"
-    if not port.isdigit():
-        raise ConfigError(f"bad port {port!r}: must be a number 1-65535")
-    return Config(
-        host=pick(args.host, "HOST") or "127.0.0.1",
-        port=int(port),
-        provider=(pick(args.provider, "PROVIDER") or "ollama").lower(),
-        base_url=pick(args.base_url, "PROVIDER_BASE_URL") or "",
-        api_key=pick(args.api_key, "PROVIDER_API_KEY"),
-        default_model=pick(args.model, "DEFAULT_MODEL"),
-        model_map=load_model_map(pick(args.model_map, "MODEL_MAP_FILE"), env.get("MODEL_MAP_JSON")),
-        timeout=timeout,
-        log_level=(pick(args.log_level, "LOG_LEVEL") or "INFO").upper(),
-        log_format=(pick(args.log_format, "LOG_FORMAT") or "text").lower(),
-        count_tokens=(pick(args.count_tokens, "COUNT_TOKENS") or "heuristic").lower(),
-        system_messages=pick(args.system_messages, "SYSTEM_MESSAGES") or "reminder",
-        retries=int(number(pick(args.retries, "PROVIDER_RETRIES"), "--retries", 2)),
-        max_body_bytes=int(number(pick(args.max_body_mb, "MAX_BODY_MB"), "--max-body-mb", 32) * 1024 * 1024),
-        auth_token=pick(args.auth_token, "PROXY_AUTH_TOKEN"),
-        check=args.check,
-        fetch_images=flag(args.fetch_images, "FETCH_IMAGES"),
-        scale_usage=flag(args.scale_usage, "SCALE_USAGE"),
-    )
 
 
 async def run_check(config: Config, out: Any = sys.stdout) -> int:
@@ -3860,20 +4179,7 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
             req = MessagesRequest(model=name, messages=[Message("user", [TextBlock("Reply with OK.")])], max_tokens=1)
             try:
                 route = await backend.route(name)
-                provider = PROVIDER_IMPLS[route.provider]
-                body, names_map = provider.body(build_conversation(req), req, route)
-                job = Job(
-                    False,
-                    False,
-                    0,
-                    route,
-                    provider,
-                    body,
-                    EventBuilder(new_id("msg_"), name, 0, tool_names=names_map),
-                    new_id("req_"),
-                    {},
-                )
-                await complete(backend, job)
+                await relay_message(backend, exchange(req, route, config, 1.0, new_id("req_"), RequestRecord()))
                 rows.append((name, f"{route.model} ({route.provider})", "ok"))
             except ApiError as exc:
                 rows.append((name, "", f"FAIL: {exc.status} {exc.message}"[:200]))
@@ -3922,14 +4228,6 @@ def setup_logging(config: Config) -> None:
 
 CLAUDE_INSTALL = "npm install -g @anthropic-ai/claude-code"
 CLAUDE_DEFAULT_MODEL = "claude-opus-5-5"  # what Claude Code 2.1.332 asks for without --model / ANTHROPIC_MODEL
-
-
-def parse_tokens(text: Optional[str]) -> Optional[int]:
-    """'132000', '128k', '1m' -> tokens (as Claude Code reads its window variables); None if not a number."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", (text or "").lower())
-    if not match:
-        return None
-    return int(float(match.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[match.group(2)])
 
 
 def claude_model(claude_args: list[str], environ: dict[str, str]) -> str:
@@ -4057,15 +4355,17 @@ def split_run(argv: list[str]) -> tuple[list[str], Optional[list[str]]]:
     return argv, None
 
 
+def _command() -> str:
+    name = os.path.basename(sys.argv[0] or "")
+    return "claude-proxy" if name == "claude-proxy" else "python claude_proxy.py"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv, claude_args = split_run(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(argv)
     except ConfigError as exc:
         sys.stderr.write(f"claude-proxy: {exc}\n")
-        return 2
-    if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        sys.stderr.write(f"claude-proxy: unknown log level {config.log_level!r}\n")
         return 2
     if claude_args is not None:
         return run_claude(config, claude_args)
@@ -4079,7 +4379,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
     print(
         f"claude-proxy {__version__} listening on {url} -> {config.provider} at {public_url(config.base_url)}\n"
-        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=any claude",
+        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=any claude\n"
+        f"  or let the proxy start Claude Code, told the model's context window: {_command()} run [claude args]",
         flush=True,
     )
     try:

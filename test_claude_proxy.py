@@ -1813,12 +1813,12 @@ def test_json_prefix_nothing_safe_after_a_break():
 def test_event_builder_broken_arguments_always_valid_json(fragments):
     """Pure fold: whatever fragments arrive, the concatenated input_json_delta parses as an object."""
     ev = cp.EventBuilder("msg_test", "m", 1)
-    ev.start()
-    ev.tool(0, "call_aaaaaaaa0001", "Read", "")
+    ev.start_message()
+    ev.tool_fragment(0, "call_aaaaaaaa0001", "Read", "")
     for piece in fragments:
-        ev.tool(0, None, None, piece)
-    ev.finish("tool_calls")
-    ev.end()
+        ev.tool_fragment(0, None, None, piece)
+    ev.backend_stop("tool_calls")
+    ev.end_message()
     events = ev.take()
     joined = "".join(
         d["delta"]["partial_json"]
@@ -1848,7 +1848,7 @@ def test_repair_never_invents_members(text, expected):
 def test_keys_are_held_back_until_their_value_begins():
     check = cp.JsonPrefix()
     assert check.feed('{"pa') == 1 and check.feed('th": "a') == 11 and check.feed('.txt", "x": tr') == 16
-    assert check.feed("ue}") == 28 and check.complete
+    assert check.feed("ue}") == 28 and check.is_whole
 
 
 @pytest.mark.parametrize(
@@ -1860,14 +1860,14 @@ def test_keys_are_held_back_until_their_value_begins():
     ],
 )
 def test_snapshots_told_apart_from_deltas(fragments, expected):
-    call = cp._Call(0)
+    call = cp.ToolCall(0)
     for fragment in fragments:
         call.add(fragment)
     assert json.loads(call.args) == expected
 
 
 def test_escape_split_across_fragments():
-    call = cp._Call(0)
+    call = cp.ToolCall(0)
     for fragment in ['{"content": "x = 1\\', "nprint(x)", '",\n  "file_path": "a.py"}']:
         call.add(fragment)
     assert json.loads(call.args) == {"content": "x = 1\nprint(x)", "file_path": "a.py"}
@@ -1899,11 +1899,11 @@ _JSON_VALUES = st.recursive(
 
 def _streamed_arguments(fragments: list, reason: str) -> list:
     ev = cp.EventBuilder("msg_1", "m", 10)
-    ev.start()
+    ev.start_message()
     for fragment in fragments:
-        ev.tool(0, "call_abcdefgh", "name", fragment)
-    ev.finish(reason)
-    ev.end()
+        ev.tool_fragment(0, "call_abcdefgh", "name", fragment)
+    ev.backend_stop(reason)
+    ev.end_message()
     return [
         d["delta"]["partial_json"]
         for name, d in ev.take()
@@ -4077,6 +4077,273 @@ def test_parse_request_never_crashes_unit():
             assert exc.status == 400 and exc.type == "invalid_request_error"
 
     check()
+
+
+# ======================================================================================
+# Stream framing (sans-I/O decoders), the fold's parts, request records and error kinds
+# ======================================================================================
+
+
+def _feed_all(frames, pieces):
+    out = []
+    for piece in pieces:
+        out += frames.feed(piece)
+    return out + frames.flush()
+
+
+@pytest.mark.parametrize("cut", range(1, 40))
+def test_sse_frames_split_anywhere_crlf_comments_and_done(cut):
+    wire = (
+        b': ping\r\n\r\nevent: chunk\r\ndata: {"a":1}\r\n\r\nid: 7\ndata:{"b":2}\n\ndata: [DONE]\n\ndata: {"late":1}\n'
+    )
+    frames = cp.SSEFrames()
+    assert _feed_all(frames, [wire[:cut], wire[cut:]]) == [b'{"a":1}', b'{"b":2}'] and frames.done
+
+
+@pytest.mark.parametrize(
+    "tail, payloads",
+    [
+        (b": keep-alive", []),  # a comment without its newline at the very end
+        (b'data: {"c":3}', [b'{"c":3}']),  # a last data line without its newline
+        (b"data: [DONE]", []),
+        (b"event: ping", []),
+    ],
+)
+def test_sse_frames_tail_without_newline(tail, payloads):
+    frames = cp.SSEFrames()
+    assert frames.feed(b'data: {"a":1}\n\n' + tail) == [b'{"a":1}']
+    assert frames.flush() == payloads
+
+
+def test_line_frames_ndjson_blank_lines_tail_and_cap(monkeypatch):
+    frames = cp.LineFrames()
+    assert frames.feed(b'{"a":1}\n\n{"b"') == [b'{"a":1}'] and frames.feed(b":2}\r\n") == [b'{"b":2}\r']
+    assert frames.feed(b'{"c":3}') == [] and frames.flush() == [b'{"c":3}'] and not frames.done
+    monkeypatch.setattr(cp, "MAX_LINE_BYTES", 16)
+    with pytest.raises(cp.ApiError) as err:
+        cp.LineFrames().feed(b"x" * 17)
+    assert err.value.status == 502 and err.value.kind == "oversized"
+
+
+def test_whole_body_frames_is_one_payload_and_done():
+    frames = cp.WholeBody()
+    assert frames.feed(b'{"choices": ') == [] and frames.feed(b"[]}") == []
+    assert frames.flush() == [b'{"choices": []}'] and frames.done
+
+
+def test_framing_is_chosen_by_content_type_then_provider():
+    openai, ollama = cp.PROVIDER_IMPLS["openai"], cp.PROVIDER_IMPLS["ollama"]
+    assert isinstance(cp.frames_for("application/json", openai), cp.WholeBody)
+    assert type(cp.frames_for("text/event-stream", openai)) is cp.SSEFrames
+    assert type(cp.frames_for("application/x-ndjson", ollama)) is cp.LineFrames
+
+
+def test_sse_answer_ending_in_a_comment_without_newline_is_not_a_502(make_stack):
+    """Regression: a complete answer whose last line is `: keep-alive` with no newline was 'malformed JSON'."""
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("fine") + [b": keep-alive"], done=False))
+    msg = stack.client().messages.create(model="m", max_tokens=10, messages=USER_HI)
+    assert msg.content[0].text == "fine" and msg.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("cut", range(0, 12))
+def test_think_tags_split_at_every_position(cut):
+    text = "<think>why</think>so"
+    tags = cp.ThinkTags()
+    pieces = tags.feed(text[:cut]) + tags.feed(text[cut:]) + tags.flush()
+    joined = {kind: "".join(p for k, p in pieces if k == kind) for kind in ("thinking", "text")}
+    assert joined == {"thinking": "why", "text": "so"}
+
+
+def test_think_tags_only_at_the_start():
+    tags = cp.ThinkTags()
+    assert tags.feed("  hello <think>") == [("text", "  hello <think>")] and tags.state == "off"
+    assert tags.feed("<think>x") == [("text", "<think>x")]
+
+
+def test_tool_calls_whole_calls_get_their_own_keys():
+    calls = cp.ToolCalls()
+    a = calls.whole("id_aaaaaaaa", "Bash", {"command": "ls"})
+    b = calls.whole("id_aaaaaaaa", "Bash", None)
+    assert a is not b and a.args == '{"command":"ls"}' and b.args == "{}"
+    assert calls.pending() == [a, b]
+
+
+def test_outcome_is_the_same_for_streaming_and_the_log(make_stack, provider, caplog):
+    """One result value: the final message_delta, the non-streaming message and the log line agree."""
+    stack = make_stack(provider)
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    for stream in (True, False):
+        stack.backend.queue(text_answer(provider, "a", "b"))
+        if stream:
+            with stack.client().messages.stream(model="m", max_tokens=10, messages=USER_HI) as s:
+                msg = s.get_final_message()
+        else:
+            msg = stack.client().messages.create(model="m", max_tokens=10, messages=USER_HI)
+        line = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("path") == "/v1/messages"][-1]
+        assert line["stop"] == msg.stop_reason == "end_turn"
+        assert (line["input_tokens"], line["output_tokens"]) == (msg.usage.input_tokens, msg.usage.output_tokens)
+        assert line["stream"] is stream
+
+
+def _backend_errors(stack) -> dict:
+    _, _, text = http(stack, "GET", "/metrics")
+    return {
+        line.split("kind=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("claude_proxy_backend_errors_total{")
+    }
+
+
+def test_backend_error_metrics_count_backend_failures_by_kind_only(make_stack):
+    """Regression: a client's invalid request (never sent) was counted as a backend error `http_400`."""
+    stack = make_stack("openai")
+    assert http(stack, "POST", "/v1/messages", {"model": "m", "messages": []})[0] == 400
+    assert _backend_errors(stack) == {}
+    stack.backend.queue(Reply(503, {"error": {"message": "busy"}}))
+    with pytest.raises(anthropic.APIStatusError):
+        stack.client(max_retries=0).messages.create(model="m", max_tokens=10, messages=USER_HI)
+    stack.backend.queue(SSE(oai_text_stream("cut", finish=None), done=False))
+    with pytest.raises(anthropic.APIStatusError):
+        stack.client(max_retries=0).messages.create(model="m", max_tokens=10, messages=USER_HI)
+    assert _backend_errors(stack) == {"http_503": 1, "truncated": 1}
+
+
+def test_connect_timeout_has_its_own_kind(make_stack, monkeypatch):
+    """Regression: a connect timeout was counted as `http_504`."""
+    stack = make_stack("openai")
+
+    async def never_connects(*args, **kwargs):
+        raise cp._CONNECT_TIMEOUT("connect timed out")
+
+    if cp._CONNECT_TIMEOUT == ():
+        pytest.skip("this aiohttp does not tell connect timeouts apart")
+    monkeypatch.setattr(stack.app[cp.BACKEND].session, "post", never_connects)
+    status, _, body = http(stack, "POST", "/v1/messages", req())
+    assert status == 504 and "could not connect" in body and "is it running" in body
+    assert _backend_errors(stack) == {"connect_timeout": 1}
+
+
+# --- option table (issue 11 step 3) ---
+
+
+def test_readme_configuration_table_matches_the_option_table():
+    section = (HERE / "README.md").read_text(encoding="utf-8").split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    readme = []
+    for row in (line for line in section.splitlines() if line.startswith("| `--")):
+        flag, env, default = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        readme.append(
+            (
+                re.findall(r"`(--[a-z-]+)`", flag),
+                re.findall(r"`([A-Z][A-Z0-9_]*)(?:=[01])?`", env),
+                default.replace("`", ""),
+            )
+        )
+    table = [([o.flag] if o.flag else [], list(o.env), o.shown_default()) for o in cp.OPTIONS if o.flag or o.env]
+    assert readme == table
+
+
+def test_option_table_drives_config_flags_and_help():
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(cp.Config)] == [o.name for o in cp.OPTIONS] + ["environ"]
+    assert cp.load_config([], environ={}, dotenv_path="") == cp.Config()  # the same defaults both ways
+    parser = cp.build_parser()
+    flags = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help", "--version"}
+    assert flags == {o.flag for o in cp.OPTIONS if o.flag}
+    help_text = parser.format_help()
+    for option in cp.OPTIONS:
+        for name in option.env:
+            assert name in help_text
+
+
+def test_option_units_and_switches():
+    env = {"PROVIDER_TIMEOUT_MS": "500", "MAX_BODY_MB": "1.5", "FETCH_IMAGES": "yes", "PROVIDER_RETRIES": "0"}
+    config = cp.load_config([], environ=env, dotenv_path="")
+    assert (config.timeout, config.max_body_bytes, config.fetch_images, config.retries) == (0.5, 3 << 19, True, 0)
+    config = cp.load_config(["--timeout", "3", "--max-body-mb", "2", "--scale-usage"], environ=env, dotenv_path="")
+    assert (config.timeout, config.max_body_bytes, config.scale_usage, config.fetch_images) == (
+        3.0,
+        2 << 20,
+        True,
+        True,
+    )
+    assert cp.load_config([], environ={"FETCH_IMAGES": "0"}, dotenv_path="").fetch_images is False
+
+
+BAD_VALUES = {  # environment -> what the ConfigError says, the same from main(), create_app() and Config(...)
+    "LOG_LEVEL": ("LOUD", "unknown log level 'LOUD'"),
+    "LOG_FORMAT": ("xml", "unknown log format 'xml'"),
+    "COUNT_TOKENS": ("exact", "unknown count tokens 'exact'"),
+    "SYSTEM_MESSAGES": ("drop", "unknown system messages 'drop'"),
+    "PROVIDER": ("bedrock", "unknown provider 'bedrock'"),
+    "PORT": ("0", "bad port 0"),
+    "PROVIDER_TIMEOUT_MS": ("0", "must be positive"),
+    "PROVIDER_RETRIES": ("-1", "PROVIDER_RETRIES: expected a non-negative number, got '-1'"),
+    "MAX_BODY_MB": ("lots", "MAX_BODY_MB: expected a non-negative number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VALUES))
+def test_create_app_checks_what_main_checks(monkeypatch, tmp_path, name):
+    value, message = BAD_VALUES[name]
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv(name, value)
+    with pytest.raises(cp.ConfigError, match=re.escape(message)):
+        cp.create_app()
+    with pytest.raises(cp.ConfigError, match=re.escape(message)):
+        cp.load_config([], environ={name: value}, dotenv_path="")
+
+
+def test_config_checks_values_given_directly():
+    with pytest.raises(cp.ConfigError, match="unknown log level 'LOUD'"):
+        cp.Config(log_level="LOUD")
+    with pytest.raises(cp.ConfigError, match="ping_interval: must be positive"):
+        cp.Config(ping_interval=0)
+
+
+def test_create_app_with_bad_log_level_is_a_configuration_error_not_a_value_error(tmp_path):
+    """Regression: under gunicorn (no logging set up yet) create_app() raised ValueError from logging."""
+    env = {k: v for k, v in os.environ.items() if k != "LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import claude_proxy; claude_proxy.create_app()"],
+        env={**env, "LOG_LEVEL": "LOUD", "PYTHONPATH": str(HERE)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("claude_proxy.ConfigError: unknown log level 'LOUD'"), result.stderr
+    assert "ValueError" not in result.stderr
+
+
+def test_api_key_env_is_read_from_the_given_environment_and_dotenv(tmp_path, monkeypatch):
+    monkeypatch.delenv("MY_BACKEND_KEY", raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MY_BACKEND_KEY=from-dotenv\n")
+    entry = '{"claude-x": {"model": "m", "base_url": "https://other.example/v1", "api_key_env": "MY_BACKEND_KEY"}}'
+    config = cp.load_config([], environ={"MODEL_MAP_JSON": entry}, dotenv_path=str(dotenv))
+    assert config.routes["claude-x"].api_key == "from-dotenv"
+    assert "MY_BACKEND_KEY" not in os.environ  # .env no longer leaks into the process environment
+    config = cp.Config(model_map=json.loads(entry), environ={"MY_BACKEND_KEY": "given"})
+    assert config.routes["claude-x"].api_key == "given"
+    with pytest.raises(cp.ConfigError, match="MY_BACKEND_KEY is not set"):
+        cp.Config(model_map=json.loads(entry))
+
+
+def test_a_switch_on_by_default_can_be_turned_off(monkeypatch):
+    extra = cp.Option("send_thing", "--send-thing", ("SEND_THING",), True, "send the thing", switch=True)
+    monkeypatch.setattr(cp, "OPTIONS", (*cp.OPTIONS, extra))
+    assert vars(cp.build_parser().parse_args(["--no-send-thing"]))["send_thing"] is False
+    assert vars(cp.build_parser().parse_args([]))["send_thing"] is None
+    assert (extra.value(False, {}), extra.value(None, {"SEND_THING": "0"}), extra.value(None, {})) == (
+        False,
+        False,
+        True,
+    )
+    assert extra.shown_default() == "on" and "[SEND_THING=0]" in extra.help_text()
 
 
 # --- context windows (issue 12) ---
