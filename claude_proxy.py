@@ -3244,7 +3244,7 @@ class Backend:
                 url,
                 data=None if body is None else dumps(body),
                 headers=self.headers(route, new_id("req_")),
-                timeout=aiohttp.ClientTimeout(total=5),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
             ) as resp:
                 data = await resp.json(content_type=None, loads=loads) if resp.status == 200 else None
                 return data if isinstance(data, dict) else None
@@ -4327,11 +4327,14 @@ def run_claude(config: Config, claude_args: list[str], environ: Optional[dict[st
             f"claude-proxy run: proxy on {url} -> {config.provider} at {public_url(config.base_url)}; "
             f"{model} -> {backend_model}; log: {log_path}\n"
         )
+        child = subprocess.Popen([claude, *claude_args], env=env)
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is Claude Code's to handle
+        stop = signal.signal(signal.SIGTERM, lambda *_: child.terminate())  # and a stop is passed on to it
         try:
-            code = subprocess.call([claude, *claude_args], env=env)
+            code = child.wait()
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, stop)
         return 128 - code if code < 0 else code
     finally:
         with contextlib.suppress(Exception):

@@ -4903,3 +4903,12 @@ def test_split_run_unit():
     assert cp.claude_model(["-p", "x"], {"ANTHROPIC_MODEL": "qwen3:4b"}) == "qwen3:4b"
     assert cp.claude_model([], {}) == "claude-opus-5-5"
     assert [cp.parse_tokens(t) for t in ("132000", "128k", "1m", "x")] == [132000, 128000, 1000000, None]
+
+
+def test_context_window_option():
+    assert cp.load_config(["--context-window", "64k"], environ={}, dotenv_path="").context_window == 64000
+    assert cp.load_config([], environ={"CONTEXT_WINDOW": "49152"}, dotenv_path="").context_window == 49152
+    assert cp.load_config([], environ={}, dotenv_path="").context_window is None
+    for bad in ("lots", "100"):
+        with pytest.raises(cp.ConfigError, match="context"):
+            cp.load_config(["--context-window", bad], environ={}, dotenv_path="")
