@@ -4814,13 +4814,17 @@ msg = client.messages.create(model=model, max_tokens=20, messages=[{{"role": "us
 names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_AUTO_COMPACT_WINDOW",
          "CLAUDE_CODE_MAX_CONTEXT_TOKENS")
 out = {{"args": sys.argv[1:], "env": {{n: os.environ.get(n) for n in names}}, "usage": msg.usage.input_tokens}}
-with open(os.environ["FAKE_CLAUDE_OUT"], "w") as f:
+with open(os.environ["FAKE_CLAUDE_OUT"] + ".tmp", "w") as f:
     json.dump(out, f)
+os.rename(os.environ["FAKE_CLAUDE_OUT"] + ".tmp", os.environ["FAKE_CLAUDE_OUT"])
+if os.environ.get("FAKE_CLAUDE_SLEEP"):
+    import time
+    time.sleep(float(os.environ["FAKE_CLAUDE_SLEEP"]))
 sys.exit(int(os.environ.get("FAKE_CLAUDE_EXIT", "0")))
 """
 
 
-def run_proxy(tmp_path, args: list[str], env: Optional[dict] = None, claude: bool = True):
+def run_proxy(tmp_path, args: list[str], env: Optional[dict] = None, claude: bool = True, background: bool = False):
     """`python claude_proxy.py <args>` with a fake `claude` (the anthropic SDK) on PATH -> (process, what it saw)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -4834,6 +4838,15 @@ def run_proxy(tmp_path, args: list[str], env: Optional[dict] = None, claude: boo
         "ANTHROPIC_API_KEY": "sk-ant-real-key-never-needed",
         **(env or {}),
     }
+    if background:
+        return subprocess.Popen(
+            [sys.executable, str(HERE / "claude_proxy.py"), *args],
+            env=full_env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ), None
     proc = subprocess.run(
         [sys.executable, str(HERE / "claude_proxy.py"), *args],
         env=full_env,
@@ -4912,3 +4925,20 @@ def test_context_window_option():
     for bad in ("lots", "100"):
         with pytest.raises(cp.ConfigError, match="context"):
             cp.load_config(["--context-window", bad], environ={}, dotenv_path="")
+
+
+def test_run_passes_a_stop_on_to_claude_code(make_stack, tmp_path):
+    stack = make_stack("openai")
+    proc, _ = run_proxy(
+        tmp_path,
+        ["--provider", "openai", "--base-url", stack.backend_url, "run", "--model", "qwen3-coder"],
+        {"FAKE_CLAUDE_SLEEP": "30"},
+        background=True,
+    )
+    try:
+        assert wait_for(lambda: (tmp_path / "claude.json").exists(), 30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 128 + signal.SIGTERM  # Claude Code ended by the signal, as a shell reports it
+    finally:
+        proc.kill()
+        proc.communicate()
