@@ -496,3 +496,285 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+# --- the real Claude Code CLI (issue 15) ------------------------------------------------------------
+# The end-to-end tests (marker `e2e`) run the official CLI, installed from npm at a pinned version into a cache
+# directory, through the proxy against the fake backends above. The fake backend answers each request by what it
+# contains (`ClaudeCode.respond`), not by queue order: Claude Code sends side requests (session titles, quota
+# checks, compaction) in an order that changes between versions.
+
+import os  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
+CLAUDE_CODE_VERSION = "2.1.332"  # the one pinned version the e2e tests install (`npm view @anthropic-ai/claude-code`)
+CLAUDE_CODE_PACKAGE = "@anthropic-ai/claude-code"
+CLAUDE_CODE_API_KEY = "x"
+
+
+def e2e_unavailable(reason: str) -> None:
+    """Skip an e2e test with the reason; in CI (CI=true) fail instead: a skip there would hide that it did not run."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"e2e test cannot run in CI: {reason}", pytrace=False)
+    _E2E_SKIPPED.add(reason)
+    pytest.skip(reason)
+
+
+_E2E_SKIPPED: set[str] = set()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Skipped e2e tests are said at the end of every run, with the reason (not only under -rs)."""
+    for reason in sorted(_E2E_SKIPPED):
+        terminalreporter.write_line(f"e2e tests (the real Claude Code CLI) skipped: {reason}", yellow=True)
+
+
+def claude_code_cache() -> str:
+    """Where the CLI is installed: $CLAUDE_PROXY_E2E_CACHE/<version>, by default ~/.cache/claude-proxy-e2e/<version>."""
+    root = os.environ.get("CLAUDE_PROXY_E2E_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "claude-proxy-e2e"
+    )
+    return os.path.join(root, CLAUDE_CODE_VERSION)
+
+
+def _installed_version(binary: str) -> str:
+    if not os.path.exists(binary):
+        return ""
+    try:
+        with tempfile.TemporaryDirectory() as home:  # never the user's own ~/.claude
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": home}
+            done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.split(" ", 1)[0].strip() if done.returncode == 0 else ""
+
+
+def _npm_error(done: subprocess.CompletedProcess) -> str:
+    """npm's own words on a failed install, in one line: its `npm error` lines up to the first stack frame."""
+    lines = []
+    for line in (done.stderr or done.stdout).splitlines():
+        line = line.removeprefix("npm error").strip()
+        if line.startswith("at ") or len(lines) == 5:
+            break
+        if line:
+            lines.append(line)
+    return "; ".join(lines)[:1000] or "(no output)"
+
+
+@pytest.fixture(scope="session")
+def claude_code_bin() -> str:
+    """The pinned Claude Code CLI, installed once (`npm install --prefix <cache>`; a file lock keeps concurrent
+    sessions from installing over each other). npm missing or the install failing: skip with the reason (fail in CI)."""
+    cache = claude_code_cache()
+    binary = os.path.join(cache, "node_modules", ".bin", "claude")
+    if _installed_version(binary) == CLAUDE_CODE_VERSION:
+        return binary
+    npm = shutil.which("npm")
+    if not npm:
+        e2e_unavailable(f"npm is not installed: the e2e tests need it to install {CLAUDE_CODE_PACKAGE}")
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    try:
+        os.makedirs(cache, exist_ok=True)
+        lock = open(os.path.join(cache, ".install.lock"), "w")  # closed by the with below
+    except OSError as exc:
+        e2e_unavailable(f"cannot write the install directory {cache} ({exc.strerror}): set CLAUDE_PROXY_E2E_CACHE")
+    with lock:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _installed_version(binary) != CLAUDE_CODE_VERSION:  # another session may have installed it meanwhile
+            command = [
+                npm,
+                "install",
+                "--prefix",
+                cache,
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--fetch-retry-maxtimeout=10000",  # offline: give up in ~20 s, not npm's ~75
+                f"{CLAUDE_CODE_PACKAGE}@{CLAUDE_CODE_VERSION}",
+            ]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                e2e_unavailable(f"`{shlex.join(command)}` did not finish in 600 s")
+            if done.returncode != 0:
+                e2e_unavailable(f"`{shlex.join(command)}` failed (exit {done.returncode}): {_npm_error(done)}")
+            found = _installed_version(binary)
+            if found != CLAUDE_CODE_VERSION:
+                e2e_unavailable(
+                    f"{binary} --version gave {found or 'nothing'!r} after installing {CLAUDE_CODE_VERSION} "
+                    "(npm install scripts or optional dependencies disabled? the native binary comes from both)"
+                )
+    return binary
+
+
+class Terminal:
+    """An interactive program in a detached tmux session of its own (own socket, 120x40), driven by keys and read
+    from the screen and the terminal title."""
+
+    def __init__(self, argv: list[str], cwd: str, env: dict[str, str]) -> None:
+        self.dir = tempfile.mkdtemp(prefix="cc-tmux-")  # short: a socket path has ~100 characters at most
+        self.socket = os.path.join(self.dir, "sock")
+        command = "exec env -i " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(argv)
+        self.tmux("new-session", "-d", "-x", "120", "-y", "40", "-c", cwd, command)
+
+    def tmux(self, *args: str) -> str:
+        done = subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, timeout=10)
+        if done.returncode != 0 and args[0] == "new-session":
+            raise AssertionError(f"tmux {' '.join(args[:1])} failed: {done.stderr}")
+        return done.stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p")
+
+    def title(self) -> str:
+        return self.tmux("display-message", "-p", "#{pane_title}").strip()
+
+    def type(self, text: str) -> None:
+        self.tmux("send-keys", "-l", text)
+
+    def press(self, *keys: str) -> None:
+        self.tmux("send-keys", *keys)
+
+    def wait_screen(self, text: str, timeout: float = 30.0) -> str:
+        if not wait_for(lambda: text in self.screen(), timeout):
+            raise AssertionError(f"{text!r} did not appear on the screen in {timeout} s:\n{self.screen()}")
+        return self.screen()
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class ClaudeCode:
+    """The real CLI in a throw-away HOME and working directory, pointed at a proxy in front of a fake backend.
+
+    `respond(backend_body) -> answer or None` decides each backend answer from the request itself (None: a short
+    text). `sent` records every request body Claude Code sent to the proxy; `backend.requests` what the proxy
+    sent on."""
+
+    binary: str
+    stack: Stack
+    provider: str
+    home: str
+    cwd: str
+    respond: Callable[[dict], Any] = lambda body: None
+    sent: list = field(default_factory=list)
+    terminals: list = field(default_factory=list)
+
+    def env(self, *, nonessential: bool = False) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": self.home,
+            "SHELL": shutil.which("bash") or "/bin/sh",
+            "TERM": "xterm-256color",
+            "LANG": "C.UTF-8",
+            "ANTHROPIC_BASE_URL": self.stack.proxy_url,
+            "ANTHROPIC_API_KEY": CLAUDE_CODE_API_KEY,
+            "DISABLE_TELEMETRY": "1",
+            "DISABLE_ERROR_REPORTING": "1",
+            "DISABLE_AUTOUPDATER": "1",
+            # Offline: anything not for the proxy goes to a closed local port and fails at once.
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+            "HTTP_PROXY": "http://127.0.0.1:9",
+            "NO_PROXY": "127.0.0.1,localhost",
+            # This also turns off the session-title request, so the interactive test leaves it out.
+            **({} if nonessential else {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}),
+        }
+
+    def run(self, prompt: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`claude -p PROMPT ARGS...` -> the finished process (stdout, stderr, returncode as text)."""
+        try:
+            return subprocess.run(
+                [self.binary, "-p", prompt, *args],
+                cwd=self.cwd,
+                env=self.env(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(
+                f"claude -p did not finish in {timeout} s; stdout: {exc.stdout!r}; backend got "
+                f"{len(self.chats())} requests"
+            ) from None
+
+    def interactive(self, *args: str) -> Terminal:
+        if not shutil.which("tmux"):
+            e2e_unavailable("tmux is not installed: the interactive e2e test drives Claude Code's terminal with it")
+        terminal = Terminal([self.binary, *args], self.cwd, self.env(nonessential=True))
+        self.terminals.append(terminal)
+        return terminal
+
+    def chats(self) -> list[dict]:
+        """The chat requests the backend received (not /tokenize calls)."""
+        return [r for r in self.stack.backend.requests if "messages" in r]
+
+    def answer(self, body: dict) -> Any:
+        answer = self.respond(body)
+        return answer if answer is not None else text_answer(self.provider, "ok")
+
+
+class _Responder(list):
+    """Stands in for FakeBackend.script: never empty, and each pop answers the request that just arrived (the
+    backend records a request before it takes the next answer)."""
+
+    def __init__(self, cc: ClaudeCode) -> None:
+        super().__init__()
+        self.cc = cc
+
+    def __bool__(self) -> bool:
+        return True
+
+    def pop(self, index: Any = -1) -> Any:
+        return self.cc.answer(self.cc.stack.backend.requests[-1])
+
+
+@pytest.fixture
+def claude_code(claude_code_bin, make_stack, provider, tmp_path, monkeypatch):
+    """claude_code(respond) -> a ClaudeCode whose backend answers with respond(body) (see ClaudeCode)."""
+    made: list[ClaudeCode] = []
+
+    def make(respond: Callable[[dict], Any] = lambda body: None) -> ClaudeCode:
+        stack = make_stack(provider, timeout=30.0)
+        home, cwd = tmp_path / f"home{len(made)}", tmp_path / f"work{len(made)}"
+        home.mkdir()
+        cwd.mkdir()
+        cc = ClaudeCode(claude_code_bin, stack, provider, str(home), str(cwd.resolve()), respond)
+        # What a user who has finished onboarding has: no first-run screens, the folder trusted, the key approved.
+        (home / ".claude.json").write_text(
+            json.dumps(
+                {
+                    "hasCompletedOnboarding": True,
+                    "theme": "dark",
+                    "customApiKeyResponses": {"approved": [CLAUDE_CODE_API_KEY[-20:]], "rejected": []},
+                    "projects": {cc.cwd: {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}},
+                }
+            )
+        )
+        stack.backend.script = _Responder(cc)
+        made.append(cc)
+        return cc
+
+    read_json = claude_proxy.read_json
+
+    async def recording_read_json(request):
+        body = await read_json(request)
+        for cc in made:
+            if request.app is cc.stack.app:
+                cc.sent.append({"path": request.path, "body": body})
+        return body
+
+    monkeypatch.setattr(claude_proxy, "read_json", recording_read_json)
+    yield make
+    for cc in made:
+        for terminal in cc.terminals:
+            terminal.close()

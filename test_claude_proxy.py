@@ -4346,6 +4346,197 @@ def test_a_switch_on_by_default_can_be_turned_off(monkeypatch):
     assert extra.shown_default() == "on" and "[SEND_THING=0]" in extra.help_text()
 
 
+# --- real Claude Code CLI (issue 15) ---
+# The official CLI, installed from npm at a pinned version (conftest.CLAUDE_CODE_VERSION, cached; conftest.claude_code
+# says how), runs offline through the proxy in front of each fake backend. The backend answers by what a request
+# contains, never by arrival order. Only these: `python -m pytest -m e2e`; all but these: `-m "not e2e"`.
+
+CC_OVERFLOW = {  # each provider's own 400 for a prompt over the context window
+    "openai": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 "
+            "tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    },
+    "ollama": {"error": "request (9000 tokens) exceeds the available context size (8192 tokens), try increasing it"},
+}
+
+
+def cc_bash_calls(provider: str, *commands: str) -> Any:
+    """One assistant turn of parallel Bash calls (one per command), streamed the way the provider streams them."""
+    inputs = [{"command": command, "description": f"step {i}"} for i, command in enumerate(commands)]
+    if provider == "ollama":
+        calls = [{"function": {"index": i, "name": "Bash", "arguments": args}} for i, args in enumerate(inputs)]
+        return NDJSON([ollama_chunk(tool_calls=calls), ollama_chunk(done=True)])
+    chunks = [oai_chunk({"role": "assistant", "content": ""})]
+    for i, args in enumerate(inputs):
+        text = json.dumps(args)
+        chunks += oai_tool_call_chunks(i, f"call_e2e_{i}", "Bash", text[:12], text[12:])
+    return SSE(chunks + [oai_chunk({}, "tool_calls"), oai_chunk(choices=[], usage=oai_usage())])
+
+
+def cc_last(body: dict) -> tuple[str, str]:
+    """(role, text) of the last message the backend received."""
+    message = body["messages"][-1]
+    return message["role"], cc_text(message)
+
+
+def cc_text(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def cc_turn_with(chats: list, text: str) -> dict:
+    """The one backend request whose last message contains text."""
+    found = [body for body in chats if text in cc_last(body)[1]]
+    assert len(found) == 1, f"{len(found)} backend requests end with {text!r}: {[cc_last(b)[1][-200:] for b in chats]}"
+    return found[0]
+
+
+def cc_done(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, f"claude exited {done.returncode}; stdout: {done.stdout!r}; stderr: {done.stderr!r}"
+    return done.stdout.strip()
+
+
+@pytest.mark.e2e
+def test_claude_code_print_shows_backend_text(claude_code, provider):
+    def respond(body):
+        return text_answer(provider, "Hello from ", "the fake backend.") if "Say hello" in cc_last(body)[1] else None
+
+    cc = claude_code(respond)
+    assert cc_done(cc.run("Say hello")) == "Hello from the fake backend."
+    turn = cc_turn_with(cc.chats(), "Say hello")
+    assert turn["model"] == "backend-model" and turn["stream"] is True
+    assert any(s["body"].get("stream") is True for s in cc.sent), "Claude Code streams its requests"
+
+
+@pytest.mark.e2e
+def test_claude_code_system_message_stays_in_place(claude_code, provider):
+    """Claude Code puts its environment text in a `role: "system"` message after the prompt; the backend gets it
+    where it was, as a <system-reminder> after the prompt in the user turn, not moved into the system prompt."""
+    cc = claude_code()
+    cc_done(cc.run("Where am I?"))
+    sent = next(s["body"] for s in cc.sent if "Where am I?" in json.dumps(s["body"]["messages"]))
+    roles = [m["role"] for m in sent["messages"]]
+    assert "system" in roles, f"Claude Code sent no role: system message: {roles}"
+    reminder = cc_text(sent["messages"][roles.index("system")]).strip()
+    assert roles.index("system") > 0 and "Where am I?" in json.dumps(sent["messages"][: roles.index("system")])
+
+    turn = next(body for body in cc.chats() if "Where am I?" in json.dumps(body["messages"]))
+    system_prompt = cc_text(turn["messages"][0])
+    assert turn["messages"][0]["role"] == "system" and reminder[:60] not in system_prompt
+    user = [cc_text(m) for m in turn["messages"] if m["role"] == "user"]
+    assert len(user) == 1
+    prompt_at = user[0].index("Where am I?")
+    assert user[0].index(f"<system-reminder>\n{reminder[:60]}") > prompt_at
+
+
+@pytest.mark.e2e
+def test_claude_code_runs_two_parallel_bash_calls(claude_code, provider):
+    def respond(body):
+        role, text = cc_last(body)
+        if role == "tool":
+            return text_answer(provider, "Both files ", "are written.")
+        if role == "user" and "Write two files" in text:
+            return cc_bash_calls(provider, "echo one > one.txt && cat one.txt", "echo two > two.txt && cat two.txt")
+        return None
+
+    cc = claude_code(respond)
+    assert cc_done(cc.run("Write two files", "--allowedTools", "Bash")) == "Both files are written."
+    work = pathlib.Path(cc.cwd)
+    assert (work / "one.txt").read_text() == "one\n" and (work / "two.txt").read_text() == "two\n"
+
+    results = [body for body in cc.chats() if cc_last(body)[0] == "tool"]
+    assert len(results) == 1, "both results come back in one request"
+    messages = results[0]["messages"]
+    calls, one, two = messages[-3:]
+    assert [c["function"]["name"] for c in calls["tool_calls"]] == ["Bash", "Bash"]
+    assert (one["role"], one["content"], two["role"], two["content"]) == ("tool", "one", "tool", "two")
+    if provider == "openai":  # the ids the backend gave, back to it
+        assert [one["tool_call_id"], two["tool_call_id"]] == ["call_e2e_0", "call_e2e_1"]
+        assert [c["id"] for c in calls["tool_calls"]] == ["call_e2e_0", "call_e2e_1"]
+    # The environment reminder (a role: system message between the prompt and the tool calls) is still in the
+    # user turn before the assistant's calls.
+    user = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    assert len(user) == 1 and user[0] == messages.index(calls) - 1
+    assert "Write two files" in cc_text(messages[user[0]]) and "<system-reminder>\n# Environment" in cc_text(
+        messages[user[0]]
+    )
+
+
+@pytest.mark.e2e
+def test_claude_code_compacts_and_retries_after_prompt_too_long(claude_code, provider):
+    """The backend's context-overflow 400 becomes `prompt is too long`; Claude Code summarises the conversation
+    (a compaction request) and carries on from the summary, which the backend answers."""
+    summary = "E2E-SUMMARY: the user asked for one.txt; it was written."
+    overflowed: list[dict] = []
+
+    def respond(body):
+        role, text = cc_last(body)
+        if summary in json.dumps(body["messages"]):
+            return text_answer(provider, "Carried on ", "after compaction.")
+        if role == "user" and "<summary>" in text:  # the compaction instructions
+            return text_answer(provider, f"<analysis>Short.</analysis>\n<summary>{summary}</summary>")
+        if role == "tool" and not overflowed:
+            overflowed.append(body)
+            return Reply(400, CC_OVERFLOW[provider])
+        if role == "user" and "Write one file" in text:
+            return cc_bash_calls(provider, "echo one > one.txt")
+        return None
+
+    cc = claude_code(respond)
+    out = cc_done(cc.run("Write one file", "--allowedTools", "Bash"))
+    assert out == "Carried on after compaction." and "too long" not in out
+    chats = cc.chats()
+    assert overflowed, f"the backend never got the tool results: {[cc_last(b) for b in chats]}"
+    at = chats.index(overflowed[0])
+    compaction = [i for i, body in enumerate(chats) if "<summary>" in cc_last(body)[1]]
+    resumed = [i for i, body in enumerate(chats) if summary in json.dumps(body["messages"])]
+    assert compaction and compaction[0] > at, "a compaction request follows the overflow"
+    assert resumed and resumed[0] > compaction[0], "the conversation goes on from the summary"
+    assert (pathlib.Path(cc.cwd) / "one.txt").read_text() == "one\n"
+
+
+@pytest.mark.e2e
+def test_claude_code_interactive_session_title(claude_code, provider):
+    """The interactive terminal: the answer appears, and the session-title request (structured output:
+    `output_config.format` json_schema) reaches the backend as its own schema-constrained request; the title it
+    answers becomes the terminal title."""
+
+    def respond(body):
+        if body.get("response_format") or body.get("format"):
+            return text_answer(provider, json.dumps({"title": "Proxy e2e greeting"}))
+        if "hello there" in cc_last(body)[1]:
+            return text_answer(provider, "Hello from the fake backend.")
+        return None
+
+    cc = claude_code(respond)
+    term = cc.interactive()
+    term.wait_screen("❯")
+    term.type("hello there")
+    term.wait_screen("hello there")
+    term.press("Enter")
+    term.wait_screen("Hello from the fake backend.")
+    assert wait_for(lambda: "Proxy e2e greeting" in term.title(), 20), f"terminal title: {term.title()!r}"
+
+    sent = [s["body"] for s in cc.sent if (s["body"].get("output_config") or {}).get("format")]
+    assert len(sent) == 1 and sent[0]["output_config"]["format"]["type"] == "json_schema"
+    schema = sent[0]["output_config"]["format"]["schema"]
+    titled = [body for body in cc.chats() if body.get("response_format") or body.get("format")]
+    assert len(titled) == 1
+    if provider == "openai":
+        assert titled[0]["response_format"]["type"] == "json_schema"
+        assert titled[0]["response_format"]["json_schema"]["schema"] == schema
+    else:
+        assert titled[0]["format"] == schema
+    assert "hello there" in cc_text(titled[0]["messages"][-1])
+
+
 # --- context windows (issue 12) ---
 
 
@@ -4942,3 +5133,95 @@ def test_run_passes_a_stop_on_to_claude_code(make_stack, tmp_path):
     finally:
         proc.kill()
         proc.communicate()
+
+
+def cc_run(cc, claude_code_bin: str, tmp_path, claude_args: list[str], proxy_args: tuple[str, ...] = ()):
+    """`python claude_proxy.py <proxy_args> run <claude_args>` with the real CLI as `claude`, offline, against the
+    ClaudeCode fixture's fake backend (the proxy is the one `run` starts, not the fixture's)."""
+    bin_dir = tmp_path / "run-bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "claude").exists():
+        (bin_dir / "claude").symlink_to(claude_code_bin)
+    env = cc.env()
+    env.pop("ANTHROPIC_BASE_URL")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["TMPDIR"] = str(tmp_path)
+    args = ["--provider", cc.provider, "--base-url", cc.stack.backend_url, *proxy_args, "run", *claude_args]
+    done = subprocess.run(
+        [sys.executable, str(HERE / "claude_proxy.py"), *args],
+        cwd=cc.cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, f"run exited {done.returncode}; stdout: {done.stdout!r}; stderr: {done.stderr!r}"
+    return done
+
+
+def cc_prompt_tokens(body: dict) -> int:
+    """The fake backend's own count of a prompt: characters of the messages and tools / 4."""
+    return (len(json.dumps(body["messages"])) + len(json.dumps(body.get("tools") or []))) // 4
+
+
+@pytest.mark.e2e
+def test_claude_code_context_through_run_shows_the_true_fraction(claude_code, claude_code_bin, provider, tmp_path):
+    """`run` on a 32k model: Claude Code's /context reads against the 132k it is told, with usage scaled by
+    132k / 32k, so its percentage is the true fraction of the model's window."""
+    cc = claude_code()
+    out = cc_run(cc, claude_code_bin, tmp_path, ["-p", "/context"]).stdout
+    found = re.search(r"Tokens:\*\* ([\d.]+)k / 132k \((\d+)%\)", out)
+    assert found, out
+    shown, percent = float(found.group(1)) * 1000, int(found.group(2))
+    raw = shown * 32768 / 132000  # what the backend model holds
+    assert 5000 < raw < 12000 and abs(percent - 100 * raw / 32768) <= 1.5, (raw, percent)
+
+
+@pytest.mark.e2e
+def test_claude_code_compacts_before_a_32k_backend_overflows(claude_code, claude_code_bin, provider, tmp_path):
+    """A session through `run` that grows ~3k tokens a turn on a 32k model: Claude Code compacts on its own (no
+    overflow first), the compaction request fits, and the conversation carries on from the summary."""
+    window, seen = 32768, []
+    summary = "E2E-SUMMARY: numbered turns of filler."
+
+    def respond(body):
+        prompt = cc_prompt_tokens(body)
+        seen.append(prompt)
+        if prompt >= window:
+            return Reply(400, CC_OVERFLOW[provider])
+        role, text = cc_last(body)
+        if role == "user" and "<summary>" in text:
+            answer = f"<analysis>Short.</analysis>\n<summary>{summary}</summary>"
+        else:
+            answer = "filler " * 1600  # ~3k tokens of history per turn
+        if provider == "openai":
+            return SSE(oai_text_stream(answer, usage=oai_usage(prompt, len(answer) // 4)))
+        return NDJSON(ollama_text_stream(answer, prompt=prompt, completion=len(answer) // 4))
+
+    cc = claude_code(respond)
+    cc_run(cc, claude_code_bin, tmp_path, ["-p", "turn 1"])
+    for turn in range(2, 9):
+        cc_run(cc, claude_code_bin, tmp_path, ["-p", f"turn {turn}", "--continue"])
+        if any(summary in json.dumps(body["messages"]) for body in cc.chats()):
+            break
+    chats = cc.chats()
+    compaction = [i for i, body in enumerate(chats) if "<summary>" in cc_last(body)[1] and cc_last(body)[0] == "user"]
+    assert compaction, f"no compaction; prompts: {seen}"
+    assert max(seen) < window, f"the backend overflowed: {seen}"
+    before = cc_prompt_tokens(chats[compaction[0] - 1])
+    assert 0.70 * window < before < 0.90 * window, "compacted at about 75% of the window"
+    assert any(summary in json.dumps(body["messages"]) for body in chats[compaction[0] + 1 :])
+
+
+@pytest.mark.e2e
+def test_claude_code_asks_for_a_backend_model_by_name(claude_code, claude_code_bin, provider, tmp_path):
+    cc = claude_code()
+    if provider == "openai":
+        cc.stack.backend.models_openai.append({"id": "qwen3:4b", "object": "model", "max_model_len": 40960})
+    else:
+        cc.stack.backend.models_ollama.append({"name": "qwen3:4b", "model": "qwen3:4b", "size": 2497293918})
+    done = cc_run(cc, claude_code_bin, tmp_path, ["--model", "qwen3:4b", "-p", "hi"])
+    assert done.stdout.strip() == "ok"
+    assert {body["model"] for body in cc.chats()} == {"qwen3:4b"}
+    assert "qwen3:4b -> qwen3:4b" in done.stderr
