@@ -50,6 +50,20 @@ except ImportError:  # pragma: no cover
     sys.stderr.write("claude-proxy needs aiohttp: pip install aiohttp\n")
     raise SystemExit(2) from None
 
+MAX_JSON_DEPTH = 200
+"""The deepest nesting of objects and arrays a request may have. The proxy's own limit, so that a request is
+accepted or refused the same with and without orjson: orjson's encoder stops at 255 levels and its parser at 1024,
+the stdlib's at the recursion limit (~1000). 200 leaves room for the few levels translation adds (a tool schema
+sits one level deeper in an OpenAI body than in Anthropic's)."""
+
+
+class JsonTooDeep(ValueError):
+    """JSON nested deeper than MAX_JSON_DEPTH (or than the parser goes)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+
+
 try:  # optional speed-up; the fallback below gives the same output and rejects the same input
     import orjson as _orjson
 
@@ -88,10 +102,32 @@ except ImportError:  # exercised by the tests with orjson hidden
         try:
             return json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_int)
         except RecursionError:
-            raise ValueError("JSON nested too deeply") from None
+            raise JsonTooDeep() from None
 
     def dumps_bytes(obj: Any) -> bytes:
         return _encoder.encode(obj).encode()
+
+
+def loads_request(raw: bytes) -> Any:
+    """loads() for a client's request body: JsonTooDeep past MAX_JSON_DEPTH, with or without orjson. The check
+    walks the parsed containers level by level, once per request (never per stream chunk): 30-45 µs on Claude
+    Code's 50 KB request in fixtures/, where parsing takes 80 µs with orjson and 270 µs without."""
+    try:
+        value = loads(raw)
+    except RecursionError:
+        raise JsonTooDeep() from None
+    except ValueError as exc:
+        if "depth limit" in str(exc) or "ecursion" in str(exc):  # orjson's parser stops at 1024 levels
+            raise JsonTooDeep() from None
+        raise
+    if len(raw) <= 2 * MAX_JSON_DEPTH:  # too short to hold MAX_JSON_DEPTH + 1 pairs of brackets
+        return value
+    level = [value] if type(value) in (dict, list) else []
+    for _ in range(MAX_JSON_DEPTH):
+        level = [c for v in level for c in (v.values() if type(v) is dict else v) if type(c) in (dict, list)]
+        if not level:
+            return value
+    raise JsonTooDeep()
 
 
 __version__ = "0.1.0"
@@ -691,9 +727,7 @@ def too_deep(exc: BaseException) -> bool:
 
 
 TOO_DEEP = ApiError(
-    400,
-    "the request nests JSON too deeply to be forwarded (tool schemas or tool inputs deeper than 250 levels)",
-    retry=False,
+    400, f"the request nests JSON too deeply (objects and arrays deeper than {MAX_JSON_DEPTH} levels)", retry=False
 )
 
 
@@ -4006,8 +4040,10 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, f"request body could not be read: {exc}"[:300], retry=False) from None
     raw = b"".join(chunks)
     try:
-        return loads(raw)
-    except (ValueError, RecursionError) as exc:  # orjson: RecursionError past 1024 levels
+        return loads_request(raw)
+    except JsonTooDeep:
+        raise TOO_DEEP from None
+    except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}"[:300], retry=False) from None
 
 
