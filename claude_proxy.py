@@ -456,6 +456,12 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
         parse=_tokens, check=_window, unit="tokens", shown="32768 (Ollama)",
     ),
     Option(
+        "client_window", "--client-window", ("CLIENT_CONTEXT_WINDOW",), None,
+        "the window Claude Code is told with CLAUDE_CODE_AUTO_COMPACT_WINDOW (`run` sets both): reported input "
+        "tokens are scaled from each model's window to it, so /context shows the true fraction",
+        parse=_tokens, check=_window, unit="tokens",
+    ),
+    Option(
         "scale_usage", "--scale-usage", ("SCALE_USAGE",), False,
         "report input tokens scaled so that Claude Code, with the window it assumes for the model name (1M or "
         "200k), compacts at 75% of the backend model's window (`run` does this by itself); reported usage is then "
@@ -478,11 +484,6 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
     Option("connect_timeout", None, (), 10.0, "seconds to connect to the backend", check=_positive),
     Option("ping_interval", None, (), 10.0, "seconds without a write before a stream gets a ping", check=_positive),
     Option("discover", None, (), True, "ask the backend for its models when no map or default model applies"),
-    Option(
-        "client_window", None, (), None,
-        "the context window Claude Code was told (`run` sets it): usage is scaled from each model's window to it",
-        check=_window,
-    ),
 )  # fmt: skip
 
 
@@ -4288,7 +4289,8 @@ def claude_environment(
     env["ANTHROPIC_BASE_URL"] = url
     env["ANTHROPIC_AUTH_TOKEN"] = config.auth_token or "claude-proxy"  # Bearer: no API-key approval prompt
     env.pop("ANTHROPIC_API_KEY", None)  # a real key is never needed here, and would be preferred by some paths
-    told = parse_tokens(environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW"))  # the user's own choice wins
+    # the user's own choice wins: the variable, else --client-window, else the model's window (at least 132k)
+    told = parse_tokens(environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW")) or config.client_window
     if told is None and window:
         told = max(window, CLIENT_MIN_WINDOW)
     if told:

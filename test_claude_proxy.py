@@ -4988,3 +4988,14 @@ def test_claude_code_asks_for_a_backend_model_by_name(claude_code, claude_code_b
     assert done.stdout.strip() == "ok"
     assert {body["model"] for body in cc.chats()} == {"qwen3:4b"}
     assert "qwen3:4b -> qwen3:4b" in done.stderr
+
+
+def test_client_window_option_without_run(window_stack):
+    """Claude Code started by hand with CLAUDE_CODE_AUTO_COMPACT_WINDOW=132000, the proxy with --client-window."""
+    config = cp.load_config(["--client-window", "132k"], environ={}, dotenv_path="")
+    assert config.client_window == 132000
+    server, stack = window_stack(listing("openai"), "openai", client_window=config.client_window)
+    msg = stack.client().messages.create(model="Qwen/Qwen3-0.6B", max_tokens=20, messages=USER_HI)
+    assert msg.usage.input_tokens == round(1000 * 132_000 / 8192)
+    env, told = cp.claude_environment(config, "http://x", "m", 8192, {})
+    assert told == 132000 and env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "132000"
