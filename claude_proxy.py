@@ -4217,7 +4217,8 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
             try:
                 route = await backend.route(name)
                 await relay_message(backend, exchange(req, route, config, 1.0, new_id("req_"), RequestRecord()))
-                rows.append((name, f"{route.model} ({route.provider})", "ok"))
+                window = f", window {route.context_window}" if route.context_window else ""
+                rows.append((name, f"{route.model} ({route.provider}{window})", "ok"))
             except ApiError as exc:
                 rows.append((name, "", f"FAIL: {exc.status} {exc.message}"[:200]))
     finally:

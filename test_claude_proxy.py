@@ -4999,3 +4999,19 @@ def test_client_window_option_without_run(window_stack):
     assert msg.usage.input_tokens == round(1000 * 132_000 / 8192)
     env, told = cp.claude_environment(config, "http://x", "m", 8192, {})
     assert told == 132000 and env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "132000"
+
+
+def test_resolve_route_order_unit():
+    config = cp.Config(
+        provider="ollama",
+        default_model="fallback",
+        model_map={"qwen3:4b": "mapped-by-key", "claude-*": "glob-target", "x": {"model": "tiny", "max_tokens": 9}},
+    )
+    listed = ["qwen3:4b", "qwen3-coder:30b", "claude-listed"]
+    route = lambda name: cp.resolve_route(config, name, {"*": "pick"}, listed)  # noqa: E731
+    assert route("qwen3:4b").model == "mapped-by-key"  # an exact key first
+    assert route("tiny").max_tokens == 9  # a map target by its own name keeps its entry
+    assert route("qwen3-coder:30b").model == "qwen3-coder:30b"  # a listed name as is, before the default
+    assert route("claude-listed").model == "claude-listed"  # ... and before a pattern
+    assert route("claude-opus-5-5").model == "glob-target"
+    assert route("other").model == "fallback"
