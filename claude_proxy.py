@@ -2744,6 +2744,8 @@ def stream_error(error: Any) -> ApiError:
         kind = str(error.get("type") or "")
     else:
         message, kind = str(error), ""
+    if any(w in message.lower() for w in _OVERFLOW_WORDS):  # an Ollama that sends its overflow after a 200
+        return map_backend_error(400, message)
     overloaded = any(w in (message + kind).lower() for w in ("overload", "capacity", "queue", "unavailable"))
     return ApiError(
         529 if overloaded else 500, f"backend error during the stream: {message}"[:MAX_ERROR_CHARS], kind="stream_error"
@@ -3605,13 +3607,12 @@ def exchange(
             raise
         raise TOO_DEEP from None
     record.model, record.backend_model, record.provider = req.model, route.model, route.provider
+    record.stream = bool(req.stream)
     check_fits(estimate, route)
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
     builder = EventBuilder(
         new_id("msg_"), req.model, estimate, tool_names=tool_names, show_thinking=show_thinking, usage_scale=usage_scale
     )
-    record.model, record.backend_model, record.provider = req.model, route.model, route.provider
-    record.stream = bool(req.stream)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:MAX_DEBUG_CHARS])
     return Exchange(req.max_tokens == 0, bool(req.stream), estimate, route, provider, body, builder, request_id, record)

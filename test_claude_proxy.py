@@ -5015,3 +5015,13 @@ def test_resolve_route_order_unit():
     assert route("claude-listed").model == "claude-listed"  # ... and before a pattern
     assert route("claude-opus-5-5").model == "glob-target"
     assert route("other").model == "fallback"
+
+
+def test_overflow_inside_a_stream_is_prompt_too_long(make_stack):
+    """An Ollama that answers 200 and then its overflow as the stream's first line: still the error Claude Code
+    compacts on (for a non-streaming client, the HTTP 400)."""
+    stack = make_stack("ollama")
+    stack.backend.queue(NDJSON([{"error": "the input length exceeds the context length"}]))
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stack.client().messages.create(model="m", max_tokens=20, messages=USER_HI)
+    assert assert_sdk_error(info.value, 400, "invalid_request_error").startswith("prompt is too long")
