@@ -36,7 +36,9 @@ import os
 import random
 import re
 import secrets
+import shutil
 import sys
+import textwrap
 import time
 import typing
 import zlib
@@ -152,6 +154,8 @@ RETRY_BACKOFF = (0.1, 2.0)  # seconds: first delay and cap, doubled per retry, j
 DISCOVERY_INTERVAL = 5.0  # seconds between two on-demand model listings
 PROBE_TIMEOUT = 5.0  # seconds for model lists and tokenizer endpoints
 IMAGE_FETCH_TIMEOUT = 15.0
+OUTPUT_CAP_SLACK = 8  # output tokens below the limit given that still count as reaching it
+SHUTDOWN_TIMEOUT = 1.0  # after --shutdown-grace, for aiohttp to close connections (it waits twice at most)
 WARN_ONCE_MEMORY = 1000  # distinct warnings remembered by warn_once
 TOKEN_MEMO_SIZE = 8192  # token counts remembered (long texts, tool definitions)
 BACKEND_TOKEN_CACHE_SIZE = 512  # counts from a backend tokenizer remembered
@@ -199,7 +203,16 @@ SYSTEM_MESSAGE_STRATEGIES = ("reminder", "hoist", "inline")
 # (Ollama's own choice on 24-48 GB GPUs). More: context_window in the map, or --context-window.
 DEFAULT_NUM_CTX = 32768
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MODEL_MAP_KEYS = ("model", "provider", "base_url", "api_key_env", "max_tokens", "context_window", "reasoning_history")
+MODEL_MAP_KEYS = (
+    "model",
+    "provider",
+    "base_url",
+    "api_key_env",
+    "max_tokens",
+    "context_window",
+    "reasoning_history",
+    "send_user_id",
+)
 
 
 class ConfigError(Exception):
@@ -475,6 +488,18 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
         switch=True,
     ),
     Option(
+        "send_user_id", "--send-user-id", ("SEND_USER_ID",), False,
+        "pass the client's metadata.user_id (Claude Code's device and session ids) to OpenAI-compatible backends "
+        "as `user`; off by default (map entries may set send_user_id)",
+        switch=True,
+    ),
+    Option(
+        "shutdown_grace", "--shutdown-grace", ("SHUTDOWN_GRACE",), 3.0,
+        "on SIGINT/SIGTERM, seconds that requests in flight get to finish before they are ended with an "
+        "overloaded error the client retries (the proxy exits at most 2 s later)",
+        parse=_number, unit="s",
+    ),
+    Option(
         "check", "--check", (), False,
         "contact the backend, send a one-token request for each mapped model, print what works, exit non-zero "
         "on failure",
@@ -498,6 +523,7 @@ class Route:
     max_tokens: Optional[int] = None  # cap for the request's max_tokens
     context_window: Optional[int] = None
     reasoning_history: Optional[bool] = None  # send thinking back as reasoning_content; None: provider default
+    send_user_id: bool = False  # pass metadata.user_id on as `user` (Claude Code's device and session ids)
 
 
 class _ConfigRules:
@@ -512,7 +538,7 @@ class _ConfigRules:
     def _route_of(self, name: str, entry: Any) -> Route:
         where = f"model map entry {name!r}"
         if isinstance(entry, str) and entry:
-            return Route(entry, self.provider, self.base_url, self.api_key)
+            return self.default_route(entry)
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
             raise ConfigError(f'{where}: must be a backend model name or an object with a "model" string')
         unknown = set(entry) - set(MODEL_MAP_KEYS)
@@ -525,8 +551,9 @@ class _ConfigRules:
             value = entry.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{where}: {key} must be a positive integer")
-        if "reasoning_history" in entry and not isinstance(entry["reasoning_history"], bool):
-            raise ConfigError(f"{where}: reasoning_history must be true or false")
+        for key in ("reasoning_history", "send_user_id"):
+            if key in entry and not isinstance(entry[key], bool):
+                raise ConfigError(f"{where}: {key} must be true or false")
         base_url = (
             entry.get("base_url") or (self.base_url if provider == self.provider else DEFAULT_BASE_URLS[provider])
         ).rstrip("/")
@@ -543,10 +570,11 @@ class _ConfigRules:
             entry.get("max_tokens"),
             entry.get("context_window"),
             entry.get("reasoning_history"),
+            entry.get("send_user_id", self.send_user_id),
         )
 
     def default_route(self, model: str) -> Route:
-        return Route(model, self.provider, self.base_url, self.api_key)
+        return Route(model, self.provider, self.base_url, self.api_key, send_user_id=self.send_user_id)
 
 
 def _config_field(option: Option) -> tuple[str, str, Any]:
@@ -1163,9 +1191,17 @@ def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
 # loop: bytes.translate() maps every character to a byte of class bits, the
 # result is read as one big int, neighbour tests ("letter preceded by a
 # non-letter") become shifts and ANDs of that int, and int.bit_count() counts
-# the hits: ~2 ms per 200 KB.  The weights in _TOKEN_WEIGHTS were fitted
-# against tiktoken's cl100k_base on fixtures/token_corpus.json (prose, code,
-# JSON, shell output, CJK, base64/hex noise).
+# the hits: ~3.5 ms per 200 KB (7-9 ms in other languages).  Other languages: non-ASCII characters are
+# counted per script from their UTF-8 lead byte (a second translate()), a few
+# scripts that share a lead byte by a 2-byte prefix; Latin-script text that is
+# not English (told by how rarely "th" occurs) pays for its consonant clusters,
+# since cl100k splits its words more.  Three small tables read from cl100k's
+# vocabulary (bench/cl100k_tables.mjs) tell the one-token CJK ideographs and
+# Hangul syllables (the common ones) and accented Latin words ("contraseña")
+# from the rest, which cost more.  The weights in _TOKEN_WEIGHTS were fitted
+# (bench/fit_token_weights.py) against tiktoken's cl100k_base on
+# fixtures/token_corpus.json (prose, code, JSON, shell output, CJK, base64/hex
+# noise) and fixtures/token_corpus_i18n.json (21 languages, mixed text).
 # ---------------------------------------------------------------------------
 # Class bits of the per-character byte ("lanes" of the big int below).
 _L, _U, _D, _S, _N, _P, _PS, _V = 1, 2, 4, 8, 16, 32, 64, 128
@@ -1184,22 +1220,112 @@ def _char_class(i: int) -> int:
         return _S | _PS  # horizontal whitespace
     if i in (10, 13):
         return _N
-    if i < 128 or i == 0xE2:
-        return _P | _PS  # ASCII punctuation; U+2000-2FFF quotes, dashes, arrows
-    if 0xC2 <= i <= 0xDF:
+    if i < 128 or i == 0xE2 or i == 0xC2:
+        return _P | _PS  # ASCII punctuation; U+2000-2FFF quotes, dashes, arrows; U+0080-00BF: « » ° NBSP
+    if 0xC3 <= i <= 0xDF:
         return _L | _V  # 2-byte chars: accented Latin, Cyrillic, Greek, Arabic...
     return 0  # CJK, kana, Hangul, Indic, emoji (counted separately)
 
 
 def _wide_class(i: int) -> int:
-    """Second table, for non-ASCII text only: which chars cost extra."""
-    if 0xCE <= i <= 0xCF or 0xD5 <= i <= 0xDF:
-        return ord("g")  # Greek, Hebrew, Arabic...: ~1 token per char
-    if 0xC2 <= i <= 0xDF:
-        return ord("l")  # accented Latin, Cyrillic: ~0.3 extra per char
-    if i >= 0xE0 and i != 0xE2:
-        return ord("c")  # CJK, kana, Hangul, Indic: ~1 token per char
-    return ord(".")
+    """Second table, for non-ASCII text only: the script of a UTF-8 lead byte (one letter per script)."""
+    if 0xC3 <= i <= 0xCB:
+        return ord("a")  # accented Latin (U+00C0-02FF)
+    if 0xCC <= i <= 0xCD:
+        return ord("m")  # combining diacritics (decomposed accents)
+    if 0xCE <= i <= 0xCF:
+        return ord("g")  # Greek
+    if 0xD0 <= i <= 0xD4:
+        return ord("y")  # Cyrillic
+    if 0xD6 <= i <= 0xD7:
+        return ord("h")  # Hebrew
+    if 0xD8 <= i <= 0xDB:
+        return ord("r")  # Arabic
+    if i == 0xE3:
+        return ord("k")  # kana, CJK punctuation
+    if 0xE4 <= i <= 0xE9:
+        return ord("c")  # CJK ideographs
+    if 0xEA <= i <= 0xED:
+        return ord("K")  # Hangul syllables
+    if 0xD5 <= i <= 0xDF:
+        return ord("o")  # Armenian, Syriac, Thaana, ... (2 bytes)
+    if i in (0xE0, 0xE1, 0xEE, 0xEF):
+        return ord("x")  # Indic, Thai, Georgian, fullwidth forms, ... (3 bytes; Devanagari and Thai also below)
+    return ord(".")  # ASCII, U+2000-2FFF punctuation (0xE2), emoji (0xF0, counted apart)
+
+
+# Two-byte prefixes (lead + first continuation byte) of a few scripts whose lead byte they share with others.
+_DEVANAGARI = (b"\xe0\xa4", b"\xe0\xa5")  # U+0900-097F
+_THAI = (b"\xe0\xb8", b"\xe0\xb9")  # U+0E00-0E7F
+_VIETNAMESE = (b"\xe1\xba", b"\xe1\xbb")  # U+1E80-1EFF: ạ ả ấ ầ ẩ ẫ ậ ... ỹ
+_UKRAINIAN = ("і", "ї", "є", "І")  # letters that Russian lacks: Ukrainian words split more
+_DOUBLE_VOWELS = ("aa", "ee", "oo", "uu")  # Dutch/German-looking letter groups, in non-English text
+
+# Vocabulary tables read from cl100k's ranks (bench/cl100k_tables.mjs, packed by fit_token_weights.py --tables).
+# A bitmap of the CJK ideographs (U+4E00-9FFF) and Hangul syllables (U+AC00-D7A3) that are one token: the
+# common ones (~80% of the ideographs of real text); any other costs 2-3 byte tokens.
+_CL100K_ONE_CHAR = (
+    "c-pmAy>1jS5T2QHA``Cgo`MunO@QKrDDD9$oNxsaR8%PsiGm7=H*nAup*vBfjCckfAfn_+cnmyV?~ga@>?Uj`%I(@-kLUa5o7p}8q7TgrHHXLG"
+    "ECARuqjyKJh4&Vh=6Xp0dnog~T==U44cgC%G06rF_a^=~=8_R;znP0auvr1Mrso#iGdMV@{D@u55NgK^*K$#GawT5CmYy%vt5ek5?+9NB?4>*b"
+    "=>NEif-pVbcH-%^bkAEq+yo?us$SBS!|<!h!J@rp+YWbZm7_(qnN`=%XgkN?_$jRS!BRYAVV(G<09~#$-l5(2@aGBgGY9Un4M6QVj*CnGG{MTa"
+    "fN&WT?9XFYp>Yk5+~{C{`8OrSI=HZcgQH`yZ!JK|mXtHzOjcst89V#Ce7ulg$U7jpITj#RhX_@VW<}EY+|ND%<)iaL1?Oi>`<QZzE4ty}9WqP9"
+    ">jC-eS~MIYi427}RT)Y}oesB65V2<6jllRuxCr+)-4BV{iprS7aq@Nb!?8$*qw?bVsY72-!w5{mx<NY1>zBJg^Dx(4YKiw{Lc`~za#V{;LKoRH"
+    "^+CQq+$}U|-ItNQJErkk)aCS#6jW4U2jffA)XIoTOigveRh<+OJeawO{h2hs8Q_j0<PRRH+#)8b7{i)x`nX;I^QWs_lJFc`e;LR`&^(5N%)80%"
+    "WcxvUozC6~;2FX8QFoKATM1_g`9%+x*+!$jUXu3Xq(o|seKe5;`K~}XY&qFft)qoX4HCtkXF48u?GEeczZ>xsHZDH}D3iQ9!U#F0-(;}W8*qB4"
+    "nCV5M3z-`)g!wd4O+n_7BHtIM=`toMt<@0M607O|TCXR$KlM23i&;D*GpioG49R{9mJo>Qj#H%(Z{ej+0V|w1ap^?_X8My#MK@gI6DJ#r70i;V"
+    "T9hNqLdn+cL-rVRpGBPbSTn3T7@%iTD-g|XJqt${!aoruPW="
+)
+# Words with an accented Latin letter that are one token ("contraseña", "número", "für"), lowercased, >= 3 letters:
+# their accented letters do not cost the extra that rarer words pay.
+_CL100K_ACCENTED = (
+    "c-l=^%W~s37X20c8bm@8ED~S?q}<jrk4nw5YgS#Uscy&ahdfax9rdUjTeE`P|KUHGbMA$lY|gm^LEr+oFVN0>=f|=&wrPCX2XLj>54L<Uwsn2E"
+    "&c@EmF&TSt`ca@Uwp)}3bnN<a0G4eJJbih3XKZiBa-YcMO9Yi|@{Kh%w23o?P`0iT1`g|T8(MI=?uehzbLj9v)nrKJGrA3B4}3M1ov~>wyJqSz"
+    "b}H9|9ll8?Xq#R60y(o+X2a-09cN5-UA7oQmJ3)A_X5ddtnu`{vC|l_-tk3%9=!{rV*|h2uv7U|ZlchCxdNF|mI~lA_GM<V6EhdeVKlR=(@%h>"
+    "?*yWmaYJY2L+gNBYy;?!01x@q<XUTHr?;)Z#yer``t14PI+zCMumvXDj1KG0R4}7KRcb6IsVCVi*>m~)_z%<gaV+l*+f9AB%H@N>A-nR)oX?tE"
+    "wj(&W*V-)xY@2Rs6Lb01G(19r9eoTUwSq30W^;OLnsVI$ww-{Vf%dImL~>938WzM+fP+0h;>cSyuoj1ToH+{RooQXuajBw9>r(LLb8?XKF!3l`"
+    "cS0vW=bk7foYmh%oX%elBExVh`3^#Ib+=m2RaUZXOjV4gjnz`y$l0c+qrtgwquX+eZnVy}Y-iI*Y6SQ>X{xkNURvga3mipDe*p{vFle%jBhuP+"
+    "ad;8_Cb?b~NP{Qv3+$T1IbnB=>s&J?EXOwy57-sgJ-spN!DmOn05laRo<^)sJL6I{BbQ(nq*YgLL2&T}sO(3Bt+(<ni^(Y2%CV#1nzEZi7~z|O"
+    "L5SnR3^5*U(M>51RPgn{@BrnUnPX%D7}h*76jZW4|0TI9MrkY`*tdLKt=L|UW<J$*LeSOBCz#S4W{DG@mk$ZB!>4q)IpY)|!^2^K3&K($DUPII"
+    "#5fl=HQf1yTjJvp3=J0^t68LoIRss$0A~Ei<X;*#W4VBXfOLnt3o5ig6cAt!p=3Kq2fo7WOFQGdOXu;~(r1P(rR33E-ovGqG)BNEfaNSDIQe>{"
+    "Vz2~j{5e{9-6-#1(tiFDaYd{><{m2fUQ&dI87*AkpkW?Uf9|diH5mFJU5UwMKCf~3esS)M0FKuT+dgYcW&=&a(>MsD(fLNYgkS5+&3S~)SvQ4G"
+    "J`nZcbMK7C2tjcckuVPTSVp*robn=0NfOZoJ$hvcu*~}_vsy}wS}mU+wv!PTASAQmz7vvFa!UB5>@NX_E)W%htBkV%Zvgj52ur&TrW51tBxebt"
+    "$vYgbAd=q_((~g_lflH$1(@>)+EU&j6q16opg-jOesCMmAsZy&mFbWzyy+!h_qN8(9`?(m&}+u*B}4X-4|{tRYa`q_fFlB1hi@V_hM;2Sh1j87"
+    "CnJFc@Y*A^_vHqi%5B>$v2+NbqGQKf!bc?fo*AR(N_s{+!csA|PK4NUu<dI`vA*2(Y~2L`o#)UjM|WnvI4oq(&ce!h4*ZY>SbOy4*ma`EF;w-A"
+    "Ig_6sfA%I|6OKv72)6vk1lPcLu|m`Z0d}w(Oz=Sp9_%HPeDK(p5TAZ-ybv;cm{{rHgYy0ga6{>qBN8(e4cvu5j}PS|VasXGY>|y1@7eIsI~hqh"
+    "o2dCZHs#Jl#+5lpTDo>ZR*GF*@bqFgsh31p#KOdY9BkrH+j7~@%-QVYrG?JAfWc<E1VT6hqaYlnel;MEu-JMLEF`rfaHh2ntV9%fbORlyHv^20"
+    "@TVC%)J{nFLu|#yhPXodLy#Y!=5DOSV;Ulq`&tPq#9U((C3SL0sP2#r%>V~i!yYtW4Jpn#i2;z>sb=<p!A6V7fgzaC2x>!SkPyMQRon{<f-r4+"
+    "7B~fBwiX}2Kg@uT=-~~L#DM=!fQOktCo57RnpczUG`Ll1Ya|vDX09>Gbv43K(zPb1YF4IpNmra$%84BS1_6()XI<7QBJpsc6JKswASJpSfpr^r"
+    "h;T+_<W!x9lh{dk>c%tMQC>}%wC6|r%b+N^1CrpeS($7l0c3=j_rUT1pUxI0nqe{r#ZU=vocL6BY3+G}XCYI<u@P_Bthqu;wCu;J?o_6UWsj;e"
+    "_i%<B(Y%%E2Q~IQV8h||V4S(2#|9yD^2!1FKtK%uJdP&AW@sn*3eU77gn$`}K{6aUi!R*MR7s8zBI_=0YnECDwC~vSe!;oR{YvN&@ceKS%xG7P"
+    "r(?Y!foGDPD6lRZS&dl`c6DTSUy`<jyPnAObiU4v3FReUCgiD6%zRWc0Nvq%N{?JVArM&@Dh*4N`jiuZW0yPjxEtBH8+pZIU^G)T$g@w?C^J=`"
+    "oS0^&v(-+>cu6;O(xS~wdD37y)h<uRD}ixk)-FlqRe1^`>VdC4DqqD|DTAryT7u!ayvGaP90_y*+$Q;e7`sM{b-*n}<V?j_DVs|vr!GBoCv1ps"
+    "1sX+nVJ^$<QUDi-mI6k+<c<(9<RuHLD?1>OUh&3vRgNpOX)iF)#y$OD^rEnt)Hyc12yRY4wnhp>KoY<m+ei^7XI*U$G&5p%TDrp78Ar}FSPeW_"
+    "H4=YaJBa;Ig#bnXGCjL6<*^f%Kv0?Q!xaI+8>i!}B8O&KsRt&=rp%Vik0eqnW#wqJ(k<6(R|$Hs=q<mX8n+}&{R_+rH3DmGNsI&)Ic}{R%I%yF"
+    "3%*!(0@AwVf^ZH1E)u|J0gerDitNFy1UN-$38t1Ja)t!9NKDlj!K#_C5paT15tQ4t^u_l^F6}U`<%DI*rK5c8P|ZPuj{+R~Q~ePF0lnm+0$drn"
+    "*hq9!FQ_GR`AkJwY!Ud}I{}J;Vp8BU_wMtUDzaq_neJX=8}FMT_GE-7BR5wh0JMP?w$q{*BJQYyp5IeNiDD#gG)5p6Y2RLM&ziFlsAP1Sj$ByE"
+    "_SNJE!#j(B1VRW6f&0qLD8GPA{Sl-=^5xnm!lWHvP4Y}#6K75`L1rUuWSen1+tGT}3xbdis)h*CK}PxXwI9*Q8WKT6Oi>7{VUQz;$PN9KzPGc%"
+    "$i<p}2&`Z<S^(95PD<?1@_i@0STON#jH$n5%*(HtTG`ZS%F2a%Ed@;ZjjQ-gCYPcch<7Y6rK+z#PLNEX6Mvq_&EA@N!PlB!?|}LX3$>#xcTYu_"
+    "qsv!X)mN^bIRix)B(b@}d@djxc@Sqfq=Co9n=S4U1UkfFEsea`mivG&@2T#e9Ici(lH&oG_<{ZiV9lf)&x|iw%$i!-o-13Ve;q@Ybp8XTKY=7@"
+    "5~$vBA;_4(+c|-`0)@Tw<jl3U2e$%_$PuVFfL)TrgIer^g8*jZP&o^@u8nDK>J_0JH~i#(=zsbiGoIdj`~CUxrZK0tD{oE=;-@bSG5{`K9iS5t"
+    "#|dZ!RD@-L^d)b6r!QF^PVYd-BQ4<)fNb#e-Lx=IKS1NBf5J7SN+&pAN3p*G1U|oWE5PW{>l%lTq}rHozkj=irquIaUa3CbG)j1UetZ)a{|BLn"
+    "U77"
+)
+
+
+def _unpack_one_char(data: str) -> tuple:
+    bits = zlib.decompress(base64.b85decode(data))
+    chars = [[], []]
+    for n, (lo, hi) in enumerate(((0x4E00, 0x9FFF), (0xAC00, 0xD7A3))):
+        start = 0 if n == 0 else (0x9FFF - 0x4E00 + 8) // 8
+        for j, b in enumerate(bits[start : start + (hi - lo + 8) // 8]):
+            if b:
+                chars[n] += [chr(lo + 8 * j + k) for k in range(8) if b >> k & 1]
+    return tuple(re.compile("[" + "".join(c) + "]") for c in chars)
+
+
+_CJK_ONE_TOKEN, _HANGUL_ONE_TOKEN = _unpack_one_char(_CL100K_ONE_CHAR)
+_ACCENTED_WORDS = frozenset(zlib.decompress(base64.b85decode(_CL100K_ACCENTED)).decode().split())
+_WORD_PUNCT = ".,;:!?()[]{}\"'«»“”‘’-/…*%<>"  # stripped from a whitespace-separated word before the lookup
 
 
 # UTF-8 lead byte -> class; continuation bytes (0x80-0xBF) are deleted so that
@@ -1211,27 +1337,42 @@ _ASCII_AND_CONT = bytes(range(0xC0))
 _LANE_MASKS: dict[int, tuple] = {}  # padded length (a power of two) -> lane masks
 _CHUNK = 16384  # chars per big-int pass
 
-try:
-    _popcount = int.bit_count  # Python >= 3.10
-except AttributeError:  # Python 3.9: slower, same result
-
-    def _popcount(x: int) -> int:
-        return bin(x).count("1")
-
-
-# Weight of each feature returned by _token_features (fitted, then rounded).
+# Weight of each feature returned by _token_features (fitted, then rounded: bench/fit_token_weights.py).
 _TOKEN_WEIGHTS = (
-    1.0,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
-    0.45,  # words that swallowed a punctuation prefix (".append", "_name")
-    -0.08,  # words preceded by a space (" the" is the cheapest kind of word)
-    0.19,  # letters beyond the 8th in a word (long / rare words split)
-    2.2,  # lower->Upper switches that do not start a camelCase hump (base64)
-    0.35,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
-    1.08,  # CJK / kana / Hangul / other 3-4 byte characters
-    0.3,  # accented Latin / Cyrillic characters
-    0.9,  # Greek / Hebrew / Arabic characters
-    2.0,  # 4-byte characters (emoji), on top of the CJK weight
+    0.99,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
+    0.0,  # words that swallowed a punctuation prefix (".append", "_name")
+    -0.24,  # words preceded by a space (" the" is the cheapest kind of word)
+    0.06,  # letters beyond the 8th in a word (long / rare words split)
+    1.58,  # lower->Upper switches that do not start a camelCase hump (base64)
+    0.0,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
+    0.19,  # letters beyond the 5th in a word
+    0.31,  # words ending in a vowel
+    1.13,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
+    1.47,  # foreign Latin: "ij" (Dutch)
+    1.36,  # accented Latin letters
+    1.84,  # combining diacritics
+    0.81,  # Greek
+    0.23,  # Cyrillic
+    2.6,  # Ukrainian-only letters, on top of Cyrillic
+    0.91,  # Hebrew
+    0.58,  # Arabic
+    0.21,  # Devanagari, on top of "other 3-byte"
+    -0.05,  # Thai, on top of "other 3-byte"
+    -0.37,  # Vietnamese letters with two accents, on top of "other 3-byte"
+    0.9,  # kana, CJK punctuation
+    0.77,  # CJK ideographs
+    0.89,  # Hangul
+    0.9,  # other 2-byte letters (Armenian, Syriac, ...)
+    1.0,  # other 3-byte characters (Indic, Thai, Georgian, fullwidth, ...)
+    5.48,  # 4-byte characters (emoji)
+    1.62,  # CJK ideographs that are not one token (on top of CJK)
+    0.83,  # Hangul syllables that are not one token (on top of Hangul)
+    -2.69,  # words with an accented letter that are one token (their accents cost nothing extra)
+    0.84,  # Latin Extended-A letters (Polish, Czech, Turkish...), on top of accented Latin
+    1.99,  # foreign Latin: doubled vowels (Dutch, German, Finnish)
+    0.77,  # foreign Latin: capitalised words at the start of a line
 )
+_FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
 
 
 def _token_features(text: str) -> tuple:
@@ -1272,9 +1413,9 @@ def _chunk_features(text: str) -> tuple:
     masks = _LANE_MASKS.get(size)
     if masks is None:
         m0 = int.from_bytes(b"\x01" * size, "little")
-        masks = _LANE_MASKS[size] = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2))
-    M0, M1, M2, M3, M4, M5, M02 = masks
-    pc = _popcount
+        masks = _LANE_MASKS[size] = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2), m0 << 7)
+    M0, M1, M2, M3, M4, M5, M02, M7 = masks
+    pc = int.bit_count
     # Character i is byte i of X (bits 8i..8i+7, one bit per class).  A left
     # shift by 8 puts the previous character on each position, a right shift
     # the next one; shifting by 8 +/- k also moves a class bit k lanes.  Every
@@ -1314,23 +1455,66 @@ def _chunk_features(text: str) -> tuple:
     cons = X & M0
     cons ^= cons & (X >> 7)
     c3 = pc(cons & (cons << 8) & (cons << 16))
+    # Letters beyond the 5th in a word; words ending in a vowel (lane 7: vowel, next char no letter).
+    long5 = pc(a & (a << 16) & M0)
+    word_end = X & M0
+    word_end ^= word_end & Xn
+    vowel_end = pc(X & M7 & (word_end << 7))
+    letters = pc(X & M0)
+    lower = letters - pc(X & M1)
+    # Non-English Latin-script text costs more per word: cl100k learnt its merges mostly on English.  English
+    # (and code, which borrows English words) is told apart by its "th" (~2% of letters, ~0.1% elsewhere).
+    vocab = [0, 0, 0, 0]  # rare CJK ideographs, rare Hangul syllables, one-token accented words, Latin Extended-A
     if ascii_only:
-        return (pieces, pc(pre), space_words, long_tail, noise_case, c3, 0, 0, 0, 0)
-    # Non-ASCII extras: keep only the UTF-8 lead bytes (short for mostly-ASCII
-    # text), then classify them.
-    leads = raw.translate(None, _ASCII_AND_CONT)
-    wide = leads.translate(_WIDE_TABLE)
+        scripts = (0,) * 16
+        ascii_letters = letters
+    else:
+        # Non-ASCII extras: keep only the UTF-8 lead bytes (short for mostly-ASCII text), then classify them.
+        leads = raw.translate(None, _ASCII_AND_CONT)
+        wide = leads.translate(_WIDE_TABLE)
+        counts = [wide.count(c) for c in b"amgy"]
+        counts.append(sum(text.count(c) for c in _UKRAINIAN) if counts[3] else 0)
+        counts += [wide.count(c) for c in b"hr"]
+        other3 = wide.count(b"x")
+        counts += [
+            sum(raw.count(p) for p in prefixes) if other3 else 0 for prefixes in (_DEVANAGARI, _THAI, _VIETNAMESE)
+        ]
+        counts += [wide.count(c) for c in b"kcKo"]
+        counts.append(other3)
+        counts.append(leads.count(b"\xf0"))
+        scripts = tuple(counts)
+        ascii_letters = letters - sum(counts[:4]) - counts[5] - counts[6] - counts[13]
+        if counts[11]:
+            vocab[0] = counts[11] - len(_CJK_ONE_TOKEN.findall(text))
+        if counts[12]:
+            vocab[1] = counts[12] - len(_HANGUL_ONE_TOKEN.findall(text))
+        if counts[0]:
+            vocab[3] = leads.count(b"\xc4") + leads.count(b"\xc5")  # U+0100-017F: ą ę ł ś ż č ř ş ğ ı ...
+            accented = [w for w in text.split() if not w.isascii()]
+            stripped = map(str.strip, accented, [_WORD_PUNCT] * len(accented))
+            vocab[2] = sum(map(_ACCENTED_WORDS.__contains__, map(str.lower, stripped)))
+    foreign = 0.0
+    if ascii_letters > 0:
+        th = text.count("th") + text.count("Th")
+        foreign = max(0.0, 1.0 - th / (ascii_letters * _FOREIGN_TH)) * lower / letters
+    doubled = sum(map(text.count, _DOUBLE_VOWELS)) * foreign if foreign else 0
+    # Capitalised words at the start of a line (lists of names, UI strings): without the space, rarer tokens.
+    line_caps = pc(Lst & (X >> 1) & (Xp >> 4)) * foreign
     return (
-        pieces,
-        pc(pre),
-        space_words,
-        long_tail,
-        noise_case,
-        c3,
-        wide.count(b"c"),
-        wide.count(b"l"),
-        wide.count(b"g"),
-        leads.count(b"\xf0"),
+        (
+            pieces,
+            pc(pre),
+            space_words,
+            long_tail,
+            noise_case,
+            c3,
+            long5,
+            vowel_end,
+            c3 * foreign,
+            text.count("ij") * foreign,
+        )
+        + scripts
+        + (*vocab, doubled, line_caps)
     )
 
 
@@ -1763,7 +1947,7 @@ def openai_request(
     if official:  # OpenAI's own API rejects top_k, and its reasoning models take only max_completion_tokens
         body.pop("top_k", None)
         body["max_completion_tokens"] = body.pop("max_tokens")
-    if req.metadata and req.metadata.user_id:
+    if route.send_user_id and req.metadata and req.metadata.user_id:  # off by default: a device and session id
         body["user"] = req.metadata.user_id
     effort = reasoning_effort(req)
     if effort:
@@ -3154,6 +3338,7 @@ class Exchange:
     builder: EventBuilder
     request_id: str
     record: RequestRecord
+    sent_max_tokens: int = 0  # the output limit the backend was given, after the lessons it taught
 
 
 # Claude Code compacts when a conversation comes within ~33k tokens (20k for the answer, 13k of margin) of the
@@ -3196,6 +3381,8 @@ class Backend:
         self.windows: dict[str, tuple[int, str]] = {}  # backend model -> (running context, where it was read)
         self.trained: dict[str, Optional[int]] = {}  # Ollama model -> trained context length (/api/show)
         self.token_cache: dict[str, int] = {}
+        self.capped: set[str] = set()  # models warned about for their own output cap
+        self.in_flight: set[Any] = set()  # the Watch of every request at work (shutdown ends them)
         self._discovered_at = 0.0
 
     async def start(self) -> None:
@@ -3515,6 +3702,7 @@ class Backend:
             holder[field_name] = cap
         if context and holder[field_name] > context - ex.input_estimate:
             holder[field_name] = max(1, context - ex.input_estimate)
+        ex.sent_max_tokens = holder[field_name]
 
     def _learn(self, ex: Exchange, key: tuple[str, str], body: dict[str, Any], message: str) -> bool:
         """Adapt the body to a 400 that says what the model cannot take; False if nothing applies."""
@@ -3531,7 +3719,7 @@ class Backend:
         if allowed and allowed < holder[field_name]:
             known_ctx, known_cap = self.limits.get(key, (None, None))
             self.limits[key] = (ctx or known_ctx, cap or known_cap)
-            holder[field_name] = allowed
+            holder[field_name] = ex.sent_max_tokens = allowed
             log.info("backend model %s: max_tokens lowered to %d to fit its limits", model, allowed)
             return True
         rejected = next((f for f in OPTIONAL_FIELDS if f in body and _names_field(message, f)), None)
@@ -3541,6 +3729,26 @@ class Backend:
             log.warning("backend model %s rejected %r; sending requests without it from now on", model, rejected)
             return True
         return False
+
+    def note_output_cap(self, ex: Exchange) -> None:
+        """A `length` stop well below the limit the backend was given is the server's own output cap (llama.cpp
+        -n, a Modelfile's num_predict): Claude Code then asks for continuations and reports its own maximum.
+        Say so once per model, with the fix."""
+        produced, outcome, model = ex.builder.usage_out, ex.builder.outcome, ex.route.model
+        if not outcome or outcome.stop_reason != "max_tokens" or produced is None or model in self.capped:
+            return
+        if produced + OUTPUT_CAP_SLACK < ex.sent_max_tokens:
+            self.capped.add(model)
+            log.warning(
+                "backend model %s stopped at %d output tokens ('length') although it was given %d: the server caps "
+                "output on its own, so answers end early and Claude Code asks for continuations. Raise the server's "
+                "limit (llama.cpp: -n/--n-predict; Ollama: num_predict in the Modelfile; vLLM: the model's "
+                'generation_config max_tokens), or set "max_tokens": %d for this model in the model map',
+                model,
+                produced,
+                ex.sent_max_tokens,
+                produced,
+            )
 
     async def _post(self, ex: Exchange, data: bytes) -> aiohttp.ClientResponse:
         """One POST; connection failures before any response byte are retried (jittered backoff)."""
@@ -3696,27 +3904,40 @@ class Watch:
     task is cancelled, which closes the backend connection at once, and ClientGone comes out of the
     block) and, given the stream `out`, pings after `interval` s without a write (`last`)."""
 
-    def __init__(self, request: web.Request, interval: float, out: Optional[web.StreamResponse] = None) -> None:
-        self.request, self.interval, self.out = request, interval, out
+    def __init__(self, request: web.Request, backend: Backend, out: Optional[web.StreamResponse] = None) -> None:
+        self.request, self.interval, self.out = request, backend.config.ping_interval, out
+        self.in_flight = backend.in_flight
         self.last = time.monotonic()
-        self.gone = False
+        self.gone = self.stopped = False
         self.task: Optional[asyncio.Task] = None
         self.watcher: Optional[asyncio.Task] = None
 
     async def __aenter__(self) -> Watch:
         self.task = asyncio.current_task()
         self.watcher = asyncio.create_task(self._watch())
+        self.in_flight.add(self)
         return self
 
     async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        self.in_flight.discard(self)
         if not self.watcher.done():  # type: ignore[union-attr]
             self.watcher.cancel()  # type: ignore[union-attr]
             await asyncio.wait([self.watcher])  # type: ignore[list-item]  # our own cancellation still propagates
-        if kind is asyncio.CancelledError and self.gone:
+        if kind is asyncio.CancelledError and (self.gone or self.stopped):
             if hasattr(self.task, "uncancel"):  # Python 3.11+: the cancellation was ours, and it is handled
                 self.task.uncancel()  # type: ignore[union-attr]
-            raise ClientGone() from None
+            if self.gone:
+                raise ClientGone() from None
+            raise ApiError(
+                529, "the proxy is shutting down: send the request again", retry=True, kind="shutdown"
+            ) from None
         return False
+
+    def stop(self) -> None:
+        """The proxy is shutting down and the grace period is over: end the work with an overloaded error."""
+        if not self.gone and self.task is not None:
+            self.stopped = True
+            self.task.cancel()
 
     async def _watch(self) -> None:
         try:
@@ -3748,7 +3969,7 @@ async def open_backend(
 
 def _watching(request: Optional[web.Request], backend: Backend) -> Any:
     """A Watch without pings, or nothing when there is no client to watch (--check)."""
-    return Watch(request, backend.config.ping_interval) if request is not None else contextlib.nullcontext()
+    return Watch(request, backend) if request is not None else contextlib.nullcontext()
 
 
 async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Request] = None) -> dict[str, Any]:
@@ -3772,6 +3993,7 @@ async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Re
         if resp is not None:
             resp.release() if ex.builder.outcome else resp.close()
     ex.record.outcome = ex.builder.outcome
+    backend.note_output_cap(ex)
     return fold_events(events)
 
 
@@ -3788,7 +4010,7 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
             "x-accel-buffering": "no",
         },
     )
-    watch = Watch(request, backend.config.ping_interval, out)
+    watch = Watch(request, backend, out)
     record = ex.record
 
     async def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
@@ -3805,13 +4027,13 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
         await out.prepare(request)
         ex.builder.start_message()
         await out.write(sse(ex.builder.take()) + PING)
-        async with watch:  # stopped before the end: no ping may follow the last event
-            try:
+        try:
+            async with watch:  # stopped before the end: no ping may follow the last event
                 await pump(resp, ex, emit)
-            except ClientGone:
-                raise
-            except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
-                error = relay_error(exc, backend.config)
+        except ClientGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
+            error = relay_error(exc, backend.config)
         if error is not None:
             record.failed(error)
             await out.write(sse([("error", error.body())]))
@@ -3822,6 +4044,7 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
         if resp is not None:  # close: the backend sees it and stops generating
             resp.release() if ex.builder.outcome and error is None else resp.close()
     record.outcome = ex.builder.outcome
+    backend.note_output_cap(ex)
     return out
 
 
@@ -4174,10 +4397,21 @@ def create_app(config: Optional[Config] = None) -> web.Application:
         if config.discover:  # the start-up probe: lists the backend's models, only warns when it is down
             await backend.discover(force=True)
 
+    async def shutdown(app: web.Application) -> None:
+        """SIGINT/SIGTERM: requests in flight get the grace period to finish, then are ended cleanly."""
+        deadline = time.monotonic() + config.shutdown_grace
+        while backend.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if backend.in_flight:
+            log.warning("shutting down: ending %d request(s) still in flight", len(backend.in_flight))
+        for watch in list(backend.in_flight):
+            watch.stop()
+
     async def cleanup(app: web.Application) -> None:
         await backend.close()
 
     app.on_startup.append(startup)
+    app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -4221,13 +4455,17 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
                 window = f", window {route.context_window}" if route.context_window else ""
                 rows.append((name, f"{route.model} ({route.provider}{window})", "ok"))
             except ApiError as exc:
-                rows.append((name, "", f"FAIL: {exc.status} {exc.message}"[:200]))
+                rows.append((name, "", f"FAIL: {exc.status} {exc.message}"))
     finally:
         await backend.close()
     width = [max(len(r[i]) for r in rows + [("client model", "backend model", "")]) for i in range(2)]
     out.write(f"{'client model':<{width[0]}}  {'backend model':<{width[1]}}  result\n")
+    indent = width[0] + width[1] + 4  # results are printed whole, wrapped to the terminal
+    room = max(40, shutil.get_terminal_size((100, 24)).columns - indent)
     for row in rows:
-        out.write(f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {row[2]}\n")
+        lines = textwrap.wrap(row[2], room, break_long_words=False, break_on_hyphens=False) or [""]
+        out.write(f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {lines[0]}\n")
+        out.writelines(" " * indent + line + "\n" for line in lines[1:])
     return 1 if any(r[2].startswith("FAIL") for r in rows) else 0
 
 
@@ -4420,15 +4658,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             "listening on %s without --auth-token: anyone who can reach this address can use the backend", config.host
         )
     url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
-    print(
+    key = "any"
+    if config.auth_token:  # the command that works, without the whole secret in a terminal log
+        token = config.auth_token
+        key = f"<your --auth-token: {token[:2]}…{token[-2:]}>" if len(token) >= 12 else "<your --auth-token>"
+    banner = (
         f"claude-proxy {__version__} listening on {url} -> {config.provider} at {public_url(config.base_url)}\n"
-        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=any claude\n"
-        f"  or let the proxy start Claude Code, told the model's context window: {_command()} run [claude args]",
-        flush=True,
+        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY={key} claude\n"
+        f"  or let the proxy start Claude Code, told the model's context window: {_command()} run [claude args]"
     )
     try:
         web.run_app(
-            create_app(config), host=config.host, port=config.port, print=None, access_log=None, shutdown_timeout=5
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            print=lambda _: print(banner, flush=True),  # called once the port is bound
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
     except OSError as exc:
         sys.stderr.write(f"claude-proxy: cannot listen on {url}: {exc.strerror}\n")

@@ -848,6 +848,30 @@ def test_token_counter_accuracy_by_category():
     assert not under, f"long samples under-counted by more than 10%: {under}"
 
 
+def test_token_counter_accuracy_by_language():
+    """count_text_tokens() is within 10% of cl100k_base for every language and mixed-text category of
+    fixtures/token_corpus_i18n.json (real text: UDHR, Django/Sphinx/Debian translations, translated man pages,
+    code and Markdown with CJK, emoji; counts precomputed by bench/token_corpus_i18n.py), and no sample of
+    2,000 characters or more is off by more than 15%."""
+    long_sample_tolerance = 0.15
+    corpus = json.loads((FIXTURES / "token_corpus_i18n.json").read_text(encoding="utf-8"))
+    ref, est = defaultdict(int), defaultdict(int)
+    off_samples = []
+    for sample in corpus:
+        assert sample["source"] and sample["licence"]
+        n = cp.count_text_tokens(sample["text"])
+        ref[sample["category"]] += sample["cl100k"]
+        est[sample["category"]] += n
+        if len(sample["text"]) >= 2000 and abs(n / sample["cl100k"] - 1) > long_sample_tolerance:
+            off_samples.append((sample["category"], sample["source"], n, sample["cl100k"]))
+    languages = "en fr de es pt it nl pl cs tr vi ru uk el ar he hi th zh ja ko".split()
+    assert set(ref) >= {*languages, "mixed_code", "mixed_markdown_cjk", "mixed_emoji"}
+    errors = {cat: est[cat] / ref[cat] - 1 for cat in ref}
+    off = {cat: f"{100 * e:+.1f}% ({est[cat]} vs {ref[cat]})" for cat, e in errors.items() if abs(e) > 0.10}
+    assert not off, f"token estimate off by more than 10%: {off}"
+    assert not off_samples, f"long samples off by more than {long_sample_tolerance:.0%}: {off_samples}"
+
+
 def test_count_tokens_claude_code_request_and_images():
     request = parse_fixture(2)
     count = cp.count_request_tokens(request)
@@ -2040,6 +2064,25 @@ def test_cached_tokens_and_stop_sequence(make_stack):
     assert (msg.usage.input_tokens, msg.usage.cache_read_input_tokens) == (20, 80)
     msg = client.messages.create(model="m", max_tokens=20, messages=USER_HI, stop_sequences=["###"])
     assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
+
+
+def test_backend_output_cap_below_the_request_is_a_warning_once_per_model(make_stack, provider, caplog):
+    """The server stopped at its own cap (llama.cpp -n 100) while the client allowed 4000: stop_reason stays
+    max_tokens, and one WARNING says how to raise the cap; stopping at the client's own limit says nothing."""
+    stack = make_stack(provider)
+    capped = (
+        SSE(oai_text_stream("cut", finish="length", usage=oai_usage(completion=100)))
+        if provider == "openai"
+        else NDJSON(ollama_text_stream("cut", done_reason="length", completion=100))
+    )
+    caplog.set_level(logging.WARNING, logger="claude_proxy")
+    for max_tokens in (100, 4000, 4000):
+        stack.backend.queue(copy.deepcopy(capped))
+        msg = stack.client().messages.create(model="m", max_tokens=max_tokens, messages=USER_HI)
+        assert msg.stop_reason == "max_tokens"
+    warnings = [r.getMessage() for r in caplog.records if "caps output on its own" in r.getMessage()]
+    assert len(warnings) == 1 and "stopped at 100 output tokens" in warnings[0] and "given 4000" in warnings[0]
+    assert "--n-predict" in warnings[0] and '"max_tokens": 100' in warnings[0]
 
 
 def test_length_and_content_filter_stop_reasons(make_stack, provider):
@@ -3418,7 +3461,7 @@ def test_backend_timeout_through_sdk(make_stack):
 
 
 def test_optional_field_is_dropped_only_when_the_backend_names_it(make_stack):
-    stack = make_stack("openai")
+    stack = make_stack("openai", send_user_id=True)
     alternate = {
         "object": "error",
         "message": "Conversation roles must alternate user/assistant/user/assistant/...",
@@ -3433,6 +3476,17 @@ def test_optional_field_is_dropped_only_when_the_backend_names_it(make_stack):
     assert len(stack.backend.requests) == 1  # not retried without `user`
     http(stack, "POST", "/v1/messages", body)
     assert stack.backend.requests[1]["user"] == "u-1"  # and not dropped for later requests
+
+
+def test_user_id_is_not_sent_unless_configured(make_stack):
+    """metadata.user_id is Claude Code's device and session id: kept from backends unless asked for."""
+    body = req(metadata={"user_id": '{"device_id":"d","session_id":"s"}'})
+    stack = make_stack("openai", model_map={"claude-x": {"model": "x", "send_user_id": True}, "claude-y": "y"})
+    for model in ("claude-x", "claude-y", "m"):
+        assert http(stack, "POST", "/v1/messages", dict(body, model=model))[0] == 200
+    assert [r.get("user") for r in stack.backend.requests] == ['{"device_id":"d","session_id":"s"}', None, None]
+    on = make_stack("openai", send_user_id=True)
+    assert http(on, "POST", "/v1/messages", body)[0] == 200 and on.backend.requests[0]["user"]
 
 
 # --- Fetching images for Ollama ----------------------------------------------------------------
@@ -3758,6 +3812,36 @@ def test_sigterm_lets_streams_finish(make_stack, tmp_path):
         proc.kill()
 
 
+def test_ctrl_c_ends_a_long_stream_within_the_bound(make_stack, tmp_path):
+    """A stream that outlasts --shutdown-grace ends with a retryable overloaded error, and the process exits at
+    most 2 s after the grace (Ctrl-C used to take 8-10 s, with the stream cut off without an error)."""
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream(*["w "] * 200), delay=0.05))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "claude_proxy.py"), "--provider", "openai", "--base-url", stack.backend_url]
+        + ["--model", "m", "--port", str(port), "--shutdown-grace", "0.5"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(lambda: _health(port), timeout=15)
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as err:
+            with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
+                next(iter(s.text_stream))
+                started = time.monotonic()
+                proc.send_signal(signal.SIGINT)
+                for _ in s.text_stream:
+                    pass
+        assert err.value.body["error"]["type"] == "overloaded_error" and "shutting down" in str(err.value)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 0.5 + 2 + 1  # grace + aiohttp's close + process exit
+    finally:
+        proc.kill()
+
+
 # --- Help, check, gunicorn ---------------------------------------------------------------------
 
 
@@ -3781,6 +3865,58 @@ def test_help_documents_every_option():
         "--log-format",
     ):
         assert option in result.stdout
+
+
+def test_port_in_use_is_one_line_and_exit_2_without_a_banner(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(HERE / "claude_proxy.py"), "--port", str(port), "--provider", "openai"]
+            + ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2 and "listening" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if "WARNING" not in line]
+    assert len(errors) == 1 and "cannot listen" in errors[0] and "in use" in errors[0], result.stderr
+
+
+def test_banner_after_bind_suggests_the_auth_token_without_printing_it(tmp_path):
+    port = free_port()
+    token = "sk-proxy-0123456789abcdef"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "claude_proxy.py"), "--port", str(port), "--provider", "openai"]
+        + ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--auth-token", token],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        banner = proc.stdout.readline() + proc.stdout.readline()
+        assert _health(port), "the banner is printed once the port answers"
+        assert f"listening on http://127.0.0.1:{port}" in banner and token not in banner
+        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=<your --auth-token: sk…ef>" in banner
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_check_prints_long_messages_whole_and_wrapped(make_stack, capsys):
+    """Regression: --check cut its results at 200 characters, and the fix at the end of a message was lost."""
+    stack = make_stack("openai")
+    tail = "the fix is at the very end of this message: start the server with --some-flag"
+    stack.backend.queue(Reply(400, {"error": {"message": "x" * 10 + " word" * 60 + " " + tail}}))
+    config = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "m"})
+    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 1
+    out = capsys.readouterr().out
+    assert " ".join(out.split()).endswith(tail) and max(len(line) for line in out.splitlines()) <= 200
 
 
 def test_check_command_reports_and_exits(make_stack, capsys):
