@@ -2009,7 +2009,7 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
         "messages": messages,
         "stream": True,
         "options": options,
-        "truncate": False,  # an error instead of a prompt cut from the front (Ollama >= 0.12; older ignore it)
+        "truncate": False,  # an error instead of a prompt cut from the front (Ollamas without it ignore it)
     }
     if conv.tools and not (req.tool_choice and req.tool_choice.type == "none"):
         body["tools"] = function_tools(conv.tools)
