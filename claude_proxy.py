@@ -197,6 +197,11 @@ def public_url(url: str) -> str:
 PROVIDERS = ("openai", "ollama")
 DEFAULT_BASE_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000/v1"}
 SYSTEM_MESSAGE_STRATEGIES = ("reminder", "hoist", "inline")
+# Ollama runs a model with the num_ctx of each request, else with its own default (4k on small machines) and
+# cuts the prompt's start without an error. Claude Code's system prompt and tools alone take 11-13k tokens;
+# 32k leaves ~20k for the conversation and a compaction, and costs 1.5-5 GB of KV cache on 4-32B models
+# (Ollama's own choice on 24-48 GB GPUs). More: context_window in the map, or --context-window.
+DEFAULT_NUM_CTX = 32768
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_MAP_KEYS = (
     "model",
@@ -291,6 +296,25 @@ def _fresh(default: Any) -> Any:
 
 def _positive(value: float) -> Optional[str]:
     return None if value > 0 else f"must be positive, got {value:g}"
+
+
+def parse_tokens(text: Optional[str]) -> Optional[int]:
+    """'132000', '128k', '1m' -> tokens (as Claude Code reads its window variables); None if not a number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", (text or "").lower())
+    if not match:
+        return None
+    return int(float(match.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[match.group(2)])
+
+
+def _tokens(text: str) -> int:
+    value = parse_tokens(text)
+    if value is None:
+        raise ValueError(f"expected a number of tokens (32768, 64k), got {text!r}")
+    return value
+
+
+def _window(value: Optional[int]) -> Optional[str]:
+    return None if value is None or value >= 1024 else f"a context window of {value} tokens is too small"
 
 
 def _model_map(given: Optional[str], env: typing.Mapping[str, str]) -> dict[str, Any]:
@@ -439,10 +463,22 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
         parse=str.lower, choices=("heuristic", "backend"),
     ),
     Option(
+        "context_window", "--context-window", ("CONTEXT_WINDOW",), None,
+        "context window of models the map gives none: sent to Ollama as num_ctx (default 32768, never above a "
+        "model's trained length); for other servers, used when they state none",
+        parse=_tokens, check=_window, unit="tokens", shown="32768 (Ollama)",
+    ),
+    Option(
+        "client_window", "--client-window", ("CLIENT_CONTEXT_WINDOW",), None,
+        "the window Claude Code is told with CLAUDE_CODE_AUTO_COMPACT_WINDOW (`run` sets both): reported input "
+        "tokens are scaled from each model's window to it, so /context shows the true fraction",
+        parse=_tokens, check=_window, unit="tokens",
+    ),
+    Option(
         "scale_usage", "--scale-usage", ("SCALE_USAGE",), False,
-        "report input tokens scaled from the model's context window (map context_window, or the backend's "
-        "max_model_len) to Claude's 200k, so Claude Code compacts before the backend overflows; reported usage "
-        "is then no longer raw",
+        "report input tokens scaled so that Claude Code, with the window it assumes for the model name (1M or "
+        "200k), compacts at 75% of the backend model's window (`run` does this by itself); reported usage is then "
+        "no longer raw",
         switch=True,
     ),
     Option(
@@ -565,13 +601,24 @@ _DATE_SUFFIX = re.compile(r"-\d{8}$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def resolve_route(config: Config, model: str, discovered: Optional[dict[str, str]] = None) -> Optional[Route]:
-    """Client model name -> Route. Exact beats pattern, first pattern wins, then the default model,
-    then the pick among the backend's own models. None: nothing maps it."""
+def resolve_route(
+    config: Config,
+    model: str,
+    discovered: Optional[dict[str, str]] = None,
+    backend_models: Union[list[str], set[str], tuple[str, ...]] = (),
+) -> Optional[Route]:
+    """Client model name -> Route. An exact map key first; then a backend model by its own name (one the
+    map sends somewhere, with that entry's settings, or one the backend lists, as is); then the first
+    matching pattern, the default model, and last the zero-config pick. None: nothing maps it."""
     routes = config.routes
     for name in (model, _DATE_SUFFIX.sub("", model)):
         if name in routes and not _GLOB_CHARS.search(name):
             return routes[name]
+    for route in routes.values():
+        if route.model == model:
+            return route
+    if model in backend_models:
+        return config.default_route(model)
     for pattern, route in routes.items():
         if _GLOB_CHARS.search(pattern) and fnmatch.fnmatchcase(model, pattern):
             return route
@@ -609,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve Anthropic's Messages API (for Claude Code and the Anthropic SDKs) on top of an "
         "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
         "variable in brackets, or in a .env file in the working directory (flags win, then the "
-        "environment, then .env, then the defaults).",
+        "environment, then .env, then the defaults). `claude_proxy.py [options] run [claude arguments...]` "
+        "starts Claude Code on the proxy (see README: Context windows).",
     )
     for option in OPTIONS:
         if option.switch and option.flag:  # a switch that is on by default also gets --no-...
@@ -1955,9 +2003,14 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
             msg["images"] = [src.data for src in images]
         messages.append(msg)
     options: dict[str, Any] = {"num_predict": effective_max_tokens(req, route), **sampling(req)}
-    if route.context_window:
-        options["num_ctx"] = route.context_window
-    body: dict[str, Any] = {"model": route.model, "messages": messages, "stream": True, "options": options}
+    options["num_ctx"] = route.context_window or DEFAULT_NUM_CTX  # Ollama's own default silently cuts prompts
+    body: dict[str, Any] = {
+        "model": route.model,
+        "messages": messages,
+        "stream": True,
+        "options": options,
+        "truncate": False,  # an error instead of a prompt cut from the front (Ollamas without it ignore it)
+    }
     if conv.tools and not (req.tool_choice and req.tool_choice.type == "none"):
         body["tools"] = function_tools(conv.tools)
     if req.thinking:  # a model without thinking answers 400, and the proxy then drops `think` for it
@@ -2875,6 +2928,8 @@ def stream_error(error: Any) -> ApiError:
         kind = str(error.get("type") or "")
     else:
         message, kind = str(error), ""
+    if any(w in message.lower() for w in _OVERFLOW_WORDS):  # an Ollama that sends its overflow after a 200
+        return map_backend_error(400, message)
     overloaded = any(w in (message + kind).lower() for w in ("overload", "capacity", "queue", "unavailable"))
     return ApiError(
         529 if overloaded else 500, f"backend error during the stream: {message}"[:MAX_ERROR_CHARS], kind="stream_error"
@@ -2916,11 +2971,16 @@ class OpenAIProvider(Provider):
         return body, renamed
 
     def models(self, data: Any) -> list[dict[str, Any]]:
-        return [
-            {"name": m["id"], "context_window": m.get("max_model_len")}
-            for m in (data or {}).get("data") or ()
-            if isinstance(m, dict) and m.get("id")
-        ]
+        """vLLM states max_model_len; llama.cpp's meta.n_ctx is its running context (its /props is more exact)."""
+        models = []
+        for m in (data or {}).get("data") or ():
+            if isinstance(m, dict) and m.get("id"):
+                meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
+                window, source = _positive_int(m.get("max_model_len")), "max_model_len in /v1/models"
+                if not window and _positive_int(meta.get("n_ctx")):
+                    window, source = meta["n_ctx"], "llama.cpp n_ctx in /v1/models"
+                models.append({"name": m["id"], "context_window": window, "source": source})
+        return models
 
 
 class OllamaProvider(Provider):
@@ -2939,6 +2999,23 @@ class OllamaProvider(Provider):
 
 
 PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": OllamaProvider()}
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def trained_context(show: Any) -> Optional[int]:
+    """Ollama /api/show -> the context length the model was trained for (model_info.<arch>.context_length)."""
+    info = (show or {}).get("model_info") if isinstance(show, dict) else None
+    if not isinstance(info, dict):
+        return None
+    arch = info.get("general.architecture")
+    found = _positive_int(info.get(f"{arch}.context_length"))
+    return found or next(
+        (_positive_int(v) for k, v in info.items() if k.endswith(".context_length") and _positive_int(v)), None
+    )
+
 
 # Fields a backend may reject for a model; on a 400 that names one, it is dropped (and remembered).
 OPTIONAL_FIELDS = (
@@ -2968,10 +3045,30 @@ _LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (nu
     ),
     re.compile(r"n_prompt_tokens=(?P<prompt>\d+), n_ctx=(?P<ctx>\d+)"),  # llama.cpp (fields of its error)
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<ctx>\d+) tokens\)", re.I),
+    re.compile(  # LM Studio
+        r"keep the first (?P<prompt>\d+) tokens when context the overflows.{0,80}?context length of only "
+        r"(?P<ctx>\d+) tokens",
+        re.S | re.I,
+    ),
+    re.compile(r"input \((?P<prompt>\d+) tokens\) is longer than the model's context length \((?P<ctx>\d+) tok", re.I),
+    re.compile(r"prompt contains (?P<prompt>\d+) tokens.{0,40}?model with (?P<ctx>\d+) maximum context length", re.I),
     re.compile(r"supports at most (?P<cap>\d+) completion tokens", re.I),
 ]
 
 
+_OVER_BY = re.compile(r"exceeded max context length by (\d+) tokens", re.I)  # Ollama
+_OVERFLOW_WORDS = (  # context overflows that carry no usable numbers
+    "context_length_exceeded",
+    "exceeds the available context",
+    "input length exceeds the context length",  # Ollama with truncate: false (HTTP 400; 500 in some versions)
+    "prompt too long; exceeded",  # Ollama
+    "prompt is longer than the context length",
+    "exceed_context_size_error",
+    "maximum context length",
+    "is longer than the model's context length",
+    "when context the overflows",  # LM Studio
+    "greater than the context length",  # LM Studio
+)
 _WANTS_COMPLETION_TOKENS = re.compile(r"use .?max_completion_tokens.? instead|max_tokens.? is not supported", re.I)
 
 
@@ -3005,14 +3102,42 @@ def backend_error_text(raw: bytes) -> str:
     return text[:500]
 
 
-def map_backend_error(status: int, message: str, retry_after: Optional[str] = None) -> ApiError:
-    """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint)."""
+def too_long(prompt: int, window: int) -> ApiError:
+    """The error on which Claude Code compacts the conversation (it parses both numbers)."""
+    return ApiError(400, f"prompt is too long: {prompt} tokens > {window} maximum", retry=False, kind="too_long")
+
+
+def check_fits(estimate: int, route: Route) -> None:
+    """Answer a request over the known window before the backend (which may cut it silently). No margin: the
+    estimate counts Claude Code's requests ~10% low against Qwen's tokenizer with its chat template (README),
+    so a request it puts over is over; a wrong refusal would only bring a due compaction a little earlier."""
+    window = route.context_window
+    if window and estimate > window:
+        raise too_long(estimate, window)
+
+
+def map_backend_error(
+    status: int,
+    message: str,
+    retry_after: Optional[str] = None,
+    estimate: Optional[int] = None,
+    window: Optional[int] = None,
+) -> ApiError:
+    """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint). A context
+    overflow becomes `prompt is too long: N tokens > M maximum`, with the backend's numbers where it gives
+    them, else with the proxy's estimate and the window it knows (Ollama's wordings carry no numbers)."""
     lowered = message.lower()
-    if status in (400, 413, 422):
+    if status in (400, 413, 422, 500):
         ctx, prompt, _ = context_limits(message)
+        over = _OVER_BY.search(message)
+        if over and window:
+            ctx, prompt = window, window + int(over.group(1))
         if ctx and prompt and prompt >= ctx:  # Claude Code compacts on exactly this wording
-            return ApiError(400, f"prompt is too long: {prompt} tokens > {ctx} maximum", retry=False, kind="too_long")
-        if "context_length_exceeded" in lowered or "exceeds the available context" in lowered:
+            return too_long(prompt, ctx)
+        if not (ctx and prompt) and any(w in lowered for w in _OVERFLOW_WORDS):
+            ctx = ctx or window
+            if ctx:
+                return too_long(max(prompt or estimate or 0, ctx + 1), ctx)
             return ApiError(400, f"prompt is too long: {message}", retry=False, kind="too_long")
     text = f"backend returned HTTP {status}: {message}"
     kind = f"http_{status}"
@@ -3216,7 +3341,31 @@ class Exchange:
     sent_max_tokens: int = 0  # the output limit the backend was given, after the lessons it taught
 
 
-CLIENT_CONTEXT_WINDOW = 200_000
+# Claude Code compacts when a conversation comes within ~33k tokens (20k for the answer, 13k of margin) of the
+# window it assumes for the model name: 1M for its default claude-opus-5-5 and for names it does not know.
+CLIENT_COMPACT_BUFFER = 33_000
+CLIENT_MIN_WINDOW = 132_000  # told to Claude Code by `run` for smaller models: it compacts at 75% of theirs
+_CLAUDE_200K = re.compile(r"claude-(?:[a-z]+-)?[34](?:[-.]|$)")  # claude-sonnet-4-5, claude-3-5-haiku-…
+
+
+def client_believed_window(model: str) -> int:
+    """The context window Claude Code 2.1.332 assumes for a model name it sends (without env overrides)."""
+    if "[1m]" not in model.lower() and _CLAUDE_200K.match(model.lower()):
+        return 200_000
+    return 1_000_000  # claude-*-5 models, and names it does not know (with a warning)
+
+
+def compaction_point(window: int) -> int:
+    """Prompt size at which a conversation should be compacted: leave 33k (Claude Code's own reserve for the
+    answer and the summary), but at least a quarter of a small window."""
+    return window - min(CLIENT_COMPACT_BUFFER, window // 4)
+
+
+def usage_scale(client_window: int, window: int) -> float:
+    """Factor for reported input tokens so that Claude Code, which compacts at client_window - 33k, does so
+    when the real prompt reaches compaction_point(window). With client_window = max(window, 132k) (what `run`
+    tells it) the factor is client_window / window: /context then shows the true fraction of the window."""
+    return max(1.0, (client_window - CLIENT_COMPACT_BUFFER) / compaction_point(window))
 
 
 class Backend:
@@ -3229,7 +3378,8 @@ class Backend:
         self.limits: dict[tuple[str, str], tuple[Optional[int], Optional[int]]] = {}  # (context, max output)
         self.discovered: dict[str, str] = {}  # family -> backend model (zero-config)
         self.backend_models: list[str] = []
-        self.context_windows: dict[str, int] = {}
+        self.windows: dict[str, tuple[int, str]] = {}  # backend model -> (running context, where it was read)
+        self.trained: dict[str, Optional[int]] = {}  # Ollama model -> trained context length (/api/show)
         self.token_cache: dict[str, int] = {}
         self.capped: set[str] = set()  # models warned about for their own output cap
         self.in_flight: set[Any] = set()  # the Watch of every request at work (shutdown ends them)
@@ -3290,7 +3440,12 @@ class Backend:
             )
             return
         self.backend_models = [m["name"] for m in models]
-        self.context_windows = {m["name"]: m["context_window"] for m in models if m.get("context_window")}
+        self.windows = {m["name"]: (m["context_window"], m["source"]) for m in models if m.get("context_window")}
+        if config.provider == "openai":
+            await self._server_windows()
+        else:
+            mapped = [r.model for r in config.routes.values() if r.base_url == config.base_url]
+            await self._show([config.default_model or "", *self.backend_models[:40], *mapped])
         self.discovered = pick_models(models)
         if self.discovered:
             log.info(
@@ -3301,11 +3456,91 @@ class Backend:
             )
         else:
             log.warning("backend %s lists no models", public_url(config.base_url))
+        self.log_windows()
 
-    def usage_scale(self, route: Route) -> float:
-        """--scale-usage: Claude Code compacts near 200k input tokens; make a smaller window look full."""
-        window = route.context_window or self.context_windows.get(route.model)
-        return CLIENT_CONTEXT_WINDOW / window if self.config.scale_usage and window else 1.0
+    async def _get_json(self, url: str, body: Any = None) -> Any:
+        """GET (or POST body) -> the JSON answer, None on any failure (probes of optional endpoints)."""
+        assert self.session is not None
+        route = self.config.default_route("")
+        try:
+            async with self.session.request(
+                "POST" if body is not None else "GET",
+                url,
+                data=None if body is None else dumps(body),
+                headers=self.headers(route, new_id("req_")),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
+            ) as resp:
+                data = await resp.json(content_type=None, loads=loads) if resp.status == 200 else None
+                return data if isinstance(data, dict) else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+
+    async def _server_windows(self) -> None:
+        """OpenAI-compatible servers that state the context a request may use: llama.cpp's /props (the
+        context of one slot: what a request gets), LM Studio's /api/v0/models (each loaded model's context)."""
+        root = re.sub(r"/v1$", "", self.config.base_url)
+        llama = any(src.startswith("llama.cpp") for _, src in self.windows.values())
+        if len(self.backend_models) == 1 and (llama or not self.windows):
+            props = await self._get_json(root + "/props")
+            settings = (props or {}).get("default_generation_settings")
+            n_ctx = _positive_int(settings.get("n_ctx")) if isinstance(settings, dict) else None
+            if n_ctx:
+                self.windows[self.backend_models[0]] = (n_ctx, "llama.cpp /props n_ctx")
+        if any(name not in self.windows for name in self.backend_models):
+            studio = await self._get_json(root + "/api/v0/models")
+            for m in (studio or {}).get("data") or ():
+                if isinstance(m, dict) and m.get("id") in self.backend_models and m.get("state") == "loaded":
+                    loaded = _positive_int(m.get("loaded_context_length"))
+                    if loaded:
+                        self.windows[m["id"]] = (loaded, "LM Studio loaded_context_length")
+
+    async def _show(self, names: list[str]) -> None:
+        """Ollama: the trained context length of each model (/api/show), which caps the num_ctx sent."""
+        todo = [n for n in dict.fromkeys(names) if n and n not in self.trained]
+        shows = await asyncio.gather(*(self._get_json(self.config.base_url + "/api/show", {"model": n}) for n in todo))
+        for name, show in zip(todo, shows):
+            self.trained[name] = trained_context(show)
+
+    def window(self, route: Route) -> Optional[int]:
+        """The context a request to this backend model gets: for Ollama the num_ctx the proxy sends (the
+        map's context_window, else --context-window, else 32768; never above the trained length); for the
+        others the map's, else what the server states, else --context-window. None: unknown."""
+        main = route.base_url == self.config.base_url
+        if route.provider == "ollama":
+            want = route.context_window or self.config.context_window or DEFAULT_NUM_CTX
+            trained = self.trained.get(route.model) if main else None
+            return min(want, trained) if trained else want
+        stated = self.windows.get(route.model) if main else None
+        return route.context_window or (stated[0] if stated else None) or self.config.context_window
+
+    def log_windows(self) -> None:
+        """At start: the window each model runs with, where it comes from, and how to change it."""
+        config = self.config
+        names = [r.model for r in config.routes.values()] + [config.default_model or ""] + self.backend_models
+        routes = [resolve_route(config, n, None, self.backend_models) for n in dict.fromkeys(names) if n]
+        parts = []
+        for route in dict.fromkeys(r for r in routes if r):
+            window = self.window(route)
+            if route.provider == "ollama":
+                trained = self.trained.get(route.model)
+                how = "num_ctx sent" + (f", trained for {trained}" if trained else "")
+            else:
+                stated = self.windows.get(route.model)
+                how = "model map" if route.context_window else (stated[1] if stated else "--context-window")
+            parts.append(f"{route.model} {window} ({how})" if window else f"{route.model} unknown")
+        if parts:
+            log.info(
+                "context windows: %s; change with context_window in the model map or --context-window",
+                ", ".join(parts[:20]),
+            )
+
+    def usage_scale(self, route: Route, client_model: str) -> float:
+        """--scale-usage (and `run`): scale reported input tokens so that Claude Code compacts in time for the
+        backend model's real window (see usage_scale())."""
+        config = self.config
+        if not route.context_window or not (config.scale_usage or config.client_window):
+            return 1.0
+        return usage_scale(config.client_window or client_believed_window(client_model), route.context_window)
 
     async def fetch_images(self, req: MessagesRequest) -> None:
         """Replace image URLs with their bytes (base64), for backends that take no URLs (Ollama)."""
@@ -3365,9 +3600,10 @@ class Backend:
             if isinstance(data.get("count"), int):  # vLLM
                 count = data["count"]
             else:  # llama.cpp: render the chat template, then tokenize the prompt
+                template = {k: payload[k] for k in ("messages", "tools") if k in payload}  # it renders tools
                 async with self.session.post(
                     root + "/apply-template",
-                    data=dumps({"messages": body["messages"]}),
+                    data=dumps(template),
                     headers=headers,
                     timeout=timeout,
                 ) as resp:
@@ -3398,13 +3634,12 @@ class Backend:
         return count
 
     async def route(self, model: str) -> Route:
+        """Client model name -> Route with the backend model's real context window (see window())."""
         config = self.config
-        route = resolve_route(config, model, self.discovered)
-        if route is None and model in self.backend_models:
-            route = config.default_route(model)
+        route = resolve_route(config, model, self.discovered, self.backend_models)
         if route is None and config.discover and not config.default_model:
             await self.discover()
-            route = resolve_route(config, model, self.discovered)
+            route = resolve_route(config, model, self.discovered, self.backend_models)
         if route is None:
             hint = (
                 ""
@@ -3420,7 +3655,10 @@ class Backend:
                 "default with --model / DEFAULT_MODEL",
                 retry=False,
             )
-        return route
+        if route.provider == "ollama" and route.base_url == config.base_url and route.model not in self.trained:
+            await self._show([route.model])  # a model pulled after the start
+        window = self.window(route)
+        return route if window == route.context_window else dataclasses.replace(route, context_window=window)
 
     async def open(self, ex: Exchange) -> aiohttp.ClientResponse:
         """POST the ex to its backend; return the 2xx response, or raise the mapped ApiError.
@@ -3448,7 +3686,9 @@ class Backend:
                 if self._learn(ex, key, body, message):
                     data = _encode(body)
                     continue
-            raise map_backend_error(resp.status, message, resp.headers.get("retry-after"))
+            raise map_backend_error(
+                resp.status, message, resp.headers.get("retry-after"), ex.input_estimate, ex.route.context_window
+            )
 
     def _apply_lessons(self, ex: Exchange, key: tuple[str, str], body: dict[str, Any]) -> None:
         for name in self.rejected.get(key, set()) & body.keys():
@@ -3574,12 +3814,13 @@ def exchange(
         if not too_deep(exc):
             raise
         raise TOO_DEEP from None
+    record.model, record.backend_model, record.provider = req.model, route.model, route.provider
+    record.stream = bool(req.stream)
+    check_fits(estimate, route)
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
     builder = EventBuilder(
         new_id("msg_"), req.model, estimate, tool_names=tool_names, show_thinking=show_thinking, usage_scale=usage_scale
     )
-    record.model, record.backend_model, record.provider = req.model, route.model, route.provider
-    record.stream = bool(req.stream)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:MAX_DEBUG_CHARS])
     return Exchange(req.max_tokens == 0, bool(req.stream), estimate, route, provider, body, builder, request_id, record)
@@ -4037,7 +4278,7 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     route = await backend.route(req.model)
     if route.provider == "ollama" and config.fetch_images:
         await backend.fetch_images(req)
-    ex = exchange(req, route, config, backend.usage_scale(route), request[REQUEST_ID], record)
+    ex = exchange(req, route, config, backend.usage_scale(route, req.model), request[REQUEST_ID], record)
     metrics = request.app[METRICS]
     metrics.active_streams += ex.stream
     try:
@@ -4055,7 +4296,7 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     req = parse_request(await read_json(request), count_only=True)
     config, backend = request.app[CONFIG], request.app[BACKEND]
     route = None
-    if config.count_tokens == "backend" or config.scale_usage:
+    if config.count_tokens == "backend" or config.scale_usage or config.client_window:
         try:
             route = await backend.route(req.model)
         except ApiError:
@@ -4064,18 +4305,28 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     if count is None:
         count = count_request_tokens(req, build_conversation(req, config.system_messages))
     if route:
-        count = round(count * backend.usage_scale(route))
+        count = round(count * backend.usage_scale(route, req.model))
     request[RECORD].model, request[RECORD].counted = req.model, count
     return json_response({"input_tokens": count}, request[REQUEST_ID])
 
 
 def model_list(config: Config, backend: Backend) -> list[dict[str, Any]]:
+    """The map's names, the default model, and every backend model a client can ask for by its own name (the
+    backend's list and the map's targets), with the context window each runs with where it is known."""
     names = [n for n in config.model_map if not _GLOB_CHARS.search(n)]
     if config.default_model:
         names.append(config.default_model)
     names.extend(backend.backend_models)
-    seen: dict[str, None] = dict.fromkeys(names)
-    return [{"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"} for name in seen]
+    names.extend(route.model for route in config.routes.values())
+    models = []
+    for name in dict.fromkeys(names):
+        model = {"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+        route = resolve_route(config, name, backend.discovered, backend.backend_models)
+        window = backend.window(route) if route else None
+        if window:
+            model["max_input_tokens"] = window
+        models.append(model)
+    return models
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -4201,7 +4452,8 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
             try:
                 route = await backend.route(name)
                 await relay_message(backend, exchange(req, route, config, 1.0, new_id("req_"), RequestRecord()))
-                rows.append((name, f"{route.model} ({route.provider})", "ok"))
+                window = f", window {route.context_window}" if route.context_window else ""
+                rows.append((name, f"{route.model} ({route.provider}{window})", "ok"))
             except ApiError as exc:
                 rows.append((name, "", f"FAIL: {exc.status} {exc.message}"))
     finally:
@@ -4251,12 +4503,153 @@ def setup_logging(config: Config) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+CLAUDE_INSTALL = "npm install -g @anthropic-ai/claude-code"
+CLAUDE_DEFAULT_MODEL = "claude-opus-5-5"  # what Claude Code 2.1.332 asks for without --model / ANTHROPIC_MODEL
+
+
+def claude_model(claude_args: list[str], environ: dict[str, str]) -> str:
+    """The model name Claude Code will send: its --model argument, else ANTHROPIC_MODEL, else its default."""
+    for i, arg in enumerate(claude_args):
+        if arg == "--model" and i + 1 < len(claude_args):
+            return claude_args[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return environ.get("ANTHROPIC_MODEL") or CLAUDE_DEFAULT_MODEL
+
+
+def claude_environment(
+    config: Config, url: str, model: str, window: Optional[int], environ: dict[str, str]
+) -> tuple[dict[str, str], Optional[int]]:
+    """The environment Claude Code runs with under `run`, and the window it is told (None: not told).
+    CLAUDE_CODE_AUTO_COMPACT_WINDOW sets both its /context window and its compaction point (window - 33k; it
+    reads values under 100k as 100k); CLAUDE_CODE_MAX_CONTEXT_TOKENS is its window for names it does not know.
+    Told max(window, 132k) while the proxy scales usage by that / window, it shows the true fraction of the
+    model's window and compacts at 75% of a small window, 33k before the end of a large one."""
+    env = dict(environ)
+    env["ANTHROPIC_BASE_URL"] = url
+    env["ANTHROPIC_AUTH_TOKEN"] = config.auth_token or "claude-proxy"  # Bearer: no API-key approval prompt
+    env.pop("ANTHROPIC_API_KEY", None)  # a real key is never needed here, and would be preferred by some paths
+    # the user's own choice wins: the variable, else --client-window, else the model's window (at least 132k)
+    told = parse_tokens(environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW")) or config.client_window
+    if told is None and window:
+        told = max(window, CLIENT_MIN_WINDOW)
+    if told:
+        env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW") or str(told)
+        env.setdefault("CLAUDE_CODE_MAX_CONTEXT_TOKENS", str(told))
+    return env, told
+
+
+def run_claude(config: Config, claude_args: list[str], environ: Optional[dict[str, str]] = None) -> int:
+    """`run`: the proxy on a free loopback port in a thread, logging to a file; Claude Code in the foreground
+    with the proxy's address, key and context settings; its exit code returned; the proxy stopped after it."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import threading
+    import urllib.request
+
+    environ = dict(os.environ if environ is None else environ)
+    claude = shutil.which("claude", path=environ.get("PATH"))
+    if not claude:
+        sys.stderr.write(
+            f"claude-proxy run: Claude Code (`claude`) is not on PATH; install it with: {CLAUDE_INSTALL}\n"
+        )
+        return 127
+    log_path = os.path.join(tempfile.gettempdir(), f"claude-proxy-{os.getpid()}.log")
+    log_file = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed below)
+    setup_logging(config)
+    logging.getLogger().handlers[0].setStream(log_file)  # type: ignore[attr-defined]
+    config.host = "127.0.0.1"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="claude-proxy", daemon=True)
+    thread.start()
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+
+    async def start() -> tuple[int, Optional[Route]]:
+        await runner.setup()  # the start-up discovery runs here
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            route = await app[BACKEND].route(model)
+        except ApiError as exc:
+            log.warning("%s", exc.message)
+            route = None
+        return port, route
+
+    def call(coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    model = claude_model(claude_args, environ)
+    try:
+        port, route = call(start())
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # it listens already: this checks that it answers
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            sys.stderr.write(f"claude-proxy run: the proxy at {url} does not answer; see {log_path}\n")
+            return 1
+        window = route.context_window if route else None
+        env, told = claude_environment(config, url, model, window, environ)
+        config.client_window = told
+        backend_model = f"{route.model} ({route.provider}, window {window or 'unknown'})" if route else "(unmapped)"
+        log.info("run: %s -> %s; Claude Code is told a window of %s", model, backend_model, told or "(its own)")
+        sys.stderr.write(
+            f"claude-proxy run: proxy on {url} -> {config.provider} at {public_url(config.base_url)}; "
+            f"{model} -> {backend_model}; log: {log_path}\n"
+        )
+        child = subprocess.Popen([claude, *claude_args], env=env)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is Claude Code's to handle
+        stop = signal.signal(signal.SIGTERM, lambda *_: child.terminate())  # and a stop is passed on to it
+        try:
+            code = child.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, stop)
+        return 128 - code if code < 0 else code
+    finally:
+        with contextlib.suppress(Exception):
+            call(runner.cleanup(), 10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        logging.getLogger().handlers[0].setStream(sys.stderr)  # type: ignore[attr-defined]
+        log_file.close()
+
+
+def split_run(argv: list[str]) -> tuple[list[str], Optional[list[str]]]:
+    """`[proxy flags] run [claude arguments]` -> (proxy flags, claude arguments); None without `run`."""
+    takes_value = {s for a in build_parser()._actions if a.nargs != 0 for s in a.option_strings}
+    i = 0
+    while i < len(argv):
+        if argv[i] == "run":
+            return argv[:i], argv[i + 1 :]
+        if argv[i] == "--":
+            break
+        i += 2 if argv[i] in takes_value else 1
+    return argv, None
+
+
+def _command() -> str:
+    name = os.path.basename(sys.argv[0] or "")
+    return "claude-proxy" if name == "claude-proxy" else "python claude_proxy.py"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv, claude_args = split_run(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(argv)
     except ConfigError as exc:
         sys.stderr.write(f"claude-proxy: {exc}\n")
         return 2
+    if claude_args is not None:
+        return run_claude(config, claude_args)
     setup_logging(config)
     if config.check:
         return asyncio.run(run_check(config))
@@ -4271,7 +4664,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         key = f"<your --auth-token: {token[:2]}…{token[-2:]}>" if len(token) >= 12 else "<your --auth-token>"
     banner = (
         f"claude-proxy {__version__} listening on {url} -> {config.provider} at {public_url(config.base_url)}\n"
-        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY={key} claude"
+        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY={key} claude\n"
+        f"  or let the proxy start Claude Code, told the model's context window: {_command()} run [claude args]"
     )
     try:
         web.run_app(

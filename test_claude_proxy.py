@@ -1006,7 +1006,14 @@ def test_sampling_and_stop_parameters():
     )[0]
     assert "top_k" not in official  # the official API rejects it
     ollama = backend_body(request, "ollama")
-    assert ollama["options"] == {"num_predict": 300, "temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop": ["###"]}
+    assert ollama["options"] == {
+        "num_predict": 300,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 40,
+        "stop": ["###"],
+        "num_ctx": 32768,
+    }
     assert ollama["stream"] is True and "user" not in ollama
 
 
@@ -2120,7 +2127,8 @@ def test_scale_usage(make_stack):
     )
     stack.backend.queue(SSE(oai_text_stream("x", usage=oai_usage(1000, 5))))
     msg = stack.client().messages.create(model="claude-haiku-5-5", max_tokens=20, messages=USER_HI)
-    assert msg.usage.input_tokens == 4000 and msg.usage.output_tokens == 5  # 200k / 50k = 4x
+    # Claude Code assumes 1M for this name and compacts 33k before it; the proxy wants it at 75% of 50k
+    assert msg.usage.input_tokens == round(1000 * 967_000 / 37_500) and msg.usage.output_tokens == 5
 
 
 def test_backend_wanting_max_completion_tokens(make_stack):
@@ -3546,13 +3554,14 @@ def test_models_list(make_stack):
     code, headers, text = http(stack, "GET", "/v1/models")
     assert code == 200
     page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
+    ids = ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model", "big-model", "small-model", "mid-model"]
+    assert [m["id"] for m in page["data"]] == ids  # backend models by their own names too
     assert page["has_more"] is False
-    assert page["first_id"] == "claude-opus-5-5" and page["last_id"] == "backend-model"
+    assert page["first_id"] == "claude-opus-5-5" and page["last_id"] == "mid-model"
     for model in page["data"]:
         assert model["type"] == "model" and model["display_name"] and model["created_at"]
     sdk_ids = [m.id for m in stack.client().models.list()]
-    assert sdk_ids == ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model"]
+    assert sdk_ids == ids
     code, _, text = http(stack, "GET", "/v1/models?limit=1")
     page = json.loads(text)
     assert [m["id"] for m in page["data"]] == ["claude-opus-5-5"] and page["has_more"] is True
@@ -4410,3 +4419,730 @@ def test_claude_code_interactive_session_title(claude_code, provider):
     else:
         assert titled[0]["format"] == schema
     assert "hello there" in cc_text(titled[0]["messages"][-1])
+
+
+# --- context windows (issue 12) ---
+
+
+VLLM_MODELS = {  # vLLM 0.11 GET /v1/models
+    "object": "list",
+    "data": [
+        {
+            "id": "Qwen/Qwen3-8B",
+            "object": "model",
+            "created": 1764230400,
+            "owned_by": "vllm",
+            "root": "Qwen/Qwen3-8B",
+            "parent": None,
+            "max_model_len": 40960,
+            "permission": [{"id": "modelperm-1", "object": "model_permission", "allow_sampling": True}],
+        },
+        {
+            "id": "Qwen/Qwen3-0.6B",
+            "object": "model",
+            "created": 1764230400,
+            "owned_by": "vllm",
+            "root": "Qwen/Qwen3-0.6B",
+            "parent": None,
+            "max_model_len": 8192,
+            "permission": [],
+        },
+    ],
+}
+LLAMACPP_MODELS = {  # llama-server (--ctx-size 8192 --parallel 2), as the real one in shared/real_llama answers
+    "models": [{"name": "tiny", "model": "tiny", "type": "model", "capabilities": ["completion"]}],
+    "object": "list",
+    "data": [
+        {
+            "id": "tiny",
+            "aliases": ["tiny"],
+            "tags": [],
+            "object": "model",
+            "created": 1796157067,
+            "owned_by": "llamacpp",
+            "meta": {"vocab_type": 2, "n_vocab": 151936, "n_ctx": 16384, "n_ctx_train": 32768, "n_embd": 128},
+        }
+    ],
+}
+LLAMACPP_PROPS = {
+    "default_generation_settings": {"id": 0, "n_ctx": 8192, "speculative": False, "is_processing": False},
+    "total_slots": 2,
+    "model_alias": "tiny",
+    "model_path": "/models/tiny.gguf",
+    "build_info": "b7100-1a2b3c4",
+}
+LMSTUDIO_MODELS = {"data": [{"id": "qwen/qwen3-coder-30b", "object": "model", "owned_by": "organization_owner"}]}
+LMSTUDIO_V0 = {  # LM Studio 0.3 GET /api/v0/models
+    "object": "list",
+    "data": [
+        {
+            "id": "qwen/qwen3-coder-30b",
+            "object": "model",
+            "type": "llm",
+            "publisher": "qwen",
+            "arch": "qwen3moe",
+            "compatibility_type": "gguf",
+            "quantization": "Q4_K_M",
+            "state": "loaded",
+            "max_context_length": 262144,
+            "loaded_context_length": 4096,
+        }
+    ],
+}
+OLLAMA_TAGS = {
+    "models": [
+        {"name": "qwen3-coder:30b", "model": "qwen3-coder:30b", "size": 18556700761, "digest": "06c1097efce0"},
+        {"name": "qwen3:4b", "model": "qwen3:4b", "size": 2497293918, "digest": "359d7dd4bcda"},
+    ]
+}
+
+
+def ollama_show(trained: int) -> dict:
+    """Ollama 0.12 POST /api/show (shortened: no license, modelfile or tensors)."""
+    return {
+        "parameters": 'temperature 0.7\ntop_k 20\nstop "<|im_end|>"',
+        "template": "{{- range .Messages }}…",
+        "details": {"format": "gguf", "family": "qwen3", "parameter_size": "4.0B", "quantization_level": "Q4_K_M"},
+        "model_info": {
+            "general.architecture": "qwen3",
+            "general.parameter_count": 4022468096,
+            "qwen3.attention.head_count": 32,
+            "qwen3.context_length": trained,
+            "qwen3.embedding_length": 2560,
+        },
+        "capabilities": ["completion", "tools", "thinking"],
+        "modified_at": "2026-11-20T10:00:00.000000000Z",
+    }
+
+
+class ServerBytes:
+    """A fake backend made of the given answers per path (what one real server sends), recording requests."""
+
+    def __init__(self, pages: dict[str, Any]) -> None:
+        self.pages = pages  # "GET /v1/models" -> JSON, or a callable (body) -> web.Response
+        self.requests: list[tuple[str, Any]] = []
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else None
+        key = f"{request.method} {request.path}"
+        self.requests.append((key, body))
+        page = self.pages.get(key)
+        if page is None:
+            return web.Response(status=404, text="Not Found")
+        if callable(page):
+            return await page(request, body)
+        return web.json_response(page)
+
+    def sent(self, key: str) -> list[Any]:
+        return [body for k, body in self.requests if k == key]
+
+
+async def _default_chat(request: web.Request, body: dict) -> web.StreamResponse:
+    ollama = request.path == "/api/chat"
+    resp = web.StreamResponse(headers={"content-type": "application/x-ndjson" if ollama else "text/event-stream"})
+    await resp.prepare(request)
+    if ollama:
+        for obj in ollama_text_stream("Hello", prompt=1000, completion=5):
+            await resp.write(ndjson_bytes(obj))
+    else:
+        for chunk in oai_text_stream("Hello", usage=oai_usage(1000, 5)):
+            await resp.write(sse_bytes(chunk))
+        await resp.write(sse_bytes("[DONE]"))
+    return resp
+
+
+@pytest.fixture
+def window_stack(loop_thread):
+    """window_stack(pages, provider, **config) -> (fake server, proxy Stack); the proxy starts after the server,
+    so its start-up discovery reads the server's pages."""
+    import conftest as harness
+
+    runners = []
+    stacks = []
+
+    def make(pages: dict[str, Any], provider: str = "openai", **overrides: Any):
+        server = ServerBytes({"POST /v1/chat/completions": _default_chat, "POST /api/chat": _default_chat, **pages})
+        runner, port = loop_thread.run(harness.start_site(server.app()))
+        runners.append(runner)
+        base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
+        config = cp.Config(**{"provider": provider, "base_url": base, "timeout": 5.0, **overrides})
+        app = cp.create_app(config)
+        prunner, pport = loop_thread.run(harness.start_site(app))
+        runners.append(prunner)
+        stacks.append(harness.Stack(None, base, f"http://127.0.0.1:{pport}", config, app, loop_thread))
+        return server, stacks[-1]
+
+    yield make
+    for stack in stacks:
+        for client in stack.clients:
+            client.close()
+    for runner in reversed(runners):
+        loop_thread.run(runner.cleanup())
+
+
+def chat_key(provider: str) -> str:
+    return "POST /v1/chat/completions" if provider == "openai" else "POST /api/chat"
+
+
+def listing(provider: str) -> dict[str, Any]:
+    """Two backend models, listed the provider's way."""
+    if provider == "openai":
+        return {"GET /v1/models": VLLM_MODELS}
+    return {"GET /api/tags": OLLAMA_TAGS, "POST /api/show": ollama_show_handler({"qwen3:4b": 40960})}
+
+
+def ollama_show_handler(trained: dict[str, int]) -> Any:
+    async def show(request: web.Request, body: dict) -> web.Response:
+        if body.get("model") not in trained:
+            return web.json_response({"error": f"model '{body.get('model')}' not found"}, status=404)
+        return web.json_response(ollama_show(trained[body["model"]]))
+
+    return show
+
+
+@pytest.mark.parametrize("default_model", [None, "qwen3-coder:30b"])
+def test_backend_model_asked_by_its_own_name(window_stack, provider, default_model):
+    """Zero config or not, a name the backend lists is sent as is; a Claude name still gets the pick."""
+    first, second = ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B") if provider == "openai" else ("qwen3-coder:30b", "qwen3:4b")
+    server, stack = window_stack(listing(provider), provider, default_model=default_model)
+    client = stack.client()
+    msg = client.messages.create(model=second, max_tokens=20, messages=USER_HI)
+    assert msg.model == second
+    client.messages.create(model="claude-opus-5-5", max_tokens=20, messages=USER_HI)
+    sent = server.sent(chat_key(provider))
+    assert [b["model"] for b in sent] == [second, default_model or first]
+
+
+def test_map_target_asked_by_name_keeps_its_entry(window_stack, provider):
+    """A backend model the map names answers by its own name with that entry's settings (its cap, its window)."""
+    model_map = {"claude-*": "qwen3:4b", "claude-haiku-5-5": {"model": "tiny-coder", "max_tokens": 64}}
+    server, stack = window_stack(listing(provider), provider, model_map=model_map)
+    stack.client().messages.create(model="tiny-coder", max_tokens=1000, messages=USER_HI)
+    sent = server.sent(chat_key(provider))[0]
+    assert sent["model"] == "tiny-coder"
+    assert (sent["options"]["num_predict"] if provider == "ollama" else sent["max_tokens"]) == 64
+
+
+def test_models_endpoint_lists_backend_models_with_windows(window_stack, provider):
+    server, stack = window_stack(listing(provider), provider)
+    models = {m.id: m for m in stack.client().models.list(limit=100)}
+    if provider == "openai":
+        assert models["Qwen/Qwen3-8B"].max_input_tokens == 40960
+        assert models["Qwen/Qwen3-0.6B"].max_input_tokens == 8192
+        assert stack.client().models.retrieve("Qwen/Qwen3-0.6B").max_input_tokens == 8192
+    else:  # the num_ctx the proxy sends, capped by the trained length
+        assert models["qwen3-coder:30b"].max_input_tokens == 32768
+        assert models["qwen3:4b"].max_input_tokens == 32768
+
+
+@pytest.mark.parametrize(
+    "pages, model, window",
+    [
+        ({"GET /v1/models": VLLM_MODELS}, "Qwen/Qwen3-0.6B", 8192),
+        ({"GET /v1/models": LLAMACPP_MODELS, "GET /props": LLAMACPP_PROPS}, "tiny", 8192),  # a slot's n_ctx
+        ({"GET /v1/models": LLAMACPP_MODELS}, "tiny", 16384),  # without /props: meta.n_ctx
+        ({"GET /v1/models": LMSTUDIO_MODELS, "GET /api/v0/models": LMSTUDIO_V0}, "qwen/qwen3-coder-30b", 4096),
+    ],
+    ids=["vllm", "llamacpp-props", "llamacpp-meta", "lmstudio"],
+)
+def test_openai_server_windows(window_stack, caplog, pages, model, window):
+    with caplog.at_level(logging.INFO):
+        server, stack = window_stack(pages, "openai")
+    assert f"{model} {window} (" in caplog.text  # logged at start
+    assert stack.client().models.retrieve(model).max_input_tokens == window
+    # over the window: answered before the backend, in the words Claude Code compacts on
+    words = "lorem ipsum dolor sit amet " * int(window * 0.3)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stack.client().messages.create(model=model, max_tokens=20, messages=[{"role": "user", "content": words}])
+    message = assert_sdk_error(info.value, 400, "invalid_request_error")
+    found = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", message)
+    assert found and int(found.group(2)) == window and int(found.group(1)) > window
+    assert server.sent("POST /v1/chat/completions") == []
+    # a request that fits goes through
+    stack.client().messages.create(model=model, max_tokens=20, messages=USER_HI)
+    assert len(server.sent("POST /v1/chat/completions")) == 1
+
+
+def test_unknown_window_stays_unknown(window_stack):
+    server, stack = window_stack({"GET /v1/models": LMSTUDIO_MODELS}, "openai")  # no /api/v0: nothing states it
+    assert stack.client().models.retrieve("qwen/qwen3-coder-30b").max_input_tokens is None
+    words = "lorem ipsum " * 100_000
+    stack.client().messages.create(
+        model="qwen/qwen3-coder-30b", max_tokens=20, messages=[{"role": "user", "content": words}]
+    )
+    assert len(server.sent("POST /v1/chat/completions")) == 1  # the backend decides
+
+
+@pytest.mark.parametrize(
+    "model_map, context_window, trained, num_ctx",
+    [
+        ({}, None, 40960, 32768),  # the default
+        ({}, None, 8192, 8192),  # never above the trained length
+        ({"qwen3:4b": {"model": "qwen3:4b", "context_window": 65536}}, None, 131072, 65536),  # the map
+        ({"qwen3:4b": {"model": "qwen3:4b", "context_window": 65536}}, None, 40960, 40960),
+        ({}, 49152, 131072, 49152),  # --context-window
+        ({}, None, None, 32768),  # /api/show without a context length
+    ],
+)
+def test_ollama_always_sends_num_ctx(window_stack, caplog, model_map, context_window, trained, num_ctx):
+    pages = {
+        "GET /api/tags": OLLAMA_TAGS,
+        "POST /api/show": ollama_show_handler({"qwen3:4b": trained} if trained else {}),
+    }
+    with caplog.at_level(logging.INFO):
+        server, stack = window_stack(pages, "ollama", model_map=model_map, context_window=context_window)
+    assert f"qwen3:4b {num_ctx} (num_ctx sent" in caplog.text and "--context-window" in caplog.text
+    for model in ("qwen3:4b", "claude-opus-5-5"):
+        stack.client().messages.create(model=model, max_tokens=20, messages=USER_HI)
+    first, second = server.sent("POST /api/chat")
+    assert first["options"]["num_ctx"] == num_ctx and first["truncate"] is False
+    assert second["model"] == "qwen3-coder:30b" and second["options"]["num_ctx"] == (context_window or 32768)
+    assert stack.client().models.retrieve("qwen3:4b").max_input_tokens == num_ctx
+
+
+def test_ollama_num_ctx_without_a_map_route_unit():
+    req = cp.parse_request(VALID)
+    body = cp.ollama_request(cp.build_conversation(req), req, cp.Route("m", "ollama", "http://h"))
+    assert body["options"]["num_ctx"] == cp.DEFAULT_NUM_CTX == 32768 and body["truncate"] is False
+
+
+def ollama_error(status: int, text: str) -> Any:
+    async def answer(request: web.Request, body: dict) -> web.Response:
+        return web.json_response({"error": text}, status=status)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "status, text, expect",
+    [
+        (400, "the input length exceeds the context length", None),
+        (500, "the input length exceeds the context length", None),
+        (400, "prompt too long; exceeded max context length by 4021 tokens", (32768 + 4021, 32768)),
+    ],
+)
+def test_ollama_overflow_becomes_prompt_is_too_long(window_stack, status, text, expect):
+    pages = {"GET /api/tags": OLLAMA_TAGS, "POST /api/chat": ollama_error(status, text)}
+    server, stack = window_stack(pages, "ollama")
+    words = "lorem ipsum dolor sit amet " * 5000  # ~25k tokens by the estimate: under the window, sent
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stack.client().messages.create(model="qwen3:4b", max_tokens=20, messages=[{"role": "user", "content": words}])
+    message = assert_sdk_error(info.value, 400, "invalid_request_error")
+    found = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", message)
+    assert found, message
+    prompt, window = int(found.group(1)), int(found.group(2))
+    assert window == 32768 and prompt > window
+    if expect:
+        assert (prompt, window) == expect
+    assert info.value.response.headers.get("x-should-retry") == "false"
+    assert len(server.sent("POST /api/chat")) == 1  # the backend measured it
+
+
+@pytest.mark.parametrize(
+    "status, message, expect",
+    [
+        (
+            400,
+            "Trying to keep the first 9000 tokens when context the overflows. However, the model is loaded with "
+            "context length of only 8192 tokens, which is not enough. Try to load the model with a larger context "
+            "length, or provide a shorter input",
+            "prompt is too long: 9000 tokens > 8192 maximum",
+        ),
+        (
+            400,
+            "The input (516368 tokens) is longer than the model's context length (262144 tokens).",
+            "prompt is too long: 516368 tokens > 262144 maximum",
+        ),
+        (
+            400,
+            "Prompt contains 240000 tokens and 0 draft tokens, too large for model with 128000 maximum context length",
+            "prompt is too long: 240000 tokens > 128000 maximum",
+        ),
+        (400, "the input length exceeds the context length", "prompt is too long: 40000 tokens > 32768 maximum"),
+        (500, "the input length exceeds the context length", "prompt is too long: 40000 tokens > 32768 maximum"),
+        (
+            400,
+            "prompt too long; exceeded max context length by 100 tokens",
+            "prompt is too long: 32868 tokens > 32768 maximum",
+        ),
+        (
+            400,
+            "request (9009 tokens) exceeds the available context size (8192 tokens), try increasing it "
+            "(n_prompt_tokens=9009, n_ctx=8192)",
+            "prompt is too long: 9009 tokens > 8192 maximum",
+        ),
+    ],
+)
+def test_overflow_wordings_unit(status, message, expect):
+    error = cp.map_backend_error(status, message, None, 40000, 32768)
+    assert (error.status, error.message, error.retry) == (400, expect, False)
+
+
+def test_overflow_without_numbers_or_window_unit():
+    error = cp.map_backend_error(400, "the input length exceeds the context length")
+    assert error.status == 400 and error.message.startswith("prompt is too long")
+    # an estimate under the window still says "over": the backend measured it
+    error = cp.map_backend_error(400, "the input length exceeds the context length", None, 20000, 32768)
+    assert error.message == "prompt is too long: 32769 tokens > 32768 maximum"
+    # a completion that does not fit is not a prompt overflow
+    vllm = "This model's maximum context length is 32768 tokens. However, you requested 40000 tokens (30000 in the "
+    vllm += "messages, 10000 in the completion). Please reduce the length of the messages or completion."
+    assert not cp.map_backend_error(400, vllm).message.startswith("prompt is too long")
+
+
+@pytest.mark.parametrize(
+    "model, believed", [("claude-opus-5-5", 1_000_000), ("claude-haiku-4-5-20251001", 200_000), ("qwen3:4b", 1_000_000)]
+)
+def test_client_believed_window_unit(model, believed):
+    """As Claude Code 2.1.332's /context shows them (see README)."""
+    assert cp.client_believed_window(model) == believed
+
+
+def test_usage_scale_unit():
+    # `run` tells Claude Code max(window, 132k): the factor is then that / window, /context shows the true fraction
+    assert cp.usage_scale(132_000, 32_768) == pytest.approx(132_000 / 32_768)
+    assert cp.usage_scale(200_000, 200_000) == 1.0
+    # without `run`: Claude Code compacts 33k before 1M; the proxy makes that happen at 75% of a 32k window
+    assert cp.usage_scale(1_000_000, 32_768) * 32_768 * 0.75 == pytest.approx(1_000_000 - 33_000)
+
+
+@pytest.mark.parametrize("client_window", [132_000, None])
+def test_usage_scaled_to_the_window_claude_code_uses(window_stack, provider, client_window):
+    """With `run` (client_window) or --scale-usage, usage and count_tokens are scaled so that Claude Code's own
+    compaction point (its window - 33k) falls where the backend model's window is 75% full."""
+    server, stack = window_stack(listing(provider), provider, client_window=client_window, scale_usage=True)
+    model = "Qwen/Qwen3-0.6B" if provider == "openai" else "qwen3:4b"
+    window = 8192 if provider == "openai" else 32768
+    client = stack.client()
+    msg = client.messages.create(model=model, max_tokens=20, messages=USER_HI)
+    scale = cp.usage_scale(client_window or 1_000_000, window)
+    assert msg.usage.input_tokens == round(1000 * scale) and msg.usage.output_tokens == 5
+    raw = cp.count_request_tokens(cp.parse_request({**VALID, "model": model}))
+    counted = client.messages.count_tokens(model=model, messages=USER_HI).input_tokens
+    assert counted == round(raw * scale)
+
+
+def test_usage_not_scaled_by_default(window_stack):
+    server, stack = window_stack(listing("openai"), "openai")
+    msg = stack.client().messages.create(model="Qwen/Qwen3-0.6B", max_tokens=20, messages=USER_HI)
+    assert msg.usage.input_tokens == 1000
+
+
+def llamacpp_tokenizer_pages() -> dict[str, Any]:
+    """llama-server --jinja with a Qwen template: /apply-template renders tools into the system turn, as the
+    real one does (see shared/real_llama); /tokenize counts words."""
+
+    async def apply_template(request: web.Request, body: dict) -> web.Response:
+        system, turns = "", []
+        for m in body["messages"]:
+            if m["role"] == "system":
+                system = m["content"]
+            else:
+                turns.append(f"<|im_start|>{m['role']}\n{m.get('content') or ''}<|im_end|>\n")
+        if body.get("tools"):
+            system += "\n\n# Tools\n\n<tools>\n" + "\n".join(json.dumps(t) for t in body["tools"]) + "\n</tools>"
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return web.json_response({"prompt": head + "".join(turns) + "<|im_start|>assistant\n"})
+
+    async def tokenize(request: web.Request, body: dict) -> web.Response:
+        if "content" not in body:
+            return web.json_response({"error": {"code": 500, "message": '"content" must be provided'}}, status=500)
+        return web.json_response({"tokens": list(range(len(body["content"].split())))})
+
+    return {
+        "GET /v1/models": LLAMACPP_MODELS,
+        "GET /props": LLAMACPP_PROPS,
+        "POST /apply-template": apply_template,
+        "POST /tokenize": tokenize,
+    }
+
+
+def test_count_tokens_backend_sends_tools_and_system_to_llamacpp(window_stack):
+    server, stack = window_stack(llamacpp_tokenizer_pages(), "openai", count_tokens="backend")
+    tool = {
+        "name": "get_weather",
+        "description": "Weather for a city, in words of several kinds and lengths",
+        "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}},
+    }
+    client = stack.client()
+    bare = client.messages.count_tokens(model="tiny", messages=USER_HI).input_tokens
+    with_system = client.messages.count_tokens(model="tiny", system="be brief and kind", messages=USER_HI)
+    with_tools = client.messages.count_tokens(model="tiny", system="be brief and kind", messages=USER_HI, tools=[tool])
+    assert bare < with_system.input_tokens < with_tools.input_tokens
+    sent = server.sent("POST /apply-template")[-1]
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    assert sent["messages"][0] == {"role": "system", "content": "be brief and kind"}
+
+
+FAKE_CLAUDE = """#!{python}
+import json, os, sys
+import anthropic
+
+client = anthropic.Anthropic(max_retries=0)  # ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN from the environment
+model = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "claude-opus-5-5"
+msg = client.messages.create(model=model, max_tokens=20, messages=[{{"role": "user", "content": "hi"}}])
+names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_AUTO_COMPACT_WINDOW",
+         "CLAUDE_CODE_MAX_CONTEXT_TOKENS")
+out = {{"args": sys.argv[1:], "env": {{n: os.environ.get(n) for n in names}}, "usage": msg.usage.input_tokens}}
+with open(os.environ["FAKE_CLAUDE_OUT"] + ".tmp", "w") as f:
+    json.dump(out, f)
+os.rename(os.environ["FAKE_CLAUDE_OUT"] + ".tmp", os.environ["FAKE_CLAUDE_OUT"])
+if os.environ.get("FAKE_CLAUDE_SLEEP"):
+    import time
+    time.sleep(float(os.environ["FAKE_CLAUDE_SLEEP"]))
+sys.exit(int(os.environ.get("FAKE_CLAUDE_EXIT", "0")))
+"""
+
+
+def run_proxy(tmp_path, args: list[str], env: dict | None = None, claude: bool = True, background: bool = False):
+    """`python claude_proxy.py <args>` with a fake `claude` (the anthropic SDK) on PATH -> (process, what it saw)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if claude:
+        (bin_dir / "claude").write_text(FAKE_CLAUDE.format(python=sys.executable))
+        (bin_dir / "claude").chmod(0o755)
+    full_env = {
+        "PATH": str(bin_dir) + os.pathsep + os.path.dirname(sys.executable),  # not where the real one is
+        "TMPDIR": str(tmp_path),
+        "FAKE_CLAUDE_OUT": str(tmp_path / "claude.json"),
+        "ANTHROPIC_API_KEY": "sk-ant-real-key-never-needed",
+        **(env or {}),
+    }
+    if background:
+        return subprocess.Popen(
+            [sys.executable, str(HERE / "claude_proxy.py"), *args],
+            env=full_env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ), None
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "claude_proxy.py"), *args],
+        env=full_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seen = json.loads((tmp_path / "claude.json").read_text()) if (tmp_path / "claude.json").exists() else None
+    return proc, seen
+
+
+def test_run_starts_claude_code_on_the_proxy(make_stack, tmp_path, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(
+        SSE(oai_text_stream("ok", usage=oai_usage(1000, 5)))
+        if provider == "openai"
+        else NDJSON(ollama_text_stream("ok", prompt=1000))
+    )
+    model = "qwen3-coder" if provider == "openai" else "qwen3:1.7b"
+    args = ["--provider", provider, "--base-url", stack.backend_url, "--auth-token", "tok-1"]
+    proc, seen = run_proxy(tmp_path, [*args, "run", "-p", "hi", "--model", model], {"FAKE_CLAUDE_EXIT": "7"})
+    assert proc.returncode == 7, proc.stderr  # Claude Code's exit code
+    assert seen["args"] == ["-p", "hi", "--model", model]  # its arguments, untouched
+    env = seen["env"]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", env["ANTHROPIC_BASE_URL"])
+    assert env["ANTHROPIC_AUTH_TOKEN"] == "tok-1" and env["ANTHROPIC_API_KEY"] is None
+    # a 32k window (vLLM's max_model_len / Ollama's num_ctx): Claude Code is told 132k, usage is scaled to match
+    assert env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "132000"
+    assert seen["usage"] == round(1000 * 132_000 / 32_768)
+    assert stack.backend.requests[-1]["model"] == model
+    log_path = re.search(r"log: (\S+)", proc.stderr).group(1)
+    assert log_path.startswith(str(tmp_path)) and f"run: {model} -> {model}" in pathlib.Path(log_path).read_text()
+    assert "POST /v1/messages" in pathlib.Path(log_path).read_text() and "POST /v1/messages" not in proc.stderr
+    port = int(env["ANTHROPIC_BASE_URL"].rsplit(":", 1)[1])
+    with pytest.raises(OSError):  # the proxy stopped with Claude Code
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_run_keeps_the_users_compaction_window(make_stack, tmp_path):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("ok", usage=oai_usage(1000, 5))))
+    proc, seen = run_proxy(
+        tmp_path,
+        ["--provider", "openai", "--base-url", stack.backend_url, "run", "--model=qwen3-coder"],
+        {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": "200k"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert seen["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "200k"
+    assert seen["env"]["ANTHROPIC_AUTH_TOKEN"]  # some key, without --auth-token
+    assert seen["usage"] == round(1000 * cp.usage_scale(200_000, 32_768))
+
+
+def test_run_without_claude_says_how_to_install_it(tmp_path):
+    proc, seen = run_proxy(tmp_path, ["--provider", "openai", "run", "-p", "hi"], claude=False)
+    assert proc.returncode == 127 and seen is None
+    assert "npm install -g @anthropic-ai/claude-code" in proc.stderr
+
+
+def test_split_run_unit():
+    assert cp.split_run(["--provider", "openai", "run", "-p", "x", "--model", "m"]) == (
+        ["--provider", "openai"],
+        ["-p", "x", "--model", "m"],
+    )
+    assert cp.split_run(["--model", "run", "--port", "1"]) == (["--model", "run", "--port", "1"], None)
+    assert cp.split_run(["--fetch-images", "run"]) == (["--fetch-images"], [])
+    assert cp.claude_model(["-p", "x"], {"ANTHROPIC_MODEL": "qwen3:4b"}) == "qwen3:4b"
+    assert cp.claude_model([], {}) == "claude-opus-5-5"
+    assert [cp.parse_tokens(t) for t in ("132000", "128k", "1m", "x")] == [132000, 128000, 1000000, None]
+
+
+def test_context_window_option():
+    assert cp.load_config(["--context-window", "64k"], environ={}, dotenv_path="").context_window == 64000
+    assert cp.load_config([], environ={"CONTEXT_WINDOW": "49152"}, dotenv_path="").context_window == 49152
+    assert cp.load_config([], environ={}, dotenv_path="").context_window is None
+    for bad in ("lots", "100"):
+        with pytest.raises(cp.ConfigError, match="context"):
+            cp.load_config(["--context-window", bad], environ={}, dotenv_path="")
+
+
+def test_run_passes_a_stop_on_to_claude_code(make_stack, tmp_path):
+    stack = make_stack("openai")
+    proc, _ = run_proxy(
+        tmp_path,
+        ["--provider", "openai", "--base-url", stack.backend_url, "run", "--model", "qwen3-coder"],
+        {"FAKE_CLAUDE_SLEEP": "30"},
+        background=True,
+    )
+    try:
+        assert wait_for(lambda: (tmp_path / "claude.json").exists(), 30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 128 + signal.SIGTERM  # Claude Code ended by the signal, as a shell reports it
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def cc_run(cc, claude_code_bin: str, tmp_path, claude_args: list[str], proxy_args: tuple[str, ...] = ()):
+    """`python claude_proxy.py <proxy_args> run <claude_args>` with the real CLI as `claude`, offline, against the
+    ClaudeCode fixture's fake backend (the proxy is the one `run` starts, not the fixture's)."""
+    bin_dir = tmp_path / "run-bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "claude").exists():
+        (bin_dir / "claude").symlink_to(claude_code_bin)
+    env = cc.env()
+    env.pop("ANTHROPIC_BASE_URL")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["TMPDIR"] = str(tmp_path)
+    args = ["--provider", cc.provider, "--base-url", cc.stack.backend_url, *proxy_args, "run", *claude_args]
+    done = subprocess.run(
+        [sys.executable, str(HERE / "claude_proxy.py"), *args],
+        cwd=cc.cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, f"run exited {done.returncode}; stdout: {done.stdout!r}; stderr: {done.stderr!r}"
+    return done
+
+
+def cc_prompt_tokens(body: dict) -> int:
+    """The fake backend's own count of a prompt: characters of the messages and tools / 4."""
+    return (len(json.dumps(body["messages"])) + len(json.dumps(body.get("tools") or []))) // 4
+
+
+@pytest.mark.e2e
+def test_claude_code_context_through_run_shows_the_true_fraction(claude_code, claude_code_bin, provider, tmp_path):
+    """`run` on a 32k model: Claude Code's /context reads against the 132k it is told, with usage scaled by
+    132k / 32k, so its percentage is the true fraction of the model's window."""
+    cc = claude_code()
+    out = cc_run(cc, claude_code_bin, tmp_path, ["-p", "/context"]).stdout
+    found = re.search(r"Tokens:\*\* ([\d.]+)k / 132k \((\d+)%\)", out)
+    assert found, out
+    shown, percent = float(found.group(1)) * 1000, int(found.group(2))
+    raw = shown * 32768 / 132000  # what the backend model holds
+    assert 5000 < raw < 12000 and abs(percent - 100 * raw / 32768) <= 1.5, (raw, percent)
+
+
+@pytest.mark.e2e
+def test_claude_code_compacts_before_a_32k_backend_overflows(claude_code, claude_code_bin, provider, tmp_path):
+    """A session through `run` that grows ~3k tokens a turn on a 32k model: Claude Code compacts on its own (no
+    overflow first), the compaction request fits, and the conversation carries on from the summary."""
+    window, seen = 32768, []
+    summary = "E2E-SUMMARY: numbered turns of filler."
+
+    def respond(body):
+        prompt = cc_prompt_tokens(body)
+        seen.append(prompt)
+        if prompt >= window:
+            return Reply(400, CC_OVERFLOW[provider])
+        role, text = cc_last(body)
+        if role == "user" and "<summary>" in text:
+            answer = f"<analysis>Short.</analysis>\n<summary>{summary}</summary>"
+        else:
+            answer = "filler " * 1600  # ~3k tokens of history per turn
+        if provider == "openai":
+            return SSE(oai_text_stream(answer, usage=oai_usage(prompt, len(answer) // 4)))
+        return NDJSON(ollama_text_stream(answer, prompt=prompt, completion=len(answer) // 4))
+
+    cc = claude_code(respond)
+    cc_run(cc, claude_code_bin, tmp_path, ["-p", "turn 1"])
+    for turn in range(2, 9):
+        cc_run(cc, claude_code_bin, tmp_path, ["-p", f"turn {turn}", "--continue"])
+        if any(summary in json.dumps(body["messages"]) for body in cc.chats()):
+            break
+    chats = cc.chats()
+    compaction = [i for i, body in enumerate(chats) if "<summary>" in cc_last(body)[1] and cc_last(body)[0] == "user"]
+    assert compaction, f"no compaction; prompts: {seen}"
+    assert max(seen) < window, f"the backend overflowed: {seen}"
+    before = cc_prompt_tokens(chats[compaction[0] - 1])
+    assert 0.70 * window < before < 0.90 * window, "compacted at about 75% of the window"
+    assert any(summary in json.dumps(body["messages"]) for body in chats[compaction[0] + 1 :])
+
+
+@pytest.mark.e2e
+def test_claude_code_asks_for_a_backend_model_by_name(claude_code, claude_code_bin, provider, tmp_path):
+    cc = claude_code()
+    if provider == "openai":
+        cc.stack.backend.models_openai.append({"id": "qwen3:4b", "object": "model", "max_model_len": 40960})
+    else:
+        cc.stack.backend.models_ollama.append({"name": "qwen3:4b", "model": "qwen3:4b", "size": 2497293918})
+    done = cc_run(cc, claude_code_bin, tmp_path, ["--model", "qwen3:4b", "-p", "hi"])
+    assert done.stdout.strip() == "ok"
+    assert {body["model"] for body in cc.chats()} == {"qwen3:4b"}
+    assert "qwen3:4b -> qwen3:4b" in done.stderr
+
+
+def test_client_window_option_without_run(window_stack):
+    """Claude Code started by hand with CLAUDE_CODE_AUTO_COMPACT_WINDOW=132000, the proxy with --client-window."""
+    config = cp.load_config(["--client-window", "132k"], environ={}, dotenv_path="")
+    assert config.client_window == 132000
+    server, stack = window_stack(listing("openai"), "openai", client_window=config.client_window)
+    msg = stack.client().messages.create(model="Qwen/Qwen3-0.6B", max_tokens=20, messages=USER_HI)
+    assert msg.usage.input_tokens == round(1000 * 132_000 / 8192)
+    env, told = cp.claude_environment(config, "http://x", "m", 8192, {})
+    assert told == 132000 and env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "132000"
+
+
+def test_resolve_route_order_unit():
+    config = cp.Config(
+        provider="ollama",
+        default_model="fallback",
+        model_map={"qwen3:4b": "mapped-by-key", "claude-*": "glob-target", "x": {"model": "tiny", "max_tokens": 9}},
+    )
+    listed = ["qwen3:4b", "qwen3-coder:30b", "claude-listed"]
+    route = lambda name: cp.resolve_route(config, name, {"*": "pick"}, listed)  # noqa: E731
+    assert route("qwen3:4b").model == "mapped-by-key"  # an exact key first
+    assert route("tiny").max_tokens == 9  # a map target by its own name keeps its entry
+    assert route("qwen3-coder:30b").model == "qwen3-coder:30b"  # a listed name as is, before the default
+    assert route("claude-listed").model == "claude-listed"  # ... and before a pattern
+    assert route("claude-opus-5-5").model == "glob-target"
+    assert route("other").model == "fallback"
+
+
+def test_overflow_inside_a_stream_is_prompt_too_long(make_stack):
+    """An Ollama that answers 200 and then its overflow as the stream's first line: still the error Claude Code
+    compacts on (for a non-streaming client, the HTTP 400)."""
+    stack = make_stack("ollama")
+    stack.backend.queue(NDJSON([{"error": "the input length exceeds the context length"}]))
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stack.client().messages.create(model="m", max_tokens=20, messages=USER_HI)
+    assert assert_sdk_error(info.value, 400, "invalid_request_error").startswith("prompt is too long")
