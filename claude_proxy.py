@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import fnmatch
 import hashlib
 import hmac
@@ -217,6 +218,46 @@ MODEL_MAP_KEYS = (
 
 class ConfigError(Exception):
     """Bad configuration: reported as one line on stderr, exit code 2."""
+
+
+def base_url_hint(provider: str, base_url: str, status: Optional[int]) -> str:
+    """What a wrong base URL most likely is, from the provider and the status of its model list ("" if nothing)."""
+    root, v1 = re.sub(r"/v1/?$", "", base_url), re.search(r"/v1/?$", base_url) is not None
+    if status == 200:
+        return ""
+    if provider == "ollama" and v1:
+        return f"the ollama provider takes the server's root: --base-url {root} (a /v1 URL is for --provider openai)"
+    if status != 404:
+        return ""
+    if provider == "openai" and not v1:
+        return (
+            f"OpenAI-compatible servers answer under /v1: try --base-url {base_url}/v1 (or --provider ollama if "
+            "this is Ollama's own API)"
+        )
+    if provider == "ollama":
+        return "this is not Ollama's API (no /api/tags): for an OpenAI-compatible server use --provider openai"
+    return "is this the server's OpenAI-compatible URL? (it has no /models)"
+
+
+_CLAUDE_NAME = re.compile(r"claude-(?:\d+(?:-\d+)*-)?(?:opus|sonnet|haiku)(?:-\d+)*(?:-\d{8})?(?:\[1m\])?")
+_CLAUDE_FAMILIES = ("opus", "sonnet", "haiku")
+
+
+def unlikely_claude_keys(names: list[str]) -> dict[str, str]:
+    """Model-map keys that look like Claude names but match nothing Claude Code sends (`claude-opus-5.5`,
+    `claude-sonnet_4`, `Claude-Opus-5`, `claude-opsu-5-5`) -> the name most likely meant ("" if unclear)."""
+    out = {}
+    for name in names:
+        if not name.lower().startswith("claude") or _GLOB_CHARS.search(name) or _CLAUDE_NAME.fullmatch(name):
+            continue
+        guess = re.sub(r"[._ ]", "-", name.lower())
+        words = [
+            (difflib.get_close_matches(w, _CLAUDE_FAMILIES, 1, 0.6) or [w])[0] if w.isalpha() else w
+            for w in guess.split("-")
+        ]
+        guess = "-".join(words)
+        out[name] = guess if _CLAUDE_NAME.fullmatch(guess) else ""
+    return out
 
 
 def parse_dotenv(text: str) -> dict[str, str]:
@@ -3116,12 +3157,17 @@ def check_fits(estimate: int, route: Route) -> None:
         raise too_long(estimate, window)
 
 
+_MODEL_MISSING = re.compile(r"model.{0,200}(?:not found|does not exist|not exist|unknown|no such)", re.I | re.S)
+
+
 def map_backend_error(
     status: int,
     message: str,
     retry_after: Optional[str] = None,
     estimate: Optional[int] = None,
     window: Optional[int] = None,
+    model: Optional[str] = None,
+    listed: Union[list[str], tuple[str, ...]] = (),
 ) -> ApiError:
     """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint). A context
     overflow becomes `prompt is too long: N tokens > M maximum`, with the backend's numbers where it gives
@@ -3141,6 +3187,11 @@ def map_backend_error(
             return ApiError(400, f"prompt is too long: {message}", retry=False, kind="too_long")
     text = f"backend returned HTTP {status}: {message}"
     kind = f"http_{status}"
+    if model and status in (400, 404) and _MODEL_MISSING.search(message) or status == 404 and model:
+        close = difflib.get_close_matches(model, listed, 3, 0.4) or list(listed[:8])
+        text = f"the backend has no model {model!r} (HTTP {status}: {message}): check the model map or --model" + (
+            f"; it lists {', '.join(close)}" if close else ""
+        )
     if status == 401:
         return ApiError(
             401, f"the backend rejected the proxy's API key (PROVIDER_API_KEY): {message}", retry=False, kind=kind
@@ -3384,6 +3435,7 @@ class Backend:
         self.capped: set[str] = set()  # models warned about for their own output cap
         self.in_flight: set[Any] = set()  # the Watch of every request at work (shutdown ends them)
         self._discovered_at = 0.0
+        self.list_problem: Optional[str] = None  # why the model list failed, with the likely fix
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=1024, limit_per_host=1024, keepalive_timeout=30)
@@ -3424,21 +3476,19 @@ class Backend:
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as resp:
                 if resp.status != 200:
-                    log.warning(
-                        "backend %s answered HTTP %d to %s",
-                        public_url(config.base_url),
-                        resp.status,
-                        provider.models_path,
-                    )
+                    hint = base_url_hint(config.provider, config.base_url, resp.status)
+                    self.list_problem = f"HTTP {resp.status} from {public_url(url)}" + (f": {hint}" if hint else "")
+                    log.warning("backend model list failed: %s", self.list_problem)
                     return
                 models = provider.models(await resp.json(content_type=None, loads=loads))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.warning(
-                "backend %s is unreachable (%s); the proxy is up and will retry on demand",
-                public_url(config.base_url),
-                type(exc).__name__,
+            hint = base_url_hint(config.provider, config.base_url, None)
+            self.list_problem = f"is it running at {public_url(config.base_url)}? ({type(exc).__name__})" + (
+                f"; {hint}" if hint else ""
             )
+            log.warning("backend unreachable: %s; the proxy is up and will retry on demand", self.list_problem)
             return
+        self.list_problem = None
         self.backend_models = [m["name"] for m in models]
         self.windows = {m["name"]: (m["context_window"], m["source"]) for m in models if m.get("context_window")}
         if config.provider == "openai":
@@ -3456,6 +3506,8 @@ class Backend:
             )
         else:
             log.warning("backend %s lists no models", public_url(config.base_url))
+        for warning in self.map_warnings():
+            warn_once(warning)
         self.log_windows()
 
     async def _get_json(self, url: str, body: Any = None) -> Any:
@@ -3512,6 +3564,24 @@ class Backend:
             return min(want, trained) if trained else want
         stated = self.windows.get(route.model) if main else None
         return route.context_window or (stated[0] if stated else None) or self.config.context_window
+
+    def map_warnings(self) -> list[str]:
+        """Model-map mistakes: keys no Claude Code name can match, backend models the backend does not list."""
+        config, listed = self.config, self.backend_models
+        out = [
+            f"model map key {key!r} matches no model name Claude Code sends"
+            + (f" (did you mean {guess!r}?)" if guess else "")
+            for key, guess in unlikely_claude_keys(list(config.model_map)).items()
+        ]
+        if listed:
+            for key, route in config.routes.items():
+                if route.base_url == config.base_url and route.model not in listed:
+                    close = difflib.get_close_matches(route.model, listed, 3, 0.4)
+                    out.append(
+                        f"model map entry {key!r}: the backend does not list {route.model!r}"
+                        + (f" (close: {', '.join(close)})" if close else f" (it lists {', '.join(listed[:8])})")
+                    )
+        return out
 
     def log_windows(self) -> None:
         """At start: the window each model runs with, where it comes from, and how to change it."""
@@ -3641,13 +3711,7 @@ class Backend:
             await self.discover()
             route = resolve_route(config, model, self.discovered, self.backend_models)
         if route is None:
-            hint = (
-                ""
-                if self.backend_models or not config.discover
-                else (
-                    f" (the proxy could not list the backend's models at {public_url(config.base_url)}: is it running?)"
-                )
-            )
+            hint = f" (the proxy could not list the backend's models: {self.list_problem})" if self.list_problem else ""
             raise ApiError(
                 400,
                 f"model {model!r} is not mapped to a backend model{hint}: add it to the model map "
@@ -3687,7 +3751,13 @@ class Backend:
                     data = _encode(body)
                     continue
             raise map_backend_error(
-                resp.status, message, resp.headers.get("retry-after"), ex.input_estimate, ex.route.context_window
+                resp.status,
+                message,
+                resp.headers.get("retry-after"),
+                ex.input_estimate,
+                ex.route.context_window,
+                ex.route.model,
+                self.backend_models if ex.route.base_url == self.config.base_url else (),
             )
 
     def _apply_lessons(self, ex: Exchange, key: tuple[str, str], body: dict[str, Any]) -> None:
@@ -4438,14 +4508,12 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
     rows: list[tuple[str, str, str]] = []
     try:
         await backend.discover(force=True)
-        reachable = bool(backend.backend_models)
-        rows.append(
-            (
-                "(backend)",
-                public_url(config.base_url),
-                f"ok: {len(backend.backend_models)} models" if reachable else "FAIL: unreachable or no models",
-            )
-        )
+        if backend.list_problem:
+            result = f"FAIL: {backend.list_problem}"
+        else:
+            result = f"ok: {len(backend.backend_models)} models" if backend.backend_models else "FAIL: lists no models"
+        rows.append(("(backend)", public_url(config.base_url), result))
+        rows += [("(model map)", "", f"WARNING: {warning}") for warning in backend.map_warnings()]
         names = [n for n in config.model_map if not _GLOB_CHARS.search(n)] or ["claude-opus-5-5", "claude-haiku-5-5"]
         for name in names:
             req = MessagesRequest(model=name, messages=[Message("user", [TextBlock("Reply with OK.")])], max_tokens=1)

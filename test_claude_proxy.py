@@ -3893,6 +3893,60 @@ def test_banner_after_bind_suggests_the_auth_token_without_printing_it(tmp_path)
         proc.wait()
 
 
+@pytest.mark.parametrize(
+    "provider, path, fix",
+    [
+        ("openai", "", "try --base-url http://127.0.0.1:{port}/v1"),  # the /v1 left out
+        ("ollama", "/v1", "the ollama provider takes the server's root: --base-url http://127.0.0.1:{port} "),
+    ],
+)
+def test_wrong_base_url_says_what_happened_and_the_fix(make_stack, capsys, provider, path, fix):
+    """Regression: a base URL without /v1 got 'model ... is not mapped ... is it running?' and --check said
+    'unreachable'; now both say which URL answered what, and the likely fix."""
+    backend = make_stack(provider).backend
+    base = f"http://127.0.0.1:{backend.port}{path}"
+    fix = fix.format(port=backend.port)
+    stack = make_stack(provider, base_url=base, default_model=None)
+    status, _, text = http(stack, "POST", "/v1/messages", req(model="claude-opus-5-5"))
+    message = json.loads(text)["error"]["message"]
+    assert status == 400 and "HTTP 404 from http://127.0.0.1" in message and fix in message, message
+    config = cp.Config(provider=provider, base_url=base)
+    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "FAIL: HTTP 404 from" in out and " ".join(fix.split()) in out
+
+
+def test_model_map_typos_are_reported_with_the_close_names(make_stack, capsys, caplog):
+    stack = make_stack("openai")
+    model_map = {"claude-opus-5.5": "qwen3-coder", "claude-haiku-5-5": "qwen3-codr", "claude-*": "qwen3-coder"}
+    caplog.set_level(logging.WARNING, logger="claude_proxy")
+    config = cp.Config(provider="openai", base_url=stack.backend_url, model_map=model_map)
+    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 0  # warnings, not failures (the fake answers)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "'claude-opus-5.5' matches no model name Claude Code sends (did you mean 'claude-opus-5-5'?)" in out
+    assert "'claude-haiku-5-5': the backend does not list 'qwen3-codr' (close: qwen3-coder)" in out
+    assert "claude-*" not in out.split("WARNING")[-1]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "did you mean 'claude-opus-5-5'" in logged and "does not list 'qwen3-codr'" in logged
+
+
+@pytest.mark.parametrize(
+    "provider, reply",
+    [
+        ("openai", {"object": "error", "message": "The model `qwen3-codr` does not exist.", "code": 404}),
+        ("ollama", {"error": 'model "qwen3-codr" not found, try pulling it first'}),
+    ],
+)
+def test_backend_without_the_model_names_it_and_the_close_ones(make_stack, provider, reply):
+    stack = make_stack(provider, model_map={"claude-x": "qwen3-codr"})
+    stack.backend.queue(Reply(404, reply))
+    status, _, text = http(stack, "POST", "/v1/messages", req(model="claude-x"))
+    message = json.loads(text)["error"]["message"]
+    assert status == 404 and "the backend has no model 'qwen3-codr'" in message and "model map" in message
+    listed = "qwen3-coder" if provider == "openai" else "qwen3:8b"
+    assert f"it lists {listed}" in message
+
+
 def test_check_prints_long_messages_whole_and_wrapped(make_stack, capsys):
     """Regression: --check cut its results at 200 characters, and the fix at the end of a message was lost."""
     stack = make_stack("openai")
