@@ -3269,6 +3269,7 @@ def test_refused_connection_retries_then_502(make_stack):
     code, headers, text = http(stack, "POST", "/v1/messages", VALID)
     elapsed = time.monotonic() - started
     assert_error(code, headers, text, 502, "api_error", "true")
+    assert "is it running at http://127.0.0.1:" in text
     assert 0.1 <= elapsed < 2.5  # it backed off between attempts, briefly
 
 
@@ -3429,6 +3430,7 @@ def test_backend_timeout_before_first_byte_is_504(make_stack, provider, stream):
         code, headers, text = http(stack, "POST", "/v1/messages", VALID)
     assert time.monotonic() - started < 0.75
     assert_error(code, headers, text, 504, "api_error", "true")
+    assert "--timeout or PROVIDER_TIMEOUT_MS" in text  # the message names the knob
     assert len(stack.backend.requests) == 1  # a timeout is not retried
     assert_serves(stack, provider)
 
@@ -3440,6 +3442,23 @@ def test_backend_timeout_through_sdk(make_stack):
         stack.client().messages.create(model="claude-opus-5-5", max_tokens=50, messages=USER_HI)
     assert_sdk_error(info.value, 504, "api_error")
     assert info.value.response.headers.get("x-should-retry") == "true"
+
+
+def test_count_tokens_logs_at_debug_with_model_and_count(make_stack, caplog):
+    """Claude Code sends dozens of count_tokens for one /context: no INFO line each; DEBUG has model and count."""
+    stack = make_stack("openai")
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    count = stack.client().messages.count_tokens(model="claude-opus-5-5", messages=USER_HI).input_tokens
+    stack.client().messages.create(model="claude-opus-5-5", max_tokens=5, messages=USER_HI)
+
+    def lines(path: str) -> list:
+        return [r for r in caplog.records if getattr(r, "fields", {}).get("path") == path]
+
+    assert wait_for(lambda: lines("/v1/messages"))
+    (counted,) = lines("/v1/messages/count_tokens")
+    assert counted.levelno == logging.DEBUG and counted.fields["model"] == "claude-opus-5-5"
+    assert counted.fields["input_tokens"] == count
+    assert lines("/v1/messages")[0].levelno == logging.INFO
 
 
 # --- A backend refusing an optional field ------------------------------------------------------
