@@ -3711,14 +3711,19 @@ class Backend:
             await self.discover()
             route = resolve_route(config, model, self.discovered, self.backend_models)
         if route is None:
-            hint = f" (the proxy could not list the backend's models: {self.list_problem})" if self.list_problem else ""
-            raise ApiError(
-                400,
-                f"model {model!r} is not mapped to a backend model{hint}: add it to the model map "
-                f'(--model-map / MODEL_MAP_JSON, e.g. {{"{model}": "qwen3-coder"}}) or set a '
-                "default with --model / DEFAULT_MODEL",
-                retry=False,
+            fix = (
+                f'add it to the model map (--model-map / MODEL_MAP_JSON, e.g. {{"{model}": "qwen3-coder"}}) or set '
+                "a default with --model / DEFAULT_MODEL"
             )
+            if self.list_problem:  # the likely cause first: the backend's model list failed
+                raise ApiError(
+                    502,
+                    f"the proxy could not list the backend's models ({self.list_problem}), so model {model!r} maps "
+                    f"to nothing; fix the backend URL, or {fix}",
+                    retry=False,
+                    kind="unreachable",
+                )
+            raise ApiError(400, f"model {model!r} is not mapped to a backend model: {fix}", retry=False)
         if route.provider == "ollama" and route.base_url == config.base_url and route.model not in self.trained:
             await self._show([route.model])  # a model pulled after the start
         window = self.window(route)

@@ -3928,7 +3928,7 @@ def test_wrong_base_url_says_what_happened_and_the_fix(make_stack, capsys, provi
     stack = make_stack(provider, base_url=base, default_model=None)
     status, _, text = http(stack, "POST", "/v1/messages", req(model="claude-opus-5-5"))
     message = json.loads(text)["error"]["message"]
-    assert status == 400 and "HTTP 404 from http://127.0.0.1" in message and fix in message, message
+    assert status == 502 and "HTTP 404 from http://127.0.0.1" in message and fix in message, message
     config = cp.Config(provider=provider, base_url=base)
     assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 1
     out = " ".join(capsys.readouterr().out.split())
