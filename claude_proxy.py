@@ -2386,19 +2386,25 @@ class ThinkTags:
 # --- tool calls written as text (a model or server without a tool-call parser) ----------------------
 # The formats models really emit; each is checked against its chat template or its server's parser in the tests.
 
-_CALL_MARKERS = ("<tool_call>", "<function=", "<function_calls>", "[TOOL_CALLS]")
+_CALL_MARKERS = ("<tool_call>", "<function=", "<function_calls>", "<minimax:tool_call>", "[TOOL_CALLS]")
 _CODE_FENCE = "```"
 _MARK_OR_CODE_FENCE = re.compile("|".join(re.escape(m) for m in _CALL_MARKERS + (_CODE_FENCE,)))
 _FENCE_ONLY = re.compile(re.escape(_CODE_FENCE))
-_CALL_ENDS = {"<tool_call>": "</tool_call>", "<function=": "</function>", "<function_calls>": "</function_calls>"}
+_CALL_ENDS = {
+    "<tool_call>": "</tool_call>",
+    "<function=": "</function>",
+    "<function_calls>": "</function_calls>",
+    "<minimax:tool_call>": "</minimax:tool_call>",
+}
 _WATCH_CHARS = ("<", "[", "`")
+_LONGEST_MARKER = max(len(m) for m in _CALL_MARKERS)
 _FUNCTION_XML = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|\Z)", re.S)
 _PARAMETER_XML = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
 _GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|\Z)", re.S)
 _INVOKE = re.compile(r'<invoke name="([^"]*)">(.*?)(?:</invoke>|\Z)', re.S)
 _INVOKE_PARAMETER = re.compile(r'<parameter name="([^"]*)">(.*?)(?:</parameter>|\Z)', re.S)
 _JSON_CALL_HEAD = re.compile(r'\s*\{\s*"([^"\\]*)"\s*:\s*(?:"([^"\\]*)")?')
-_JSON_CALL_KEYS = frozenset(("name", "arguments", "parameters"))
+_JSON_CALL_KEYS = frozenset(("name", "arguments", "parameters", "id", "type"))  # Mistral adds an id
 _DECODER = json.JSONDecoder()
 
 
@@ -2476,7 +2482,7 @@ def parse_text_calls(marker: str, body: str, tools: dict[str, Any], whole: bool)
         else:  # GLM-4.5+: NAME then <arg_key>/<arg_value> pairs
             name = re.split(r"<arg_key>|\n", text, maxsplit=1)[0].strip()
             calls.append((name, _xml_arguments(_GLM_ARG.findall(text), tools.get(name))))
-    elif marker == "<function_calls>":  # Anthropic-style XML
+    elif marker in ("<function_calls>", "<minimax:tool_call>"):  # Anthropic-style XML; MiniMax-M2's own tag
         for match in _INVOKE.finditer(body):
             name = match.group(1).strip()
             calls.append((name, _xml_arguments(_INVOKE_PARAMETER.findall(match.group(2)), tools.get(name))))
@@ -2561,7 +2567,7 @@ class TextCalls:
         return out
 
     def _partial(self) -> int:
-        tail = self.held[-16:]
+        tail = self.held[-_LONGEST_MARKER:]
         if not any(c in tail for c in _WATCH_CHARS):
             return 0
         tokens = (_CODE_FENCE,) if self.fence else _CALL_MARKERS + (_CODE_FENCE,)
@@ -2598,7 +2604,7 @@ class TextCalls:
 
     def _plausible(self, marker: str, body: str) -> Optional[bool]:
         """Can the text after a marker still become a call of an offered tool? None: cannot tell yet."""
-        if marker == "<function_calls>":
+        if marker in ("<function_calls>", "<minimax:tool_call>"):
             head = body.lstrip()
             probe = '<invoke name="'
             if len(head) < len(probe):
@@ -2644,6 +2650,7 @@ class TextCalls:
         else:
             name, args_tag, rest = head.partition("[ARGS]")
             if not args_tag:
+                name = name[: len(name) - _partial_suffix(name, "[ARGS]")]
                 if final or self._name(name.strip(), False) is False:
                     return self._as_text(len(self.marker), out)
                 return False
@@ -2675,10 +2682,12 @@ class TextCalls:
         if end is None:
             return False
         calls = parse_text_calls("{", self.held[:end], self.tools, whole=True)
-        if calls is None or (final and self.held[end:].strip()):
+        if calls is None or self.held[end:].strip():  # a call only as the whole answer
             self.mode = "text"
             return True
-        self.held = self.held[end:]
+        if not final:
+            return False  # whitespace after it so far: wait for the end of the answer
+        self.held = ""
         out.extend(("call", ("{", name, args)) for name, args in calls)
         self.mode = "text"
         return True

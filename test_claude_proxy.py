@@ -4342,3 +4342,321 @@ def test_a_switch_on_by_default_can_be_turned_off(monkeypatch):
         True,
     )
     assert extra.shown_default() == "on" and "[SEND_THING=0]" in extra.help_text()
+
+
+# --- imperfect models and servers (issue 13) ---
+# Templates cited below are llama.cpp's copies of the models' own chat templates (models/templates/*.jinja), and
+# the servers' parsers: vLLM's tool_parsers (hermes, qwen3_coder / qwen3_xml, glm4_moe, mistral, minimax_m2) and
+# llama.cpp's common/chat.cpp.
+
+RUN_TOOL = {
+    "name": "run",
+    "description": "Run a command",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "command": {"type": "string"},
+            "timeout": {"type": "integer"},
+            "ratio": {"type": "number"},
+            "background": {"type": "boolean"},
+            "env": {"type": "object"},
+            "args": {"type": "array"},
+            "note": {"type": ["string", "null"]},
+        },
+    },
+}
+TEXT_TOOLS = TOOLS + [RUN_TOOL]
+TEXT_SCHEMAS = {t["name"]: t["input_schema"] for t in TEXT_TOOLS}
+
+# (text the model writes, the blocks the client must get)
+TEXT_CALL_FORMATS = {
+    # Hermes / Qwen2.5 / Qwen3: Qwen-Qwen2.5-7B-Instruct.jinja and Qwen-Qwen3-0.6B.jinja ("For each function call,
+    # return a json object with function name and arguments within <tool_call></tool_call> XML tags"); vLLM hermes
+    "hermes": (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        [("text", "Let me check.\n"), W],
+    ),
+    "hermes_parameters": ('<tool_call>\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n</tool_call>', [W]),
+    "hermes_string_arguments": (
+        '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>',
+        [W],
+    ),
+    "hermes_several": (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>',
+        [W, T],
+    ),
+    # Qwen3-Coder XML: Qwen3-Coder.jinja ("<tool_call>\n<function=example_function_name>\n<parameter=...>\nvalue_1\n
+    # </parameter>"); vLLM qwen3_coder / qwen3_xml parsers
+    "qwen3_coder": (
+        "I'll run it.\n<tool_call>\n<function=run>\n<parameter=command>\nls -la\n</parameter>\n<parameter=timeout>\n"
+        "30\n</parameter>\n<parameter=background>\nfalse\n</parameter>\n</function>\n</tool_call>",
+        [("text", "I'll run it.\n"), ("tool_use", "run", {"command": "ls -la", "timeout": 30, "background": False})],
+    ),
+    "qwen3_coder_without_outer_tag": (
+        "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>",
+        [W],
+    ),
+    # GLM-4.5+/4.6: GLM-4.6.jinja ("<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>...");
+    # vLLM glm4_moe parser
+    "glm": (
+        "<tool_call>run\n<arg_key>command</arg_key>\n<arg_value>echo hi</arg_value>\n<arg_key>args</arg_key>\n"
+        '<arg_value>["a", 1]</arg_value>\n</tool_call>',
+        [("tool_use", "run", {"command": "echo hi", "args": ["a", 1]})],
+    ),
+    # Anthropic-style XML that models trained on Claude transcripts print (DeepSeek-V3.2.jinja writes the same
+    # shape with DSML-prefixed tags: "<function_calls>\n<invoke name=\"$FUNCTION_NAME\">\n<parameter name=...")
+    "function_calls": (
+        '<function_calls>\n<invoke name="run">\n<parameter name="command">pwd</parameter>\n'
+        '<parameter name="ratio">0.5</parameter>\n</invoke>\n<invoke name="get_weather">\n'
+        '<parameter name="city">Paris</parameter>\n</invoke>\n</function_calls>',
+        [("tool_use", "run", {"command": "pwd", "ratio": 0.5}), W],
+    ),
+    # MiniMax-M2: MiniMax-M2.jinja (toolcall_begin_token <minimax:tool_call>, then <invoke name=...><parameter
+    # name=...>); vLLM minimax_m2 parser
+    "minimax": (
+        '<minimax:tool_call>\n<invoke name="run">\n<parameter name="env">{"A": "1"}</parameter>\n</invoke>\n'
+        "</minimax:tool_call>",
+        [("tool_use", "run", {"env": {"A": "1"}})],
+    ),
+    # A bare JSON object as the whole answer: meta-llama-Llama-3.1-8B-Instruct.jinja ("Respond in the format
+    # {"name": function name, "parameters": dictionary of argument name and its value}"); vLLM llama3_json; Ollama
+    # returning Qwen3's call as content
+    "bare_json": ('{"name": "get_weather", "parameters": {"city": "Paris"}}', [W]),
+    "bare_json_arguments": ('\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', [W]),
+    # Mistral before v11: mistralai-Mistral-Nemo-Instruct-2407.jinja ("[TOOL_CALLS][" + JSON list); llama.cpp
+    # common/chat-parsers mistral-nemo, vLLM mistral parser (pre-v11)
+    "mistral_list": (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}]',
+        [W],
+    ),
+    # Mistral v11+: Mistral-Small-3.2-24B-Instruct-2506.jinja ("[TOOL_CALLS]" + name + "[ARGS]" + arguments|tojson);
+    # vLLM mistral parser (v11+)
+    "mistral_args": (
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris"}',
+        [W, T],
+    ),
+}
+
+
+def fold_text(pieces: list, tools: Optional[dict] = None, *, finish: str = "stop", stops: Optional[list] = None):
+    """Content pieces through an EventBuilder with the text-call watcher on -> (events, message)."""
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS) if tools is None else tools)
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher, stop_sequences=stops)
+    ev.start_message()
+    events = ev.take()
+    for piece in pieces:
+        ev.content(piece)
+        events += ev.take()
+    ev.backend_stop(finish)
+    ev.end_message()
+    events += ev.take()
+    return events, cp.fold_events(events)
+
+
+def text_blocks(message: dict) -> list:
+    out = []
+    for b in message["content"]:
+        if b["type"] == "tool_use":
+            assert b["id"].startswith("toolu_")
+            out.append(("tool_use", b["name"], b["input"]))
+        else:
+            out.append((b["type"], b.get("text")))
+    return out
+
+
+@pytest.mark.parametrize("fmt", TEXT_CALL_FORMATS)
+def test_text_calls_each_format(fmt):
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    events, message = fold_text([text])
+    assert text_blocks(message) == expected
+    assert message["stop_reason"] == "tool_use"
+    assert check_stream(events)["blocks"] == expected  # Anthropic's event grammar
+
+
+@pytest.mark.parametrize("fmt", TEXT_CALL_FORMATS)
+def test_text_calls_split_at_every_position(fmt):
+    """A marker (and everything else) split across two chunks at any position gives the same blocks."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    for cut in range(1, len(text)):
+        assert text_blocks(fold_text([text[:cut], text[cut:]])[1]) == expected, cut
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fmt=st.sampled_from(sorted(TEXT_CALL_FORMATS)),
+    before=st.sampled_from(["", "Sure.\n", "a < b and [x] `y`\n", "```\ncode\n```\n"]),
+    cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=12),
+)
+def test_property_text_calls_any_chunking(fmt, before, cuts):
+    """Any chunking, any prose before the call (with <, [ and fences that are not markers): the same message as
+    one chunk gives, and the text before the call is never changed."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    if fmt.startswith("bare_json") and before:
+        expected = [("text", before + text)]  # a JSON object is a call only as the whole answer
+    elif before:
+        expected = [("text", before + expected[0][1])] + expected[1:] if expected[0][0] == "text" else expected
+        expected = expected if expected[0][0] == "text" else [("text", before)] + expected
+    whole = before + text
+    points = sorted({c % len(whole) for c in cuts if c % len(whole)})
+    pieces = [whole[a:b] for a, b in zip([0] + points, points + [len(whole)])]
+    assert text_blocks(fold_text(pieces)[1]) == expected
+
+
+def test_text_calls_stream_live_and_hold_back_only_a_possible_marker():
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS))
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher)
+    ev.start_message()
+    ev.take()
+
+    def texts() -> str:
+        return "".join(d["delta"].get("text", "") for n, d in ev.take() if n == "content_block_delta")
+
+    ev.content("Hello ")
+    assert texts() == "Hello "  # no marker possible: streams at once
+    ev.content("there <tool")
+    assert texts() == "there "  # only "<tool" is held back
+    ev.content("ing> is fine, [TOOL")
+    assert texts() == "<tooling> is fine, "  # released unchanged the moment it cannot be a marker
+    ev.content("S] ok <tool_call>`code`")
+    assert texts() == "[TOOLS] ok <tool_call>`code"  # a marker whose body cannot be a call is text at once
+    ev.content(' <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par')
+    assert texts() == "` "  # (a backtick could have begun a ``` fence); a call in progress is held
+    ev.content('is"}}\n</tool_call>')
+    ev.backend_stop("stop")
+    ev.end_message()
+    events = ev.take()
+    assert [d["content_block"]["type"] for n, d in events if n == "content_block_start"] == ["tool_use"]
+    args = "".join(d["delta"].get("partial_json", "") for n, d in events if n == "content_block_delta")
+    assert json.loads(args) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a name the request did not offer
+        '<tool_call>\n{"name": "delete_everything", "arguments": {}}\n</tool_call>',
+        "<function=delete_everything>\n<parameter=x>\n1\n</parameter>\n</function>",
+        '<function_calls>\n<invoke name="delete_everything">\n</invoke>\n</function_calls>',
+        "<tool_call>delete_everything\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
+        '[TOOL_CALLS]delete_everything[ARGS]{"a": 1}',
+        '[TOOL_CALLS][{"name": "delete_everything", "arguments": {}}]',
+        '{"name": "delete_everything", "arguments": {}}',
+        # inside a markdown code fence: an example, not a call
+        'Use this format:\n```\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call>\n```",
+        '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
+        # ordinary JSON answers and prose
+        '{"name": "Bob", "age": 3}',
+        '{"result": {"name": "get_weather"}}',
+        "Write <tool_call> and </tool_call> around the JSON.",
+        "The array [TOOL_CALLS] is empty; a < b; <function=x is not a tag.",
+        '{"name": "get_weather", "arguments": {"city": "Paris"}} and then some prose',
+    ],
+)
+def test_text_that_is_not_a_call_stays_text_unchanged(text):
+    for pieces in ([text], list(text)):
+        _, message = fold_text(pieces)
+        assert text_blocks(message) == [("text", text)]
+        assert message["stop_reason"] == "end_turn"
+
+
+def test_xml_values_converted_by_input_schema():
+    args = cp._xml_arguments(
+        [
+            ("command", "\n  indented\nlines  \n"),
+            ("timeout", "\n30\n"),
+            ("ratio", "2.5"),
+            ("background", "True"),
+            ("env", '\n{"A": "1"}\n'),
+            ("args", "[1, 2]"),
+            ("note", "\nnull-able string\n"),
+            ("unknown", "\n42\n"),
+        ],
+        RUN_TOOL["input_schema"],
+    )
+    assert args == {
+        "command": "  indented\nlines  ",  # verbatim, minus the newline the templates add around it
+        "timeout": 30,
+        "ratio": 2.5,
+        "background": True,
+        "env": {"A": "1"},
+        "args": [1, 2],
+        "note": "null-able string",
+        "unknown": "42",  # not in the schema: text
+    }
+    assert cp.typed_value("thirty", {"type": "integer"}) == "thirty"  # unparseable: the text, not a crash
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', {"city": "Pa"}),
+        ("<tool_call>\n<function=run>\n<parameter=command>\nls -l", {"command": "ls -l"}),
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Pa', {"city": "Pa"}),
+    ],
+)
+def test_text_call_cut_off_by_max_tokens_is_closed(text, expected):
+    name = "run" if "run" in text else "get_weather"
+    for pieces in ([text], list(text)):
+        events, message = fold_text(pieces, finish="length")
+        assert text_blocks(message) == [("tool_use", name, expected)]
+        assert message["stop_reason"] == "max_tokens"
+        check_stream(events)
+
+
+def test_native_tool_calls_win_over_text_calls():
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS))
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher)
+    ev.start_message()
+    ev.content('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    ev.tool_fragment(0, "call_native00001", "get_weather", PARIS_JSON)
+    ev.backend_stop("tool_calls")
+    ev.end_message()
+    message = cp.fold_events(ev.take())
+    assert [b["type"] for b in message["content"]] == ["tool_use"]
+    assert message["content"][0]["id"] == "call_native00001"
+
+
+def test_no_watcher_when_no_tools_or_tool_choice_none_or_switched_off():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    config = cp.Config(provider="openai", base_url="http://x/v1", default_model="m")
+    route = cp.Route("m", "openai", "http://x/v1")
+
+    def watcher(body: dict, config=config, route=route):
+        req = cp.parse_request(body)
+        return cp.exchange(req, route, config, 1.0, "req_1", cp.RequestRecord()).builder.text_calls
+
+    assert watcher(body_of()) is not None
+    assert watcher(body_of(tools=[])) is None
+    assert watcher(body_of(tool_choice={"type": "none"})) is None
+    assert watcher(body_of(), config=cp.Config(provider="openai", default_model="m", text_tool_calls=False)) is None
+    assert watcher(body_of(), route=cp.Route("m", "openai", "http://x/v1", text_tool_calls=False)) is None
+    assert text  # the same text then stays text: see test_text_calls_switched_off_end_to_end
+
+
+def test_text_calls_switched_off_end_to_end(make_stack, provider):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    stack = make_stack(provider, text_tool_calls=False)
+    stack.backend.queue(text_answer(provider, text))
+    msg = stack.client().messages.create(**body_of())
+    assert [(b.type, b.text) for b in msg.content] == [("text", text)]
+    stack = make_stack(provider, model_map={"claude-*": {"model": "m", "text_tool_calls": False}})
+    stack.backend.queue(text_answer(provider, text))
+    assert stack.client().messages.create(**body_of()).content[0].type == "text"
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "qwen3_coder", "glm", "function_calls", "bare_json", "mistral_args"])
+def test_text_calls_end_to_end_tiny_chunks(make_stack, provider, fmt, caplog):
+    """Streamed in 1- and 3-character chunks, both providers: raw SSE grammar, the SDK's accumulator and the
+    non-streaming answer agree; one INFO line per recovered call."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    stack = make_stack(provider)
+    for n in (1, 3):
+        caplog.clear()
+        stack.backend.requests.clear()
+        with caplog.at_level(logging.INFO, logger="claude_proxy"):
+            result = run_modes(stack, text_answer(provider, *pieces(text, n)), tools=TEXT_TOOLS)
+        assert_tool_use(result, expected)
+        recovered = [r for r in caplog.records if "recovered a tool call written as text" in r.getMessage()]
+        assert len(recovered) == 3 * sum(1 for b in expected if b[0] == "tool_use")  # three requests
