@@ -3315,7 +3315,7 @@ def native_tools_fix(message: str, provider: str) -> str:
         )
     if "jinja" in lowered:
         return "start llama-server with --jinja (and --chat-template-file if the model's template has no tools)"
-    if provider == "ollama":
+    if provider == "ollama" or "does not support tools" in lowered:  # Ollama's wording, on both its APIs
         return "use a model whose template supports tools (`ollama show MODEL` lists `tools` under Capabilities)"
     return "enable tool calling on the server for this model"
 

@@ -4660,3 +4660,267 @@ def test_text_calls_end_to_end_tiny_chunks(make_stack, provider, fmt, caplog):
         assert_tool_use(result, expected)
         recovered = [r for r in caplog.records if "recovered a tool call written as text" in r.getMessage()]
         assert len(recovered) == 3 * sum(1 for b in expected if b[0] == "tool_use")  # three requests
+
+
+# Prompt-based tool calling: what servers answer when they cannot take `tools`
+NO_TOOLS_ERRORS = {
+    # Ollama (ollama/ollama#5793, #14795): HTTP 400 from /api/chat and /v1/chat/completions
+    "ollama": (400, {"error": "registry.ollama.ai/library/gemma2:latest does not support tools"}, "ollama show"),
+    # vLLM started without --enable-auto-tool-choice (its serving_chat check)
+    "vllm": (
+        400,
+        {
+            "object": "error",
+            "message": '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+        "--enable-auto-tool-choice --tool-call-parser",
+    ),
+    # llama.cpp without --jinja: tools/server/server-common.cpp throws "tools param requires --jinja flag" (HTTP 500)
+    "llamacpp": (
+        500,
+        {"error": {"code": 500, "message": "tools param requires --jinja flag", "type": "server_error"}},
+        "--jinja",
+    ),
+}
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("server", NO_TOOLS_ERRORS)
+def test_backend_rejecting_tools_switches_to_prompt_tools(make_stack, provider, server, caplog):
+    status, error, fix = NO_TOOLS_ERRORS[server]
+    stack = make_stack(provider)
+    stack.backend.queue(Reply(status, error), text_answer(provider, *pieces(HERMES_CALL, 5)))
+    client = stack.client()
+    with caplog.at_level(logging.INFO, logger="claude_proxy"):
+        msg = client.messages.create(**body_of(system="Be brief."))
+    assert summarize(msg)["blocks"] == [W] and msg.stop_reason == "tool_use"
+    first, second = stack.backend.requests
+    assert "tools" in first and "tools" not in second and "tool_choice" not in second
+    system = second["messages"][0]["content"]
+    assert system.startswith("Be brief.\n\n# Tools\n") and '"name":"get_weather"' in system and "<tool_call>" in system
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "does not take tools" in r.getMessage()]
+    assert len(warnings) == 1 and fix in warnings[0].getMessage()
+    # remembered for the model: the next request goes out in prompt mode at once, with its history as text
+    stack.backend.queue(text_answer(provider, "Sunny."))
+    messages = body_of()["messages"] + [
+        as_history(msg),
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": msg.content[0].id, "content": "Sunny"}]},
+    ]
+    assert client.messages.create(**body_of(system="Be brief.", messages=messages)).content[0].text == "Sunny."
+    third = stack.backend.requests[2]
+    assert "tools" not in third
+    assert third["messages"][2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>',
+    }
+    assert third["messages"][3]["role"] == "user"
+    assert third["messages"][3]["content"] == "<tool_response>\nSunny\n</tool_response>"
+    assert third["messages"][:2] == second["messages"][:2]  # the prompt prefix is stable across turns
+
+
+def test_prompt_tools_selected_in_the_map(make_stack, provider):
+    stack = make_stack(provider, model_map={"claude-*": {"model": "m", "tool_calls": "prompt"}})
+    result = run_modes(stack, text_answer(provider, *pieces(TEXT_CALL_FORMATS["qwen3_coder"][0], 2)), tools=TEXT_TOOLS)
+    assert_tool_use(result, TEXT_CALL_FORMATS["qwen3_coder"][1])
+    assert all("tools" not in r for r in stack.backend.requests)
+    with pytest.raises(cp.ConfigError, match="tool_calls"):
+        cp.Config(model_map={"x": {"model": "m", "tool_calls": "xml"}})
+
+
+def test_prompt_tools_on_even_when_text_tool_calls_off(make_stack, provider):
+    """Prompt mode reads calls from the text whatever the switch says: it is the only way they come."""
+    stack = make_stack(provider, text_tool_calls=False)
+    stack.backend.queue(Reply(*NO_TOOLS_ERRORS["ollama"][:2]), text_answer(provider, HERMES_CALL))
+    assert summarize(stack.client().messages.create(**body_of()))["blocks"] == [W]
+
+
+def test_prompt_tools_rendering_is_deterministic_and_a_prefix_across_turns():
+    def body(messages: list, **kw) -> dict:
+        req = cp.parse_request(body_of(messages=messages, system="S", **kw))
+        conv = cp.prompt_tools_conversation(cp.build_conversation(req), req)
+        return cp.openai_request(conv, req, ROUTE_OPENAI)
+
+    turn1 = [{"role": "user", "content": "Weather and time in Paris?"}]
+    turn2 = turn1 + [
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": PARIS},
+                {"type": "tool_use", "id": "toolu_02", "name": "get_time", "input": TZ},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01", "content": "Sunny"},
+                {"type": "tool_result", "tool_use_id": "toolu_02", "content": "12:00", "is_error": False},
+                {"type": "text", "text": "<system-reminder>x</system-reminder>"},
+            ],
+        },
+    ]
+    one, two = body(turn1), body(turn2)
+    assert one == body(turn1)  # deterministic
+    assert two["messages"][: len(one["messages"])] == one["messages"]
+    tools_text = two["messages"][0]["content"]
+    assert tools_text.startswith("S\n\n# Tools\n") and tools_text.count('{"type":"function"') == len(TOOLS)
+    assert two["messages"][2]["content"] == (
+        'Checking.\n\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name":"get_time","arguments":{"tz":"Europe/Paris"}}\n</tool_call>'
+    )
+    assert two["messages"][3] == {
+        "role": "user",
+        "content": "<tool_response>\nSunny\n</tool_response>\n\n<tool_response>\n12:00\n</tool_response>\n\n"
+        "<system-reminder>x</system-reminder>",
+    }
+    assert len(two["messages"]) == 4 and "tools" not in two
+    forced = body(turn1, tool_choice={"type": "tool", "name": "get_time"})["messages"][0]["content"]
+    assert forced.endswith("Answer with a call of the function get_time.")
+
+
+# Stop sequences watched by the proxy (llama.cpp and Ollama stop on `stop` without saying which string matched)
+
+
+def test_stop_strings_unit_hold_back_only_a_partial_match():
+    stops = cp.StopStrings(["###", "END"])
+    assert stops.feed("Hello #") == ("Hello ", None)  # only "#" is held
+    assert stops.feed("#x E") == ("##x ", None)
+    assert stops.feed("Nd") == ("ENd", None)
+    assert stops.feed(" a ##") == (" a ", None)
+    assert stops.feed("#tail") == ("", "###")
+    assert cp.StopStrings(["ab", "b"]).feed("xab") == ("x", "ab")  # the earliest match wins
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_stop_sequence_reported_and_backend_closed(make_stack, provider, split):
+    stack = make_stack(provider)
+    text = "Here it is.\n###\nMore text the client must not see."
+    answer = text_answer(provider, *pieces(text, split), *(["x"] * 40))
+    answer.delay = 0.01  # the backend goes on writing: the proxy hangs up on it
+    client = stack.client()
+    stack.backend.queue(answer)
+    msg = client.messages.create(**body_of(stop_sequences=["END", "###"]))
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
+    assert [(b.type, b.text) for b in msg.content] == [("text", "Here it is.\n")]
+    assert "stop" not in stack.backend.requests[0] and "stop" not in stack.backend.requests[0].get("options", {})
+    assert wait_for(lambda: stack.backend.disconnects == 1)
+    stack.backend.queue(answer, answer)
+    with client.messages.stream(**body_of(stop_sequences=["###"])) as s:
+        streamed = s.get_final_message()
+    assert (streamed.stop_reason, streamed.stop_sequence, streamed.content[0].text) == (
+        "stop_sequence",
+        "###",
+        "Here it is.\n",
+    )
+    events = check_stream(sse_events(stack, body_of(stop_sequences=["###"])))
+    assert events["blocks"] == [("text", "Here it is.\n")] and events["stop_reason"] == "stop_sequence"
+
+
+def test_stop_sequence_partial_match_released_at_the_end(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "a #", "#"))
+    msg = stack.client().messages.create(**body_of(stop_sequences=["###"]))
+    assert (msg.stop_reason, msg.stop_sequence, msg.content[0].text) == ("end_turn", None, "a ##")
+
+
+def test_stop_sequence_before_a_text_tool_call(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "Done.\nObservation:", HERMES_CALL))
+    msg = stack.client().messages.create(**body_of(stop_sequences=["Observation:"]))
+    assert (msg.stop_reason, [b.type for b in msg.content]) == ("stop_sequence", ["text"])
+
+
+# Reasoning kept inside the current tool loop
+
+
+def loop_messages(thinking: str = "Need weather.") -> list:
+    def assistant(call_id: str, text: str) -> dict:
+        return {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": text, "signature": "cpx1."},
+                {"type": "tool_use", "id": call_id, "name": "get_weather", "input": PARIS},
+            ],
+        }
+
+    def result(call_id: str) -> dict:
+        return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "Sunny"}]}
+
+    return [
+        {"role": "user", "content": "Weather?"},
+        assistant("toolu_old0000001", "Old loop."),
+        result("toolu_old0000001"),
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "And now?"},
+        assistant("toolu_new0000001", thinking),
+        result("toolu_new0000001"),
+        assistant("toolu_new0000002", "Check again."),
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_new0000002", "content": "Sunny"},
+                {"type": "text", "text": "<system-reminder>r</system-reminder>"},  # still the same loop
+            ],
+        },
+    ]
+
+
+def test_reasoning_sent_back_for_the_current_tool_loop_only():
+    req = cp.parse_request(body_of(messages=loop_messages()))
+    messages = backend_body(req, "openai")["messages"]
+    sent = [(m["role"], m.get("reasoning_content")) for m in messages if m["role"] == "assistant"]
+    assert sent == [
+        ("assistant", None),
+        ("assistant", None),
+        ("assistant", "Need weather."),
+        ("assistant", "Check again."),
+    ]
+    route = cp.Route("m", "openai", "http://x/v1", reasoning_history=False)
+    off = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]["messages"]
+    assert not any("reasoning_content" in m for m in off)
+    route = cp.Route("m", "openai", "http://x/v1", reasoning_history=True)
+    on = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]["messages"]
+    assert [m.get("reasoning_content") for m in on if m["role"] == "assistant"] == [
+        "Old loop.",
+        None,  # a text-only turn without reasoning
+        "Need weather.",
+        "Check again.",
+    ]
+
+
+def test_reasoning_in_loop_is_byte_stable_across_turns():
+    full = loop_messages()
+    bodies = [backend_body(cp.parse_request(body_of(messages=full[:n])), "openai") for n in (7, 9)]
+    shorter, longer = (json.dumps(b["messages"]) for b in bodies)
+    assert longer.startswith(shorter[:-1])  # turn N's messages are a prefix of turn N+1's
+
+
+def test_reasoning_goes_back_in_the_field_the_backend_used(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(
+        SSE([ROLE, oai_chunk({"reasoning": "Need weather."}), oai_chunk({"content": "ok"}), finish("stop")])
+    )
+    client = stack.client()
+    client.messages.create(**body_of())
+    stack.backend.queue(text_answer("openai", "ok"))
+    client.messages.create(**body_of(messages=loop_messages()))
+    sent = [m for m in stack.backend.requests[1]["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning") for m in sent] == [None, None, "Need weather.", "Check again."]
+    assert not any("reasoning_content" in m for m in sent)
+
+
+def test_backend_rejecting_reasoning_field_gets_it_dropped_and_remembered(make_stack, caplog):
+    stack = make_stack("openai")
+    error = {"error": {"message": "Unrecognized request argument supplied: reasoning_content", "type": "invalid"}}
+    stack.backend.queue(Reply(400, error), text_answer("openai", "ok"), text_answer("openai", "ok"))
+    client = stack.client()
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert client.messages.create(**body_of(messages=loop_messages())).content[0].text == "ok"
+        assert client.messages.create(**body_of(messages=loop_messages())).content[0].text == "ok"
+    first, second, third = stack.backend.requests
+    assert any("reasoning_content" in m for m in first["messages"])
+    assert not any("reasoning_content" in m for m in second["messages"] + third["messages"])
+    assert sum("rejected earlier reasoning" in r.getMessage() for r in caplog.records) == 1
