@@ -2396,7 +2396,7 @@ _CALL_ENDS = {
     "<function_calls>": "</function_calls>",
     "<minimax:tool_call>": "</minimax:tool_call>",
 }
-_WATCH_CHARS = ("<", "[", "`")
+_WATCH_CHAR = re.compile(r"[<\[`]")
 _LONGEST_MARKER = max(len(m) for m in _CALL_MARKERS)
 _FUNCTION_XML = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|\Z)", re.S)
 _PARAMETER_XML = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
@@ -2452,7 +2452,7 @@ def _json_call(obj: Any) -> Optional[tuple[str, Any]]:
 
 
 def _json_or_raw(text: str) -> Any:
-    """A whole JSON value, or (a call cut off mid-arguments) the raw text for ToolCall to repair."""
+    """The JSON value that is the whole text, or None."""
     try:
         return loads(text)
     except (ValueError, RecursionError):
@@ -2514,24 +2514,27 @@ class TextCalls:
     released unchanged the moment it cannot be a call of an offered tool. Markers inside a ``` fence are text.
     mode: start (only whitespace yet) -> text | call (after a marker) | bare (an answer that opens with `{`)."""
 
-    __slots__ = ("tools", "held", "fence", "mode", "marker")
+    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet")
 
     def __init__(self, tools: dict[str, Any]) -> None:
         self.tools = tools  # offered name -> input_schema
         self.held, self.fence, self.mode, self.marker = "", False, "start", ""
+        self.quiet = False  # nothing held and no call in progress: a piece without <, [ or ` is plain text
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
-        if self.mode == "text" and not self.held and not any(c in text for c in _WATCH_CHARS):
-            return [("text", text)]  # the hot path: nothing here can begin a marker or a fence
+        if self.quiet and "<" not in text and "[" not in text and "`" not in text:
+            return [("text", text)]
         self.held += text
-        return self._scan(False)
+        out = self._scan(False)
+        self.quiet = self.mode == "text" and not self.held
+        return out
 
     def flush(self) -> list[tuple[str, Any]]:
         """The answer ended: a call in progress is closed as it is (cut off), anything else is text."""
         out = self._scan(True)
         if self.held:
             out.append(("text", self.held))
-        self.held, self.mode = "", "text"
+        self.held, self.mode, self.quiet = "", "text", True
         return out
 
     def _scan(self, final: bool) -> list[tuple[str, Any]]:
@@ -2567,11 +2570,14 @@ class TextCalls:
         return out
 
     def _partial(self) -> int:
-        tail = self.held[-_LONGEST_MARKER:]
-        if not any(c in tail for c in _WATCH_CHARS):
-            return 0
+        """Length of the held text's end that could still begin a marker (or a fence)."""
         tokens = (_CODE_FENCE,) if self.fence else _CALL_MARKERS + (_CODE_FENCE,)
-        return max(_partial_suffix(self.held, token) for token in tokens)
+        tail = self.held[-_LONGEST_MARKER + 1 :]
+        for match in _WATCH_CHAR.finditer(tail):  # earliest first: the longest candidate
+            rest = tail[match.start() :]
+            if any(token.startswith(rest) for token in tokens):
+                return len(rest)
+        return 0
 
     def _as_text(self, n: int, out: list[tuple[str, Any]]) -> bool:
         """The first n held characters cannot begin a call: text; go on looking after them."""
@@ -2718,13 +2724,19 @@ class StopStrings:
     stop on `stop` but do not say which string matched). Text in, (text before any match, the match) out;
     only what could be the start of a stop string is held back."""
 
-    __slots__ = ("stops", "held")
+    __slots__ = ("stops", "held", "first")
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self.held = ""
+        self.first = re.compile("[" + "".join(sorted({re.escape(s[0]) for s in self.stops})) + "]")  # a match begins
 
     def feed(self, text: str) -> tuple[str, Optional[str]]:
+        if not self.held and self.first.search(text) is None:
+            return text, None
+        return self._feed(text)
+
+    def _feed(self, text: str) -> tuple[str, Optional[str]]:
         text = self.held + text
         first: Optional[tuple[int, str]] = None
         for stop in self.stops:
@@ -2895,12 +2907,17 @@ class EventBuilder:
     def content(self, text: str) -> None:
         """Backend content: text, except inline <think>...</think> reasoning at the answer's start, tool calls
         written as text (when text_calls is given) and what follows a matched stop sequence."""
-        if self.think.state == "off":
-            if self.text_calls is None and self.stops is None:
-                return self.text(text)
-            return self._answer(text)
-        self._pieces(self.think.feed(text))
-        return None
+        if self.think.state != "off":
+            return self._pieces(self.think.feed(text))
+        if self.cut:
+            return None
+        stops, watcher = self.stops, self.text_calls
+        if (stops is None or (not stops.held and stops.first.search(text) is None)) and (
+            watcher is None
+            or (watcher.quiet and not self.recovered and "<" not in text and "[" not in text and "`" not in text)
+        ):  # the hot path: nothing in this piece can begin a stop string, a call marker or a fence
+            return self.text(text)
+        return self._answer(text)
 
     def _pieces(self, pieces: list[tuple[str, str]]) -> None:
         for kind, piece in pieces:

@@ -4619,7 +4619,6 @@ def test_native_tool_calls_win_over_text_calls():
 
 
 def test_no_watcher_when_no_tools_or_tool_choice_none_or_switched_off():
-    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     config = cp.Config(provider="openai", base_url="http://x/v1", default_model="m")
     route = cp.Route("m", "openai", "http://x/v1")
 
@@ -4632,7 +4631,8 @@ def test_no_watcher_when_no_tools_or_tool_choice_none_or_switched_off():
     assert watcher(body_of(tool_choice={"type": "none"})) is None
     assert watcher(body_of(), config=cp.Config(provider="openai", default_model="m", text_tool_calls=False)) is None
     assert watcher(body_of(), route=cp.Route("m", "openai", "http://x/v1", text_tool_calls=False)) is None
-    assert text  # the same text then stays text: see test_text_calls_switched_off_end_to_end
+    schema = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+    assert watcher(body_of(**schema)) is None  # structured output: a JSON answer is the answer
 
 
 def test_text_calls_switched_off_end_to_end(make_stack, provider):
