@@ -2398,6 +2398,13 @@ _CALL_ENDS = {
 }
 _WATCH_CHAR = re.compile(r"[<\[`]")
 _LONGEST_MARKER = max(len(m) for m in _CALL_MARKERS)
+# a marker or a fence, or the beginning of one at the very end of a piece: anything else is plain text
+_MAYBE_MARKER = re.compile(
+    "|".join(
+        [re.escape(m) for m in _CALL_MARKERS + (_CODE_FENCE,)]
+        + [re.escape(m[:n]) + r"\Z" for m in _CALL_MARKERS + (_CODE_FENCE,) for n in range(1, len(m))]
+    )
+)
 _FUNCTION_XML = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|\Z)", re.S)
 _PARAMETER_XML = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
 _GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|\Z)", re.S)
@@ -2514,16 +2521,17 @@ class TextCalls:
     released unchanged the moment it cannot be a call of an offered tool. Markers inside a ``` fence are text.
     mode: start (only whitespace yet) -> text | call (after a marker) | bare (an answer that opens with `{`)."""
 
-    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet")
+    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet", "searched")
 
     def __init__(self, tools: dict[str, Any]) -> None:
         self.tools = tools  # offered name -> input_schema
         self.held, self.fence, self.mode, self.marker = "", False, "start", ""
         self.quiet = False  # nothing held and no call in progress: a piece without <, [ or ` is plain text
+        self.searched = 0  # how much of a call in progress was searched for its closing tag (long arguments)
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
-        if self.quiet and "<" not in text and "[" not in text and "`" not in text:
-            return [("text", text)]
+        if self.quiet and _MAYBE_MARKER.search(text) is None:
+            return [("text", text)]  # nothing held, and nothing here can begin a marker or a fence
         self.held += text
         out = self._scan(False)
         self.quiet = self.mode == "text" and not self.held
@@ -2564,7 +2572,7 @@ class TextCalls:
                 if match.start():
                     out.append(("text", self.held[: match.start()]))
                     self.held = self.held[match.start() :]
-                self.mode, self.marker = "call", match.group()
+                self.mode, self.marker, self.searched = "call", match.group(), 0
             elif not self._call(final, out):
                 break
         return out
@@ -2588,22 +2596,27 @@ class TextCalls:
     def _call(self, final: bool, out: list[tuple[str, Any]]) -> bool:
         """After a marker: True when the held text was decided (a call, or text), False to wait for more."""
         marker = self.marker
-        body = self.held[len(marker) :]
         if marker == "[TOOL_CALLS]":
-            return self._mistral(body, final, out)
-        end = body.find(_CALL_ENDS[marker])
+            return self._mistral(self.held[len(marker) :], final, out)
+        close = _CALL_ENDS[marker]
+        searched, self.searched = self.searched, len(self.held)  # long arguments are searched once, not per chunk
+        end = self.held.find(close, max(len(marker), searched - len(close)))
         if end < 0:
             if not final:
-                return self._plausible(marker, body) is False and self._as_text(len(marker), out)
+                if searched > len(marker) + 256:  # the head was judged on earlier chunks: a call is being written
+                    return False
+                head = self.held[len(marker) :]
+                return self._plausible(marker, head) is False and self._as_text(len(marker), out)
+            body = self.held[len(marker) :]
             calls = parse_text_calls(marker, body, self.tools, whole=False)
             if calls is None:
                 return self._as_text(len(marker), out)
             self.held = ""
         else:
-            calls = parse_text_calls(marker, body[:end], self.tools, whole=True)
+            calls = parse_text_calls(marker, self.held[len(marker) : end], self.tools, whole=True)
             if calls is None:
                 return self._as_text(len(marker), out)
-            self.held = body[end + len(_CALL_ENDS[marker]) :]
+            self.held = self.held[end + len(close) :]
         out.extend(("call", (marker, name, args)) for name, args in calls)
         self.mode = "text"
         return True
@@ -2914,7 +2927,11 @@ class EventBuilder:
         stops, watcher = self.stops, self.text_calls
         if (stops is None or (not stops.held and stops.first.search(text) is None)) and (
             watcher is None
-            or (watcher.quiet and not self.recovered and "<" not in text and "[" not in text and "`" not in text)
+            or (
+                watcher.quiet
+                and not self.recovered
+                and (("<" not in text and "[" not in text and "`" not in text) or _MAYBE_MARKER.search(text) is None)
+            )
         ):  # the hot path: nothing in this piece can begin a stop string, a call marker or a fence
             return self.text(text)
         return self._answer(text)

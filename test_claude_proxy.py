@@ -4924,3 +4924,15 @@ def test_backend_rejecting_reasoning_field_gets_it_dropped_and_remembered(make_s
     assert any("reasoning_content" in m for m in first["messages"])
     assert not any("reasoning_content" in m for m in second["messages"] + third["messages"])
     assert sum("rejected earlier reasoning" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_long_text_call_arguments_are_cheap():
+    """A call with 200 KB of arguments in 4-character chunks: the closing tag is searched once, not per chunk."""
+    content = "x" * 200_000
+    text = '<tool_call>\n{"name": "Read", "arguments": {"path": "a", "content": "' + content + '"}}\n</tool_call>'
+    t0 = time.perf_counter()
+    _, message = fold_text(pieces(text, 4))
+    assert time.perf_counter() - t0 < 2.0
+    assert text_blocks(message) == [("tool_use", "Read", {"path": "a", "content": content})]
+    long_prose = "Use <tool_call> tags like this: " + "word " * 100
+    assert text_blocks(fold_text([long_prose])[1]) == [("text", long_prose)]
