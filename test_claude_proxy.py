@@ -4936,3 +4936,31 @@ def test_long_text_call_arguments_are_cheap():
     assert text_blocks(message) == [("tool_use", "Read", {"path": "a", "content": content})]
     long_prose = "Use <tool_call> tags like this: " + "word " * 100
     assert text_blocks(fold_text([long_prose])[1]) == [("text", long_prose)]
+
+
+def test_inline_think_then_text_call():
+    """Qwen3 on a server with neither a reasoning nor a tool parser: <think> first, then the call, as text."""
+    text = "<think>\nThe user wants weather.\n</think>\n\n" + TEXT_CALL_FORMATS["hermes"][0]
+    for cut in range(1, len(text)):
+        message = fold_text([text[:cut], text[cut:]])[1]
+        assert text_blocks(message) == [("thinking", None), ("text", "Let me check.\n"), W], cut
+        assert message["content"][0]["thinking"].strip() == "The user wants weather."
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.text(alphabet="ab#E N\n", max_size=30),
+    stop=st.sampled_from(["###", "END", "\n\n"]),
+    after=st.text(alphabet="ab#EN \n", max_size=10),
+    cuts=st.lists(st.integers(min_value=1, max_value=60), max_size=8),
+)
+def test_property_stop_strings_any_chunking(before, stop, after, cuts):
+    """The text before the first match of any stop string, whatever the chunking; never held past the end."""
+    stops = ["###", "END", "\n\n"]
+    whole = before + stop + after
+    first = min((i, s) for s in stops if (i := whole.find(s)) >= 0)
+    points = sorted({c % len(whole) for c in cuts if c % len(whole)})
+    chunks = [whole[a:b] for a, b in zip([0] + points, points + [len(whole)])]
+    _, message = fold_text(chunks, tools={}, stops=stops)
+    assert "".join(b["text"] for b in message["content"]) == whole[: first[0]]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", first[1])
