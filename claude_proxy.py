@@ -2345,7 +2345,8 @@ def _partial_suffix(text: str, tag: str) -> int:
 class ThinkTags:
     """Reasoning that a model writes inline as <think>...</think> at the very start of its answer (servers
     without a reasoning parser). Text in, ("thinking" | "text", piece) out; a tag may be split across
-    chunks at any byte, and only what could still be a tag is held back. state: start -> inside -> off."""
+    chunks at any byte, and only what could still be a tag is held back. state: start -> inside -> after (the
+    whitespace after </think> is dropped, whatever the chunking) -> off."""
 
     __slots__ = ("state", "held")
 
@@ -2354,6 +2355,12 @@ class ThinkTags:
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         if self.state == "off":
+            return [("text", text)]
+        if self.state == "after":
+            text = text.lstrip()
+            if not text:
+                return []
+            self.state = "off"
             return [("text", text)]
         out: list[tuple[str, str]] = []
         self.held += text
@@ -2369,7 +2376,7 @@ class ThinkTags:
         if end >= 0:
             out.append(("thinking", self.held[:end]))
             rest = self.held[end + len(THINK_CLOSE) :].lstrip()
-            self.held, self.state = "", "off"
+            self.held, self.state = "", "off" if rest else "after"
             return out + [("text", rest)] if rest else out
         keep = len(self.held) - _partial_suffix(self.held, THINK_CLOSE)
         out.append(("thinking", self.held[:keep]))
