@@ -37,7 +37,9 @@ import os
 import random
 import re
 import secrets
+import shutil
 import sys
+import textwrap
 import time
 import typing
 import zlib
@@ -50,6 +52,20 @@ try:  # aiohttp is the one runtime dependency; say so plainly when it is missing
 except ImportError:  # pragma: no cover
     sys.stderr.write("claude-proxy needs aiohttp: pip install aiohttp\n")
     raise SystemExit(2) from None
+
+MAX_JSON_DEPTH = 200
+"""The deepest nesting of objects and arrays a request may have. The proxy's own limit, so that a request is
+accepted or refused the same with and without orjson: orjson's encoder stops at 255 levels and its parser at 1024,
+the stdlib's at the recursion limit (~1000). 200 leaves room for the few levels translation adds (a tool schema
+sits one level deeper in an OpenAI body than in Anthropic's)."""
+
+
+class JsonTooDeep(ValueError):
+    """JSON nested deeper than MAX_JSON_DEPTH (or than the parser goes)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+
 
 try:  # optional speed-up; the fallback below gives the same output and rejects the same input
     import orjson as _orjson
@@ -89,10 +105,32 @@ except ImportError:  # exercised by the tests with orjson hidden
         try:
             return json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_int)
         except RecursionError:
-            raise ValueError("JSON nested too deeply") from None
+            raise JsonTooDeep() from None
 
     def dumps_bytes(obj: Any) -> bytes:
         return _encoder.encode(obj).encode()
+
+
+def loads_request(raw: bytes) -> Any:
+    """loads() for a client's request body: JsonTooDeep past MAX_JSON_DEPTH, with or without orjson. The check
+    walks the parsed containers level by level, once per request (never per stream chunk): 30-45 µs on Claude
+    Code's 50 KB request in fixtures/, where parsing takes 80 µs with orjson and 270 µs without."""
+    try:
+        value = loads(raw)
+    except RecursionError:
+        raise JsonTooDeep() from None
+    except ValueError as exc:
+        if "depth limit" in str(exc) or "ecursion" in str(exc):  # orjson's parser stops at 1024 levels
+            raise JsonTooDeep() from None
+        raise
+    if len(raw) <= 2 * MAX_JSON_DEPTH:  # too short to hold MAX_JSON_DEPTH + 1 pairs of brackets
+        return value
+    level = [value] if type(value) in (dict, list) else []
+    for _ in range(MAX_JSON_DEPTH):
+        level = [c for v in level for c in (v.values() if type(v) is dict else v) if type(c) in (dict, list)]
+        if not level:
+            return value
+    raise JsonTooDeep()
 
 
 __version__ = "0.1.0"
@@ -117,6 +155,8 @@ RETRY_BACKOFF = (0.1, 2.0)  # seconds: first delay and cap, doubled per retry, j
 DISCOVERY_INTERVAL = 5.0  # seconds between two on-demand model listings
 PROBE_TIMEOUT = 5.0  # seconds for model lists and tokenizer endpoints
 IMAGE_FETCH_TIMEOUT = 15.0
+OUTPUT_CAP_SLACK = 8  # output tokens below the limit given that still count as reaching it
+SHUTDOWN_TIMEOUT = 1.0  # after --shutdown-grace, for aiohttp to close connections (it waits twice at most)
 WARN_ONCE_MEMORY = 1000  # distinct warnings remembered by warn_once
 TOKEN_MEMO_SIZE = 8192  # token counts remembered (long texts, tool definitions)
 BACKEND_TOKEN_CACHE_SIZE = 512  # counts from a backend tokenizer remembered
@@ -158,6 +198,11 @@ def public_url(url: str) -> str:
 PROVIDERS = ("openai", "ollama")
 DEFAULT_BASE_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000/v1"}
 SYSTEM_MESSAGE_STRATEGIES = ("reminder", "hoist", "inline")
+# Ollama runs a model with the num_ctx of each request, else with its own default (4k on small machines) and
+# cuts the prompt's start without an error. Claude Code's system prompt and tools alone take 11-13k tokens;
+# 32k leaves ~20k for the conversation and a compaction, and costs 1.5-5 GB of KV cache on 4-32B models
+# (Ollama's own choice on 24-48 GB GPUs). More: context_window in the map, or --context-window.
+DEFAULT_NUM_CTX = 32768
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_MAP_KEYS = (
     "model",
@@ -167,6 +212,7 @@ MODEL_MAP_KEYS = (
     "max_tokens",
     "context_window",
     "reasoning_history",
+    "send_user_id",
     "text_tool_calls",
     "tool_calls",
 )
@@ -254,6 +300,25 @@ def _fresh(default: Any) -> Any:
 
 def _positive(value: float) -> Optional[str]:
     return None if value > 0 else f"must be positive, got {value:g}"
+
+
+def parse_tokens(text: Optional[str]) -> Optional[int]:
+    """'132000', '128k', '1m' -> tokens (as Claude Code reads its window variables); None if not a number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", (text or "").lower())
+    if not match:
+        return None
+    return int(float(match.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[match.group(2)])
+
+
+def _tokens(text: str) -> int:
+    value = parse_tokens(text)
+    if value is None:
+        raise ValueError(f"expected a number of tokens (32768, 64k), got {text!r}")
+    return value
+
+
+def _window(value: Optional[int]) -> Optional[str]:
+    return None if value is None or value >= 1024 else f"a context window of {value} tokens is too small"
 
 
 def _model_map(given: Optional[str], env: typing.Mapping[str, str]) -> dict[str, Any]:
@@ -402,10 +467,22 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
         parse=str.lower, choices=("heuristic", "backend"),
     ),
     Option(
+        "context_window", "--context-window", ("CONTEXT_WINDOW",), None,
+        "context window of models the map gives none: sent to Ollama as num_ctx (default 32768, never above a "
+        "model's trained length); for other servers, used when they state none",
+        parse=_tokens, check=_window, unit="tokens", shown="32768 (Ollama)",
+    ),
+    Option(
+        "client_window", "--client-window", ("CLIENT_CONTEXT_WINDOW",), None,
+        "the window Claude Code is told with CLAUDE_CODE_AUTO_COMPACT_WINDOW (`run` sets both): reported input "
+        "tokens are scaled from each model's window to it, so /context shows the true fraction",
+        parse=_tokens, check=_window, unit="tokens",
+    ),
+    Option(
         "scale_usage", "--scale-usage", ("SCALE_USAGE",), False,
-        "report input tokens scaled from the model's context window (map context_window, or the backend's "
-        "max_model_len) to Claude's 200k, so Claude Code compacts before the backend overflows; reported usage "
-        "is then no longer raw",
+        "report input tokens scaled so that Claude Code, with the window it assumes for the model name (1M or "
+        "200k), compacts at 75% of the backend model's window (`run` does this by itself); reported usage is then "
+        "no longer raw",
         switch=True,
     ),
     Option(
@@ -413,6 +490,18 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
         "for Ollama (it accepts only base64), download image URLs in requests (http/https, at most 20 MiB each); "
         "off by default: the proxy then fetches URLs chosen by its clients",
         switch=True,
+    ),
+    Option(
+        "send_user_id", "--send-user-id", ("SEND_USER_ID",), False,
+        "pass the client's metadata.user_id (Claude Code's device and session ids) to OpenAI-compatible backends "
+        "as `user`; off by default (map entries may set send_user_id)",
+        switch=True,
+    ),
+    Option(
+        "shutdown_grace", "--shutdown-grace", ("SHUTDOWN_GRACE",), 3.0,
+        "on SIGINT/SIGTERM, seconds that requests in flight get to finish before they are ended with an "
+        "overloaded error the client retries (the proxy exits at most 2 s later)",
+        parse=_number, unit="s",
     ),
     Option(
         "text_tool_calls", "--text-tool-calls", ("TEXT_TOOL_CALLS",), True,
@@ -445,6 +534,7 @@ class Route:
     max_tokens: Optional[int] = None  # cap for the request's max_tokens
     context_window: Optional[int] = None
     reasoning_history: Optional[bool] = None  # send thinking back as reasoning_content; None: provider default
+    send_user_id: bool = False  # pass metadata.user_id on as `user` (Claude Code's device and session ids)
     text_tool_calls: Optional[bool] = None  # recognise tool calls written as text; None: --text-tool-calls
     tool_calls: str = "native"  # native: the backend's `tools`; prompt: definitions in the system prompt
 
@@ -461,7 +551,7 @@ class _ConfigRules:
     def _route_of(self, name: str, entry: Any) -> Route:
         where = f"model map entry {name!r}"
         if isinstance(entry, str) and entry:
-            return Route(entry, self.provider, self.base_url, self.api_key)
+            return self.default_route(entry)
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
             raise ConfigError(f'{where}: must be a backend model name or an object with a "model" string')
         unknown = set(entry) - set(MODEL_MAP_KEYS)
@@ -474,7 +564,7 @@ class _ConfigRules:
             value = entry.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{where}: {key} must be a positive integer")
-        for key in ("reasoning_history", "text_tool_calls"):
+        for key in ("reasoning_history", "send_user_id", "text_tool_calls"):
             if key in entry and not isinstance(entry[key], bool):
                 raise ConfigError(f"{where}: {key} must be true or false")
         if entry.get("tool_calls", "native") not in TOOL_CALL_MODES:
@@ -495,12 +585,13 @@ class _ConfigRules:
             entry.get("max_tokens"),
             entry.get("context_window"),
             entry.get("reasoning_history"),
+            entry.get("send_user_id", self.send_user_id),
             entry.get("text_tool_calls"),
             entry.get("tool_calls", "native"),
         )
 
     def default_route(self, model: str) -> Route:
-        return Route(model, self.provider, self.base_url, self.api_key)
+        return Route(model, self.provider, self.base_url, self.api_key, send_user_id=self.send_user_id)
 
 
 def _config_field(option: Option) -> tuple[str, str, Any]:
@@ -527,13 +618,24 @@ _DATE_SUFFIX = re.compile(r"-\d{8}$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def resolve_route(config: Config, model: str, discovered: Optional[dict[str, str]] = None) -> Optional[Route]:
-    """Client model name -> Route. Exact beats pattern, first pattern wins, then the default model,
-    then the pick among the backend's own models. None: nothing maps it."""
+def resolve_route(
+    config: Config,
+    model: str,
+    discovered: Optional[dict[str, str]] = None,
+    backend_models: Union[list[str], set[str], tuple[str, ...]] = (),
+) -> Optional[Route]:
+    """Client model name -> Route. An exact map key first; then a backend model by its own name (one the
+    map sends somewhere, with that entry's settings, or one the backend lists, as is); then the first
+    matching pattern, the default model, and last the zero-config pick. None: nothing maps it."""
     routes = config.routes
     for name in (model, _DATE_SUFFIX.sub("", model)):
         if name in routes and not _GLOB_CHARS.search(name):
             return routes[name]
+    for route in routes.values():
+        if route.model == model:
+            return route
+    if model in backend_models:
+        return config.default_route(model)
     for pattern, route in routes.items():
         if _GLOB_CHARS.search(pattern) and fnmatch.fnmatchcase(model, pattern):
             return route
@@ -571,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve Anthropic's Messages API (for Claude Code and the Anthropic SDKs) on top of an "
         "OpenAI-compatible or Ollama backend. Each option can also be set by the environment "
         "variable in brackets, or in a .env file in the working directory (flags win, then the "
-        "environment, then .env, then the defaults).",
+        "environment, then .env, then the defaults). `claude_proxy.py [options] run [claude arguments...]` "
+        "starts Claude Code on the proxy (see README: Context windows).",
     )
     for option in OPTIONS:
         if option.switch and option.flag:  # a switch that is on by default also gets --no-...
@@ -670,9 +773,7 @@ def too_deep(exc: BaseException) -> bool:
 
 
 TOO_DEEP = ApiError(
-    400,
-    "the request nests JSON too deeply to be forwarded (tool schemas or tool inputs deeper than 250 levels)",
-    retry=False,
+    400, f"the request nests JSON too deeply (objects and arrays deeper than {MAX_JSON_DEPTH} levels)", retry=False
 )
 
 
@@ -1107,9 +1208,17 @@ def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
 # loop: bytes.translate() maps every character to a byte of class bits, the
 # result is read as one big int, neighbour tests ("letter preceded by a
 # non-letter") become shifts and ANDs of that int, and int.bit_count() counts
-# the hits: ~2 ms per 200 KB.  The weights in _TOKEN_WEIGHTS were fitted
-# against tiktoken's cl100k_base on fixtures/token_corpus.json (prose, code,
-# JSON, shell output, CJK, base64/hex noise).
+# the hits: ~3.5 ms per 200 KB (7-9 ms in other languages).  Other languages: non-ASCII characters are
+# counted per script from their UTF-8 lead byte (a second translate()), a few
+# scripts that share a lead byte by a 2-byte prefix; Latin-script text that is
+# not English (told by how rarely "th" occurs) pays for its consonant clusters,
+# since cl100k splits its words more.  Three small tables read from cl100k's
+# vocabulary (bench/cl100k_tables.mjs) tell the one-token CJK ideographs and
+# Hangul syllables (the common ones) and accented Latin words ("contraseña")
+# from the rest, which cost more.  The weights in _TOKEN_WEIGHTS were fitted
+# (bench/fit_token_weights.py) against tiktoken's cl100k_base on
+# fixtures/token_corpus.json (prose, code, JSON, shell output, CJK, base64/hex
+# noise) and fixtures/token_corpus_i18n.json (21 languages, mixed text).
 # ---------------------------------------------------------------------------
 # Class bits of the per-character byte ("lanes" of the big int below).
 _L, _U, _D, _S, _N, _P, _PS, _V = 1, 2, 4, 8, 16, 32, 64, 128
@@ -1128,22 +1237,112 @@ def _char_class(i: int) -> int:
         return _S | _PS  # horizontal whitespace
     if i in (10, 13):
         return _N
-    if i < 128 or i == 0xE2:
-        return _P | _PS  # ASCII punctuation; U+2000-2FFF quotes, dashes, arrows
-    if 0xC2 <= i <= 0xDF:
+    if i < 128 or i == 0xE2 or i == 0xC2:
+        return _P | _PS  # ASCII punctuation; U+2000-2FFF quotes, dashes, arrows; U+0080-00BF: « » ° NBSP
+    if 0xC3 <= i <= 0xDF:
         return _L | _V  # 2-byte chars: accented Latin, Cyrillic, Greek, Arabic...
     return 0  # CJK, kana, Hangul, Indic, emoji (counted separately)
 
 
 def _wide_class(i: int) -> int:
-    """Second table, for non-ASCII text only: which chars cost extra."""
-    if 0xCE <= i <= 0xCF or 0xD5 <= i <= 0xDF:
-        return ord("g")  # Greek, Hebrew, Arabic...: ~1 token per char
-    if 0xC2 <= i <= 0xDF:
-        return ord("l")  # accented Latin, Cyrillic: ~0.3 extra per char
-    if i >= 0xE0 and i != 0xE2:
-        return ord("c")  # CJK, kana, Hangul, Indic: ~1 token per char
-    return ord(".")
+    """Second table, for non-ASCII text only: the script of a UTF-8 lead byte (one letter per script)."""
+    if 0xC3 <= i <= 0xCB:
+        return ord("a")  # accented Latin (U+00C0-02FF)
+    if 0xCC <= i <= 0xCD:
+        return ord("m")  # combining diacritics (decomposed accents)
+    if 0xCE <= i <= 0xCF:
+        return ord("g")  # Greek
+    if 0xD0 <= i <= 0xD4:
+        return ord("y")  # Cyrillic
+    if 0xD6 <= i <= 0xD7:
+        return ord("h")  # Hebrew
+    if 0xD8 <= i <= 0xDB:
+        return ord("r")  # Arabic
+    if i == 0xE3:
+        return ord("k")  # kana, CJK punctuation
+    if 0xE4 <= i <= 0xE9:
+        return ord("c")  # CJK ideographs
+    if 0xEA <= i <= 0xED:
+        return ord("K")  # Hangul syllables
+    if 0xD5 <= i <= 0xDF:
+        return ord("o")  # Armenian, Syriac, Thaana, ... (2 bytes)
+    if i in (0xE0, 0xE1, 0xEE, 0xEF):
+        return ord("x")  # Indic, Thai, Georgian, fullwidth forms, ... (3 bytes; Devanagari and Thai also below)
+    return ord(".")  # ASCII, U+2000-2FFF punctuation (0xE2), emoji (0xF0, counted apart)
+
+
+# Two-byte prefixes (lead + first continuation byte) of a few scripts whose lead byte they share with others.
+_DEVANAGARI = (b"\xe0\xa4", b"\xe0\xa5")  # U+0900-097F
+_THAI = (b"\xe0\xb8", b"\xe0\xb9")  # U+0E00-0E7F
+_VIETNAMESE = (b"\xe1\xba", b"\xe1\xbb")  # U+1E80-1EFF: ạ ả ấ ầ ẩ ẫ ậ ... ỹ
+_UKRAINIAN = ("і", "ї", "є", "І")  # letters that Russian lacks: Ukrainian words split more
+_DOUBLE_VOWELS = ("aa", "ee", "oo", "uu")  # Dutch/German-looking letter groups, in non-English text
+
+# Vocabulary tables read from cl100k's ranks (bench/cl100k_tables.mjs, packed by fit_token_weights.py --tables).
+# A bitmap of the CJK ideographs (U+4E00-9FFF) and Hangul syllables (U+AC00-D7A3) that are one token: the
+# common ones (~80% of the ideographs of real text); any other costs 2-3 byte tokens.
+_CL100K_ONE_CHAR = (
+    "c-pmAy>1jS5T2QHA``Cgo`MunO@QKrDDD9$oNxsaR8%PsiGm7=H*nAup*vBfjCckfAfn_+cnmyV?~ga@>?Uj`%I(@-kLUa5o7p}8q7TgrHHXLG"
+    "ECARuqjyKJh4&Vh=6Xp0dnog~T==U44cgC%G06rF_a^=~=8_R;znP0auvr1Mrso#iGdMV@{D@u55NgK^*K$#GawT5CmYy%vt5ek5?+9NB?4>*b"
+    "=>NEif-pVbcH-%^bkAEq+yo?us$SBS!|<!h!J@rp+YWbZm7_(qnN`=%XgkN?_$jRS!BRYAVV(G<09~#$-l5(2@aGBgGY9Un4M6QVj*CnGG{MTa"
+    "fN&WT?9XFYp>Yk5+~{C{`8OrSI=HZcgQH`yZ!JK|mXtHzOjcst89V#Ce7ulg$U7jpITj#RhX_@VW<}EY+|ND%<)iaL1?Oi>`<QZzE4ty}9WqP9"
+    ">jC-eS~MIYi427}RT)Y}oesB65V2<6jllRuxCr+)-4BV{iprS7aq@Nb!?8$*qw?bVsY72-!w5{mx<NY1>zBJg^Dx(4YKiw{Lc`~za#V{;LKoRH"
+    "^+CQq+$}U|-ItNQJErkk)aCS#6jW4U2jffA)XIoTOigveRh<+OJeawO{h2hs8Q_j0<PRRH+#)8b7{i)x`nX;I^QWs_lJFc`e;LR`&^(5N%)80%"
+    "WcxvUozC6~;2FX8QFoKATM1_g`9%+x*+!$jUXu3Xq(o|seKe5;`K~}XY&qFft)qoX4HCtkXF48u?GEeczZ>xsHZDH}D3iQ9!U#F0-(;}W8*qB4"
+    "nCV5M3z-`)g!wd4O+n_7BHtIM=`toMt<@0M607O|TCXR$KlM23i&;D*GpioG49R{9mJo>Qj#H%(Z{ej+0V|w1ap^?_X8My#MK@gI6DJ#r70i;V"
+    "T9hNqLdn+cL-rVRpGBPbSTn3T7@%iTD-g|XJqt${!aoruPW="
+)
+# Words with an accented Latin letter that are one token ("contraseña", "número", "für"), lowercased, >= 3 letters:
+# their accented letters do not cost the extra that rarer words pay.
+_CL100K_ACCENTED = (
+    "c-l=^%W~s37X20c8bm@8ED~S?q}<jrk4nw5YgS#Uscy&ahdfax9rdUjTeE`P|KUHGbMA$lY|gm^LEr+oFVN0>=f|=&wrPCX2XLj>54L<Uwsn2E"
+    "&c@EmF&TSt`ca@Uwp)}3bnN<a0G4eJJbih3XKZiBa-YcMO9Yi|@{Kh%w23o?P`0iT1`g|T8(MI=?uehzbLj9v)nrKJGrA3B4}3M1ov~>wyJqSz"
+    "b}H9|9ll8?Xq#R60y(o+X2a-09cN5-UA7oQmJ3)A_X5ddtnu`{vC|l_-tk3%9=!{rV*|h2uv7U|ZlchCxdNF|mI~lA_GM<V6EhdeVKlR=(@%h>"
+    "?*yWmaYJY2L+gNBYy;?!01x@q<XUTHr?;)Z#yer``t14PI+zCMumvXDj1KG0R4}7KRcb6IsVCVi*>m~)_z%<gaV+l*+f9AB%H@N>A-nR)oX?tE"
+    "wj(&W*V-)xY@2Rs6Lb01G(19r9eoTUwSq30W^;OLnsVI$ww-{Vf%dImL~>938WzM+fP+0h;>cSyuoj1ToH+{RooQXuajBw9>r(LLb8?XKF!3l`"
+    "cS0vW=bk7foYmh%oX%elBExVh`3^#Ib+=m2RaUZXOjV4gjnz`y$l0c+qrtgwquX+eZnVy}Y-iI*Y6SQ>X{xkNURvga3mipDe*p{vFle%jBhuP+"
+    "ad;8_Cb?b~NP{Qv3+$T1IbnB=>s&J?EXOwy57-sgJ-spN!DmOn05laRo<^)sJL6I{BbQ(nq*YgLL2&T}sO(3Bt+(<ni^(Y2%CV#1nzEZi7~z|O"
+    "L5SnR3^5*U(M>51RPgn{@BrnUnPX%D7}h*76jZW4|0TI9MrkY`*tdLKt=L|UW<J$*LeSOBCz#S4W{DG@mk$ZB!>4q)IpY)|!^2^K3&K($DUPII"
+    "#5fl=HQf1yTjJvp3=J0^t68LoIRss$0A~Ei<X;*#W4VBXfOLnt3o5ig6cAt!p=3Kq2fo7WOFQGdOXu;~(r1P(rR33E-ovGqG)BNEfaNSDIQe>{"
+    "Vz2~j{5e{9-6-#1(tiFDaYd{><{m2fUQ&dI87*AkpkW?Uf9|diH5mFJU5UwMKCf~3esS)M0FKuT+dgYcW&=&a(>MsD(fLNYgkS5+&3S~)SvQ4G"
+    "J`nZcbMK7C2tjcckuVPTSVp*robn=0NfOZoJ$hvcu*~}_vsy}wS}mU+wv!PTASAQmz7vvFa!UB5>@NX_E)W%htBkV%Zvgj52ur&TrW51tBxebt"
+    "$vYgbAd=q_((~g_lflH$1(@>)+EU&j6q16opg-jOesCMmAsZy&mFbWzyy+!h_qN8(9`?(m&}+u*B}4X-4|{tRYa`q_fFlB1hi@V_hM;2Sh1j87"
+    "CnJFc@Y*A^_vHqi%5B>$v2+NbqGQKf!bc?fo*AR(N_s{+!csA|PK4NUu<dI`vA*2(Y~2L`o#)UjM|WnvI4oq(&ce!h4*ZY>SbOy4*ma`EF;w-A"
+    "Ig_6sfA%I|6OKv72)6vk1lPcLu|m`Z0d}w(Oz=Sp9_%HPeDK(p5TAZ-ybv;cm{{rHgYy0ga6{>qBN8(e4cvu5j}PS|VasXGY>|y1@7eIsI~hqh"
+    "o2dCZHs#Jl#+5lpTDo>ZR*GF*@bqFgsh31p#KOdY9BkrH+j7~@%-QVYrG?JAfWc<E1VT6hqaYlnel;MEu-JMLEF`rfaHh2ntV9%fbORlyHv^20"
+    "@TVC%)J{nFLu|#yhPXodLy#Y!=5DOSV;Ulq`&tPq#9U((C3SL0sP2#r%>V~i!yYtW4Jpn#i2;z>sb=<p!A6V7fgzaC2x>!SkPyMQRon{<f-r4+"
+    "7B~fBwiX}2Kg@uT=-~~L#DM=!fQOktCo57RnpczUG`Ll1Ya|vDX09>Gbv43K(zPb1YF4IpNmra$%84BS1_6()XI<7QBJpsc6JKswASJpSfpr^r"
+    "h;T+_<W!x9lh{dk>c%tMQC>}%wC6|r%b+N^1CrpeS($7l0c3=j_rUT1pUxI0nqe{r#ZU=vocL6BY3+G}XCYI<u@P_Bthqu;wCu;J?o_6UWsj;e"
+    "_i%<B(Y%%E2Q~IQV8h||V4S(2#|9yD^2!1FKtK%uJdP&AW@sn*3eU77gn$`}K{6aUi!R*MR7s8zBI_=0YnECDwC~vSe!;oR{YvN&@ceKS%xG7P"
+    "r(?Y!foGDPD6lRZS&dl`c6DTSUy`<jyPnAObiU4v3FReUCgiD6%zRWc0Nvq%N{?JVArM&@Dh*4N`jiuZW0yPjxEtBH8+pZIU^G)T$g@w?C^J=`"
+    "oS0^&v(-+>cu6;O(xS~wdD37y)h<uRD}ixk)-FlqRe1^`>VdC4DqqD|DTAryT7u!ayvGaP90_y*+$Q;e7`sM{b-*n}<V?j_DVs|vr!GBoCv1ps"
+    "1sX+nVJ^$<QUDi-mI6k+<c<(9<RuHLD?1>OUh&3vRgNpOX)iF)#y$OD^rEnt)Hyc12yRY4wnhp>KoY<m+ei^7XI*U$G&5p%TDrp78Ar}FSPeW_"
+    "H4=YaJBa;Ig#bnXGCjL6<*^f%Kv0?Q!xaI+8>i!}B8O&KsRt&=rp%Vik0eqnW#wqJ(k<6(R|$Hs=q<mX8n+}&{R_+rH3DmGNsI&)Ic}{R%I%yF"
+    "3%*!(0@AwVf^ZH1E)u|J0gerDitNFy1UN-$38t1Ja)t!9NKDlj!K#_C5paT15tQ4t^u_l^F6}U`<%DI*rK5c8P|ZPuj{+R~Q~ePF0lnm+0$drn"
+    "*hq9!FQ_GR`AkJwY!Ud}I{}J;Vp8BU_wMtUDzaq_neJX=8}FMT_GE-7BR5wh0JMP?w$q{*BJQYyp5IeNiDD#gG)5p6Y2RLM&ziFlsAP1Sj$ByE"
+    "_SNJE!#j(B1VRW6f&0qLD8GPA{Sl-=^5xnm!lWHvP4Y}#6K75`L1rUuWSen1+tGT}3xbdis)h*CK}PxXwI9*Q8WKT6Oi>7{VUQz;$PN9KzPGc%"
+    "$i<p}2&`Z<S^(95PD<?1@_i@0STON#jH$n5%*(HtTG`ZS%F2a%Ed@;ZjjQ-gCYPcch<7Y6rK+z#PLNEX6Mvq_&EA@N!PlB!?|}LX3$>#xcTYu_"
+    "qsv!X)mN^bIRix)B(b@}d@djxc@Sqfq=Co9n=S4U1UkfFEsea`mivG&@2T#e9Ici(lH&oG_<{ZiV9lf)&x|iw%$i!-o-13Ve;q@Ybp8XTKY=7@"
+    "5~$vBA;_4(+c|-`0)@Tw<jl3U2e$%_$PuVFfL)TrgIer^g8*jZP&o^@u8nDK>J_0JH~i#(=zsbiGoIdj`~CUxrZK0tD{oE=;-@bSG5{`K9iS5t"
+    "#|dZ!RD@-L^d)b6r!QF^PVYd-BQ4<)fNb#e-Lx=IKS1NBf5J7SN+&pAN3p*G1U|oWE5PW{>l%lTq}rHozkj=irquIaUa3CbG)j1UetZ)a{|BLn"
+    "U77"
+)
+
+
+def _unpack_one_char(data: str) -> tuple:
+    bits = zlib.decompress(base64.b85decode(data))
+    chars = [[], []]
+    for n, (lo, hi) in enumerate(((0x4E00, 0x9FFF), (0xAC00, 0xD7A3))):
+        start = 0 if n == 0 else (0x9FFF - 0x4E00 + 8) // 8
+        for j, b in enumerate(bits[start : start + (hi - lo + 8) // 8]):
+            if b:
+                chars[n] += [chr(lo + 8 * j + k) for k in range(8) if b >> k & 1]
+    return tuple(re.compile("[" + "".join(c) + "]") for c in chars)
+
+
+_CJK_ONE_TOKEN, _HANGUL_ONE_TOKEN = _unpack_one_char(_CL100K_ONE_CHAR)
+_ACCENTED_WORDS = frozenset(zlib.decompress(base64.b85decode(_CL100K_ACCENTED)).decode().split())
+_WORD_PUNCT = ".,;:!?()[]{}\"'«»“”‘’-/…*%<>"  # stripped from a whitespace-separated word before the lookup
 
 
 # UTF-8 lead byte -> class; continuation bytes (0x80-0xBF) are deleted so that
@@ -1155,27 +1354,42 @@ _ASCII_AND_CONT = bytes(range(0xC0))
 _LANE_MASKS: dict[int, tuple] = {}  # padded length (a power of two) -> lane masks
 _CHUNK = 16384  # chars per big-int pass
 
-try:
-    _popcount = int.bit_count  # Python >= 3.10
-except AttributeError:  # Python 3.9: slower, same result
-
-    def _popcount(x: int) -> int:
-        return bin(x).count("1")
-
-
-# Weight of each feature returned by _token_features (fitted, then rounded).
+# Weight of each feature returned by _token_features (fitted, then rounded: bench/fit_token_weights.py).
 _TOKEN_WEIGHTS = (
-    1.0,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
-    0.45,  # words that swallowed a punctuation prefix (".append", "_name")
-    -0.08,  # words preceded by a space (" the" is the cheapest kind of word)
-    0.19,  # letters beyond the 8th in a word (long / rare words split)
-    2.2,  # lower->Upper switches that do not start a camelCase hump (base64)
-    0.35,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
-    1.08,  # CJK / kana / Hangul / other 3-4 byte characters
-    0.3,  # accented Latin / Cyrillic characters
-    0.9,  # Greek / Hebrew / Arabic characters
-    2.0,  # 4-byte characters (emoji), on top of the CJK weight
+    0.99,  # pieces: pre-tokenizer pieces that are ~always 1 token (words, digit groups, ...)
+    0.0,  # words that swallowed a punctuation prefix (".append", "_name")
+    -0.24,  # words preceded by a space (" the" is the cheapest kind of word)
+    0.06,  # letters beyond the 8th in a word (long / rare words split)
+    1.58,  # lower->Upper switches that do not start a camelCase hump (base64)
+    0.0,  # consonants preceded by two consonants ("rwxr", hex, "strncpy")
+    0.19,  # letters beyond the 5th in a word
+    0.31,  # words ending in a vowel
+    1.13,  # foreign Latin: consonant clusters (German, Dutch, Polish, Czech: "schr", "przy")
+    1.47,  # foreign Latin: "ij" (Dutch)
+    1.36,  # accented Latin letters
+    1.84,  # combining diacritics
+    0.81,  # Greek
+    0.23,  # Cyrillic
+    2.6,  # Ukrainian-only letters, on top of Cyrillic
+    0.91,  # Hebrew
+    0.58,  # Arabic
+    0.21,  # Devanagari, on top of "other 3-byte"
+    -0.05,  # Thai, on top of "other 3-byte"
+    -0.37,  # Vietnamese letters with two accents, on top of "other 3-byte"
+    0.9,  # kana, CJK punctuation
+    0.77,  # CJK ideographs
+    0.89,  # Hangul
+    0.9,  # other 2-byte letters (Armenian, Syriac, ...)
+    1.0,  # other 3-byte characters (Indic, Thai, Georgian, fullwidth, ...)
+    5.48,  # 4-byte characters (emoji)
+    1.62,  # CJK ideographs that are not one token (on top of CJK)
+    0.83,  # Hangul syllables that are not one token (on top of Hangul)
+    -2.69,  # words with an accented letter that are one token (their accents cost nothing extra)
+    0.84,  # Latin Extended-A letters (Polish, Czech, Turkish...), on top of accented Latin
+    1.99,  # foreign Latin: doubled vowels (Dutch, German, Finnish)
+    0.77,  # foreign Latin: capitalised words at the start of a line
 )
+_FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
 
 
 def _token_features(text: str) -> tuple:
@@ -1216,9 +1430,9 @@ def _chunk_features(text: str) -> tuple:
     masks = _LANE_MASKS.get(size)
     if masks is None:
         m0 = int.from_bytes(b"\x01" * size, "little")
-        masks = _LANE_MASKS[size] = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2))
-    M0, M1, M2, M3, M4, M5, M02 = masks
-    pc = _popcount
+        masks = _LANE_MASKS[size] = (m0, m0 << 1, m0 << 2, m0 << 3, m0 << 4, m0 << 5, m0 | (m0 << 2), m0 << 7)
+    M0, M1, M2, M3, M4, M5, M02, M7 = masks
+    pc = int.bit_count
     # Character i is byte i of X (bits 8i..8i+7, one bit per class).  A left
     # shift by 8 puts the previous character on each position, a right shift
     # the next one; shifting by 8 +/- k also moves a class bit k lanes.  Every
@@ -1258,23 +1472,66 @@ def _chunk_features(text: str) -> tuple:
     cons = X & M0
     cons ^= cons & (X >> 7)
     c3 = pc(cons & (cons << 8) & (cons << 16))
+    # Letters beyond the 5th in a word; words ending in a vowel (lane 7: vowel, next char no letter).
+    long5 = pc(a & (a << 16) & M0)
+    word_end = X & M0
+    word_end ^= word_end & Xn
+    vowel_end = pc(X & M7 & (word_end << 7))
+    letters = pc(X & M0)
+    lower = letters - pc(X & M1)
+    # Non-English Latin-script text costs more per word: cl100k learnt its merges mostly on English.  English
+    # (and code, which borrows English words) is told apart by its "th" (~2% of letters, ~0.1% elsewhere).
+    vocab = [0, 0, 0, 0]  # rare CJK ideographs, rare Hangul syllables, one-token accented words, Latin Extended-A
     if ascii_only:
-        return (pieces, pc(pre), space_words, long_tail, noise_case, c3, 0, 0, 0, 0)
-    # Non-ASCII extras: keep only the UTF-8 lead bytes (short for mostly-ASCII
-    # text), then classify them.
-    leads = raw.translate(None, _ASCII_AND_CONT)
-    wide = leads.translate(_WIDE_TABLE)
+        scripts = (0,) * 16
+        ascii_letters = letters
+    else:
+        # Non-ASCII extras: keep only the UTF-8 lead bytes (short for mostly-ASCII text), then classify them.
+        leads = raw.translate(None, _ASCII_AND_CONT)
+        wide = leads.translate(_WIDE_TABLE)
+        counts = [wide.count(c) for c in b"amgy"]
+        counts.append(sum(text.count(c) for c in _UKRAINIAN) if counts[3] else 0)
+        counts += [wide.count(c) for c in b"hr"]
+        other3 = wide.count(b"x")
+        counts += [
+            sum(raw.count(p) for p in prefixes) if other3 else 0 for prefixes in (_DEVANAGARI, _THAI, _VIETNAMESE)
+        ]
+        counts += [wide.count(c) for c in b"kcKo"]
+        counts.append(other3)
+        counts.append(leads.count(b"\xf0"))
+        scripts = tuple(counts)
+        ascii_letters = letters - sum(counts[:4]) - counts[5] - counts[6] - counts[13]
+        if counts[11]:
+            vocab[0] = counts[11] - len(_CJK_ONE_TOKEN.findall(text))
+        if counts[12]:
+            vocab[1] = counts[12] - len(_HANGUL_ONE_TOKEN.findall(text))
+        if counts[0]:
+            vocab[3] = leads.count(b"\xc4") + leads.count(b"\xc5")  # U+0100-017F: ą ę ł ś ż č ř ş ğ ı ...
+            accented = [w for w in text.split() if not w.isascii()]
+            stripped = map(str.strip, accented, [_WORD_PUNCT] * len(accented))
+            vocab[2] = sum(map(_ACCENTED_WORDS.__contains__, map(str.lower, stripped)))
+    foreign = 0.0
+    if ascii_letters > 0:
+        th = text.count("th") + text.count("Th")
+        foreign = max(0.0, 1.0 - th / (ascii_letters * _FOREIGN_TH)) * lower / letters
+    doubled = sum(map(text.count, _DOUBLE_VOWELS)) * foreign if foreign else 0
+    # Capitalised words at the start of a line (lists of names, UI strings): without the space, rarer tokens.
+    line_caps = pc(Lst & (X >> 1) & (Xp >> 4)) * foreign
     return (
-        pieces,
-        pc(pre),
-        space_words,
-        long_tail,
-        noise_case,
-        c3,
-        wide.count(b"c"),
-        wide.count(b"l"),
-        wide.count(b"g"),
-        leads.count(b"\xf0"),
+        (
+            pieces,
+            pc(pre),
+            space_words,
+            long_tail,
+            noise_case,
+            c3,
+            long5,
+            vowel_end,
+            c3 * foreign,
+            text.count("ij") * foreign,
+        )
+        + scripts
+        + (*vocab, doubled, line_caps)
     )
 
 
@@ -1721,7 +1978,7 @@ def openai_request(
     if official:  # OpenAI's own API rejects top_k, and its reasoning models take only max_completion_tokens
         body.pop("top_k", None)
         body["max_completion_tokens"] = body.pop("max_tokens")
-    if req.metadata and req.metadata.user_id:
+    if route.send_user_id and req.metadata and req.metadata.user_id:  # off by default: a device and session id
         body["user"] = req.metadata.user_id
     effort = reasoning_effort(req)
     if effort:
@@ -1841,9 +2098,14 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
             msg["images"] = [src.data for src in images]
         messages.append(msg)
     options: dict[str, Any] = {"num_predict": effective_max_tokens(req, route), **sampling(req)}
-    if route.context_window:
-        options["num_ctx"] = route.context_window
-    body: dict[str, Any] = {"model": route.model, "messages": messages, "stream": True, "options": options}
+    options["num_ctx"] = route.context_window or DEFAULT_NUM_CTX  # Ollama's own default silently cuts prompts
+    body: dict[str, Any] = {
+        "model": route.model,
+        "messages": messages,
+        "stream": True,
+        "options": options,
+        "truncate": False,  # an error instead of a prompt cut from the front (Ollamas without it ignore it)
+    }
     if conv.tools and not (req.tool_choice and req.tool_choice.type == "none"):
         body["tools"] = function_tools(conv.tools)
     if req.thinking:  # a model without thinking answers 400, and the proxy then drops `think` for it
@@ -3239,6 +3501,8 @@ def stream_error(error: Any) -> ApiError:
         kind = str(error.get("type") or "")
     else:
         message, kind = str(error), ""
+    if any(w in message.lower() for w in _OVERFLOW_WORDS):  # an Ollama that sends its overflow after a 200
+        return map_backend_error(400, message)
     overloaded = any(w in (message + kind).lower() for w in ("overload", "capacity", "queue", "unavailable"))
     return ApiError(
         529 if overloaded else 500, f"backend error during the stream: {message}"[:MAX_ERROR_CHARS], kind="stream_error"
@@ -3281,11 +3545,16 @@ class OpenAIProvider(Provider):
         return body, renamed
 
     def models(self, data: Any) -> list[dict[str, Any]]:
-        return [
-            {"name": m["id"], "context_window": m.get("max_model_len")}
-            for m in (data or {}).get("data") or ()
-            if isinstance(m, dict) and m.get("id")
-        ]
+        """vLLM states max_model_len; llama.cpp's meta.n_ctx is its running context (its /props is more exact)."""
+        models = []
+        for m in (data or {}).get("data") or ():
+            if isinstance(m, dict) and m.get("id"):
+                meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
+                window, source = _positive_int(m.get("max_model_len")), "max_model_len in /v1/models"
+                if not window and _positive_int(meta.get("n_ctx")):
+                    window, source = meta["n_ctx"], "llama.cpp n_ctx in /v1/models"
+                models.append({"name": m["id"], "context_window": window, "source": source})
+        return models
 
 
 class OllamaProvider(Provider):
@@ -3304,6 +3573,23 @@ class OllamaProvider(Provider):
 
 
 PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": OllamaProvider()}
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def trained_context(show: Any) -> Optional[int]:
+    """Ollama /api/show -> the context length the model was trained for (model_info.<arch>.context_length)."""
+    info = (show or {}).get("model_info") if isinstance(show, dict) else None
+    if not isinstance(info, dict):
+        return None
+    arch = info.get("general.architecture")
+    found = _positive_int(info.get(f"{arch}.context_length"))
+    return found or next(
+        (_positive_int(v) for k, v in info.items() if k.endswith(".context_length") and _positive_int(v)), None
+    )
+
 
 # Fields a backend may reject for a model; on a 400 that names one, it is dropped (and remembered).
 OPTIONAL_FIELDS = (
@@ -3333,6 +3619,13 @@ _LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (nu
     ),
     re.compile(r"n_prompt_tokens=(?P<prompt>\d+), n_ctx=(?P<ctx>\d+)"),  # llama.cpp (fields of its error)
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<ctx>\d+) tokens\)", re.I),
+    re.compile(  # LM Studio
+        r"keep the first (?P<prompt>\d+) tokens when context the overflows.{0,80}?context length of only "
+        r"(?P<ctx>\d+) tokens",
+        re.S | re.I,
+    ),
+    re.compile(r"input \((?P<prompt>\d+) tokens\) is longer than the model's context length \((?P<ctx>\d+) tok", re.I),
+    re.compile(r"prompt contains (?P<prompt>\d+) tokens.{0,40}?model with (?P<ctx>\d+) maximum context length", re.I),
     re.compile(r"supports at most (?P<cap>\d+) completion tokens", re.I),
 ]
 
@@ -3361,6 +3654,19 @@ def native_tools_fix(message: str, provider: str) -> str:
     return "enable tool calling on the server for this model"
 
 
+_OVER_BY = re.compile(r"exceeded max context length by (\d+) tokens", re.I)  # Ollama
+_OVERFLOW_WORDS = (  # context overflows that carry no usable numbers
+    "context_length_exceeded",
+    "exceeds the available context",
+    "input length exceeds the context length",  # Ollama with truncate: false (HTTP 400; 500 in some versions)
+    "prompt too long; exceeded",  # Ollama
+    "prompt is longer than the context length",
+    "exceed_context_size_error",
+    "maximum context length",
+    "is longer than the model's context length",
+    "when context the overflows",  # LM Studio
+    "greater than the context length",  # LM Studio
+)
 _WANTS_COMPLETION_TOKENS = re.compile(r"use .?max_completion_tokens.? instead|max_tokens.? is not supported", re.I)
 
 
@@ -3394,14 +3700,42 @@ def backend_error_text(raw: bytes) -> str:
     return text[:500]
 
 
-def map_backend_error(status: int, message: str, retry_after: Optional[str] = None) -> ApiError:
-    """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint)."""
+def too_long(prompt: int, window: int) -> ApiError:
+    """The error on which Claude Code compacts the conversation (it parses both numbers)."""
+    return ApiError(400, f"prompt is too long: {prompt} tokens > {window} maximum", retry=False, kind="too_long")
+
+
+def check_fits(estimate: int, route: Route) -> None:
+    """Answer a request over the known window before the backend (which may cut it silently). No margin: the
+    estimate counts Claude Code's requests ~10% low against Qwen's tokenizer with its chat template (README),
+    so a request it puts over is over; a wrong refusal would only bring a due compaction a little earlier."""
+    window = route.context_window
+    if window and estimate > window:
+        raise too_long(estimate, window)
+
+
+def map_backend_error(
+    status: int,
+    message: str,
+    retry_after: Optional[str] = None,
+    estimate: Optional[int] = None,
+    window: Optional[int] = None,
+) -> ApiError:
+    """A backend HTTP error -> the Anthropic error the client sees (type, status, retry hint). A context
+    overflow becomes `prompt is too long: N tokens > M maximum`, with the backend's numbers where it gives
+    them, else with the proxy's estimate and the window it knows (Ollama's wordings carry no numbers)."""
     lowered = message.lower()
-    if status in (400, 413, 422):
+    if status in (400, 413, 422, 500):
         ctx, prompt, _ = context_limits(message)
+        over = _OVER_BY.search(message)
+        if over and window:
+            ctx, prompt = window, window + int(over.group(1))
         if ctx and prompt and prompt >= ctx:  # Claude Code compacts on exactly this wording
-            return ApiError(400, f"prompt is too long: {prompt} tokens > {ctx} maximum", retry=False, kind="too_long")
-        if "context_length_exceeded" in lowered or "exceeds the available context" in lowered:
+            return too_long(prompt, ctx)
+        if not (ctx and prompt) and any(w in lowered for w in _OVERFLOW_WORDS):
+            ctx = ctx or window
+            if ctx:
+                return too_long(max(prompt or estimate or 0, ctx + 1), ctx)
             return ApiError(400, f"prompt is too long: {message}", retry=False, kind="too_long")
     text = f"backend returned HTTP {status}: {message}"
     kind = f"http_{status}"
@@ -3602,11 +3936,36 @@ class Exchange:
     builder: EventBuilder
     request_id: str
     record: RequestRecord
+    sent_max_tokens: int = 0  # the output limit the backend was given, after the lessons it taught
     prompt_tools: Optional[typing.Callable[[], dict[str, Any]]] = None  # the body with tools in the system prompt
     text_calls: Optional[TextCalls] = None  # the watcher for tool calls written as text, on or off
 
 
-CLIENT_CONTEXT_WINDOW = 200_000
+# Claude Code compacts when a conversation comes within ~33k tokens (20k for the answer, 13k of margin) of the
+# window it assumes for the model name: 1M for its default claude-opus-5-5 and for names it does not know.
+CLIENT_COMPACT_BUFFER = 33_000
+CLIENT_MIN_WINDOW = 132_000  # told to Claude Code by `run` for smaller models: it compacts at 75% of theirs
+_CLAUDE_200K = re.compile(r"claude-(?:[a-z]+-)?[34](?:[-.]|$)")  # claude-sonnet-4-5, claude-3-5-haiku-…
+
+
+def client_believed_window(model: str) -> int:
+    """The context window Claude Code 2.1.332 assumes for a model name it sends (without env overrides)."""
+    if "[1m]" not in model.lower() and _CLAUDE_200K.match(model.lower()):
+        return 200_000
+    return 1_000_000  # claude-*-5 models, and names it does not know (with a warning)
+
+
+def compaction_point(window: int) -> int:
+    """Prompt size at which a conversation should be compacted: leave 33k (Claude Code's own reserve for the
+    answer and the summary), but at least a quarter of a small window."""
+    return window - min(CLIENT_COMPACT_BUFFER, window // 4)
+
+
+def usage_scale(client_window: int, window: int) -> float:
+    """Factor for reported input tokens so that Claude Code, which compacts at client_window - 33k, does so
+    when the real prompt reaches compaction_point(window). With client_window = max(window, 132k) (what `run`
+    tells it) the factor is client_window / window: /context then shows the true fraction of the window."""
+    return max(1.0, (client_window - CLIENT_COMPACT_BUFFER) / compaction_point(window))
 
 
 class Backend:
@@ -3619,8 +3978,11 @@ class Backend:
         self.limits: dict[tuple[str, str], tuple[Optional[int], Optional[int]]] = {}  # (context, max output)
         self.discovered: dict[str, str] = {}  # family -> backend model (zero-config)
         self.backend_models: list[str] = []
-        self.context_windows: dict[str, int] = {}
+        self.windows: dict[str, tuple[int, str]] = {}  # backend model -> (running context, where it was read)
+        self.trained: dict[str, Optional[int]] = {}  # Ollama model -> trained context length (/api/show)
         self.token_cache: dict[str, int] = {}
+        self.capped: set[str] = set()  # models warned about for their own output cap
+        self.in_flight: set[Any] = set()  # the Watch of every request at work (shutdown ends them)
         self._discovered_at = 0.0
         self.prompt_tools: set[tuple[str, str]] = set()  # models that take no `tools`: tools go in the prompt
         self.reasoning_fields: dict[tuple[str, str], str] = {}  # the field a model sends its reasoning in
@@ -3680,7 +4042,12 @@ class Backend:
             )
             return
         self.backend_models = [m["name"] for m in models]
-        self.context_windows = {m["name"]: m["context_window"] for m in models if m.get("context_window")}
+        self.windows = {m["name"]: (m["context_window"], m["source"]) for m in models if m.get("context_window")}
+        if config.provider == "openai":
+            await self._server_windows()
+        else:
+            mapped = [r.model for r in config.routes.values() if r.base_url == config.base_url]
+            await self._show([config.default_model or "", *self.backend_models[:40], *mapped])
         self.discovered = pick_models(models)
         if self.discovered:
             log.info(
@@ -3691,11 +4058,91 @@ class Backend:
             )
         else:
             log.warning("backend %s lists no models", public_url(config.base_url))
+        self.log_windows()
 
-    def usage_scale(self, route: Route) -> float:
-        """--scale-usage: Claude Code compacts near 200k input tokens; make a smaller window look full."""
-        window = route.context_window or self.context_windows.get(route.model)
-        return CLIENT_CONTEXT_WINDOW / window if self.config.scale_usage and window else 1.0
+    async def _get_json(self, url: str, body: Any = None) -> Any:
+        """GET (or POST body) -> the JSON answer, None on any failure (probes of optional endpoints)."""
+        assert self.session is not None
+        route = self.config.default_route("")
+        try:
+            async with self.session.request(
+                "POST" if body is not None else "GET",
+                url,
+                data=None if body is None else dumps(body),
+                headers=self.headers(route, new_id("req_")),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
+            ) as resp:
+                data = await resp.json(content_type=None, loads=loads) if resp.status == 200 else None
+                return data if isinstance(data, dict) else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+
+    async def _server_windows(self) -> None:
+        """OpenAI-compatible servers that state the context a request may use: llama.cpp's /props (the
+        context of one slot: what a request gets), LM Studio's /api/v0/models (each loaded model's context)."""
+        root = re.sub(r"/v1$", "", self.config.base_url)
+        llama = any(src.startswith("llama.cpp") for _, src in self.windows.values())
+        if len(self.backend_models) == 1 and (llama or not self.windows):
+            props = await self._get_json(root + "/props")
+            settings = (props or {}).get("default_generation_settings")
+            n_ctx = _positive_int(settings.get("n_ctx")) if isinstance(settings, dict) else None
+            if n_ctx:
+                self.windows[self.backend_models[0]] = (n_ctx, "llama.cpp /props n_ctx")
+        if any(name not in self.windows for name in self.backend_models):
+            studio = await self._get_json(root + "/api/v0/models")
+            for m in (studio or {}).get("data") or ():
+                if isinstance(m, dict) and m.get("id") in self.backend_models and m.get("state") == "loaded":
+                    loaded = _positive_int(m.get("loaded_context_length"))
+                    if loaded:
+                        self.windows[m["id"]] = (loaded, "LM Studio loaded_context_length")
+
+    async def _show(self, names: list[str]) -> None:
+        """Ollama: the trained context length of each model (/api/show), which caps the num_ctx sent."""
+        todo = [n for n in dict.fromkeys(names) if n and n not in self.trained]
+        shows = await asyncio.gather(*(self._get_json(self.config.base_url + "/api/show", {"model": n}) for n in todo))
+        for name, show in zip(todo, shows):
+            self.trained[name] = trained_context(show)
+
+    def window(self, route: Route) -> Optional[int]:
+        """The context a request to this backend model gets: for Ollama the num_ctx the proxy sends (the
+        map's context_window, else --context-window, else 32768; never above the trained length); for the
+        others the map's, else what the server states, else --context-window. None: unknown."""
+        main = route.base_url == self.config.base_url
+        if route.provider == "ollama":
+            want = route.context_window or self.config.context_window or DEFAULT_NUM_CTX
+            trained = self.trained.get(route.model) if main else None
+            return min(want, trained) if trained else want
+        stated = self.windows.get(route.model) if main else None
+        return route.context_window or (stated[0] if stated else None) or self.config.context_window
+
+    def log_windows(self) -> None:
+        """At start: the window each model runs with, where it comes from, and how to change it."""
+        config = self.config
+        names = [r.model for r in config.routes.values()] + [config.default_model or ""] + self.backend_models
+        routes = [resolve_route(config, n, None, self.backend_models) for n in dict.fromkeys(names) if n]
+        parts = []
+        for route in dict.fromkeys(r for r in routes if r):
+            window = self.window(route)
+            if route.provider == "ollama":
+                trained = self.trained.get(route.model)
+                how = "num_ctx sent" + (f", trained for {trained}" if trained else "")
+            else:
+                stated = self.windows.get(route.model)
+                how = "model map" if route.context_window else (stated[1] if stated else "--context-window")
+            parts.append(f"{route.model} {window} ({how})" if window else f"{route.model} unknown")
+        if parts:
+            log.info(
+                "context windows: %s; change with context_window in the model map or --context-window",
+                ", ".join(parts[:20]),
+            )
+
+    def usage_scale(self, route: Route, client_model: str) -> float:
+        """--scale-usage (and `run`): scale reported input tokens so that Claude Code compacts in time for the
+        backend model's real window (see usage_scale())."""
+        config = self.config
+        if not route.context_window or not (config.scale_usage or config.client_window):
+            return 1.0
+        return usage_scale(config.client_window or client_believed_window(client_model), route.context_window)
 
     async def fetch_images(self, req: MessagesRequest) -> None:
         """Replace image URLs with their bytes (base64), for backends that take no URLs (Ollama)."""
@@ -3755,9 +4202,10 @@ class Backend:
             if isinstance(data.get("count"), int):  # vLLM
                 count = data["count"]
             else:  # llama.cpp: render the chat template, then tokenize the prompt
+                template = {k: payload[k] for k in ("messages", "tools") if k in payload}  # it renders tools
                 async with self.session.post(
                     root + "/apply-template",
-                    data=dumps({"messages": body["messages"]}),
+                    data=dumps(template),
                     headers=headers,
                     timeout=timeout,
                 ) as resp:
@@ -3788,13 +4236,12 @@ class Backend:
         return count
 
     async def route(self, model: str) -> Route:
+        """Client model name -> Route with the backend model's real context window (see window())."""
         config = self.config
-        route = resolve_route(config, model, self.discovered)
-        if route is None and model in self.backend_models:
-            route = config.default_route(model)
+        route = resolve_route(config, model, self.discovered, self.backend_models)
         if route is None and config.discover and not config.default_model:
             await self.discover()
-            route = resolve_route(config, model, self.discovered)
+            route = resolve_route(config, model, self.discovered, self.backend_models)
         if route is None:
             hint = (
                 ""
@@ -3810,7 +4257,10 @@ class Backend:
                 "default with --model / DEFAULT_MODEL",
                 retry=False,
             )
-        return route
+        if route.provider == "ollama" and route.base_url == config.base_url and route.model not in self.trained:
+            await self._show([route.model])  # a model pulled after the start
+        window = self.window(route)
+        return route if window == route.context_window else dataclasses.replace(route, context_window=window)
 
     async def open(self, ex: Exchange) -> aiohttp.ClientResponse:
         """POST the ex to its backend; return the 2xx response, or raise the mapped ApiError.
@@ -3853,7 +4303,9 @@ class Backend:
                 if self._learn(ex, key, body, message):
                     data = _encode(body)
                     continue
-            raise map_backend_error(resp.status, message, resp.headers.get("retry-after"))
+            raise map_backend_error(
+                resp.status, message, resp.headers.get("retry-after"), ex.input_estimate, ex.route.context_window
+            )
 
     def _prompt_tools(self, ex: Exchange) -> dict[str, Any]:
         """Switch the exchange to prompt-based tool calling: the body without `tools`, the watcher on."""
@@ -3886,6 +4338,7 @@ class Backend:
             holder[field_name] = cap
         if context and holder[field_name] > context - ex.input_estimate:
             holder[field_name] = max(1, context - ex.input_estimate)
+        ex.sent_max_tokens = holder[field_name]
 
     def _learn(self, ex: Exchange, key: tuple[str, str], body: dict[str, Any], message: str) -> bool:
         """Adapt the body to a 400 that says what the model cannot take; False if nothing applies."""
@@ -3902,7 +4355,7 @@ class Backend:
         if allowed and allowed < holder[field_name]:
             known_ctx, known_cap = self.limits.get(key, (None, None))
             self.limits[key] = (ctx or known_ctx, cap or known_cap)
-            holder[field_name] = allowed
+            holder[field_name] = ex.sent_max_tokens = allowed
             log.info("backend model %s: max_tokens lowered to %d to fit its limits", model, allowed)
             return True
         sent = [
@@ -3923,6 +4376,26 @@ class Backend:
             log.warning("backend model %s rejected %r; sending requests without it from now on", model, rejected)
             return True
         return False
+
+    def note_output_cap(self, ex: Exchange) -> None:
+        """A `length` stop well below the limit the backend was given is the server's own output cap (llama.cpp
+        -n, a Modelfile's num_predict): Claude Code then asks for continuations and reports its own maximum.
+        Say so once per model, with the fix."""
+        produced, outcome, model = ex.builder.usage_out, ex.builder.outcome, ex.route.model
+        if not outcome or outcome.stop_reason != "max_tokens" or produced is None or model in self.capped:
+            return
+        if produced + OUTPUT_CAP_SLACK < ex.sent_max_tokens:
+            self.capped.add(model)
+            log.warning(
+                "backend model %s stopped at %d output tokens ('length') although it was given %d: the server caps "
+                "output on its own, so answers end early and Claude Code asks for continuations. Raise the server's "
+                "limit (llama.cpp: -n/--n-predict; Ollama: num_predict in the Modelfile; vLLM: the model's "
+                'generation_config max_tokens), or set "max_tokens": %d for this model in the model map',
+                model,
+                produced,
+                ex.sent_max_tokens,
+                produced,
+            )
 
     async def _post(self, ex: Exchange, data: bytes) -> aiohttp.ClientResponse:
         """One POST; connection failures before any response byte are retried (jittered backoff)."""
@@ -3988,6 +4461,9 @@ def exchange(
         if not too_deep(exc):
             raise
         raise TOO_DEEP from None
+    record.model, record.backend_model, record.provider = req.model, route.model, route.provider
+    record.stream = bool(req.stream)
+    check_fits(estimate, route)
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
     calls_possible = bool(conv.tools) and not (req.tool_choice and req.tool_choice.type == "none")
     watcher, prompt_tools = None, None
@@ -4009,8 +4485,6 @@ def exchange(
         text_calls=watcher if text_calls else None,
         stop_sequences=req.stop_sequences,
     )
-    record.model, record.backend_model, record.provider = req.model, route.model, route.provider
-    record.stream = bool(req.stream)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:MAX_DEBUG_CHARS])
     return Exchange(
@@ -4023,8 +4497,8 @@ def exchange(
         builder,
         request_id,
         record,
-        prompt_tools,
-        watcher,
+        prompt_tools=prompt_tools,
+        text_calls=watcher,
     )
 
 
@@ -4110,27 +4584,40 @@ class Watch:
     task is cancelled, which closes the backend connection at once, and ClientGone comes out of the
     block) and, given the stream `out`, pings after `interval` s without a write (`last`)."""
 
-    def __init__(self, request: web.Request, interval: float, out: Optional[web.StreamResponse] = None) -> None:
-        self.request, self.interval, self.out = request, interval, out
+    def __init__(self, request: web.Request, backend: Backend, out: Optional[web.StreamResponse] = None) -> None:
+        self.request, self.interval, self.out = request, backend.config.ping_interval, out
+        self.in_flight = backend.in_flight
         self.last = time.monotonic()
-        self.gone = False
+        self.gone = self.stopped = False
         self.task: Optional[asyncio.Task] = None
         self.watcher: Optional[asyncio.Task] = None
 
     async def __aenter__(self) -> Watch:
         self.task = asyncio.current_task()
         self.watcher = asyncio.create_task(self._watch())
+        self.in_flight.add(self)
         return self
 
     async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        self.in_flight.discard(self)
         if not self.watcher.done():  # type: ignore[union-attr]
             self.watcher.cancel()  # type: ignore[union-attr]
             await asyncio.wait([self.watcher])  # type: ignore[list-item]  # our own cancellation still propagates
-        if kind is asyncio.CancelledError and self.gone:
+        if kind is asyncio.CancelledError and (self.gone or self.stopped):
             if hasattr(self.task, "uncancel"):  # Python 3.11+: the cancellation was ours, and it is handled
                 self.task.uncancel()  # type: ignore[union-attr]
-            raise ClientGone() from None
+            if self.gone:
+                raise ClientGone() from None
+            raise ApiError(
+                529, "the proxy is shutting down: send the request again", retry=True, kind="shutdown"
+            ) from None
         return False
+
+    def stop(self) -> None:
+        """The proxy is shutting down and the grace period is over: end the work with an overloaded error."""
+        if not self.gone and self.task is not None:
+            self.stopped = True
+            self.task.cancel()
 
     async def _watch(self) -> None:
         try:
@@ -4162,7 +4649,7 @@ async def open_backend(
 
 def _watching(request: Optional[web.Request], backend: Backend) -> Any:
     """A Watch without pings, or nothing when there is no client to watch (--check)."""
-    return Watch(request, backend.config.ping_interval) if request is not None else contextlib.nullcontext()
+    return Watch(request, backend) if request is not None else contextlib.nullcontext()
 
 
 async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Request] = None) -> dict[str, Any]:
@@ -4186,6 +4673,7 @@ async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Re
         if resp is not None:
             resp.release() if ex.builder.outcome and not ex.builder.cut else resp.close()
     ex.record.outcome = ex.builder.outcome
+    backend.note_output_cap(ex)
     backend.remember(ex)
     return fold_events(events)
 
@@ -4203,7 +4691,7 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
             "x-accel-buffering": "no",
         },
     )
-    watch = Watch(request, backend.config.ping_interval, out)
+    watch = Watch(request, backend, out)
     record = ex.record
 
     async def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
@@ -4220,13 +4708,13 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
         await out.prepare(request)
         ex.builder.start_message()
         await out.write(sse(ex.builder.take()) + PING)
-        async with watch:  # stopped before the end: no ping may follow the last event
-            try:
+        try:
+            async with watch:  # stopped before the end: no ping may follow the last event
                 await pump(resp, ex, emit)
-            except ClientGone:
-                raise
-            except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
-                error = relay_error(exc, backend.config)
+        except ClientGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - after the 200, every failure is an `event: error`
+            error = relay_error(exc, backend.config)
         if error is not None:
             record.failed(error)
             await out.write(sse([("error", error.body())]))
@@ -4237,6 +4725,7 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
         if resp is not None:  # close: the backend sees it and stops generating
             resp.release() if ex.builder.outcome and error is None and not ex.builder.cut else resp.close()
     record.outcome = ex.builder.outcome
+    backend.note_output_cap(ex)
     backend.remember(ex)
     return out
 
@@ -4458,8 +4947,10 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, f"request body could not be read: {exc}"[:300], retry=False) from None
     raw = b"".join(chunks)
     try:
-        return loads(raw)
-    except (ValueError, RecursionError) as exc:  # orjson: RecursionError past 1024 levels
+        return loads_request(raw)
+    except JsonTooDeep:
+        raise TOO_DEEP from None
+    except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}"[:300], retry=False) from None
 
 
@@ -4469,7 +4960,7 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     route = await backend.route(req.model)
     if route.provider == "ollama" and config.fetch_images:
         await backend.fetch_images(req)
-    ex = exchange(req, route, config, backend.usage_scale(route), request[REQUEST_ID], record)
+    ex = exchange(req, route, config, backend.usage_scale(route, req.model), request[REQUEST_ID], record)
     metrics = request.app[METRICS]
     metrics.active_streams += ex.stream
     try:
@@ -4487,7 +4978,7 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     req = parse_request(await read_json(request), count_only=True)
     config, backend = request.app[CONFIG], request.app[BACKEND]
     route = None
-    if config.count_tokens == "backend" or config.scale_usage:
+    if config.count_tokens == "backend" or config.scale_usage or config.client_window:
         try:
             route = await backend.route(req.model)
         except ApiError:
@@ -4496,18 +4987,28 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     if count is None:
         count = count_request_tokens(req, build_conversation(req, config.system_messages))
     if route:
-        count = round(count * backend.usage_scale(route))
+        count = round(count * backend.usage_scale(route, req.model))
     request[RECORD].model, request[RECORD].counted = req.model, count
     return json_response({"input_tokens": count}, request[REQUEST_ID])
 
 
 def model_list(config: Config, backend: Backend) -> list[dict[str, Any]]:
+    """The map's names, the default model, and every backend model a client can ask for by its own name (the
+    backend's list and the map's targets), with the context window each runs with where it is known."""
     names = [n for n in config.model_map if not _GLOB_CHARS.search(n)]
     if config.default_model:
         names.append(config.default_model)
     names.extend(backend.backend_models)
-    seen: dict[str, None] = dict.fromkeys(names)
-    return [{"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"} for name in seen]
+    names.extend(route.model for route in config.routes.values())
+    models = []
+    for name in dict.fromkeys(names):
+        model = {"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+        route = resolve_route(config, name, backend.discovered, backend.backend_models)
+        window = backend.window(route) if route else None
+        if window:
+            model["max_input_tokens"] = window
+        models.append(model)
+    return models
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -4578,10 +5079,21 @@ def create_app(config: Optional[Config] = None) -> web.Application:
         if config.discover:  # the start-up probe: lists the backend's models, only warns when it is down
             await backend.discover(force=True)
 
+    async def shutdown(app: web.Application) -> None:
+        """SIGINT/SIGTERM: requests in flight get the grace period to finish, then are ended cleanly."""
+        deadline = time.monotonic() + config.shutdown_grace
+        while backend.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if backend.in_flight:
+            log.warning("shutting down: ending %d request(s) still in flight", len(backend.in_flight))
+        for watch in list(backend.in_flight):
+            watch.stop()
+
     async def cleanup(app: web.Application) -> None:
         await backend.close()
 
     app.on_startup.append(startup)
+    app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -4622,15 +5134,20 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
             try:
                 route = await backend.route(name)
                 await relay_message(backend, exchange(req, route, config, 1.0, new_id("req_"), RequestRecord()))
-                rows.append((name, f"{route.model} ({route.provider})", "ok"))
+                window = f", window {route.context_window}" if route.context_window else ""
+                rows.append((name, f"{route.model} ({route.provider}{window})", "ok"))
             except ApiError as exc:
-                rows.append((name, "", f"FAIL: {exc.status} {exc.message}"[:200]))
+                rows.append((name, "", f"FAIL: {exc.status} {exc.message}"))
     finally:
         await backend.close()
     width = [max(len(r[i]) for r in rows + [("client model", "backend model", "")]) for i in range(2)]
     out.write(f"{'client model':<{width[0]}}  {'backend model':<{width[1]}}  result\n")
+    indent = width[0] + width[1] + 4  # results are printed whole, wrapped to the terminal
+    room = max(40, shutil.get_terminal_size((100, 24)).columns - indent)
     for row in rows:
-        out.write(f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {row[2]}\n")
+        lines = textwrap.wrap(row[2], room, break_long_words=False, break_on_hyphens=False) or [""]
+        out.write(f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {lines[0]}\n")
+        out.writelines(" " * indent + line + "\n" for line in lines[1:])
     return 1 if any(r[2].startswith("FAIL") for r in rows) else 0
 
 
@@ -4668,12 +5185,153 @@ def setup_logging(config: Config) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+CLAUDE_INSTALL = "npm install -g @anthropic-ai/claude-code"
+CLAUDE_DEFAULT_MODEL = "claude-opus-5-5"  # what Claude Code 2.1.332 asks for without --model / ANTHROPIC_MODEL
+
+
+def claude_model(claude_args: list[str], environ: dict[str, str]) -> str:
+    """The model name Claude Code will send: its --model argument, else ANTHROPIC_MODEL, else its default."""
+    for i, arg in enumerate(claude_args):
+        if arg == "--model" and i + 1 < len(claude_args):
+            return claude_args[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return environ.get("ANTHROPIC_MODEL") or CLAUDE_DEFAULT_MODEL
+
+
+def claude_environment(
+    config: Config, url: str, model: str, window: Optional[int], environ: dict[str, str]
+) -> tuple[dict[str, str], Optional[int]]:
+    """The environment Claude Code runs with under `run`, and the window it is told (None: not told).
+    CLAUDE_CODE_AUTO_COMPACT_WINDOW sets both its /context window and its compaction point (window - 33k; it
+    reads values under 100k as 100k); CLAUDE_CODE_MAX_CONTEXT_TOKENS is its window for names it does not know.
+    Told max(window, 132k) while the proxy scales usage by that / window, it shows the true fraction of the
+    model's window and compacts at 75% of a small window, 33k before the end of a large one."""
+    env = dict(environ)
+    env["ANTHROPIC_BASE_URL"] = url
+    env["ANTHROPIC_AUTH_TOKEN"] = config.auth_token or "claude-proxy"  # Bearer: no API-key approval prompt
+    env.pop("ANTHROPIC_API_KEY", None)  # a real key is never needed here, and would be preferred by some paths
+    # the user's own choice wins: the variable, else --client-window, else the model's window (at least 132k)
+    told = parse_tokens(environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW")) or config.client_window
+    if told is None and window:
+        told = max(window, CLIENT_MIN_WINDOW)
+    if told:
+        env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW") or str(told)
+        env.setdefault("CLAUDE_CODE_MAX_CONTEXT_TOKENS", str(told))
+    return env, told
+
+
+def run_claude(config: Config, claude_args: list[str], environ: Optional[dict[str, str]] = None) -> int:
+    """`run`: the proxy on a free loopback port in a thread, logging to a file; Claude Code in the foreground
+    with the proxy's address, key and context settings; its exit code returned; the proxy stopped after it."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import threading
+    import urllib.request
+
+    environ = dict(os.environ if environ is None else environ)
+    claude = shutil.which("claude", path=environ.get("PATH"))
+    if not claude:
+        sys.stderr.write(
+            f"claude-proxy run: Claude Code (`claude`) is not on PATH; install it with: {CLAUDE_INSTALL}\n"
+        )
+        return 127
+    log_path = os.path.join(tempfile.gettempdir(), f"claude-proxy-{os.getpid()}.log")
+    log_file = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed below)
+    setup_logging(config)
+    logging.getLogger().handlers[0].setStream(log_file)  # type: ignore[attr-defined]
+    config.host = "127.0.0.1"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="claude-proxy", daemon=True)
+    thread.start()
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+
+    async def start() -> tuple[int, Optional[Route]]:
+        await runner.setup()  # the start-up discovery runs here
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            route = await app[BACKEND].route(model)
+        except ApiError as exc:
+            log.warning("%s", exc.message)
+            route = None
+        return port, route
+
+    def call(coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    model = claude_model(claude_args, environ)
+    try:
+        port, route = call(start())
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # it listens already: this checks that it answers
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            sys.stderr.write(f"claude-proxy run: the proxy at {url} does not answer; see {log_path}\n")
+            return 1
+        window = route.context_window if route else None
+        env, told = claude_environment(config, url, model, window, environ)
+        config.client_window = told
+        backend_model = f"{route.model} ({route.provider}, window {window or 'unknown'})" if route else "(unmapped)"
+        log.info("run: %s -> %s; Claude Code is told a window of %s", model, backend_model, told or "(its own)")
+        sys.stderr.write(
+            f"claude-proxy run: proxy on {url} -> {config.provider} at {public_url(config.base_url)}; "
+            f"{model} -> {backend_model}; log: {log_path}\n"
+        )
+        child = subprocess.Popen([claude, *claude_args], env=env)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is Claude Code's to handle
+        stop = signal.signal(signal.SIGTERM, lambda *_: child.terminate())  # and a stop is passed on to it
+        try:
+            code = child.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, stop)
+        return 128 - code if code < 0 else code
+    finally:
+        with contextlib.suppress(Exception):
+            call(runner.cleanup(), 10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        logging.getLogger().handlers[0].setStream(sys.stderr)  # type: ignore[attr-defined]
+        log_file.close()
+
+
+def split_run(argv: list[str]) -> tuple[list[str], Optional[list[str]]]:
+    """`[proxy flags] run [claude arguments]` -> (proxy flags, claude arguments); None without `run`."""
+    takes_value = {s for a in build_parser()._actions if a.nargs != 0 for s in a.option_strings}
+    i = 0
+    while i < len(argv):
+        if argv[i] == "run":
+            return argv[:i], argv[i + 1 :]
+        if argv[i] == "--":
+            break
+        i += 2 if argv[i] in takes_value else 1
+    return argv, None
+
+
+def _command() -> str:
+    name = os.path.basename(sys.argv[0] or "")
+    return "claude-proxy" if name == "claude-proxy" else "python claude_proxy.py"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv, claude_args = split_run(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(argv)
     except ConfigError as exc:
         sys.stderr.write(f"claude-proxy: {exc}\n")
         return 2
+    if claude_args is not None:
+        return run_claude(config, claude_args)
     setup_logging(config)
     if config.check:
         return asyncio.run(run_check(config))
@@ -4682,14 +5340,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             "listening on %s without --auth-token: anyone who can reach this address can use the backend", config.host
         )
     url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
-    print(
+    key = "any"
+    if config.auth_token:  # the command that works, without the whole secret in a terminal log
+        token = config.auth_token
+        key = f"<your --auth-token: {token[:2]}…{token[-2:]}>" if len(token) >= 12 else "<your --auth-token>"
+    banner = (
         f"claude-proxy {__version__} listening on {url} -> {config.provider} at {public_url(config.base_url)}\n"
-        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=any claude",
-        flush=True,
+        f"  use it: ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY={key} claude\n"
+        f"  or let the proxy start Claude Code, told the model's context window: {_command()} run [claude args]"
     )
     try:
         web.run_app(
-            create_app(config), host=config.host, port=config.port, print=None, access_log=None, shutdown_timeout=5
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            print=lambda _: print(banner, flush=True),  # called once the port is bound
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
     except OSError as exc:
         sys.stderr.write(f"claude-proxy: cannot listen on {url}: {exc.strerror}\n")

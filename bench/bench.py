@@ -15,10 +15,11 @@ Three servers on 127.0.0.1, each its own subprocess:
                    text pieces, one tool call in fragments, finish, usage, [DONE]) or chat.completion
   (b) passthrough  minimal aiohttp proxy relaying bytes untranslated to (a): the Python limit
   (c) proxy        claude_proxy.py --provider openai --base-url (a)/v1 --model bench-model
-Requests are Claude Code-shaped (bench/claude_code_2.1.331_parallel_tools_turn2.json: ~7 KB system
-prompt, 12 tools, multi-turn history, ~50 KB); (a) and (b) get the equivalent Chat Completions body.
+Requests are Claude Code-shaped (the suite's fixtures/claude_code_2.1.331_parallel_tools_turn2.json: ~7 KB
+system prompt, 12 tools, multi-turn history, ~50 KB); (a) and (b) get the equivalent Chat Completions body.
 Every response is validated (SSE event grammar, text, tool-call JSON, chunk count), and the backend
-counts what it served, so nothing can win by returning garbage or by skipping the backend.
+counts what it served, so nothing can win by returning garbage or by skipping the backend. The proxy's
+event streams are checked by the test suite's own grammar check (check_stream in conftest.py).
 
 Reported per target: req/s and latency/TTFE (time to the first body bytes = the first SSE event)
 p50/p99 loaded (--concurrency) and unloaded (c=1), CPU ms per request and RSS (idle, peak) of the
@@ -33,6 +34,7 @@ Exit status: 1 if any response failed validation (or, with --strict, a target wa
 import argparse
 import asyncio
 import ctypes
+import importlib
 import json
 import os
 import shutil
@@ -49,8 +51,9 @@ import aiohttp
 from aiohttp import web
 
 HERE = Path(__file__).resolve().parent
-FIXTURE = HERE / "claude_code_2.1.331_parallel_tools_turn2.json"
+FIXTURE = HERE.parent / "fixtures" / "claude_code_2.1.331_parallel_tools_turn2.json"
 PROXY = HERE.parent / "claude_proxy.py"
+sys.path.insert(0, str(HERE.parent))  # conftest.py: the suite's SSE grammar check, shared
 MODEL = "bench-model"
 
 # ------------------------------------------------------------------------------ the canned answer
@@ -75,7 +78,7 @@ HEAD = {"id": "chatcmpl-bench0123456789", "created": 1764230400, "model": MODEL,
 
 
 def openai_chunks(include_usage):
-    """The streamed answer as wire bytes, one item per SSE event (B.6 of PROTOCOL.md)."""
+    """The streamed answer as wire bytes, one item per SSE event: `data: <chunk>\\n\\n`, then `data: [DONE]`."""
 
     def chunk(delta, finish=None):
         extra = {"usage": None} if include_usage else {}
@@ -288,53 +291,20 @@ def check_openai_json(data):
 
 
 def check_anthropic_sse(data):
-    """A.9 grammar: message_start, blocks 0,1,.. one at a time, message_delta, message_stop; named events."""
-    events = []
-    for raw in data.replace(b"\r\n", b"\n").split(b"\n\n"):
-        lines = raw.split(b"\n")
-        name = next((ln[6:].strip().decode() for ln in lines if ln.startswith(b"event:")), None)
-        payload = [ln[5:].strip() for ln in lines if ln.startswith(b"data:")]
-        if name is None and not payload:
-            continue  # blank or comment-only
-        obj = json.loads(b"\n".join(payload))
-        if name is None or obj.get("type") != name:
-            return f"event name {name!r} != data type {obj.get('type')!r}"
-        if name != "ping":
-            events.append(obj)
-    if not events or events[0]["type"] != "message_start" or events[-1]["type"] != "message_stop":
-        return "stream must start with message_start and end with message_stop"
-    if events[0]["message"].get("content") != [] or events[0]["message"].get("role") != "assistant":
-        return "message_start.message must have role assistant and content []"
-    blocks, cur, stop_reason = [], None, None
-    for e in events[1:-1]:
-        t, idx = e["type"], e.get("index")
-        if t == "content_block_start":
-            if cur is not None or idx != len(blocks):
-                return f"content_block_start {idx}: block {cur} still open or index not {len(blocks)}"
-            blocks.append(dict(e["content_block"], parts=[]))
-            cur = idx
-        elif t in ("content_block_delta", "content_block_stop") and idx != cur:
-            return f"{t} for block {idx} but the open block is {cur}"
-        elif t == "content_block_delta":
-            d, kind = e["delta"], blocks[cur]["type"]
-            if (d["type"], kind) not in (("text_delta", "text"), ("input_json_delta", "tool_use")):
-                return f"{d['type']} on a {kind} block"
-            blocks[cur]["parts"].append(d.get("text", d.get("partial_json")))
-        elif t == "content_block_stop":
-            cur = None
-        elif t == "message_delta" and cur is None and isinstance(e.get("usage", {}).get("output_tokens"), int):
-            stop_reason = e["delta"].get("stop_reason")
-        else:
-            return f"unexpected {t} (open block {cur})"
-    tools = [b for b in blocks if b["type"] == "tool_use"]
-    if "".join("".join(b["parts"]) for b in blocks if b["type"] == "text") != TEXT:
+    """The proxy's event stream: Anthropic's SSE grammar (the suite's own check), then the canned answer."""
+    from conftest import check_stream, raw_sse  # loaded by make_target before any timing; never by the servers
+
+    try:
+        got = check_stream(raw_sse(data.decode()))
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as exc:
+        return f"SSE grammar: {type(exc).__name__}: {exc}"[:300]
+    if "".join(b[1] for b in got["blocks"] if b[0] == "text") != TEXT:
         return "text differs"
-    if len(tools) != 1 or tools[0].get("name") != TOOL_NAME or tools[0].get("input") != {} or not tools[0].get("id"):
-        return f"expected one tool_use block {TOOL_NAME} with an id and input {{}}, got {tools}"
-    if json.loads("".join(tools[0]["parts"])) != TOOL_ARGS:
-        return "tool input_json_delta concatenation differs"
-    if stop_reason != "tool_use":
-        return f"stop_reason {stop_reason!r}"
+    tools = [b for b in got["blocks"] if b[0] == "tool_use"]
+    if tools != [("tool_use", TOOL_NAME, TOOL_ARGS)]:
+        return f"expected one tool_use block {TOOL_NAME} with input {TOOL_ARGS}, got {tools}"
+    if got["stop_reason"] != "tool_use":
+        return f"stop_reason {got['stop_reason']!r}"
 
 
 def check_anthropic_json(data):
@@ -574,6 +544,7 @@ def start_servers(procs, a, chunk_delay_ms=0.0):
 
 
 def make_target(name, stream, ports, pids, backend):
+    importlib.import_module("conftest")  # check_anthropic_sse's; imported here so that no timed request pays for it
     fixture = json.loads(FIXTURE.read_text())
     if name == "proxy":
         headers = {k: v for k, v in fixture["headers"].items() if k.lower() not in ("accept", "user-agent")}
