@@ -3084,7 +3084,9 @@ class EventBuilder:
     backend_stop() as the backend's data arrives, then end_message(), which sets `outcome`; after each
     call `take()` returns the events produced so far as (name, payload). One block is open at a time;
     indexes count up across thinking, text and tool_use blocks. Inline <think> tags are split off by
-    ThinkTags, tool-call fragments assembled by ToolCalls."""
+    ThinkTags, tool-call fragments assembled by ToolCalls; with text_calls, calls written as text are found by
+    TextCalls (and sent as whole calls unless native ones come); with stop_sequences, StopStrings cuts the text at
+    the first match (`cut`: the relay then closes the backend stream)."""
 
     def __init__(
         self,
