@@ -28,6 +28,7 @@ import contextvars
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import hashlib
 import hmac
 import json
@@ -213,7 +214,10 @@ MODEL_MAP_KEYS = (
     "context_window",
     "reasoning_history",
     "send_user_id",
+    "text_tool_calls",
+    "tool_calls",
 )
+TOOL_CALL_MODES = ("native", "prompt")
 
 
 class ConfigError(Exception):
@@ -541,6 +545,13 @@ OPTIONS: tuple[Option, ...] = (  # in --help and README order; Option(name, flag
         parse=_number, unit="s",
     ),
     Option(
+        "text_tool_calls", "--text-tool-calls", ("TEXT_TOOL_CALLS",), True,
+        "turn tool calls that a model writes as text (Hermes/Qwen <tool_call>, Qwen3-Coder/GLM XML, "
+        "<function_calls>, Mistral [TOOL_CALLS], a bare JSON call) into tool_use blocks; per model: map "
+        "text_tool_calls",
+        switch=True,
+    ),
+    Option(
         "check", "--check", (), False,
         "contact the backend, send a one-token request for each mapped model, print what works, exit non-zero "
         "on failure",
@@ -565,6 +576,8 @@ class Route:
     context_window: Optional[int] = None
     reasoning_history: Optional[bool] = None  # send thinking back as reasoning_content; None: provider default
     send_user_id: bool = False  # pass metadata.user_id on as `user` (Claude Code's device and session ids)
+    text_tool_calls: Optional[bool] = None  # recognise tool calls written as text; None: --text-tool-calls
+    tool_calls: str = "native"  # native: the backend's `tools`; prompt: definitions in the system prompt
 
 
 class _ConfigRules:
@@ -592,9 +605,11 @@ class _ConfigRules:
             value = entry.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{where}: {key} must be a positive integer")
-        for key in ("reasoning_history", "send_user_id"):
+        for key in ("reasoning_history", "send_user_id", "text_tool_calls"):
             if key in entry and not isinstance(entry[key], bool):
                 raise ConfigError(f"{where}: {key} must be true or false")
+        if entry.get("tool_calls", "native") not in TOOL_CALL_MODES:
+            raise ConfigError(f'{where}: tool_calls must be "native" or "prompt"')
         base_url = (
             entry.get("base_url") or (self.base_url if provider == self.provider else DEFAULT_BASE_URLS[provider])
         ).rstrip("/")
@@ -612,6 +627,8 @@ class _ConfigRules:
             entry.get("context_window"),
             entry.get("reasoning_history"),
             entry.get("send_user_id", self.send_user_id),
+            entry.get("text_tool_calls"),
+            entry.get("tool_calls", "native"),
         )
 
     def default_route(self, model: str) -> Route:
@@ -1705,6 +1722,7 @@ class Turn:
     tool_calls: list[ToolUseBlock] = field(default_factory=list)
     reasoning: Optional[str] = None  # assistant: earlier thinking, for backends that want it back
     tool_call_id: Optional[str] = None
+    tool_results: bool = False  # user: sent with tool results (the tool loop goes on), not a new question
 
     @property
     def text(self) -> str:
@@ -1844,6 +1862,7 @@ def _user_turns(blocks: list[Any]) -> list[Turn]:
             ("image", src) for src in tool_images
         ]
     if user.parts or not turns:
+        user.tool_results = bool(turns)  # sent along with tool results: still the same tool loop
         turns.append(user)
     return turns
 
@@ -1902,9 +1921,11 @@ _OPENAI_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def sampling(req: MessagesRequest) -> dict[str, Any]:
-    """temperature, top_p, top_k, stop: the names are the same in Chat Completions and Ollama options."""
-    values = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "stop": req.stop_sequences}
-    return {k: v for k, v in values.items() if v is not None and v != []}
+    """temperature, top_p, top_k: the names are the same in Chat Completions and Ollama options. Stop
+    sequences are not sent: the proxy watches for them itself (StopStrings), because llama.cpp and Ollama
+    stop on them without saying which one matched."""
+    values = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def function_tools(tools: list[Tool], name: Any = lambda n: n) -> list[dict[str, Any]]:
@@ -1939,14 +1960,22 @@ def openai_tool_name(name: str) -> str:
 
 
 def openai_request(
-    conv: Conversation, req: MessagesRequest, route: Route, *, official: bool = False, reasoning_history: bool = False
+    conv: Conversation,
+    req: MessagesRequest,
+    route: Route,
+    *,
+    official: bool = False,
+    reasoning_history: Optional[bool] = False,
 ) -> dict[str, Any]:
     """Chat Completions body. Tool ids are passed byte for byte. The backend is always streamed: the
-    timeout then bounds silence, not the length of an answer, for non-streaming clients too."""
+    timeout then bounds silence, not the length of an answer, for non-streaming clients too.
+    reasoning_history: True sends earlier reasoning back for every assistant turn, None only for those of the
+    current tool loop (since the last user message with text, as Qwen3's template renders it), False never."""
     messages: list[dict[str, Any]] = []
     if conv.system:
         messages.append({"role": "system", "content": conv.system})
-    for turn in conv.turns:
+    loop_start = current_loop_start(conv.turns) if reasoning_history is None else 0
+    for i, turn in enumerate(conv.turns):
         if turn.role == "tool":
             messages.append({"role": "tool", "tool_call_id": turn.tool_call_id, "content": turn.text})
         elif turn.role == "assistant":
@@ -1962,6 +1991,8 @@ def openai_request(
                 ]
             if reasoning_history and (turn.reasoning or turn.tool_calls):
                 msg["reasoning_content"] = turn.reasoning or ""
+            elif reasoning_history is None and turn.reasoning and i >= loop_start:
+                msg["reasoning_content"] = turn.reasoning
             messages.append(msg)
         elif turn.images:
             messages.append(
@@ -2007,6 +2038,70 @@ def openai_request(
     if schema is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     return body
+
+
+def current_loop_start(turns: list[Turn]) -> int:
+    """Index of the first turn after the last user turn with text of its own: the current tool loop."""
+    for i in range(len(turns) - 1, -1, -1):
+        turn = turns[i]
+        if turn.role == "user" and not turn.tool_results and turn.text:
+            return i + 1
+    return 0
+
+
+# --- prompt-based tool calling (models and servers without native tool calling) --------------------
+
+PROMPT_TOOLS_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
+PROMPT_TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call>"
+)
+
+
+def prompt_tools_text(tools: list[Tool], choice: Optional[ToolChoice]) -> str:
+    """The tool definitions and the call format for the system prompt, as Qwen2.5's chat template writes them
+    (Hermes format): one compact JSON line per tool, in request order, so the prompt prefix stays cache-stable."""
+    lines = "\n".join(dumps(tool) for tool in function_tools(tools))
+    text = PROMPT_TOOLS_HEAD + lines + PROMPT_TOOLS_TAIL
+    if choice and choice.type == "any":
+        text += "\n\nAnswer with at least one function call."
+    elif choice and choice.type == "tool" and choice.name:
+        text += f"\n\nAnswer with a call of the function {choice.name}."
+    return text
+
+
+def prompt_tool_call(call: ToolUseBlock) -> str:
+    return "<tool_call>\n" + dumps({"name": call.name, "arguments": call.input}) + "\n</tool_call>"
+
+
+def prompt_tools_conversation(conv: Conversation, req: MessagesRequest) -> Conversation:
+    """The conversation for a backend that takes no `tools`: the definitions go into the system prompt,
+    assistant tool calls become <tool_call> text, tool results user text in <tool_response> tags (one user
+    turn for the results of one assistant turn, with what the user sent alongside); answers are read by
+    TextCalls. Deterministic, so each turn's prompt is a prefix of the next one's."""
+    tools_text = prompt_tools_text(conv.tools, req.tool_choice)
+    system = f"{conv.system}\n\n{tools_text}" if conv.system else tools_text
+    turns: list[Turn] = []
+    for turn in conv.turns:
+        last = turns[-1] if turns else None
+        if turn.role == "assistant" and turn.tool_calls:
+            parts = turn.parts + [("text", "\n".join(prompt_tool_call(call) for call in turn.tool_calls))]
+            turns.append(Turn("assistant", parts, reasoning=turn.reasoning))
+        elif turn.role == "tool":
+            part = ("text", f"<tool_response>\n{turn.text}\n</tool_response>")
+            if last is not None and last.role == "user" and last.tool_results:
+                last.parts.append(part)
+            else:
+                turns.append(Turn("user", [part], tool_results=True))
+        elif turn.role == "user" and last is not None and last.role == "user" and last.tool_results:
+            last.parts.extend(turn.parts)
+        else:
+            turns.append(turn)
+    return Conversation(system, turns, [])
 
 
 def image_url(src: ImageSource) -> str:
@@ -2553,7 +2648,8 @@ def _partial_suffix(text: str, tag: str) -> int:
 class ThinkTags:
     """Reasoning that a model writes inline as <think>...</think> at the very start of its answer (servers
     without a reasoning parser). Text in, ("thinking" | "text", piece) out; a tag may be split across
-    chunks at any byte, and only what could still be a tag is held back. state: start -> inside -> off."""
+    chunks at any byte, and only what could still be a tag is held back. state: start -> inside -> after (the
+    whitespace after </think> is dropped, whatever the chunking) -> off."""
 
     __slots__ = ("state", "held")
 
@@ -2562,6 +2658,12 @@ class ThinkTags:
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         if self.state == "off":
+            return [("text", text)]
+        if self.state == "after":
+            text = text.lstrip()
+            if not text:
+                return []
+            self.state = "off"
             return [("text", text)]
         out: list[tuple[str, str]] = []
         self.held += text
@@ -2577,7 +2679,7 @@ class ThinkTags:
         if end >= 0:
             out.append(("thinking", self.held[:end]))
             rest = self.held[end + len(THINK_CLOSE) :].lstrip()
-            self.held, self.state = "", "off"
+            self.held, self.state = "", "off" if rest else "after"
             return out + [("text", rest)] if rest else out
         keep = len(self.held) - _partial_suffix(self.held, THINK_CLOSE)
         out.append(("thinking", self.held[:keep]))
@@ -2589,6 +2691,391 @@ class ThinkTags:
         held, kind = self.held, "thinking" if self.state == "inside" else "text"
         self.held, self.state = "", "off"
         return [(kind, held)] if held else []
+
+
+# --- tool calls written as text (a model or server without a tool-call parser) ----------------------
+# The formats models really emit; each is checked against its chat template or its server's parser in the tests.
+
+_CALL_MARKERS = ("<tool_call>", "<function=", "<function_calls>", "<minimax:tool_call>", "[TOOL_CALLS]")
+_CODE_FENCE = "```"
+_MARK_OR_CODE_FENCE = re.compile("|".join(re.escape(m) for m in _CALL_MARKERS + (_CODE_FENCE,)))
+_FENCE_ONLY = re.compile(re.escape(_CODE_FENCE))
+_CALL_ENDS = {
+    "<tool_call>": "</tool_call>",
+    "<function=": "</function>",
+    "<function_calls>": "</function_calls>",
+    "<minimax:tool_call>": "</minimax:tool_call>",
+}
+_WATCH_CHAR = re.compile(r"[<\[`]")
+_LONGEST_MARKER = max(len(m) for m in _CALL_MARKERS)
+# a marker or a fence, or the beginning of one at the very end of a piece: anything else is plain text
+_MAYBE_MARKER = re.compile(
+    "|".join(
+        [re.escape(m) for m in _CALL_MARKERS + (_CODE_FENCE,)]
+        + [re.escape(m[:n]) + r"\Z" for m in _CALL_MARKERS + (_CODE_FENCE,) for n in range(1, len(m))]
+    )
+)
+_FUNCTION_XML = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|\Z)", re.S)
+_PARAMETER_XML = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
+_GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|\Z)", re.S)
+_INVOKE = re.compile(r'<invoke name="([^"]*)">(.*?)(?:</invoke>|\Z)', re.S)
+_INVOKE_PARAMETER = re.compile(r'<parameter name="([^"]*)">(.*?)(?:</parameter>|\Z)', re.S)
+_JSON_CALL_HEAD = re.compile(r'\s*\{\s*"([^"\\]*)"\s*:\s*(?:"([^"\\]*)")?')
+_JSON_CALL_KEYS = frozenset(("name", "arguments", "parameters", "id", "type"))  # Mistral adds an id
+_DECODER = json.JSONDecoder()
+
+
+def _trim_newline(value: str) -> str:
+    """An XML value as the templates write it (`>\\nVALUE\\n<`): one surrounding newline removed."""
+    if value.startswith("\n"):
+        value = value[1:]
+    return value[:-1] if value.endswith("\n") else value
+
+
+def typed_value(value: str, schema: Any) -> Any:
+    """A parameter written as XML text -> the type its input_schema gives (string kept verbatim, minus the
+    surrounding newline; number, integer, boolean, object, array parsed as JSON; unparseable: the text)."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind in (None, "string"):
+        return _trim_newline(value)
+    text = value.strip()
+    if kind == "boolean" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return loads(text)
+    except (ValueError, RecursionError):
+        return _trim_newline(value)
+
+
+def _xml_arguments(pairs: list[tuple[str, str]], schema: Any) -> dict[str, Any]:
+    props = (schema or {}).get("properties") if isinstance(schema, dict) else None
+    props = props if isinstance(props, dict) else {}
+    return {key.strip(): typed_value(value, props.get(key.strip())) for key, value in pairs}
+
+
+def _json_call(obj: Any) -> Optional[tuple[str, Any]]:
+    """{"name": ..., "arguments" | "parameters": {...} or a JSON string} -> (name, arguments)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not set(obj) <= _JSON_CALL_KEYS:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = loads(args) if args.strip() else {}
+        except (ValueError, RecursionError):
+            return obj["name"], args  # ToolCall repairs it, or closes it as it can
+    return (obj["name"], args) if isinstance(args, dict) else None
+
+
+def _json_or_raw(text: str) -> Any:
+    """The JSON value that is the whole text, or None."""
+    try:
+        return loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def parse_text_calls(marker: str, body: str, tools: dict[str, Any], whole: bool) -> Optional[list[tuple[str, Any]]]:
+    """The text after `marker` up to its closing tag (whole) or up to where the answer was cut off ->
+    [(tool name, arguments dict | raw JSON text)], or None when it is not a call of an offered tool."""
+    calls: list[tuple[str, Any]] = []
+    if marker in ("<tool_call>", "<function="):
+        text = body.strip() if marker == "<tool_call>" else "<function=" + body
+        if text.startswith("{"):  # Hermes / Qwen2.5 / Qwen3: JSON
+            obj = _json_or_raw(text)
+            if obj is None and not whole:
+                head = _JSON_CALL_HEAD.match(text)
+                name = head.group(2) if head and head.group(1) == "name" else None
+                raw = re.search(r'"(?:arguments|parameters)"\s*:\s*', text)
+                if name and raw:
+                    calls.append((name, text[raw.end() :]))
+            elif obj is not None and _json_call(obj):
+                calls.append(_json_call(obj))  # type: ignore[arg-type]
+        elif text.startswith("<function="):  # Qwen3-Coder XML
+            for match in _FUNCTION_XML.finditer(text):
+                name = match.group(1).strip()
+                calls.append((name, _xml_arguments(_PARAMETER_XML.findall(match.group(2)), tools.get(name))))
+        else:  # GLM-4.5+: NAME then <arg_key>/<arg_value> pairs
+            name = re.split(r"<arg_key>|\n", text, maxsplit=1)[0].strip()
+            calls.append((name, _xml_arguments(_GLM_ARG.findall(text), tools.get(name))))
+    elif marker in ("<function_calls>", "<minimax:tool_call>"):  # Anthropic-style XML; MiniMax-M2's own tag
+        for match in _INVOKE.finditer(body):
+            name = match.group(1).strip()
+            calls.append((name, _xml_arguments(_INVOKE_PARAMETER.findall(match.group(2)), tools.get(name))))
+    elif marker == "[TOOL_CALLS]":
+        text = body.lstrip()
+        if text.startswith("["):  # Mistral, JSON list
+            items = _json_or_raw(text)
+            if isinstance(items, list):
+                calls.extend(c for c in map(_json_call, items) if c)
+                if len(calls) < len(items):
+                    return None
+        elif "[ARGS]" in text:  # Mistral v11+: NAME[ARGS]{...}
+            name, _, args = text.partition("[ARGS]")
+            obj = _json_or_raw(args)
+            calls.append((name.strip(), obj if isinstance(obj, dict) else args))
+    elif marker == "{":  # a bare JSON object as the whole answer
+        obj = _json_or_raw(body)
+        if obj is not None and _json_call(obj):
+            calls.append(_json_call(obj))  # type: ignore[arg-type]
+    if not calls or any(name not in tools for name, _ in calls):
+        return None
+    return calls
+
+
+class TextCalls:
+    """Tool calls that a model writes in its text (servers without a matching tool-call parser). Text in,
+    ("text", piece) | ("call", (marker, name, arguments)) out; like ThinkTags, a marker may be split across
+    chunks at any byte, and only what could still be a marker (or a call in progress) is held back: it is
+    released unchanged the moment it cannot be a call of an offered tool. Markers inside a ``` fence are text.
+    mode: start (only whitespace yet) -> text | call (after a marker) | bare (an answer that opens with `{`)."""
+
+    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet", "searched")
+
+    def __init__(self, tools: dict[str, Any]) -> None:
+        self.tools = tools  # offered name -> input_schema
+        self.held, self.fence, self.mode, self.marker = "", False, "start", ""
+        self.quiet = False  # nothing held and no call in progress: a piece without <, [ or ` is plain text
+        self.searched = 0  # how much of a call in progress was searched for its closing tag (long arguments)
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        if self.quiet and _MAYBE_MARKER.search(text) is None:
+            return [("text", text)]  # nothing held, and nothing here can begin a marker or a fence
+        self.held += text
+        out = self._scan(False)
+        self.quiet = self.mode == "text" and not self.held
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """The answer ended: a call in progress is closed as it is (cut off), anything else is text."""
+        out = self._scan(True)
+        if self.held:
+            out.append(("text", self.held))
+        self.held, self.mode, self.quiet = "", "text", True
+        return out
+
+    def _scan(self, final: bool) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        while self.held:
+            if self.mode == "start":
+                head = self.held.lstrip()
+                if not head:
+                    break
+                self.mode = "bare" if head[0] == "{" else "text"
+            if self.mode == "bare":
+                if not self._bare(final, out):
+                    break
+            elif self.mode == "text":
+                match = (_FENCE_ONLY if self.fence else _MARK_OR_CODE_FENCE).search(self.held)
+                if match is None:
+                    keep = 0 if final else self._partial()
+                    if len(self.held) > keep:
+                        out.append(("text", self.held[: len(self.held) - keep]))
+                        self.held = self.held[len(self.held) - keep :]
+                    break
+                if match.group() == _CODE_FENCE:
+                    self.fence = not self.fence
+                    out.append(("text", self.held[: match.end()]))
+                    self.held = self.held[match.end() :]
+                    continue
+                if match.start():
+                    out.append(("text", self.held[: match.start()]))
+                    self.held = self.held[match.start() :]
+                self.mode, self.marker, self.searched = "call", match.group(), 0
+            elif not self._call(final, out):
+                break
+        return out
+
+    def _partial(self) -> int:
+        """Length of the held text's end that could still begin a marker (or a fence)."""
+        tokens = (_CODE_FENCE,) if self.fence else _CALL_MARKERS + (_CODE_FENCE,)
+        tail = self.held[-_LONGEST_MARKER + 1 :]
+        for match in _WATCH_CHAR.finditer(tail):  # earliest first: the longest candidate
+            rest = tail[match.start() :]
+            if any(token.startswith(rest) for token in tokens):
+                return len(rest)
+        return 0
+
+    def _as_text(self, n: int, out: list[tuple[str, Any]]) -> bool:
+        """The first n held characters cannot begin a call: text; go on looking after them."""
+        out.append(("text", self.held[:n]))
+        self.held, self.mode = self.held[n:], "text"
+        return True
+
+    def _call(self, final: bool, out: list[tuple[str, Any]]) -> bool:
+        """After a marker: True when the held text was decided (a call, or text), False to wait for more."""
+        marker = self.marker
+        if marker == "[TOOL_CALLS]":
+            return self._mistral(self.held[len(marker) :], final, out)
+        close = _CALL_ENDS[marker]
+        searched, self.searched = self.searched, len(self.held)  # long arguments are searched once, not per chunk
+        end = self.held.find(close, max(len(marker), searched - len(close)))
+        if end < 0:
+            if not final:
+                if searched > len(marker) + 256:  # the head was judged on earlier chunks: a call is being written
+                    return False
+                head = self.held[len(marker) :]
+                return self._plausible(marker, head) is False and self._as_text(len(marker), out)
+            body = self.held[len(marker) :]
+            calls = parse_text_calls(marker, body, self.tools, whole=False)
+            if calls is None:
+                return self._as_text(len(marker), out)
+            self.held = ""
+        else:
+            calls = parse_text_calls(marker, self.held[len(marker) : end], self.tools, whole=True)
+            if calls is None:
+                return self._as_text(len(marker), out)
+            self.held = self.held[end + len(close) :]
+        out.extend(("call", (marker, name, args)) for name, args in calls)
+        self.mode = "text"
+        return True
+
+    def _plausible(self, marker: str, body: str) -> Optional[bool]:
+        """Can the text after a marker still become a call of an offered tool? None: cannot tell yet."""
+        if marker in ("<function_calls>", "<minimax:tool_call>"):
+            head = body.lstrip()
+            probe = '<invoke name="'
+            if len(head) < len(probe):
+                return None if probe.startswith(head) else False
+            if not head.startswith(probe):
+                return False
+            name, quote, _ = head[len(probe) :].partition('"')
+            return self._name(name, bool(quote))
+        if marker == "<function=":
+            name, close, _ = body.partition(">")
+            return self._name(name.strip(), bool(close))
+        head = body.lstrip()  # <tool_call>
+        if not head:
+            return None
+        if head[0] == "{":
+            found = _JSON_CALL_HEAD.match(head)
+            if found is None:
+                return None if len(head) < 12 else False
+            if found.group(1) not in _JSON_CALL_KEYS:
+                return False
+            if found.group(1) == "name" and found.group(2) is not None:
+                return found.group(2) in self.tools
+            return None
+        if head.startswith("<"):
+            if "<function=".startswith(head[:10]):
+                return None if len(head) < 10 else self._plausible("<function=", head[10:])
+            return False
+        name, complete = _split_name(head)  # GLM: NAME, then a newline or <arg_key>
+        return self._name(name.strip(), complete)
+
+    def _name(self, name: str, complete: bool) -> Optional[bool]:
+        if complete:
+            return name in self.tools
+        return None if any(t.startswith(name) for t in self.tools) else False
+
+    def _mistral(self, body: str, final: bool, out: list[tuple[str, Any]]) -> bool:
+        head = body.lstrip()
+        skipped = len(body) - len(head)
+        if not head:
+            return final and self._as_text(len(self.marker), out)
+        if head[0] == "[":
+            end = _json_end(head, final)
+        else:
+            name, args_tag, rest = head.partition("[ARGS]")
+            if not args_tag:
+                name = name[: len(name) - _partial_suffix(name, "[ARGS]")]
+                if final or self._name(name.strip(), False) is False:
+                    return self._as_text(len(self.marker), out)
+                return False
+            if name.strip() not in self.tools:
+                return self._as_text(len(self.marker), out)
+            end = _json_end(rest, final)
+            end = None if end is None else len(name) + len(args_tag) + end
+        if end is None:
+            return False
+        calls = parse_text_calls(self.marker, head[:end], self.tools, whole=True)
+        if calls is None:
+            return self._as_text(len(self.marker), out)
+        self.held = self.held[len(self.marker) + skipped + end :]
+        out.extend(("call", (self.marker, name, args)) for name, args in calls)
+        self.mode = "text"
+        return True
+
+    def _bare(self, final: bool, out: list[tuple[str, Any]]) -> bool:
+        found = _JSON_CALL_HEAD.match(self.held)
+        if found is not None and (
+            found.group(1) not in _JSON_CALL_KEYS or (found.group(2) is not None and found.group(2) not in self.tools)
+        ):
+            self.mode = "text"
+            return True
+        if found is None and len(self.held.lstrip()) > 12:
+            self.mode = "text"
+            return True
+        end = _json_end(self.held, final)
+        if end is None:
+            return False
+        calls = parse_text_calls("{", self.held[:end], self.tools, whole=True)
+        if calls is None or self.held[end:].strip():  # a call only as the whole answer
+            self.mode = "text"
+            return True
+        if not final:
+            return False  # whitespace after it so far: wait for the end of the answer
+        self.held = ""
+        out.extend(("call", ("{", name, args)) for name, args in calls)
+        self.mode = "text"
+        return True
+
+
+def _split_name(head: str) -> tuple[str, bool]:
+    """GLM: the tool name that opens a <tool_call>, and whether it is complete (a newline or `<` follows)."""
+    for i, c in enumerate(head):
+        if c in "\n<":
+            return head[:i], True
+    return head, False
+
+
+def _json_end(text: str, final: bool) -> Optional[int]:
+    """Where the JSON value at the start of `text` (after whitespace) ends, once it has; at the end of the
+    answer a value cut off is taken as it is (its arguments are repaired like a cut-off native call)."""
+    start = len(text) - len(text.lstrip())
+    if text.rstrip()[-1:] in ("}", "]"):
+        try:
+            return _DECODER.raw_decode(text, start)[1]
+        except ValueError:
+            pass
+    return len(text) if final else None
+
+
+class StopStrings:
+    """The request's stop_sequences, watched in the answer's text by the proxy itself (llama.cpp and Ollama
+    stop on `stop` but do not say which string matched). Text in, (text before any match, the match) out;
+    only what could be the start of a stop string is held back."""
+
+    __slots__ = ("stops", "held", "first")
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.first = re.compile("[" + "".join(sorted({re.escape(s[0]) for s in self.stops})) + "]")  # a match begins
+
+    def feed(self, text: str) -> tuple[str, Optional[str]]:
+        if not self.held and self.first.search(text) is None:
+            return text, None
+        return self._feed(text)
+
+    def _feed(self, text: str) -> tuple[str, Optional[str]]:
+        text = self.held + text
+        first: Optional[tuple[int, str]] = None
+        for stop in self.stops:
+            at = text.find(stop)
+            if at >= 0 and (first is None or at < first[0]):
+                first = (at, stop)
+        if first is not None:
+            self.held = ""
+            return text[: first[0]], first[1]
+        keep = max(_partial_suffix(text, stop) for stop in self.stops)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], None
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
 
 
 STOP_REASONS = {
@@ -2638,7 +3125,9 @@ class EventBuilder:
     backend_stop() as the backend's data arrives, then end_message(), which sets `outcome`; after each
     call `take()` returns the events produced so far as (name, payload). One block is open at a time;
     indexes count up across thinking, text and tool_use blocks. Inline <think> tags are split off by
-    ThinkTags, tool-call fragments assembled by ToolCalls."""
+    ThinkTags, tool-call fragments assembled by ToolCalls; with text_calls, calls written as text are found by
+    TextCalls (and sent as whole calls unless native ones come); with stop_sequences, StopStrings cuts the text at
+    the first match (`cut`: the relay then closes the backend stream)."""
 
     def __init__(
         self,
@@ -2649,6 +3138,8 @@ class EventBuilder:
         tool_names: Optional[dict[str, str]] = None,
         show_thinking: bool = True,
         usage_scale: float = 1.0,
+        text_calls: Optional[TextCalls] = None,
+        stop_sequences: Optional[list[str]] = None,
     ) -> None:
         self.msg_id, self.model = msg_id, model
         self.usage_scale = usage_scale  # 1.0 reports the backend's raw counts
@@ -2661,6 +3152,11 @@ class EventBuilder:
         self.thinking_parts: list[str] = []
         self.think = ThinkTags()
         self.tools = ToolCalls()
+        self.text_calls = text_calls  # None: tool calls written as text stay text
+        self.recovered: list[tuple[str, str, Any]] = []  # calls found in the text, sent unless native ones come
+        self.stops = StopStrings(stop_sequences) if stop_sequences and any(stop_sequences) else None
+        self.cut = False  # a stop sequence matched: the rest of the answer is not wanted
+        self.reasoning_field: Optional[str] = None  # the field the backend sent its reasoning in
         self.tool_blocks = 0
         self.out_chars = 0
         self.stop_reason: Optional[str] = None  # the backend's, mapped; None until it says it stopped
@@ -2734,15 +3230,75 @@ class EventBuilder:
         self.open = None
 
     def content(self, text: str) -> None:
-        """Backend content: text, except inline <think>...</think> reasoning at the answer's start."""
-        if self.think.state == "off":
+        """Backend content: text, except inline <think>...</think> reasoning at the answer's start, tool calls
+        written as text (when text_calls is given) and what follows a matched stop sequence."""
+        if self.think.state != "off":
+            return self._pieces(self.think.feed(text))
+        if self.cut:
+            return None
+        stops, watcher = self.stops, self.text_calls
+        if (stops is None or (not stops.held and stops.first.search(text) is None)) and (
+            watcher is None
+            or (
+                watcher.quiet
+                and not self.recovered
+                and (("<" not in text and "[" not in text and "`" not in text) or _MAYBE_MARKER.search(text) is None)
+            )
+        ):  # the hot path: nothing in this piece can begin a stop string, a call marker or a fence
             return self.text(text)
-        self._pieces(self.think.feed(text))
-        return None
+        return self._answer(text)
 
     def _pieces(self, pieces: list[tuple[str, str]]) -> None:
         for kind, piece in pieces:
-            self.thinking(piece) if kind == "thinking" else self.text(piece)
+            self.thinking(piece) if kind == "thinking" else self._answer(piece)
+
+    def _answer(self, text: str) -> None:
+        """The answer's text (after <think>): stop sequences, then tool calls written as text."""
+        if self.cut:
+            return
+        matched = None
+        if self.stops is not None:
+            text, matched = self.stops.feed(text)
+        self._watch(text)
+        if matched is not None:
+            self.cut, self.backend_stopped = True, True
+            self.stop_reason, self.stop_sequence = "stop_sequence", matched
+
+    def _watch(self, text: str) -> None:
+        if self.text_calls is None:
+            self.text(text)
+        elif text:
+            self._found(self.text_calls.feed(text))
+
+    def _found(self, items: list[tuple[str, Any]]) -> None:
+        for kind, value in items:
+            if kind == "call":
+                self.recovered.append(value)
+            elif not self.recovered:
+                self.text(value)
+            elif value.strip():  # text after a recovered call: the call goes first
+                self._send_recovered()
+                self.text(value)
+
+    def _send_recovered(self) -> None:
+        calls, self.recovered = self.recovered, []
+        for marker, name, arguments in calls:
+            log.info("recovered a tool call written as text (%s...): %s", marker, self.tool_names.get(name, name))
+            self._advance(self.tools.whole(None, name, arguments))
+
+    def _native_calls(self) -> None:
+        """Native tool_calls win over calls written as text: those are dropped, and text is text again."""
+        watcher, self.text_calls = self.text_calls, None
+        if watcher is None:
+            return
+        if self.recovered:
+            log.info(
+                "the backend sent native tool calls too: dropping %d call(s) found in the text", len(self.recovered)
+            )
+            self.recovered = []
+        if watcher.held.strip():
+            self.text(watcher.held)
+        watcher.held = ""
 
     def text(self, text: str) -> None:
         if not text:
@@ -2753,7 +3309,7 @@ class EventBuilder:
         self._delta({"type": "text_delta", "text": text})
 
     def thinking(self, text: str) -> None:
-        if not text:
+        if not text or self.cut:
             return
         if self.open != "thinking":
             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
@@ -2766,12 +3322,18 @@ class EventBuilder:
     # -- tool calls --
     def tool_fragment(self, index: Optional[int], call_id: Optional[str], name: Optional[str], arguments: Any) -> None:
         """A piece of a streamed tool call; index None when the backend gives none."""
+        if self.cut:
+            return
         self._before_call()
+        self._native_calls()
         self._advance(self.tools.fragment(index, call_id, name, arguments))
 
     def tool_call(self, call_id: Optional[str], name: Optional[str], arguments: Any) -> None:
         """A whole tool call in one piece."""
+        if self.cut:
+            return
         self._before_call()
+        self._native_calls()
         self._advance(self.tools.whole(call_id, name, arguments))
 
     def _before_call(self) -> None:
@@ -2799,6 +3361,8 @@ class EventBuilder:
     # -- the end --
     def backend_stop(self, reason: Optional[str], stop_sequence: Optional[str] = None) -> None:
         """The backend says it stopped (finish_reason, done), and why."""
+        if self.cut:  # the proxy matched a stop sequence itself
+            return
         self.backend_stopped = True
         if reason:
             self.stop_reason = STOP_REASONS.get(reason, "end_turn")
@@ -2814,6 +3378,12 @@ class EventBuilder:
 
     def end_message(self) -> None:
         self._pieces(self.think.flush())  # an unfinished "<thi" or an unclosed <think> at the very end
+        if self.stops is not None and not self.cut:
+            self._watch(self.stops.flush())
+        if self.text_calls is not None:
+            self._found(self.text_calls.flush())  # a call cut off (max_tokens) is closed like a native one
+        if self.recovered:
+            self._send_recovered()
         self._close()
         for call in self.tools.pending():  # calls that could not stream live go out whole, in order
             if not call.name:
@@ -2920,7 +3490,12 @@ def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
             if choice.get("finish_reason"):
                 ev.backend_stop(choice["finish_reason"])
             continue
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        reasoning = delta.get("reasoning_content")
+        if not reasoning and delta.get("reasoning"):
+            reasoning = delta["reasoning"]
+            ev.reasoning_field = "reasoning"
+        elif reasoning:
+            ev.reasoning_field = "reasoning_content"
         if not reasoning and delta.get("reasoning_details"):
             reasoning = "".join(
                 d.get("text") or d.get("summary") or "" for d in delta["reasoning_details"] if isinstance(d, dict)
@@ -3005,8 +3580,9 @@ class OpenAIProvider(Provider):
     def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
         official = "openai.com" in route.base_url or "openai.azure.com" in route.base_url
         history = route.reasoning_history
-        if history is None:  # DeepSeek's thinking mode rejects tool turns without their reasoning
-            history = "deepseek" in route.base_url or "deepseek" in route.model.lower()
+        if history is None and ("deepseek" in route.base_url or "deepseek" in route.model.lower()):
+            history = True  # DeepSeek's thinking mode rejects tool turns without their reasoning
+        # else None: the current tool loop's reasoning goes back (Qwen3, MiniMax-M2, Kimi-K2, GLM-4.6, gpt-oss)
         body = openai_request(conv, req, route, official=official, reasoning_history=history)
         renamed = {openai_tool_name(t.name): t.name for t in conv.tools if openai_tool_name(t.name) != t.name}
         return body, renamed
@@ -3095,6 +3671,30 @@ _LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (nu
     re.compile(r"prompt contains (?P<prompt>\d+) tokens.{0,40}?model with (?P<ctx>\d+) maximum context length", re.I),
     re.compile(r"supports at most (?P<cap>\d+) completion tokens", re.I),
 ]
+
+
+REASONING_HISTORY_FIELD = "reasoning_content"  # as built; renamed to `reasoning` for backends that use that one
+# What servers answer when a model or server cannot take `tools` (Ollama, vLLM, llama.cpp without --jinja, others).
+_NO_TOOLS = re.compile(
+    r"does not support tools|auto.? tool choice requires|--enable-auto-tool-choice|requires --jinja|"
+    r"tools? (?:is|are) not supported|does not support (?:tool|function)[ _-]?call|tool use is not supported",
+    re.I,
+)
+
+
+def native_tools_fix(message: str, provider: str) -> str:
+    """The server's own fix for a model that takes no `tools`, for the WARNING."""
+    lowered = message.lower()
+    if "auto-tool-choice" in lowered or "tool-call-parser" in lowered or 'auto" tool choice' in lowered:
+        return (
+            "start vLLM with --enable-auto-tool-choice --tool-call-parser PARSER (hermes for Qwen2.5/Qwen3, "
+            "qwen3_coder for Qwen3-Coder, glm45 for GLM-4.5+, mistral, llama3_json, ...)"
+        )
+    if "jinja" in lowered:
+        return "start llama-server with --jinja (and --chat-template-file if the model's template has no tools)"
+    if provider == "ollama" or "does not support tools" in lowered:  # Ollama's wording, on both its APIs
+        return "use a model whose template supports tools (`ollama show MODEL` lists `tools` under Capabilities)"
+    return "enable tool calling on the server for this model"
 
 
 _OVER_BY = re.compile(r"exceeded max context length by (\d+) tokens", re.I)  # Ollama
@@ -3390,6 +3990,8 @@ class Exchange:
     request_id: str
     record: RequestRecord
     sent_max_tokens: int = 0  # the output limit the backend was given, after the lessons it taught
+    prompt_tools: Optional[typing.Callable[[], dict[str, Any]]] = None  # the body with tools in the system prompt
+    text_calls: Optional[TextCalls] = None  # the watcher for tool calls written as text, on or off
 
 
 # Claude Code compacts when a conversation comes within ~33k tokens (20k for the answer, 13k of margin) of the
@@ -3436,6 +4038,8 @@ class Backend:
         self.in_flight: set[Any] = set()  # the Watch of every request at work (shutdown ends them)
         self._discovered_at = 0.0
         self.list_problem: Optional[str] = None  # why the model list failed, with the likely fix
+        self.prompt_tools: set[tuple[str, str]] = set()  # models that take no `tools`: tools go in the prompt
+        self.reasoning_fields: dict[tuple[str, str], str] = {}  # the field a model sends its reasoning in
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=1024, limit_per_host=1024, keepalive_timeout=30)
@@ -3736,6 +4340,8 @@ class Backend:
         Only the encoded body is kept while the backend thinks (a dict of it costs several times more)."""
         key = (ex.route.base_url, ex.route.model)
         body, ex.body = ex.body, {}
+        if key in self.prompt_tools and ex.prompt_tools is not None:
+            body = self._prompt_tools(ex)
         self._apply_lessons(ex, key, body)
         data = _encode(body)
         del body
@@ -3750,6 +4356,19 @@ class Backend:
             finally:
                 resp.release()
             message = backend_error_text(raw)
+            if resp.status in (400, 422, 500) and ex.prompt_tools is not None and _NO_TOOLS.search(message):
+                self.prompt_tools.add(key)
+                log.warning(
+                    "backend model %s does not take tools (%s): tool definitions now go into the system prompt "
+                    "and calls are read from the text; for native tool calling, %s",
+                    ex.route.model,
+                    message[:200],
+                    native_tools_fix(message, ex.route.provider),
+                )
+                body = self._prompt_tools(ex)
+                self._apply_lessons(ex, key, body)
+                data = _encode(body)
+                continue
             if resp.status in (400, 422):
                 body = loads(data)
                 if self._learn(ex, key, body, message):
@@ -3765,8 +4384,27 @@ class Backend:
                 self.backend_models if ex.route.base_url == self.config.base_url else (),
             )
 
+    def _prompt_tools(self, ex: Exchange) -> dict[str, Any]:
+        """Switch the exchange to prompt-based tool calling: the body without `tools`, the watcher on."""
+        assert ex.prompt_tools is not None
+        ex.builder.text_calls = ex.text_calls
+        return ex.prompt_tools()
+
+    def remember(self, ex: Exchange) -> None:
+        """After an answer: what it taught about the model (the field its reasoning came in)."""
+        if ex.builder.reasoning_field:
+            self.reasoning_fields[(ex.route.base_url, ex.route.model)] = ex.builder.reasoning_field
+
     def _apply_lessons(self, ex: Exchange, key: tuple[str, str], body: dict[str, Any]) -> None:
-        for name in self.rejected.get(key, set()) & body.keys():
+        rejected = self.rejected.get(key, set())
+        field_name = self.reasoning_fields.get(key, "reasoning_content")
+        for msg in body.get("messages") or ():
+            if REASONING_HISTORY_FIELD in msg:
+                if REASONING_HISTORY_FIELD in rejected:
+                    del msg[REASONING_HISTORY_FIELD]
+                elif field_name != REASONING_HISTORY_FIELD:
+                    msg[field_name] = msg.pop(REASONING_HISTORY_FIELD)
+        for name in rejected & body.keys():
             if name == "max_tokens":  # this backend wants the newer name
                 body["max_completion_tokens"] = body.pop("max_tokens")
             else:
@@ -3796,6 +4434,17 @@ class Backend:
             self.limits[key] = (ctx or known_ctx, cap or known_cap)
             holder[field_name] = ex.sent_max_tokens = allowed
             log.info("backend model %s: max_tokens lowered to %d to fit its limits", model, allowed)
+            return True
+        sent = [
+            m
+            for m in body.get("messages") or ()
+            if isinstance(m, dict) and ("reasoning_content" in m or "reasoning" in m)
+        ]
+        if sent and (_names_field(message, "reasoning_content") or _names_field(message, "reasoning")):
+            memory.add(REASONING_HISTORY_FIELD)
+            for msg in sent:
+                msg.pop("reasoning_content", None), msg.pop("reasoning", None)
+            log.warning("backend model %s rejected earlier reasoning in messages; not sending it from now on", model)
             return True
         rejected = next((f for f in OPTIONAL_FIELDS if f in body and _names_field(message, f)), None)
         if rejected:
@@ -3893,12 +4542,45 @@ def exchange(
     record.stream = bool(req.stream)
     check_fits(estimate, route)
     show_thinking = not (req.thinking and req.thinking.display == "omitted")
+    calls_possible = bool(conv.tools) and not (req.tool_choice and req.tool_choice.type == "none")
+    watcher, prompt_tools = None, None
+    if calls_possible and output_schema(req) is None:
+        offered = {t.name: t.input_schema for t in conv.tools}
+        offered.update({alias: offered[name] for alias, name in tool_names.items()})
+        watcher = TextCalls(offered)
+        prompt_tools = functools.partial(_prompt_tools_body, provider, conv, req, route)
+    text_calls = route.text_tool_calls if route.text_tool_calls is not None else config.text_tool_calls
+    if prompt_tools is not None and route.tool_calls == "prompt":
+        body, text_calls = prompt_tools(), True
     builder = EventBuilder(
-        new_id("msg_"), req.model, estimate, tool_names=tool_names, show_thinking=show_thinking, usage_scale=usage_scale
+        new_id("msg_"),
+        req.model,
+        estimate,
+        tool_names=tool_names,
+        show_thinking=show_thinking,
+        usage_scale=usage_scale,
+        text_calls=watcher if text_calls else None,
+        stop_sequences=req.stop_sequences,
     )
     if log.isEnabledFor(logging.DEBUG):
         log.debug("backend request to %s: %s", public_url(route.base_url), dumps(body)[:MAX_DEBUG_CHARS])
-    return Exchange(req.max_tokens == 0, bool(req.stream), estimate, route, provider, body, builder, request_id, record)
+    return Exchange(
+        req.max_tokens == 0,
+        bool(req.stream),
+        estimate,
+        route,
+        provider,
+        body,
+        builder,
+        request_id,
+        record,
+        prompt_tools=prompt_tools,
+        text_calls=watcher,
+    )
+
+
+def _prompt_tools_body(provider: Provider, conv: Conversation, req: MessagesRequest, route: Route) -> dict[str, Any]:
+    return provider.body(prompt_tools_conversation(conv, req), req, route)[0]
 
 
 async def pump(resp: Optional[aiohttp.ClientResponse], ex: Exchange, emit: Any) -> None:
@@ -3913,9 +4595,9 @@ async def pump(resp: Optional[aiohttp.ClientResponse], ex: Exchange, emit: Any) 
             payloads = frames.feed(data)
             if payloads:
                 await _fold(ex, payloads, emit)
-            if frames.done:
+            if frames.done or ev.cut:  # cut: a stop sequence matched, the rest is not wanted (resp is closed)
                 break
-        if not frames.done:
+        if not (frames.done or ev.cut):
             await _fold(ex, frames.flush(), emit)
         if not (ev.backend_stopped or frames.done):
             raise ApiError(
@@ -4066,9 +4748,10 @@ async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Re
         raise relay_error(exc, backend.config) from None
     finally:
         if resp is not None:
-            resp.release() if ex.builder.outcome else resp.close()
+            resp.release() if ex.builder.outcome and not ex.builder.cut else resp.close()
     ex.record.outcome = ex.builder.outcome
     backend.note_output_cap(ex)
+    backend.remember(ex)
     return fold_events(events)
 
 
@@ -4117,9 +4800,10 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
         record.error, record.error_kind = "client disconnected", "client_disconnected"
     finally:
         if resp is not None:  # close: the backend sees it and stops generating
-            resp.release() if ex.builder.outcome and error is None else resp.close()
+            resp.release() if ex.builder.outcome and error is None and not ex.builder.cut else resp.close()
     record.outcome = ex.builder.outcome
     backend.note_output_cap(ex)
+    backend.remember(ex)
     return out
 
 

@@ -997,9 +997,9 @@ def test_sampling_and_stop_parameters():
         openai["temperature"],
         openai["top_p"],
         openai["top_k"],
-        openai["stop"],
         openai.get("user"),
-    ) == (300, 0.2, 0.9, 40, ["###"], None)
+    ) == (300, 0.2, 0.9, 40, None)
+    assert "stop" not in openai  # the proxy watches for stop sequences itself (issue 13)
     assert openai["stream_options"] == {"include_usage": True}
     official = cp.PROVIDER_IMPLS["openai"].body(
         cp.build_conversation(request), request, cp.Route("gpt-4.1", "openai", "https://api.openai.com/v1")
@@ -1011,7 +1011,6 @@ def test_sampling_and_stop_parameters():
         "temperature": 0.2,
         "top_p": 0.9,
         "top_k": 40,
-        "stop": ["###"],
         "num_ctx": 32768,
     }
     assert ollama["stream"] is True and "user" not in ollama
@@ -1588,7 +1587,9 @@ def test_multi_step_loop_with_thinking_history_openai(make_stack):
     messages += [as_history(msg2), {"role": "user", "content": "Thanks"}]
     client.messages.create(model="claude-opus-5-5", max_tokens=1024, tools=TOOLS, messages=messages)
     r2, r3 = stack.backend.requests[1]["messages"], stack.backend.requests[2]["messages"]
-    for i in range(len(r2)):
+    assert r2[1]["reasoning_content"] == "Need weather."  # the current tool loop's reasoning goes back (issue 13)
+    for i in range(len(r2)):  # after a new user message it is dropped, as Qwen3's template renders it
+        r2[i].pop("reasoning_content", None)
         assert json.dumps(r2[i]) == json.dumps(r3[i]), i
 
 
@@ -1943,8 +1944,12 @@ def test_thinking_display_omitted_round_trips_through_signature(make_stack):
     assert body["messages"][1]["reasoning_content"] == "secret plan"
     ollama = cp.ollama_request(cp.build_conversation(request), request, ROUTE_OLLAMA)
     assert ollama["messages"][1]["thinking"] == "secret plan"
-    plain = backend_body(request, "openai")  # not DeepSeek, no reasoning_history: not sent
-    assert "reasoning_content" not in plain["messages"][1]
+    plain = backend_body(request, "openai")  # not DeepSeek: sent within the current tool loop (issue 13)
+    assert plain["messages"][1]["reasoning_content"] == "secret plan"
+    off = cp.PROVIDER_IMPLS["openai"].body(
+        cp.build_conversation(request), request, cp.Route("m", "openai", "http://x/v1", reasoning_history=False)
+    )[0]
+    assert "reasoning_content" not in off["messages"][1]
 
 
 def test_thinking_request_switches():
@@ -4207,7 +4212,8 @@ def test_option_table_drives_config_flags_and_help():
     assert cp.load_config([], environ={}, dotenv_path="") == cp.Config()  # the same defaults both ways
     parser = cp.build_parser()
     flags = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help", "--version"}
-    assert flags == {o.flag for o in cp.OPTIONS if o.flag}
+    negated = {"--no-" + o.flag[2:] for o in cp.OPTIONS if o.flag and o.switch and o.default}  # BooleanOptionalAction
+    assert flags == {o.flag for o in cp.OPTIONS if o.flag} | negated
     help_text = parser.format_help()
     for option in cp.OPTIONS:
         for name in option.env:
@@ -5219,3 +5225,625 @@ def test_overflow_inside_a_stream_is_prompt_too_long(make_stack):
     with pytest.raises(anthropic.BadRequestError) as info:
         stack.client().messages.create(model="m", max_tokens=20, messages=USER_HI)
     assert assert_sdk_error(info.value, 400, "invalid_request_error").startswith("prompt is too long")
+
+
+# --- imperfect models and servers (issue 13) ---
+# Templates cited below are llama.cpp's copies of the models' own chat templates (models/templates/*.jinja), and
+# the servers' parsers: vLLM's tool_parsers (hermes, qwen3_coder / qwen3_xml, glm4_moe, mistral, minimax_m2) and
+# llama.cpp's common/chat.cpp.
+
+RUN_TOOL = {
+    "name": "run",
+    "description": "Run a command",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "command": {"type": "string"},
+            "timeout": {"type": "integer"},
+            "ratio": {"type": "number"},
+            "background": {"type": "boolean"},
+            "env": {"type": "object"},
+            "args": {"type": "array"},
+            "note": {"type": ["string", "null"]},
+        },
+    },
+}
+TEXT_TOOLS = TOOLS + [RUN_TOOL]
+TEXT_SCHEMAS = {t["name"]: t["input_schema"] for t in TEXT_TOOLS}
+
+# (text the model writes, the blocks the client must get)
+TEXT_CALL_FORMATS = {
+    # Hermes / Qwen2.5 / Qwen3: Qwen-Qwen2.5-7B-Instruct.jinja and Qwen-Qwen3-0.6B.jinja ("For each function call,
+    # return a json object with function name and arguments within <tool_call></tool_call> XML tags"); vLLM hermes
+    "hermes": (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        [("text", "Let me check.\n"), W],
+    ),
+    "hermes_parameters": ('<tool_call>\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n</tool_call>', [W]),
+    "hermes_string_arguments": (
+        '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>',
+        [W],
+    ),
+    "hermes_several": (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>',
+        [W, T],
+    ),
+    # Qwen3-Coder XML: Qwen3-Coder.jinja ("<tool_call>\n<function=example_function_name>\n<parameter=...>\nvalue_1\n
+    # </parameter>"); vLLM qwen3_coder / qwen3_xml parsers
+    "qwen3_coder": (
+        "I'll run it.\n<tool_call>\n<function=run>\n<parameter=command>\nls -la\n</parameter>\n<parameter=timeout>\n"
+        "30\n</parameter>\n<parameter=background>\nfalse\n</parameter>\n</function>\n</tool_call>",
+        [("text", "I'll run it.\n"), ("tool_use", "run", {"command": "ls -la", "timeout": 30, "background": False})],
+    ),
+    "qwen3_coder_without_outer_tag": (
+        "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>",
+        [W],
+    ),
+    # GLM-4.5+/4.6: GLM-4.6.jinja ("<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>...");
+    # vLLM glm4_moe parser
+    "glm": (
+        "<tool_call>run\n<arg_key>command</arg_key>\n<arg_value>echo hi</arg_value>\n<arg_key>args</arg_key>\n"
+        '<arg_value>["a", 1]</arg_value>\n</tool_call>',
+        [("tool_use", "run", {"command": "echo hi", "args": ["a", 1]})],
+    ),
+    # Anthropic-style XML that models trained on Claude transcripts print (DeepSeek-V3.2.jinja writes the same
+    # shape with DSML-prefixed tags: "<function_calls>\n<invoke name=\"$FUNCTION_NAME\">\n<parameter name=...")
+    "function_calls": (
+        '<function_calls>\n<invoke name="run">\n<parameter name="command">pwd</parameter>\n'
+        '<parameter name="ratio">0.5</parameter>\n</invoke>\n<invoke name="get_weather">\n'
+        '<parameter name="city">Paris</parameter>\n</invoke>\n</function_calls>',
+        [("tool_use", "run", {"command": "pwd", "ratio": 0.5}), W],
+    ),
+    # MiniMax-M2: MiniMax-M2.jinja (toolcall_begin_token <minimax:tool_call>, then <invoke name=...><parameter
+    # name=...>); vLLM minimax_m2 parser
+    "minimax": (
+        '<minimax:tool_call>\n<invoke name="run">\n<parameter name="env">{"A": "1"}</parameter>\n</invoke>\n'
+        "</minimax:tool_call>",
+        [("tool_use", "run", {"env": {"A": "1"}})],
+    ),
+    # A bare JSON object as the whole answer: meta-llama-Llama-3.1-8B-Instruct.jinja ("Respond in the format
+    # {"name": function name, "parameters": dictionary of argument name and its value}"); vLLM llama3_json; Ollama
+    # returning Qwen3's call as content
+    "bare_json": ('{"name": "get_weather", "parameters": {"city": "Paris"}}', [W]),
+    "bare_json_arguments": ('\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', [W]),
+    # Mistral before v11: mistralai-Mistral-Nemo-Instruct-2407.jinja ("[TOOL_CALLS][" + JSON list); llama.cpp
+    # common/chat-parsers mistral-nemo, vLLM mistral parser (pre-v11)
+    "mistral_list": (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}]',
+        [W],
+    ),
+    # Mistral v11+: Mistral-Small-3.2-24B-Instruct-2506.jinja ("[TOOL_CALLS]" + name + "[ARGS]" + arguments|tojson);
+    # vLLM mistral parser (v11+)
+    "mistral_args": (
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris"}',
+        [W, T],
+    ),
+}
+
+
+def fold_text(pieces: list, tools: dict | None = None, *, finish: str = "stop", stops: list | None = None):
+    """Content pieces through an EventBuilder with the text-call watcher on -> (events, message)."""
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS) if tools is None else tools)
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher, stop_sequences=stops)
+    ev.start_message()
+    events = ev.take()
+    for piece in pieces:
+        ev.content(piece)
+        events += ev.take()
+    ev.backend_stop(finish)
+    ev.end_message()
+    events += ev.take()
+    return events, cp.fold_events(events)
+
+
+def text_blocks(message: dict) -> list:
+    out = []
+    for b in message["content"]:
+        if b["type"] == "tool_use":
+            assert b["id"].startswith("toolu_")
+            out.append(("tool_use", b["name"], b["input"]))
+        else:
+            out.append((b["type"], b.get("text")))
+    return out
+
+
+@pytest.mark.parametrize("fmt", TEXT_CALL_FORMATS)
+def test_text_calls_each_format(fmt):
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    events, message = fold_text([text])
+    assert text_blocks(message) == expected
+    assert message["stop_reason"] == "tool_use"
+    assert check_stream(events)["blocks"] == expected  # Anthropic's event grammar
+
+
+@pytest.mark.parametrize("fmt", TEXT_CALL_FORMATS)
+def test_text_calls_split_at_every_position(fmt):
+    """A marker (and everything else) split across two chunks at any position gives the same blocks."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    for cut in range(1, len(text)):
+        assert text_blocks(fold_text([text[:cut], text[cut:]])[1]) == expected, cut
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fmt=st.sampled_from(sorted(TEXT_CALL_FORMATS)),
+    before=st.sampled_from(["", "Sure.\n", "a < b and [x] `y`\n", "```\ncode\n```\n"]),
+    cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=12),
+)
+def test_property_text_calls_any_chunking(fmt, before, cuts):
+    """Any chunking, any prose before the call (with <, [ and fences that are not markers): the same message as
+    one chunk gives, and the text before the call is never changed."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    if fmt.startswith("bare_json") and before:
+        expected = [("text", before + text)]  # a JSON object is a call only as the whole answer
+    elif before:
+        expected = [("text", before + expected[0][1])] + expected[1:] if expected[0][0] == "text" else expected
+        expected = expected if expected[0][0] == "text" else [("text", before)] + expected
+    whole = before + text
+    points = sorted({c % len(whole) for c in cuts if c % len(whole)})
+    pieces = [whole[a:b] for a, b in zip([0] + points, points + [len(whole)])]
+    assert text_blocks(fold_text(pieces)[1]) == expected
+
+
+def test_text_calls_stream_live_and_hold_back_only_a_possible_marker():
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS))
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher)
+    ev.start_message()
+    ev.take()
+
+    def texts() -> str:
+        return "".join(d["delta"].get("text", "") for n, d in ev.take() if n == "content_block_delta")
+
+    ev.content("Hello ")
+    assert texts() == "Hello "  # no marker possible: streams at once
+    ev.content("there <tool")
+    assert texts() == "there "  # only "<tool" is held back
+    ev.content("ing> is fine, [TOOL")
+    assert texts() == "<tooling> is fine, "  # released unchanged the moment it cannot be a marker
+    ev.content("S] ok <tool_call>`code`")
+    assert texts() == "[TOOLS] ok <tool_call>`code"  # a marker whose body cannot be a call is text at once
+    ev.content(' <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par')
+    assert texts() == "` "  # (a backtick could have begun a ``` fence); a call in progress is held
+    ev.content('is"}}\n</tool_call>')
+    ev.backend_stop("stop")
+    ev.end_message()
+    events = ev.take()
+    assert [d["content_block"]["type"] for n, d in events if n == "content_block_start"] == ["tool_use"]
+    args = "".join(d["delta"].get("partial_json", "") for n, d in events if n == "content_block_delta")
+    assert json.loads(args) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a name the request did not offer
+        '<tool_call>\n{"name": "delete_everything", "arguments": {}}\n</tool_call>',
+        "<function=delete_everything>\n<parameter=x>\n1\n</parameter>\n</function>",
+        '<function_calls>\n<invoke name="delete_everything">\n</invoke>\n</function_calls>',
+        "<tool_call>delete_everything\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
+        '[TOOL_CALLS]delete_everything[ARGS]{"a": 1}',
+        '[TOOL_CALLS][{"name": "delete_everything", "arguments": {}}]',
+        '{"name": "delete_everything", "arguments": {}}',
+        # inside a markdown code fence: an example, not a call
+        'Use this format:\n```\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call>\n```",
+        '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
+        # ordinary JSON answers and prose
+        '{"name": "Bob", "age": 3}',
+        '{"result": {"name": "get_weather"}}',
+        "Write <tool_call> and </tool_call> around the JSON.",
+        "The array [TOOL_CALLS] is empty; a < b; <function=x is not a tag.",
+        '{"name": "get_weather", "arguments": {"city": "Paris"}} and then some prose',
+    ],
+)
+def test_text_that_is_not_a_call_stays_text_unchanged(text):
+    for chunked in ([text], list(text)):
+        _, message = fold_text(chunked)
+        assert text_blocks(message) == [("text", text)]
+        assert message["stop_reason"] == "end_turn"
+
+
+def test_xml_values_converted_by_input_schema():
+    args = cp._xml_arguments(
+        [
+            ("command", "\n  indented\nlines  \n"),
+            ("timeout", "\n30\n"),
+            ("ratio", "2.5"),
+            ("background", "True"),
+            ("env", '\n{"A": "1"}\n'),
+            ("args", "[1, 2]"),
+            ("note", "\nnull-able string\n"),
+            ("unknown", "\n42\n"),
+        ],
+        RUN_TOOL["input_schema"],
+    )
+    assert args == {
+        "command": "  indented\nlines  ",  # verbatim, minus the newline the templates add around it
+        "timeout": 30,
+        "ratio": 2.5,
+        "background": True,
+        "env": {"A": "1"},
+        "args": [1, 2],
+        "note": "null-able string",
+        "unknown": "42",  # not in the schema: text
+    }
+    assert cp.typed_value("thirty", {"type": "integer"}) == "thirty"  # unparseable: the text, not a crash
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', {"city": "Pa"}),
+        ("<tool_call>\n<function=run>\n<parameter=command>\nls -l", {"command": "ls -l"}),
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Pa', {"city": "Pa"}),
+    ],
+)
+def test_text_call_cut_off_by_max_tokens_is_closed(text, expected):
+    name = "run" if "run" in text else "get_weather"
+    for chunked in ([text], list(text)):
+        events, message = fold_text(chunked, finish="length")
+        assert text_blocks(message) == [("tool_use", name, expected)]
+        assert message["stop_reason"] == "max_tokens"
+        check_stream(events)
+
+
+def test_native_tool_calls_win_over_text_calls():
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS))
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher)
+    ev.start_message()
+    ev.content('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    ev.tool_fragment(0, "call_native00001", "get_weather", PARIS_JSON)
+    ev.backend_stop("tool_calls")
+    ev.end_message()
+    message = cp.fold_events(ev.take())
+    assert [b["type"] for b in message["content"]] == ["tool_use"]
+    assert message["content"][0]["id"] == "call_native00001"
+
+
+def test_no_watcher_when_no_tools_or_tool_choice_none_or_switched_off():
+    config = cp.Config(provider="openai", base_url="http://x/v1", default_model="m")
+    route = cp.Route("m", "openai", "http://x/v1")
+
+    def watcher(body: dict, config=config, route=route):
+        req = cp.parse_request(body)
+        return cp.exchange(req, route, config, 1.0, "req_1", cp.RequestRecord()).builder.text_calls
+
+    assert watcher(body_of()) is not None
+    assert watcher(body_of(tools=[])) is None
+    assert watcher(body_of(tool_choice={"type": "none"})) is None
+    assert watcher(body_of(), config=cp.Config(provider="openai", default_model="m", text_tool_calls=False)) is None
+    assert watcher(body_of(), route=cp.Route("m", "openai", "http://x/v1", text_tool_calls=False)) is None
+    schema = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+    assert watcher(body_of(**schema)) is None  # structured output: a JSON answer is the answer
+
+
+def test_text_calls_switched_off_end_to_end(make_stack, provider):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    stack = make_stack(provider, text_tool_calls=False)
+    stack.backend.queue(text_answer(provider, text))
+    msg = stack.client().messages.create(**body_of())
+    assert [(b.type, b.text) for b in msg.content] == [("text", text)]
+    stack = make_stack(provider, model_map={"claude-*": {"model": "m", "text_tool_calls": False}})
+    stack.backend.queue(text_answer(provider, text))
+    assert stack.client().messages.create(**body_of()).content[0].type == "text"
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "qwen3_coder", "glm", "function_calls", "bare_json", "mistral_args"])
+def test_text_calls_end_to_end_tiny_chunks(make_stack, provider, fmt, caplog):
+    """Streamed in 1- and 3-character chunks, both providers: raw SSE grammar, the SDK's accumulator and the
+    non-streaming answer agree; one INFO line per recovered call."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    stack = make_stack(provider)
+    for n in (1, 3):
+        caplog.clear()
+        stack.backend.requests.clear()
+        with caplog.at_level(logging.INFO, logger="claude_proxy"):
+            result = run_modes(stack, text_answer(provider, *pieces(text, n)), tools=TEXT_TOOLS)
+        assert_tool_use(result, expected)
+        recovered = [r for r in caplog.records if "recovered a tool call written as text" in r.getMessage()]
+        assert len(recovered) == 3 * sum(1 for b in expected if b[0] == "tool_use")  # three requests
+
+
+# Prompt-based tool calling: what servers answer when they cannot take `tools`
+NO_TOOLS_ERRORS = {
+    # Ollama (ollama/ollama#5793, #14795): HTTP 400 from /api/chat and /v1/chat/completions
+    "ollama": (400, {"error": "registry.ollama.ai/library/gemma2:latest does not support tools"}, "ollama show"),
+    # vLLM started without --enable-auto-tool-choice (its serving_chat check)
+    "vllm": (
+        400,
+        {
+            "object": "error",
+            "message": '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+        "--enable-auto-tool-choice --tool-call-parser",
+    ),
+    # llama.cpp without --jinja: tools/server/server-common.cpp throws "tools param requires --jinja flag" (HTTP 500)
+    "llamacpp": (
+        500,
+        {"error": {"code": 500, "message": "tools param requires --jinja flag", "type": "server_error"}},
+        "--jinja",
+    ),
+}
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("server", NO_TOOLS_ERRORS)
+def test_backend_rejecting_tools_switches_to_prompt_tools(make_stack, provider, server, caplog):
+    status, error, fix = NO_TOOLS_ERRORS[server]
+    stack = make_stack(provider)
+    stack.backend.queue(Reply(status, error), text_answer(provider, *pieces(HERMES_CALL, 5)))
+    client = stack.client()
+    with caplog.at_level(logging.INFO, logger="claude_proxy"):
+        msg = client.messages.create(**body_of(system="Be brief."))
+    assert summarize(msg)["blocks"] == [W] and msg.stop_reason == "tool_use"
+    first, second = stack.backend.requests
+    assert "tools" in first and "tools" not in second and "tool_choice" not in second
+    system = second["messages"][0]["content"]
+    assert system.startswith("Be brief.\n\n# Tools\n") and '"name":"get_weather"' in system and "<tool_call>" in system
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "does not take tools" in r.getMessage()]
+    assert len(warnings) == 1 and fix in warnings[0].getMessage()
+    # remembered for the model: the next request goes out in prompt mode at once, with its history as text
+    stack.backend.queue(text_answer(provider, "Sunny."))
+    messages = body_of()["messages"] + [
+        as_history(msg),
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": msg.content[0].id, "content": "Sunny"}]},
+    ]
+    assert client.messages.create(**body_of(system="Be brief.", messages=messages)).content[0].text == "Sunny."
+    third = stack.backend.requests[2]
+    assert "tools" not in third
+    assert third["messages"][2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>',
+    }
+    assert third["messages"][3]["role"] == "user"
+    assert third["messages"][3]["content"] == "<tool_response>\nSunny\n</tool_response>"
+    assert third["messages"][:2] == second["messages"][:2]  # the prompt prefix is stable across turns
+
+
+def test_prompt_tools_selected_in_the_map(make_stack, provider):
+    stack = make_stack(provider, model_map={"claude-*": {"model": "m", "tool_calls": "prompt"}})
+    result = run_modes(stack, text_answer(provider, *pieces(TEXT_CALL_FORMATS["qwen3_coder"][0], 2)), tools=TEXT_TOOLS)
+    assert_tool_use(result, TEXT_CALL_FORMATS["qwen3_coder"][1])
+    assert all("tools" not in r for r in stack.backend.requests)
+    with pytest.raises(cp.ConfigError, match="tool_calls"):
+        cp.Config(model_map={"x": {"model": "m", "tool_calls": "xml"}})
+
+
+def test_prompt_tools_on_even_when_text_tool_calls_off(make_stack, provider):
+    """Prompt mode reads calls from the text whatever the switch says: it is the only way they come."""
+    stack = make_stack(provider, text_tool_calls=False)
+    stack.backend.queue(Reply(*NO_TOOLS_ERRORS["ollama"][:2]), text_answer(provider, HERMES_CALL))
+    assert summarize(stack.client().messages.create(**body_of()))["blocks"] == [W]
+
+
+def test_prompt_tools_rendering_is_deterministic_and_a_prefix_across_turns():
+    def body(messages: list, **kw) -> dict:
+        req = cp.parse_request(body_of(messages=messages, system="S", **kw))
+        conv = cp.prompt_tools_conversation(cp.build_conversation(req), req)
+        return cp.openai_request(conv, req, ROUTE_OPENAI)
+
+    turn1 = [{"role": "user", "content": "Weather and time in Paris?"}]
+    turn2 = turn1 + [
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": PARIS},
+                {"type": "tool_use", "id": "toolu_02", "name": "get_time", "input": TZ},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01", "content": "Sunny"},
+                {"type": "tool_result", "tool_use_id": "toolu_02", "content": "12:00", "is_error": False},
+                {"type": "text", "text": "<system-reminder>x</system-reminder>"},
+            ],
+        },
+    ]
+    one, two = body(turn1), body(turn2)
+    assert one == body(turn1)  # deterministic
+    assert two["messages"][: len(one["messages"])] == one["messages"]
+    tools_text = two["messages"][0]["content"]
+    assert tools_text.startswith("S\n\n# Tools\n") and tools_text.count('{"type":"function"') == len(TOOLS)
+    assert two["messages"][2]["content"] == (
+        'Checking.\n\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name":"get_time","arguments":{"tz":"Europe/Paris"}}\n</tool_call>'
+    )
+    assert two["messages"][3] == {
+        "role": "user",
+        "content": "<tool_response>\nSunny\n</tool_response>\n\n<tool_response>\n12:00\n</tool_response>\n\n"
+        "<system-reminder>x</system-reminder>",
+    }
+    assert len(two["messages"]) == 4 and "tools" not in two
+    forced = body(turn1, tool_choice={"type": "tool", "name": "get_time"})["messages"][0]["content"]
+    assert forced.endswith("Answer with a call of the function get_time.")
+
+
+# Stop sequences watched by the proxy (llama.cpp and Ollama stop on `stop` without saying which string matched)
+
+
+def test_stop_strings_unit_hold_back_only_a_partial_match():
+    stops = cp.StopStrings(["###", "END"])
+    assert stops.feed("Hello #") == ("Hello ", None)  # only "#" is held
+    assert stops.feed("#x E") == ("##x ", None)
+    assert stops.feed("Nd") == ("ENd", None)
+    assert stops.feed(" a ##") == (" a ", None)
+    assert stops.feed("#tail") == ("", "###")
+    assert cp.StopStrings(["ab", "b"]).feed("xab") == ("x", "ab")  # the earliest match wins
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_stop_sequence_reported_and_backend_closed(make_stack, provider, split):
+    stack = make_stack(provider)
+    text = "Here it is.\n###\nMore text the client must not see."
+    answer = text_answer(provider, *pieces(text, split), *(["x"] * 40))
+    answer.delay = 0.01  # the backend goes on writing: the proxy hangs up on it
+    client = stack.client()
+    stack.backend.queue(answer)
+    msg = client.messages.create(**body_of(stop_sequences=["END", "###"]))
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
+    assert [(b.type, b.text) for b in msg.content] == [("text", "Here it is.\n")]
+    assert "stop" not in stack.backend.requests[0] and "stop" not in stack.backend.requests[0].get("options", {})
+    assert wait_for(lambda: stack.backend.disconnects == 1)
+    stack.backend.queue(answer, answer)
+    with client.messages.stream(**body_of(stop_sequences=["###"])) as s:
+        streamed = s.get_final_message()
+    assert (streamed.stop_reason, streamed.stop_sequence, streamed.content[0].text) == (
+        "stop_sequence",
+        "###",
+        "Here it is.\n",
+    )
+    events = check_stream(sse_events(stack, body_of(stop_sequences=["###"])))
+    assert events["blocks"] == [("text", "Here it is.\n")] and events["stop_reason"] == "stop_sequence"
+
+
+def test_stop_sequence_partial_match_released_at_the_end(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "a #", "#"))
+    msg = stack.client().messages.create(**body_of(stop_sequences=["###"]))
+    assert (msg.stop_reason, msg.stop_sequence, msg.content[0].text) == ("end_turn", None, "a ##")
+
+
+def test_stop_sequence_before_a_text_tool_call(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "Done.\nObservation:", HERMES_CALL))
+    msg = stack.client().messages.create(**body_of(stop_sequences=["Observation:"]))
+    assert (msg.stop_reason, [b.type for b in msg.content]) == ("stop_sequence", ["text"])
+
+
+# Reasoning kept inside the current tool loop
+
+
+def loop_messages(thinking: str = "Need weather.") -> list:
+    def assistant(call_id: str, text: str) -> dict:
+        return {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": text, "signature": "cpx1."},
+                {"type": "tool_use", "id": call_id, "name": "get_weather", "input": PARIS},
+            ],
+        }
+
+    def result(call_id: str) -> dict:
+        return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "Sunny"}]}
+
+    return [
+        {"role": "user", "content": "Weather?"},
+        assistant("toolu_old0000001", "Old loop."),
+        result("toolu_old0000001"),
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "And now?"},
+        assistant("toolu_new0000001", thinking),
+        result("toolu_new0000001"),
+        assistant("toolu_new0000002", "Check again."),
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_new0000002", "content": "Sunny"},
+                {"type": "text", "text": "<system-reminder>r</system-reminder>"},  # still the same loop
+            ],
+        },
+    ]
+
+
+def test_reasoning_sent_back_for_the_current_tool_loop_only():
+    req = cp.parse_request(body_of(messages=loop_messages()))
+    messages = backend_body(req, "openai")["messages"]
+    sent = [(m["role"], m.get("reasoning_content")) for m in messages if m["role"] == "assistant"]
+    assert sent == [
+        ("assistant", None),
+        ("assistant", None),
+        ("assistant", "Need weather."),
+        ("assistant", "Check again."),
+    ]
+    route = cp.Route("m", "openai", "http://x/v1", reasoning_history=False)
+    off = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]["messages"]
+    assert not any("reasoning_content" in m for m in off)
+    route = cp.Route("m", "openai", "http://x/v1", reasoning_history=True)
+    on = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]["messages"]
+    assert [m.get("reasoning_content") for m in on if m["role"] == "assistant"] == [
+        "Old loop.",
+        None,  # a text-only turn without reasoning
+        "Need weather.",
+        "Check again.",
+    ]
+
+
+def test_reasoning_in_loop_is_byte_stable_across_turns():
+    full = loop_messages()
+    bodies = [backend_body(cp.parse_request(body_of(messages=full[:n])), "openai") for n in (7, 9)]
+    shorter, longer = (json.dumps(b["messages"]) for b in bodies)
+    assert longer.startswith(shorter[:-1])  # turn N's messages are a prefix of turn N+1's
+
+
+def test_reasoning_goes_back_in_the_field_the_backend_used(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(
+        SSE([ROLE, oai_chunk({"reasoning": "Need weather."}), oai_chunk({"content": "ok"}), finish("stop")])
+    )
+    client = stack.client()
+    client.messages.create(**body_of())
+    stack.backend.queue(text_answer("openai", "ok"))
+    client.messages.create(**body_of(messages=loop_messages()))
+    sent = [m for m in stack.backend.requests[1]["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning") for m in sent] == [None, None, "Need weather.", "Check again."]
+    assert not any("reasoning_content" in m for m in sent)
+
+
+def test_backend_rejecting_reasoning_field_gets_it_dropped_and_remembered(make_stack, caplog):
+    stack = make_stack("openai")
+    error = {"error": {"message": "Unrecognized request argument supplied: reasoning_content", "type": "invalid"}}
+    stack.backend.queue(Reply(400, error), text_answer("openai", "ok"), text_answer("openai", "ok"))
+    client = stack.client()
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert client.messages.create(**body_of(messages=loop_messages())).content[0].text == "ok"
+        assert client.messages.create(**body_of(messages=loop_messages())).content[0].text == "ok"
+    first, second, third = stack.backend.requests
+    assert any("reasoning_content" in m for m in first["messages"])
+    assert not any("reasoning_content" in m for m in second["messages"] + third["messages"])
+    assert sum("rejected earlier reasoning" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_long_text_call_arguments_are_cheap():
+    """A call with 200 KB of arguments in 4-character chunks: the closing tag is searched once, not per chunk."""
+    content = "x" * 200_000
+    text = '<tool_call>\n{"name": "Read", "arguments": {"path": "a", "content": "' + content + '"}}\n</tool_call>'
+    t0 = time.perf_counter()
+    _, message = fold_text(pieces(text, 4))
+    assert time.perf_counter() - t0 < 2.0
+    assert text_blocks(message) == [("tool_use", "Read", {"path": "a", "content": content})]
+    long_prose = "Use <tool_call> tags like this: " + "word " * 100
+    assert text_blocks(fold_text([long_prose])[1]) == [("text", long_prose)]
+
+
+def test_inline_think_then_text_call():
+    """Qwen3 on a server with neither a reasoning nor a tool parser: <think> first, then the call, as text."""
+    text = "<think>\nThe user wants weather.\n</think>\n\n" + TEXT_CALL_FORMATS["hermes"][0]
+    for cut in range(1, len(text)):
+        message = fold_text([text[:cut], text[cut:]])[1]
+        assert text_blocks(message) == [("thinking", None), ("text", "Let me check.\n"), W], cut
+        assert message["content"][0]["thinking"].strip() == "The user wants weather."
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.text(alphabet="ab#E N\n", max_size=30),
+    stop=st.sampled_from(["###", "END", "\n\n"]),
+    after=st.text(alphabet="ab#EN \n", max_size=10),
+    cuts=st.lists(st.integers(min_value=1, max_value=60), max_size=8),
+)
+def test_property_stop_strings_any_chunking(before, stop, after, cuts):
+    """The text before the first match of any stop string, whatever the chunking; never held past the end."""
+    stops = ["###", "END", "\n\n"]
+    whole = before + stop + after
+    first = min((i, s) for s in stops if (i := whole.find(s)) >= 0)
+    points = sorted({c % len(whole) for c in cuts if c % len(whole)})
+    chunks = [whole[a:b] for a, b in zip([0] + points, points + [len(whole)])]
+    _, message = fold_text(chunks, tools={}, stops=stops)
+    assert "".join(b["text"] for b in message["content"]) == whole[: first[0]]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", first[1])
