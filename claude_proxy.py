@@ -3,17 +3,22 @@
 
 Run it:   pip install aiohttp && python claude_proxy.py
 Then:     ANTHROPIC_BASE_URL=http://127.0.0.1:8080 ANTHROPIC_API_KEY=x claude
+Or both:  python claude_proxy.py run [claude arguments...]
 
-One file, read top to bottom:
-  1. CONFIG            flags, environment, .env, the model map
-  2. WIRE TYPES        Anthropic request dataclasses and their validation
-  3. TOKENS            the heuristic token counter
-  4. TRANSLATION       pure functions: Anthropic request -> backend request,
-                       backend deltas -> Anthropic events (a fold), events -> Message
-  5. PROVIDERS         OpenAI-compatible and Ollama: body, stream decoding, errors, discovery
-  6. STREAMING         backend I/O, SSE emission, pings, timeouts, disconnects
-  7. HTTP APP          aiohttp routes, error middleware, create_app()
-  8. CLI               argument parsing and main()
+One file, read top to bottom (apart from the validator's recursive types, no name is used above its definition):
+  1. SHARED             limits and timeouts, ids, warn_once, logging setup
+  2. CONFIG             the option table (flags, environment, .env, defaults), Config, the model map, routes
+  3. WIRE TYPES         Anthropic request dataclasses and their validation (errors name the field path)
+  4. TOKENS             the heuristic token counter (text in any language, images)
+  5. REQUEST TRANSLATION  Anthropic request -> neutral turns -> OpenAI / Ollama bodies; prompt-based tools
+  6. RESPONSE TRANSLATION backend payloads -> a fold (EventBuilder) -> Anthropic events -> Message;
+                        tool-argument streaming, inline <think>, tool calls written as text, stop strings,
+                        backend errors -> Anthropic errors
+  7. PROVIDERS          OpenAI-compatible and Ollama: paths, framing, body, model lists, what they reject
+  8. STREAMING          sans-I/O framing (SSE, NDJSON), the Backend (discovery, windows, lessons, retries),
+                        relays with pings, timeouts, disconnects and shutdown
+  9. HTTP APP           aiohttp routes, error middleware, log line and metrics, create_app()
+ 10. CLI                --check, `run` (Claude Code on the proxy), main()
 Only the standard library and aiohttp are needed; orjson is used when installed.
 """
 
@@ -139,7 +144,7 @@ log = logging.getLogger("claude_proxy")
 
 
 # ======================================================================================
-# 1. SHARED: limits, ids, warnings
+# 1. SHARED: limits, ids, warnings, logging
 # ======================================================================================
 # Every limit, cache size and timeout that is not a configuration option, in one place.
 
@@ -187,6 +192,43 @@ def warn_once(message: str) -> None:
         log.warning(message)
 
 
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return dumps(out)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(
+        JsonFormatter()
+        if config.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
 def public_url(url: str) -> str:
     """A URL safe to show in logs and errors: no user:password@."""
     return re.sub(r"//[^/@]*@", "//", url)
@@ -224,46 +266,6 @@ class ConfigError(Exception):
     """Bad configuration: reported as one line on stderr, exit code 2."""
 
 
-def base_url_hint(provider: str, base_url: str, status: Optional[int]) -> str:
-    """What a wrong base URL most likely is, from the provider and the status of its model list ("" if nothing)."""
-    root, v1 = re.sub(r"/v1/?$", "", base_url), re.search(r"/v1/?$", base_url) is not None
-    if status == 200:
-        return ""
-    if provider == "ollama" and v1:
-        return f"the ollama provider takes the server's root: --base-url {root} (a /v1 URL is for --provider openai)"
-    if status != 404:
-        return ""
-    if provider == "openai" and not v1:
-        return (
-            f"OpenAI-compatible servers answer under /v1: try --base-url {base_url}/v1 (or --provider ollama if "
-            "this is Ollama's own API)"
-        )
-    if provider == "ollama":
-        return "this is not Ollama's API (no /api/tags): for an OpenAI-compatible server use --provider openai"
-    return "is this the server's OpenAI-compatible URL? (it has no /models)"
-
-
-_CLAUDE_NAME = re.compile(r"claude-(?:\d+(?:-\d+)*-)?(?:opus|sonnet|haiku)(?:-\d+)*(?:-\d{8})?(?:\[1m\])?")
-_CLAUDE_FAMILIES = ("opus", "sonnet", "haiku")
-
-
-def unlikely_claude_keys(names: list[str]) -> dict[str, str]:
-    """Model-map keys that look like Claude names but match nothing Claude Code sends (`claude-opus-5.5`,
-    `claude-sonnet_4`, `Claude-Opus-5`, `claude-opsu-5-5`) -> the name most likely meant ("" if unclear)."""
-    out = {}
-    for name in names:
-        if not name.lower().startswith("claude") or _GLOB_CHARS.search(name) or _CLAUDE_NAME.fullmatch(name):
-            continue
-        guess = re.sub(r"[._ ]", "-", name.lower())
-        words = [
-            (difflib.get_close_matches(w, _CLAUDE_FAMILIES, 1, 0.6) or [w])[0] if w.isalpha() else w
-            for w in guess.split("-")
-        ]
-        guess = "-".join(words)
-        out[name] = guess if _CLAUDE_NAME.fullmatch(guess) else ""
-    return out
-
-
 def parse_dotenv(text: str) -> dict[str, str]:
     """KEY=VALUE lines; `export`, comments, blank lines and single/double quotes are understood."""
     values = {}
@@ -285,6 +287,14 @@ def parse_dotenv(text: str) -> dict[str, str]:
     return values
 
 
+def _read_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def load_model_map(path: Optional[str], inline: Optional[str]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for source, text in (
@@ -302,14 +312,6 @@ def load_model_map(path: Optional[str], inline: Optional[str]) -> dict[str, Any]
         data.pop("_comment", None)
         result.update(data)
     return result
-
-
-def _read_file(path: str, what: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 # --- the option table: each setting once -----------------------------------------------------------
@@ -659,6 +661,14 @@ _DATE_SUFFIX = re.compile(r"-\d{8}$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
+def model_family(model: str) -> str:
+    lowered = model.lower()
+    for family in ("haiku", "sonnet", "opus"):
+        if family in lowered:
+            return family
+    return "*"
+
+
 def resolve_route(
     config: Config,
     model: str,
@@ -689,14 +699,6 @@ def resolve_route(
     return None
 
 
-def model_family(model: str) -> str:
-    lowered = model.lower()
-    for family in ("haiku", "sonnet", "opus"):
-        if family in lowered:
-            return family
-    return "*"
-
-
 def pick_models(models: list[dict[str, Any]]) -> dict[str, str]:
     """Zero-config choice among the backend's models: haiku-class requests get the smallest model,
     the rest the first one the backend lists (Ollama lists the most recently pulled first)."""
@@ -706,6 +708,48 @@ def pick_models(models: list[dict[str, Any]]) -> dict[str, str]:
     sized = [(m.get("size") or 0, m["name"]) for m in models if m.get("name")]
     smallest = min(sized)[1] if all(size for size, _ in sized) else names[0]
     return {"*": names[0], "opus": names[0], "sonnet": names[0], "haiku": smallest}
+
+
+def base_url_hint(provider: str, base_url: str, status: Optional[int]) -> str:
+    """What a wrong base URL most likely is, from the provider and the status of its model list ("" if nothing)."""
+    root, v1 = re.sub(r"/v1/?$", "", base_url), re.search(r"/v1/?$", base_url) is not None
+    if status == 200:
+        return ""
+    if provider == "ollama" and v1:
+        return f"the ollama provider takes the server's root: --base-url {root} (a /v1 URL is for --provider openai)"
+    if status != 404:
+        return ""
+    if provider == "openai" and not v1:
+        return (
+            f"OpenAI-compatible servers answer under /v1: try --base-url {base_url}/v1 (or --provider ollama if "
+            "this is Ollama's own API)"
+        )
+    if provider == "ollama":
+        return "this is not Ollama's API (no /api/tags): for an OpenAI-compatible server use --provider openai"
+    return "is this the server's OpenAI-compatible URL? (it has no /models)"
+
+
+_CLAUDE_NAME = re.compile(r"claude-(?:\d+(?:-\d+)*-)?(?:opus|sonnet|haiku)(?:-\d+)*(?:-\d{8})?(?:\[1m\])?")
+
+
+_CLAUDE_FAMILIES = ("opus", "sonnet", "haiku")
+
+
+def unlikely_claude_keys(names: list[str]) -> dict[str, str]:
+    """Model-map keys that look like Claude names but match nothing Claude Code sends (`claude-opus-5.5`,
+    `claude-sonnet_4`, `Claude-Opus-5`, `claude-opsu-5-5`) -> the name most likely meant ("" if unclear)."""
+    out = {}
+    for name in names:
+        if not name.lower().startswith("claude") or _GLOB_CHARS.search(name) or _CLAUDE_NAME.fullmatch(name):
+            continue
+        guess = re.sub(r"[._ ]", "-", name.lower())
+        words = [
+            (difflib.get_close_matches(w, _CLAUDE_FAMILIES, 1, 0.6) or [w])[0] if w.isalpha() else w
+            for w in guess.split("-")
+        ]
+        guess = "-".join(words)
+        out[name] = guess if _CLAUDE_NAME.fullmatch(guess) else ""
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1433,30 +1477,6 @@ _TOKEN_WEIGHTS = (
 _FOREIGN_TH = 0.008  # "th" per ASCII letter below which Latin-script text is taken for not English
 
 
-def _token_features(text: str) -> tuple:
-    """Counts of the cl100k-like features weighted by _TOKEN_WEIGHTS."""
-    n = len(text)
-    if n <= _CHUNK:
-        return _chunk_features(text)
-    # Long texts go in chunks cut at a newline (or space): the big ints then
-    # stay small enough for the CPU cache and the malloc heap, ~1.5x faster
-    # than one huge int; a cut costs at most a piece or so.
-    total = [0] * len(_TOKEN_WEIGHTS)
-    start = 0
-    while start < n:
-        end = start + _CHUNK
-        if end < n:
-            cut = text.rfind("\n", end - _CHUNK // 4, end)
-            if cut < 0:
-                cut = text.rfind(" ", end - _CHUNK // 4, end)
-            if cut >= 0:
-                end = cut + 1
-        for i, v in enumerate(_chunk_features(text[start:end])):
-            total[i] += v
-        start = end
-    return tuple(total)
-
-
 def _chunk_features(text: str) -> tuple:
     ascii_only = text.isascii()
     raw = text.encode("ascii" if ascii_only else "utf-8", "surrogatepass")
@@ -1576,6 +1596,30 @@ def _chunk_features(text: str) -> tuple:
     )
 
 
+def _token_features(text: str) -> tuple:
+    """Counts of the cl100k-like features weighted by _TOKEN_WEIGHTS."""
+    n = len(text)
+    if n <= _CHUNK:
+        return _chunk_features(text)
+    # Long texts go in chunks cut at a newline (or space): the big ints then
+    # stay small enough for the CPU cache and the malloc heap, ~1.5x faster
+    # than one huge int; a cut costs at most a piece or so.
+    total = [0] * len(_TOKEN_WEIGHTS)
+    start = 0
+    while start < n:
+        end = start + _CHUNK
+        if end < n:
+            cut = text.rfind("\n", end - _CHUNK // 4, end)
+            if cut < 0:
+                cut = text.rfind(" ", end - _CHUNK // 4, end)
+            if cut >= 0:
+                end = cut + 1
+        for i, v in enumerate(_chunk_features(text[start:end])):
+            total[i] += v
+        start = end
+    return tuple(total)
+
+
 def count_text_tokens(text: str) -> int:
     """Estimate the cl100k_base token count of text (within ~10%, fast)."""
     if not text:
@@ -1675,42 +1719,37 @@ def image_tokens(media_type: str, b64data: str) -> int:
     return max(1, min(_IMAGE_MAX_TOKENS, math.ceil(w * h / 750)))
 
 
-_COUNTS: dict[Any, int] = {}  # (hash, length) of a long text, or a tool's key -> its count; keeps no text alive
-
-
-def _memo(key: Any, count: Any) -> int:
-    value = _COUNTS.get(key)
-    if value is None:
-        if len(_COUNTS) >= 8192:
-            _COUNTS.clear()
-        value = _COUNTS[key] = count()
-    return value
-
-
-def _cached_count(text: str) -> int:
-    return _memo((hash(text), len(text)), lambda: count_text_tokens(text))
-
-
-def _tool_tokens(tool: Tool) -> int:
-    """A tool definition's tokens. Claude Code sends the same dozen tools every turn: they are counted
-    once, keyed by name and description (a schema that changes under the same description is not
-    noticed: it is an estimate)."""
-    return _memo(
-        ("tool", tool.name, hash(tool.description), len(tool.description or "")),
-        lambda: count_text_tokens(
-            f"{tool.name}\n{tool.description or ''}\n{dumps(tool_parameters(tool.input_schema))}"
-        ),
-    )
-
-
 # ======================================================================================
-# 5. TRANSLATION (pure functions: no I/O, no globals that change the output)
+# 5. REQUEST TRANSLATION (pure functions: no I/O, no globals that change the output)
 # ======================================================================================
-# Request side: Anthropic request -> a neutral conversation (`Turn`s) -> each provider's body.
-# Response side: backend deltas drive `EventBuilder`, a fold that emits Anthropic stream events;
-# `fold_events` turns those events into the non-streaming Message. One path serves both.
+# Anthropic request -> a neutral conversation (`Turn`s) -> each provider's body. Deterministic, so that turn
+# N's backend prompt is a byte prefix of turn N+1's (the backend's prompt cache keeps working). Also here:
+# thinking signatures (they carry hidden reasoning to the next turn), prompt-based tool calling for models
+# without native tool calls, and the token count of what the backend receives.
 
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+
+
+SIGNATURE_PREFIX = "cpx1."
+
+
+def thinking_signature(text: str, keep_text: bool) -> str:
+    """A non-empty signature the proxy can read back. With display "omitted" the client never sees
+    the reasoning, so the signature carries it (compressed) to restore it exactly next turn."""
+    if keep_text:
+        return SIGNATURE_PREFIX
+    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(zlib.compress(text.encode(), 6)).decode()
+
+
+def reasoning_from_signature(signature: Optional[str]) -> str:
+    if not signature or not signature.startswith(SIGNATURE_PREFIX) or len(signature) == len(SIGNATURE_PREFIX):
+        return ""
+    try:
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX) :]), MAX_REASONING_BYTES)
+        return "" if inflate.unconsumed_tail else text.decode()  # larger than any real reasoning: not ours
+    except (ValueError, zlib.error, UnicodeDecodeError):
+        return ""
 
 
 @dataclass
@@ -1753,7 +1792,7 @@ def render_block_text(block: Any) -> str:
     """Text for blocks a chat backend has no type for: documents, search results, server-tool blocks."""
     if isinstance(block, OpaqueBlock):
         raw = {k: v for k, v in block.raw.items() if k not in ("type", "cache_control")}
-        return f"[{block.type}: {dumps(_without_encrypted(raw))[:2000]}]"
+        return f"[{block.type}: {dumps(_without_encrypted(raw))[:MAX_ERROR_CHARS]}]"
     if block.type == "document":
         src = block.source
         body = (
@@ -1775,40 +1814,6 @@ def render_block_text(block: Any) -> str:
 def system_text(blocks: list[TextBlock]) -> str:
     """Join the system blocks, without Claude Code's per-version billing pseudo-header."""
     return "\n\n".join(b.text for b in blocks if not b.text.startswith(BILLING_HEADER_PREFIX))
-
-
-def build_conversation(req: MessagesRequest, system_messages: str = "reminder") -> Conversation:
-    """Anthropic messages -> neutral turns. Deterministic: turn N's output is a prefix of turn N+1's.
-
-    `role: "system"` messages inside `messages` follow the strategy: `reminder` (default) keeps the
-    text in place as a <system-reminder> in the neighbouring user turn (stable prefix, any template);
-    `hoist` appends it to the leading system prompt; `inline` keeps a system message in place."""
-    system = system_text(req.system)
-    merged: list[Message] = []
-    for message in req.messages:
-        role, content = message.role, message.content
-        if role == "system":
-            text = "\n\n".join(b.text for b in content if b.text)
-            if not text:
-                continue
-            if system_messages == "hoist":
-                system = f"{system}\n\n{text}" if system else text
-                continue
-            if system_messages == "reminder":
-                role, content = "user", [TextBlock(f"<system-reminder>\n{text}\n</system-reminder>")]
-        if merged and merged[-1].role == role and role != "system":
-            merged[-1] = Message(role, merged[-1].content + content)
-        else:
-            merged.append(Message(role, list(content)))
-    turns: list[Turn] = []
-    for message in merged:
-        if message.role == "assistant":
-            turns.append(_assistant_turn(message.content))
-        elif message.role == "system":
-            turns.append(Turn("system", [("text", "\n\n".join(b.text for b in message.content))]))
-        else:
-            turns.extend(_user_turns(message.content))
-    return Conversation(system, turns, visible_tools(req))
 
 
 def _assistant_turn(blocks: list[Any]) -> Turn:
@@ -1889,6 +1894,40 @@ def visible_tools(req: MessagesRequest) -> list[Tool]:
     return out
 
 
+def build_conversation(req: MessagesRequest, system_messages: str = "reminder") -> Conversation:
+    """Anthropic messages -> neutral turns. Deterministic: turn N's output is a prefix of turn N+1's.
+
+    `role: "system"` messages inside `messages` follow the strategy: `reminder` (default) keeps the
+    text in place as a <system-reminder> in the neighbouring user turn (stable prefix, any template);
+    `hoist` appends it to the leading system prompt; `inline` keeps a system message in place."""
+    system = system_text(req.system)
+    merged: list[Message] = []
+    for message in req.messages:
+        role, content = message.role, message.content
+        if role == "system":
+            text = "\n\n".join(b.text for b in content if b.text)
+            if not text:
+                continue
+            if system_messages == "hoist":
+                system = f"{system}\n\n{text}" if system else text
+                continue
+            if system_messages == "reminder":
+                role, content = "user", [TextBlock(f"<system-reminder>\n{text}\n</system-reminder>")]
+        if merged and merged[-1].role == role and role != "system":
+            merged[-1] = Message(role, merged[-1].content + content)
+        else:
+            merged.append(Message(role, list(content)))
+    turns: list[Turn] = []
+    for message in merged:
+        if message.role == "assistant":
+            turns.append(_assistant_turn(message.content))
+        elif message.role == "system":
+            turns.append(Turn("system", [("text", "\n\n".join(b.text for b in message.content))]))
+        else:
+            turns.extend(_user_turns(message.content))
+    return Conversation(system, turns, visible_tools(req))
+
+
 def tool_parameters(schema: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The tool's JSON schema as is, minus the `$schema` meta key; an object schema always has properties."""
     params = {k: v for k, v in (schema or {}).items() if k != "$schema"}
@@ -1957,6 +1996,19 @@ def openai_tool_name(name: str) -> str:
         return name
     clean = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:55]
     return f"{clean}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def current_loop_start(turns: list[Turn]) -> int:
+    """Index of the first turn after the last user turn with text of its own: the current tool loop."""
+    for i in range(len(turns) - 1, -1, -1):
+        turn = turns[i]
+        if turn.role == "user" and not turn.tool_results and turn.text:
+            return i + 1
+    return 0
+
+
+def image_url(src: ImageSource) -> str:
+    return src.url if src.type == "url" else f"data:{src.media_type};base64,{src.data}"
 
 
 def openai_request(
@@ -2040,15 +2092,6 @@ def openai_request(
     return body
 
 
-def current_loop_start(turns: list[Turn]) -> int:
-    """Index of the first turn after the last user turn with text of its own: the current tool loop."""
-    for i in range(len(turns) - 1, -1, -1):
-        turn = turns[i]
-        if turn.role == "user" and not turn.tool_results and turn.text:
-            return i + 1
-    return 0
-
-
 # --- prompt-based tool calling (models and servers without native tool calling) --------------------
 
 PROMPT_TOOLS_HEAD = (
@@ -2104,10 +2147,6 @@ def prompt_tools_conversation(conv: Conversation, req: MessagesRequest) -> Conve
     return Conversation(system, turns, [])
 
 
-def image_url(src: ImageSource) -> str:
-    return src.url if src.type == "url" else f"data:{src.media_type};base64,{src.data}"
-
-
 def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> dict[str, Any]:
     """Ollama /api/chat body: string content, raw base64 images, object tool arguments, options."""
     messages: list[dict[str, Any]] = []
@@ -2160,27 +2199,65 @@ def ollama_request(conv: Conversation, req: MessagesRequest, route: Route) -> di
 # --- token count of what the backend receives ----------------------------------------------
 
 
+_COUNTS: dict[Any, int] = {}  # (hash, length) of a long text, or a tool's key -> its count; keeps no text alive
+
+
+def _memo(key: Any, count: Any) -> int:
+    value = _COUNTS.get(key)
+    if value is None:
+        if len(_COUNTS) >= TOKEN_MEMO_SIZE:
+            _COUNTS.clear()
+        value = _COUNTS[key] = count()
+    return value
+
+
+def _cached_count(text: str) -> int:
+    return _memo((hash(text), len(text)), lambda: count_text_tokens(text))
+
+
+def _tool_tokens(tool: Tool) -> int:
+    """A tool definition's tokens. Claude Code sends the same dozen tools every turn: they are counted
+    once, keyed by name and description (a schema that changes under the same description is not
+    noticed: it is an estimate)."""
+    return _memo(
+        ("tool", tool.name, hash(tool.description), len(tool.description or "")),
+        lambda: count_text_tokens(
+            f"{tool.name}\n{tool.description or ''}\n{dumps(tool_parameters(tool.input_schema))}"
+        ),
+    )
+
+
 def count_request_tokens(req: MessagesRequest, conv: Optional[Conversation] = None) -> int:
     """Estimate of the prompt the backend sees, counted on the translated conversation: the system
     prompt, every turn with its role overhead, tool calls, images, and the visible tool definitions."""
     conv = conv or build_conversation(req)
     texts: list[str] = [conv.system]
-    total = 3
+    total = TOKENS_PER_REQUEST
     for turn in conv.turns:
-        total += 4  # role markers of the chat template
+        total += TOKENS_PER_TURN  # role markers of the chat template
         texts.append(turn.text)
         if turn.reasoning:
             texts.append(turn.reasoning)
         for call in turn.tool_calls:
             texts.append(call.name)
             texts.append(dumps(call.input))
-            total += 6
+            total += TOKENS_PER_TOOL_CALL
         for src in turn.images:
             total += image_tokens(src.media_type or "", src.data) if src.data else IMAGE_FALLBACK_TOKENS
-    total += sum(_tool_tokens(tool) + 8 for tool in conv.tools)
+    total += sum(_tool_tokens(tool) + TOKENS_PER_TOOL for tool in conv.tools)
     small = [t for t in texts if len(t) < 256]
     big = sum(_cached_count(t) for t in texts if len(t) >= 256)  # the system prompt and history repeat each turn
     return total + big + count_text_tokens("\n".join(small))
+
+
+# ======================================================================================
+# 6. RESPONSE TRANSLATION (pure: backend deltas -> Anthropic events, a fold)
+# ======================================================================================
+# Backend payloads drive `EventBuilder`, a fold that emits Anthropic stream events; `fold_events` turns
+# those events into the non-streaming Message, so one path serves both. Its parts: tool-argument streaming
+# and repair (JsonPrefix, ToolCall, ToolCalls), inline <think> (ThinkTags), tool calls written as text
+# (TextCalls), stop strings the backend does not report (StopStrings); then backend errors, and the two
+# provider decoders.
 
 
 # --- tool arguments: stream only what the client can parse, repair what small models break ----
@@ -2428,6 +2505,19 @@ _PY_WORDS = {"true": "True", "false": "False", "null": "None"}
 _FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", re.S)
 
 
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _breaks(text: str) -> bool:
+    check = JsonPrefix()
+    check.feed(text)
+    return check.broken
+
+
 def repair_arguments(text: str) -> Optional[str]:
     """Arguments as the model wrote them -> JSON text of an object, or None when beyond repair.
     Handles: empty, code fences, trailing text, a double-encoded string, missing closing braces,
@@ -2468,19 +2558,6 @@ def repair_arguments(text: str) -> Optional[str]:
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         pass
     return None
-
-
-def _is_object(text: str) -> bool:
-    try:
-        return isinstance(loads(text), dict)
-    except (ValueError, RecursionError):
-        return False
-
-
-def _breaks(text: str) -> bool:
-    check = JsonPrefix()
-    check.feed(text)
-    return check.broken
 
 
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
@@ -2824,6 +2901,26 @@ def parse_text_calls(marker: str, body: str, tools: dict[str, Any], whole: bool)
     return calls
 
 
+def _split_name(head: str) -> tuple[str, bool]:
+    """GLM: the tool name that opens a <tool_call>, and whether it is complete (a newline or `<` follows)."""
+    for i, c in enumerate(head):
+        if c in "\n<":
+            return head[:i], True
+    return head, False
+
+
+def _json_end(text: str, final: bool) -> Optional[int]:
+    """Where the JSON value at the start of `text` (after whitespace) ends, once it has; at the end of the
+    answer a value cut off is taken as it is (its arguments are repaired like a cut-off native call)."""
+    start = len(text) - len(text.lstrip())
+    if text.rstrip()[-1:] in ("}", "]"):
+        try:
+            return _DECODER.raw_decode(text, start)[1]
+        except ValueError:
+            pass
+    return len(text) if final else None
+
+
 class TextCalls:
     """Tool calls that a model writes in its text (servers without a matching tool-call parser). Text in,
     ("text", piece) | ("call", (marker, name, arguments)) out; like ThinkTags, a marker may be split across
@@ -3022,26 +3119,6 @@ class TextCalls:
         return True
 
 
-def _split_name(head: str) -> tuple[str, bool]:
-    """GLM: the tool name that opens a <tool_call>, and whether it is complete (a newline or `<` follows)."""
-    for i, c in enumerate(head):
-        if c in "\n<":
-            return head[:i], True
-    return head, False
-
-
-def _json_end(text: str, final: bool) -> Optional[int]:
-    """Where the JSON value at the start of `text` (after whitespace) ends, once it has; at the end of the
-    answer a value cut off is taken as it is (its arguments are repaired like a cut-off native call)."""
-    start = len(text) - len(text.lstrip())
-    if text.rstrip()[-1:] in ("}", "]"):
-        try:
-            return _DECODER.raw_decode(text, start)[1]
-        except ValueError:
-            pass
-    return len(text) if final else None
-
-
 class StopStrings:
     """The request's stop_sequences, watched in the answer's text by the proxy itself (llama.cpp and Ollama
     stop on `stop` but do not say which string matched). Text in, (text before any match, the match) out;
@@ -3087,26 +3164,6 @@ STOP_REASONS = {
     "end_turn": "end_turn",
     "max_tokens": "max_tokens",
 }
-SIGNATURE_PREFIX = "cpx1."
-
-
-def thinking_signature(text: str, keep_text: bool) -> str:
-    """A non-empty signature the proxy can read back. With display "omitted" the client never sees
-    the reasoning, so the signature carries it (compressed) to restore it exactly next turn."""
-    if keep_text:
-        return SIGNATURE_PREFIX
-    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(zlib.compress(text.encode(), 6)).decode()
-
-
-def reasoning_from_signature(signature: Optional[str]) -> str:
-    if not signature or not signature.startswith(SIGNATURE_PREFIX) or len(signature) == len(SIGNATURE_PREFIX):
-        return ""
-    try:
-        inflate = zlib.decompressobj()
-        text = inflate.decompress(base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX) :]), MAX_REASONING_BYTES)
-        return "" if inflate.unconsumed_tail else text.decode()  # larger than any real reasoning: not ours
-    except (ValueError, zlib.error, UnicodeDecodeError):
-        return ""
 
 
 @dataclass
@@ -3387,7 +3444,7 @@ class EventBuilder:
         self._close()
         for call in self.tools.pending():  # calls that could not stream live go out whole, in order
             if not call.name:
-                log.warning("dropping a tool call without a name (arguments %r)", call.args[:200])
+                log.warning("dropping a tool call without a name (arguments %r)", call.args[:MAX_SNIPPET_CHARS])
                 continue
             self._open_call(call)
             self._close()
@@ -3435,7 +3492,11 @@ def fold_events(events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                 try:
                     block["input"] = loads(joined) if joined else {}
                 except (ValueError, RecursionError):  # cannot happen with EventBuilder's output; never a 500 if it does
-                    log.error("tool %s: streamed arguments are not valid JSON: %r", block.get("name"), joined[:200])
+                    log.error(
+                        "tool %s: streamed arguments are not valid JSON: %r",
+                        block.get("name"),
+                        joined[:MAX_SNIPPET_CHARS],
+                    )
                     block["input"] = {}
         elif name == "message_delta":
             message.update(data["delta"])
@@ -3468,183 +3529,9 @@ def sse(events: list[tuple[str, dict[str, Any]]]) -> bytes:
     return "".join(out).encode()
 
 
-# --- backend payloads -> builder calls (one function per provider, both pure) ---------------------
+# --- backend errors -> Anthropic errors (HTTP statuses, error bodies, context overflows) ------------
 
 
-def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
-    """One Chat Completions object (a stream chunk, or a whole non-streaming response)."""
-    error = obj.get("error")
-    if error:
-        raise stream_error(error)
-    usage = obj.get("usage")
-    if usage:
-        details = usage.get("prompt_tokens_details") or {}
-        ev.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("cached_tokens") or 0)
-    for choice in obj.get("choices") or ():
-        if choice.get("index", 0) != 0:
-            continue
-        delta = choice.get("delta") or choice.get("message") or {}
-        content = delta.get("content")
-        if len(delta) == 1 and content:  # the common chunk: one piece of text
-            ev.content(content if isinstance(content, str) else _parts_text(content))
-            if choice.get("finish_reason"):
-                ev.backend_stop(choice["finish_reason"])
-            continue
-        reasoning = delta.get("reasoning_content")
-        if not reasoning and delta.get("reasoning"):
-            reasoning = delta["reasoning"]
-            ev.reasoning_field = "reasoning"
-        elif reasoning:
-            ev.reasoning_field = "reasoning_content"
-        if not reasoning and delta.get("reasoning_details"):
-            reasoning = "".join(
-                d.get("text") or d.get("summary") or "" for d in delta["reasoning_details"] if isinstance(d, dict)
-            )
-        if reasoning:
-            ev.thinking(reasoning)
-        if content:
-            ev.content(content if isinstance(content, str) else _parts_text(content))
-        for i, call in enumerate(delta.get("tool_calls") or ()):
-            fn = call.get("function") or {}
-            index = call.get("index", None if "delta" in choice else i)
-            ev.tool_fragment(index, call.get("id"), fn.get("name"), fn.get("arguments"))
-        finish = choice.get("finish_reason")
-        if finish:
-            stop = choice.get("stop_reason")  # vLLM: the stop string that matched
-            ev.backend_stop(finish, stop if isinstance(stop, str) and finish == "stop" else None)
-
-
-def _parts_text(parts: Any) -> str:
-    """Content given as a list of parts (some servers): its text."""
-    return "".join(p.get("text", "") for p in parts if isinstance(p, dict)) if isinstance(parts, list) else ""
-
-
-def ollama_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
-    """One /api/chat object (an NDJSON line, or the whole non-streaming response)."""
-    error = obj.get("error")
-    if error:
-        raise stream_error(error)
-    message = obj.get("message") or {}
-    if message.get("thinking"):
-        ev.thinking(message["thinking"])
-    if message.get("content"):
-        ev.content(message["content"])
-    for call in message.get("tool_calls") or ():  # Ollama sends each call whole
-        fn = call.get("function") or {}
-        ev.tool_call(call.get("id"), fn.get("name"), fn.get("arguments"))
-    if obj.get("done"):
-        ev.usage(obj.get("prompt_eval_count"), obj.get("eval_count"))
-        ev.backend_stop(obj.get("done_reason") or "stop")
-
-
-def stream_error(error: Any) -> ApiError:
-    """An error object inside a backend stream -> the ApiError for `event: error`."""
-    if isinstance(error, dict):
-        message = str(error.get("message") or error)
-        kind = str(error.get("type") or "")
-    else:
-        message, kind = str(error), ""
-    if any(w in message.lower() for w in _OVERFLOW_WORDS):  # an Ollama that sends its overflow after a 200
-        return map_backend_error(400, message)
-    overloaded = any(w in (message + kind).lower() for w in ("overload", "capacity", "queue", "unavailable"))
-    return ApiError(
-        529 if overloaded else 500, f"backend error during the stream: {message}"[:MAX_ERROR_CHARS], kind="stream_error"
-    )
-
-
-# ======================================================================================
-# 6. PROVIDERS
-# ======================================================================================
-# A provider is small: where to POST, how the stream is framed, which pure functions build
-# the body and decode the answer, and how to list models. All I/O is shared (section 6).
-
-
-class Provider:
-    chat_path: str
-    models_path: str
-    framing: str  # "sse" or "ndjson"
-    decode: Any  # staticmethod (backend JSON object, EventBuilder) -> None, in section 4
-
-    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
-        """-> (backend body, backend tool name -> client tool name for names the backend renamed)."""
-        raise NotImplementedError
-
-    def models(self, data: Any) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-
-class OpenAIProvider(Provider):
-    chat_path, models_path, framing = "/chat/completions", "/models", "sse"
-    decode = staticmethod(openai_decode)
-
-    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
-        official = "openai.com" in route.base_url or "openai.azure.com" in route.base_url
-        history = route.reasoning_history
-        if history is None and ("deepseek" in route.base_url or "deepseek" in route.model.lower()):
-            history = True  # DeepSeek's thinking mode rejects tool turns without their reasoning
-        # else None: the current tool loop's reasoning goes back (Qwen3, MiniMax-M2, Kimi-K2, GLM-4.6, gpt-oss)
-        body = openai_request(conv, req, route, official=official, reasoning_history=history)
-        renamed = {openai_tool_name(t.name): t.name for t in conv.tools if openai_tool_name(t.name) != t.name}
-        return body, renamed
-
-    def models(self, data: Any) -> list[dict[str, Any]]:
-        """vLLM states max_model_len; llama.cpp's meta.n_ctx is its running context (its /props is more exact)."""
-        models = []
-        for m in (data or {}).get("data") or ():
-            if isinstance(m, dict) and m.get("id"):
-                meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
-                window, source = _positive_int(m.get("max_model_len")), "max_model_len in /v1/models"
-                if not window and _positive_int(meta.get("n_ctx")):
-                    window, source = meta["n_ctx"], "llama.cpp n_ctx in /v1/models"
-                models.append({"name": m["id"], "context_window": window, "source": source})
-        return models
-
-
-class OllamaProvider(Provider):
-    chat_path, models_path, framing = "/api/chat", "/api/tags", "ndjson"
-    decode = staticmethod(ollama_decode)
-
-    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
-        return ollama_request(conv, req, route), {}
-
-    def models(self, data: Any) -> list[dict[str, Any]]:
-        return [
-            {"name": m["name"], "size": m.get("size")}
-            for m in (data or {}).get("models") or ()
-            if isinstance(m, dict) and m.get("name")
-        ]
-
-
-PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": OllamaProvider()}
-
-
-def _positive_int(value: Any) -> Optional[int]:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def trained_context(show: Any) -> Optional[int]:
-    """Ollama /api/show -> the context length the model was trained for (model_info.<arch>.context_length)."""
-    info = (show or {}).get("model_info") if isinstance(show, dict) else None
-    if not isinstance(info, dict):
-        return None
-    arch = info.get("general.architecture")
-    found = _positive_int(info.get(f"{arch}.context_length"))
-    return found or next(
-        (_positive_int(v) for k, v in info.items() if k.endswith(".context_length") and _positive_int(v)), None
-    )
-
-
-# Fields a backend may reject for a model; on a 400 that names one, it is dropped (and remembered).
-OPTIONAL_FIELDS = (
-    "reasoning_effort",
-    "response_format",
-    "top_k",
-    "parallel_tool_calls",
-    "user",
-    "think",
-    "format",
-    "stream_options",
-)
 _LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (numbers by name)
     re.compile(r"maximum context length is (?P<ctx>\d+) tokens.{0,120}?\((?P<prompt>\d+) in the messages", re.S | re.I),
     re.compile(
@@ -3673,31 +3560,9 @@ _LIMIT_PATTERNS = [  # what backends say when prompt + max_tokens do not fit (nu
 ]
 
 
-REASONING_HISTORY_FIELD = "reasoning_content"  # as built; renamed to `reasoning` for backends that use that one
-# What servers answer when a model or server cannot take `tools` (Ollama, vLLM, llama.cpp without --jinja, others).
-_NO_TOOLS = re.compile(
-    r"does not support tools|auto.? tool choice requires|--enable-auto-tool-choice|requires --jinja|"
-    r"tools? (?:is|are) not supported|does not support (?:tool|function)[ _-]?call|tool use is not supported",
-    re.I,
-)
-
-
-def native_tools_fix(message: str, provider: str) -> str:
-    """The server's own fix for a model that takes no `tools`, for the WARNING."""
-    lowered = message.lower()
-    if "auto-tool-choice" in lowered or "tool-call-parser" in lowered or 'auto" tool choice' in lowered:
-        return (
-            "start vLLM with --enable-auto-tool-choice --tool-call-parser PARSER (hermes for Qwen2.5/Qwen3, "
-            "qwen3_coder for Qwen3-Coder, glm45 for GLM-4.5+, mistral, llama3_json, ...)"
-        )
-    if "jinja" in lowered:
-        return "start llama-server with --jinja (and --chat-template-file if the model's template has no tools)"
-    if provider == "ollama" or "does not support tools" in lowered:  # Ollama's wording, on both its APIs
-        return "use a model whose template supports tools (`ollama show MODEL` lists `tools` under Capabilities)"
-    return "enable tool calling on the server for this model"
-
-
 _OVER_BY = re.compile(r"exceeded max context length by (\d+) tokens", re.I)  # Ollama
+
+
 _OVERFLOW_WORDS = (  # context overflows that carry no usable numbers
     "context_length_exceeded",
     "exceeds the available context",
@@ -3710,7 +3575,6 @@ _OVERFLOW_WORDS = (  # context overflows that carry no usable numbers
     "when context the overflows",  # LM Studio
     "greater than the context length",  # LM Studio
 )
-_WANTS_COMPLETION_TOKENS = re.compile(r"use .?max_completion_tokens.? instead|max_tokens.? is not supported", re.I)
 
 
 def context_limits(message: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
@@ -3735,11 +3599,11 @@ def backend_error_text(raw: bytes) -> str:
     if isinstance(data, dict):
         error = data.get("error", data)
         if isinstance(error, dict):
-            message = str(error.get("message") or error.get("detail") or dumps(error))[:2000]
+            message = str(error.get("message") or error.get("detail") or dumps(error))[:MAX_ERROR_CHARS]
             if "n_prompt_tokens" in error and "n_ctx" in error:
                 message += f" (n_prompt_tokens={error['n_prompt_tokens']}, n_ctx={error['n_ctx']})"
             return message
-        return str(error)[:2000]
+        return str(error)[:MAX_ERROR_CHARS]
     return text[:500]
 
 
@@ -3811,8 +3675,214 @@ def map_backend_error(
     return ApiError(400, text, retry=False, kind=kind)
 
 
+# --- backend payloads -> builder calls (one function per provider, both pure) ---------------------
+
+
+def stream_error(error: Any) -> ApiError:
+    """An error object inside a backend stream -> the ApiError for `event: error`."""
+    if isinstance(error, dict):
+        message = str(error.get("message") or error)
+        kind = str(error.get("type") or "")
+    else:
+        message, kind = str(error), ""
+    if any(w in message.lower() for w in _OVERFLOW_WORDS):  # an Ollama that sends its overflow after a 200
+        return map_backend_error(400, message)
+    overloaded = any(w in (message + kind).lower() for w in ("overload", "capacity", "queue", "unavailable"))
+    return ApiError(
+        529 if overloaded else 500, f"backend error during the stream: {message}"[:MAX_ERROR_CHARS], kind="stream_error"
+    )
+
+
+def _parts_text(parts: Any) -> str:
+    """Content given as a list of parts (some servers): its text."""
+    return "".join(p.get("text", "") for p in parts if isinstance(p, dict)) if isinstance(parts, list) else ""
+
+
+def openai_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
+    """One Chat Completions object (a stream chunk, or a whole non-streaming response)."""
+    error = obj.get("error")
+    if error:
+        raise stream_error(error)
+    usage = obj.get("usage")
+    if usage:
+        details = usage.get("prompt_tokens_details") or {}
+        ev.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("cached_tokens") or 0)
+    for choice in obj.get("choices") or ():
+        if choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta") or choice.get("message") or {}
+        content = delta.get("content")
+        if len(delta) == 1 and content:  # the common chunk: one piece of text
+            ev.content(content if isinstance(content, str) else _parts_text(content))
+            if choice.get("finish_reason"):
+                ev.backend_stop(choice["finish_reason"])
+            continue
+        reasoning = delta.get("reasoning_content")
+        if not reasoning and delta.get("reasoning"):
+            reasoning = delta["reasoning"]
+            ev.reasoning_field = "reasoning"
+        elif reasoning:
+            ev.reasoning_field = "reasoning_content"
+        if not reasoning and delta.get("reasoning_details"):
+            reasoning = "".join(
+                d.get("text") or d.get("summary") or "" for d in delta["reasoning_details"] if isinstance(d, dict)
+            )
+        if reasoning:
+            ev.thinking(reasoning)
+        if content:
+            ev.content(content if isinstance(content, str) else _parts_text(content))
+        for i, call in enumerate(delta.get("tool_calls") or ()):
+            fn = call.get("function") or {}
+            index = call.get("index", None if "delta" in choice else i)
+            ev.tool_fragment(index, call.get("id"), fn.get("name"), fn.get("arguments"))
+        finish = choice.get("finish_reason")
+        if finish:
+            stop = choice.get("stop_reason")  # vLLM: the stop string that matched
+            ev.backend_stop(finish, stop if isinstance(stop, str) and finish == "stop" else None)
+
+
+def ollama_decode(obj: dict[str, Any], ev: EventBuilder) -> None:
+    """One /api/chat object (an NDJSON line, or the whole non-streaming response)."""
+    error = obj.get("error")
+    if error:
+        raise stream_error(error)
+    message = obj.get("message") or {}
+    if message.get("thinking"):
+        ev.thinking(message["thinking"])
+    if message.get("content"):
+        ev.content(message["content"])
+    for call in message.get("tool_calls") or ():  # Ollama sends each call whole
+        fn = call.get("function") or {}
+        ev.tool_call(call.get("id"), fn.get("name"), fn.get("arguments"))
+    if obj.get("done"):
+        ev.usage(obj.get("prompt_eval_count"), obj.get("eval_count"))
+        ev.backend_stop(obj.get("done_reason") or "stop")
+
+
 # ======================================================================================
-# 7. STREAMING AND BACKEND I/O
+# 7. PROVIDERS
+# ======================================================================================
+# A provider is small: where to POST, how the stream is framed, which pure functions build
+# the body and decode the answer, and how to list models. All I/O is shared (section 6).
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+class Provider:
+    chat_path: str
+    models_path: str
+    framing: str  # "sse" or "ndjson"
+    decode: Any  # staticmethod (backend JSON object, EventBuilder) -> None, in section 4
+
+    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
+        """-> (backend body, backend tool name -> client tool name for names the backend renamed)."""
+        raise NotImplementedError
+
+    def models(self, data: Any) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class OpenAIProvider(Provider):
+    chat_path, models_path, framing = "/chat/completions", "/models", "sse"
+    decode = staticmethod(openai_decode)
+
+    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
+        official = "openai.com" in route.base_url or "openai.azure.com" in route.base_url
+        history = route.reasoning_history
+        if history is None and ("deepseek" in route.base_url or "deepseek" in route.model.lower()):
+            history = True  # DeepSeek's thinking mode rejects tool turns without their reasoning
+        # else None: the current tool loop's reasoning goes back (Qwen3, MiniMax-M2, Kimi-K2, GLM-4.6, gpt-oss)
+        body = openai_request(conv, req, route, official=official, reasoning_history=history)
+        renamed = {openai_tool_name(t.name): t.name for t in conv.tools if openai_tool_name(t.name) != t.name}
+        return body, renamed
+
+    def models(self, data: Any) -> list[dict[str, Any]]:
+        """vLLM states max_model_len; llama.cpp's meta.n_ctx is its running context (its /props is more exact)."""
+        models = []
+        for m in (data or {}).get("data") or ():
+            if isinstance(m, dict) and m.get("id"):
+                meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
+                window, source = _positive_int(m.get("max_model_len")), "max_model_len in /v1/models"
+                if not window and _positive_int(meta.get("n_ctx")):
+                    window, source = meta["n_ctx"], "llama.cpp n_ctx in /v1/models"
+                models.append({"name": m["id"], "context_window": window, "source": source})
+        return models
+
+
+class OllamaProvider(Provider):
+    chat_path, models_path, framing = "/api/chat", "/api/tags", "ndjson"
+    decode = staticmethod(ollama_decode)
+
+    def body(self, conv: Conversation, req: MessagesRequest, route: Route) -> tuple[dict[str, Any], dict[str, str]]:
+        return ollama_request(conv, req, route), {}
+
+    def models(self, data: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": m["name"], "size": m.get("size")}
+            for m in (data or {}).get("models") or ()
+            if isinstance(m, dict) and m.get("name")
+        ]
+
+
+PROVIDER_IMPLS: dict[str, Provider] = {"openai": OpenAIProvider(), "ollama": OllamaProvider()}
+
+
+def trained_context(show: Any) -> Optional[int]:
+    """Ollama /api/show -> the context length the model was trained for (model_info.<arch>.context_length)."""
+    info = (show or {}).get("model_info") if isinstance(show, dict) else None
+    if not isinstance(info, dict):
+        return None
+    arch = info.get("general.architecture")
+    found = _positive_int(info.get(f"{arch}.context_length"))
+    return found or next(
+        (_positive_int(v) for k, v in info.items() if k.endswith(".context_length") and _positive_int(v)), None
+    )
+
+
+# Fields a backend may reject for a model; on a 400 that names one, it is dropped (and remembered).
+OPTIONAL_FIELDS = (
+    "reasoning_effort",
+    "response_format",
+    "top_k",
+    "parallel_tool_calls",
+    "user",
+    "think",
+    "format",
+    "stream_options",
+)
+
+
+REASONING_HISTORY_FIELD = "reasoning_content"  # as built; renamed to `reasoning` for backends that use that one
+# What servers answer when a model or server cannot take `tools` (Ollama, vLLM, llama.cpp without --jinja, others).
+_NO_TOOLS = re.compile(
+    r"does not support tools|auto.? tool choice requires|--enable-auto-tool-choice|requires --jinja|"
+    r"tools? (?:is|are) not supported|does not support (?:tool|function)[ _-]?call|tool use is not supported",
+    re.I,
+)
+
+
+def native_tools_fix(message: str, provider: str) -> str:
+    """The server's own fix for a model that takes no `tools`, for the WARNING."""
+    lowered = message.lower()
+    if "auto-tool-choice" in lowered or "tool-call-parser" in lowered or 'auto" tool choice' in lowered:
+        return (
+            "start vLLM with --enable-auto-tool-choice --tool-call-parser PARSER (hermes for Qwen2.5/Qwen3, "
+            "qwen3_coder for Qwen3-Coder, glm45 for GLM-4.5+, mistral, llama3_json, ...)"
+        )
+    if "jinja" in lowered:
+        return "start llama-server with --jinja (and --chat-template-file if the model's template has no tools)"
+    if provider == "ollama" or "does not support tools" in lowered:  # Ollama's wording, on both its APIs
+        return "use a model whose template supports tools (`ollama show MODEL` lists `tools` under Capabilities)"
+    return "enable tool calling on the server for this model"
+
+
+_WANTS_COMPLETION_TOKENS = re.compile(r"use .?max_completion_tokens.? instead|max_tokens.? is not supported", re.I)
+
+
+# ======================================================================================
+# 8. STREAMING AND BACKEND I/O
 # ======================================================================================
 
 
@@ -4042,7 +4112,9 @@ class Backend:
         self.reasoning_fields: dict[tuple[str, str], str] = {}  # the field a model sends its reasoning in
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=1024, limit_per_host=1024, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(
+            limit=CONNECTION_POOL, limit_per_host=CONNECTION_POOL, keepalive_timeout=KEEPALIVE_SECONDS
+        )
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=True, timeout=self.timeout(), json_serialize=dumps
         )
@@ -4065,8 +4137,8 @@ class Backend:
 
     async def discover(self, *, force: bool = False) -> None:
         """Zero-config: ask the backend which models it has (at start, and on demand when a
-        request maps to nothing; at most every 5 s)."""
-        if not force and time.monotonic() - self._discovered_at < 5:
+        request maps to nothing; at most every DISCOVERY_INTERVAL)."""
+        if not force and time.monotonic() - self._discovered_at < DISCOVERY_INTERVAL:
             return
         self._discovered_at = time.monotonic()
         config = self.config
@@ -4077,7 +4149,7 @@ class Backend:
             async with self.session.get(
                 url,
                 headers=self.headers(config.default_route(""), new_id("req_")),
-                timeout=aiohttp.ClientTimeout(total=5),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
             ) as resp:
                 if resp.status != 200:
                     hint = base_url_hint(config.provider, config.base_url, resp.status)
@@ -4233,7 +4305,7 @@ class Backend:
                     await _public_host(url)
                     try:
                         async with self.session.get(
-                            url, timeout=aiohttp.ClientTimeout(total=15), allow_redirects=False
+                            url, timeout=aiohttp.ClientTimeout(total=IMAGE_FETCH_TIMEOUT), allow_redirects=False
                         ) as resp:
                             ctype = resp.headers.get("content-type", "").split(";")[0].strip()
                             data = await read_capped(resp, MAX_IMAGE_BYTES)
@@ -4266,7 +4338,7 @@ class Backend:
             return self.token_cache[key]
         root = re.sub(r"/v1$", "", route.base_url)
         headers = self.headers(route, current_request_id.get())
-        timeout = aiohttp.ClientTimeout(total=5)
+        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
         count = None
         try:
             async with self.session.post(root + "/tokenize", data=data, headers=headers, timeout=timeout) as resp:
@@ -4302,7 +4374,7 @@ class Backend:
         if count is None:
             warn_once(f"backend {public_url(root)} has no usable tokenizer endpoint; count_tokens uses the heuristic")
             return None
-        if len(self.token_cache) > 512:
+        if len(self.token_cache) > BACKEND_TOKEN_CACHE_SIZE:
             self.token_cache.clear()
         self.token_cache[key] = count
         return count
@@ -4350,7 +4422,7 @@ class Backend:
             if resp.status < 300:
                 return resp
             try:
-                raw = await read_capped(resp, 1 << 20)
+                raw = await read_capped(resp, MAX_ERROR_BODY_BYTES)
             except (aiohttp.ClientError, asyncio.TimeoutError, ApiError):
                 raw = b""
             finally:
@@ -4524,6 +4596,10 @@ class Backend:
                 ) from None
 
 
+def _prompt_tools_body(provider: Provider, conv: Conversation, req: MessagesRequest, route: Route) -> dict[str, Any]:
+    return provider.body(prompt_tools_conversation(conv, req), req, route)[0]
+
+
 def exchange(
     req: MessagesRequest, route: Route, config: Config, usage_scale: float, request_id: str, record: RequestRecord
 ) -> Exchange:
@@ -4579,8 +4655,34 @@ def exchange(
     )
 
 
-def _prompt_tools_body(provider: Provider, conv: Conversation, req: MessagesRequest, route: Route) -> dict[str, Any]:
-    return provider.body(prompt_tools_conversation(conv, req), req, route)[0]
+def decode_payload(ex: Exchange, raw: bytes) -> None:
+    """One backend JSON object into the exchange's fold; any malformed or odd-shaped data is a 502."""
+    try:
+        obj = loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(502, f"backend sent malformed JSON: {raw[:MAX_SNIPPET_CHARS]!r}", kind="malformed") from None
+    if not isinstance(obj, dict):
+        raise ApiError(502, f"backend sent unexpected JSON: {raw[:MAX_SNIPPET_CHARS]!r}", kind="malformed")
+    try:
+        ex.provider.decode(obj, ex.builder)
+    except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as exc:
+        raise ApiError(
+            502,
+            f"backend sent JSON of an unexpected shape ({type(exc).__name__}): {raw[:MAX_SNIPPET_CHARS]!r}",
+            kind="malformed",
+        ) from None
+
+
+async def _fold(ex: Exchange, payloads: list[bytes], emit: Any) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("backend answer: %s", b"\n".join(payloads)[:4000].decode("utf-8", "replace"))
+    try:
+        for payload in payloads:
+            decode_payload(ex, payload)
+    finally:  # what the backend produced before a fault still reaches the client
+        events = ex.builder.take()
+        if events:
+            await emit(events)
 
 
 async def pump(resp: Optional[aiohttp.ClientResponse], ex: Exchange, emit: Any) -> None:
@@ -4605,36 +4707,6 @@ async def pump(resp: Optional[aiohttp.ClientResponse], ex: Exchange, emit: Any) 
             )
     ev.end_message()
     await emit(ev.take())
-
-
-async def _fold(ex: Exchange, payloads: list[bytes], emit: Any) -> None:
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("backend answer: %s", b"\n".join(payloads)[:4000].decode("utf-8", "replace"))
-    try:
-        for payload in payloads:
-            decode_payload(ex, payload)
-    finally:  # what the backend produced before a fault still reaches the client
-        events = ex.builder.take()
-        if events:
-            await emit(events)
-
-
-def decode_payload(ex: Exchange, raw: bytes) -> None:
-    """One backend JSON object into the exchange's fold; any malformed or odd-shaped data is a 502."""
-    try:
-        obj = loads(raw)
-    except (ValueError, RecursionError):
-        raise ApiError(502, f"backend sent malformed JSON: {raw[:MAX_SNIPPET_CHARS]!r}", kind="malformed") from None
-    if not isinstance(obj, dict):
-        raise ApiError(502, f"backend sent unexpected JSON: {raw[:MAX_SNIPPET_CHARS]!r}", kind="malformed")
-    try:
-        ex.provider.decode(obj, ex.builder)
-    except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as exc:
-        raise ApiError(
-            502,
-            f"backend sent JSON of an unexpected shape ({type(exc).__name__}): {raw[:MAX_SNIPPET_CHARS]!r}",
-            kind="malformed",
-        ) from None
 
 
 def relay_error(exc: BaseException, config: Config) -> ApiError:
@@ -4713,6 +4785,11 @@ class Watch:
         self.task.cancel()  # type: ignore[union-attr]
 
 
+def _watching(request: Optional[web.Request], backend: Backend) -> Any:
+    """A Watch without pings, or nothing when there is no client to watch (--check)."""
+    return Watch(request, backend) if request is not None else contextlib.nullcontext()
+
+
 async def open_backend(
     request: Optional[web.Request], backend: Backend, ex: Exchange
 ) -> Optional[aiohttp.ClientResponse]:
@@ -4722,11 +4799,6 @@ async def open_backend(
         return None
     async with _watching(request, backend):
         return await backend.open(ex)
-
-
-def _watching(request: Optional[web.Request], backend: Backend) -> Any:
-    """A Watch without pings, or nothing when there is no client to watch (--check)."""
-    return Watch(request, backend) if request is not None else contextlib.nullcontext()
 
 
 async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Request] = None) -> dict[str, Any]:
@@ -4808,12 +4880,11 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
 
 
 # ======================================================================================
-# 8. HTTP APP
+# 9. HTTP APP
 # ======================================================================================
 
 BACKEND: web.AppKey[Backend] = web.AppKey("backend", Backend)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
-current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 OPEN_PATHS = ("/health", "/", "/api/hello")
 _RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.14; plain strings before
 REQUEST_ID: Any = _RequestKey("request_id", str) if _RequestKey else "request_id"
@@ -4839,6 +4910,10 @@ def _authorized(request: web.Request, token: str) -> bool:
     if not given and auth.lower().startswith("bearer "):
         given = auth[7:].strip()
     return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 class Metrics:
@@ -4922,8 +4997,41 @@ class Metrics:
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+QUIET_PATHS = ("/health", "/metrics", "/v1/messages/count_tokens")
+
+
+def log_request(
+    request: web.Request, status: int, started: float, record: RequestRecord, level: int = logging.INFO
+) -> None:
+    """The one line per request (text or JSON), and its metrics."""
+    now = time.monotonic()
+    fields: dict[str, Any] = {"method": request.method, "path": request.path, "status": status}
+    if record.model is not None:
+        fields["model"] = record.model
+    if record.backend_model is not None:
+        fields.update(backend_model=record.backend_model, provider=record.provider)
+    if record.stream is not None:
+        fields["stream"] = record.stream
+    if record.first_event is not None:
+        fields["ttft_ms"] = round((record.first_event - started) * 1000, 1)
+    fields["time_ms"] = round((now - started) * 1000, 1)
+    outcome = record.outcome
+    if outcome is not None:
+        fields.update(input_tokens=outcome.usage["input_tokens"], output_tokens=outcome.usage["output_tokens"])
+        fields["stop"] = outcome.stop_reason
+    if record.counted is not None:
+        fields["input_tokens"] = record.counted
+    if record.retries:
+        fields["retries"] = record.retries
+    if record.error:
+        fields["error"] = record.error[:300]
+    if record.error_kind:
+        fields["error_kind"] = record.error_kind
+    text = " ".join(
+        f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items() if k not in ("method", "path")
+    )
+    log.log(level, "%s %s %s", request.method, request.path, text, extra={"fields": fields})
+    request.app[METRICS].observe(fields, now - started)
 
 
 @web.middleware
@@ -4966,43 +5074,6 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         request, response.status, started, record, logging.DEBUG if quiet and response.status < 400 else logging.INFO
     )
     return response
-
-
-QUIET_PATHS = ("/health", "/metrics", "/v1/messages/count_tokens")
-
-
-def log_request(
-    request: web.Request, status: int, started: float, record: RequestRecord, level: int = logging.INFO
-) -> None:
-    """The one line per request (text or JSON), and its metrics."""
-    now = time.monotonic()
-    fields: dict[str, Any] = {"method": request.method, "path": request.path, "status": status}
-    if record.model is not None:
-        fields["model"] = record.model
-    if record.backend_model is not None:
-        fields.update(backend_model=record.backend_model, provider=record.provider)
-    if record.stream is not None:
-        fields["stream"] = record.stream
-    if record.first_event is not None:
-        fields["ttft_ms"] = round((record.first_event - started) * 1000, 1)
-    fields["time_ms"] = round((now - started) * 1000, 1)
-    outcome = record.outcome
-    if outcome is not None:
-        fields.update(input_tokens=outcome.usage["input_tokens"], output_tokens=outcome.usage["output_tokens"])
-        fields["stop"] = outcome.stop_reason
-    if record.counted is not None:
-        fields["input_tokens"] = record.counted
-    if record.retries:
-        fields["retries"] = record.retries
-    if record.error:
-        fields["error"] = record.error[:300]
-    if record.error_kind:
-        fields["error_kind"] = record.error_kind
-    text = " ".join(
-        f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items() if k not in ("method", "path")
-    )
-    log.log(level, "%s %s %s", request.method, request.path, text, extra={"fields": fields})
-    request.app[METRICS].observe(fields, now - started)
 
 
 async def read_json(request: web.Request) -> Any:
@@ -5185,7 +5256,7 @@ def create_app(config: Optional[Config] = None) -> web.Application:
 
 
 # ======================================================================================
-# 9. CLI
+# 10. CLI
 # ======================================================================================
 
 
@@ -5224,40 +5295,6 @@ async def run_check(config: Config, out: Any = sys.stdout) -> int:
         out.write(f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {lines[0]}\n")
         out.writelines(" " * indent + line + "\n" for line in lines[1:])
     return 1 if any(r[2].startswith("FAIL") for r in rows) else 0
-
-
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = current_request_id.get()
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "request_id": getattr(record, "request_id", "-"),
-            "message": record.getMessage(),
-        }
-        out.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return dumps(out)
-
-
-def setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(
-        JsonFormatter()
-        if config.log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 CLAUDE_INSTALL = "npm install -g @anthropic-ai/claude-code"
