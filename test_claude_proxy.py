@@ -4,7 +4,8 @@ real servers send: answers, tool calls, error bodies (OpenAI, vLLM, llama.cpp, O
 reverse proxy, nothing at all), streams failing mid-way, stalling, refused and early-closed connections.
 Plus unit tests of the pure translation, argument repair and validation, and property-based tests.
 
-The sections follow claude_proxy.py's own (1 CONFIG ... 8 CLI); the helpers they share are in conftest.py."""
+The sections follow claude_proxy.py's own (2 CONFIG ... 10 CLI; SHARED has no tests of its own), then 11, the real
+Claude Code CLI end to end; the helpers they share are in conftest.py."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ from conftest import (
 )
 
 # ======================================================================================
-# 1. CONFIG
+# 2. CONFIG
 # ======================================================================================
 
 
@@ -216,8 +217,131 @@ def test_main_api_key_never_goes_to_another_host():
     assert cp.resolve_route(config, "claude-b").api_key is None
 
 
+# --- The option table: flags, environment, .env, defaults, README -----------------------------------
+
+
+def test_readme_configuration_table_matches_the_option_table():
+    section = (HERE / "README.md").read_text(encoding="utf-8").split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    readme = []
+    for row in (line for line in section.splitlines() if line.startswith("| `--")):
+        flag, env, default = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        readme.append(
+            (
+                re.findall(r"`(--[a-z-]+)`", flag),
+                re.findall(r"`([A-Z][A-Z0-9_]*)(?:=[01])?`", env),
+                default.replace("`", ""),
+            )
+        )
+    table = [([o.flag] if o.flag else [], list(o.env), o.shown_default()) for o in cp.OPTIONS if o.flag or o.env]
+    assert readme == table
+
+
+def test_option_table_drives_config_flags_and_help():
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(cp.Config)] == [o.name for o in cp.OPTIONS] + ["environ"]
+    assert cp.load_config([], environ={}, dotenv_path="") == cp.Config()  # the same defaults both ways
+    parser = cp.build_parser()
+    flags = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help", "--version"}
+    negated = {"--no-" + o.flag[2:] for o in cp.OPTIONS if o.flag and o.switch and o.default}  # BooleanOptionalAction
+    assert flags == {o.flag for o in cp.OPTIONS if o.flag} | negated
+    help_text = parser.format_help()
+    for option in cp.OPTIONS:
+        for name in option.env:
+            assert name in help_text
+
+
+def test_option_units_and_switches():
+    env = {"PROVIDER_TIMEOUT_MS": "500", "MAX_BODY_MB": "1.5", "FETCH_IMAGES": "yes", "PROVIDER_RETRIES": "0"}
+    config = cp.load_config([], environ=env, dotenv_path="")
+    assert (config.timeout, config.max_body_bytes, config.fetch_images, config.retries) == (0.5, 3 << 19, True, 0)
+    config = cp.load_config(["--timeout", "3", "--max-body-mb", "2", "--scale-usage"], environ=env, dotenv_path="")
+    assert (config.timeout, config.max_body_bytes, config.scale_usage, config.fetch_images) == (
+        3.0,
+        2 << 20,
+        True,
+        True,
+    )
+    assert cp.load_config([], environ={"FETCH_IMAGES": "0"}, dotenv_path="").fetch_images is False
+
+
+BAD_VALUES = {  # environment -> what the ConfigError says, the same from main(), create_app() and Config(...)
+    "LOG_LEVEL": ("LOUD", "unknown log level 'LOUD'"),
+    "LOG_FORMAT": ("xml", "unknown log format 'xml'"),
+    "COUNT_TOKENS": ("exact", "unknown count tokens 'exact'"),
+    "SYSTEM_MESSAGES": ("drop", "unknown system messages 'drop'"),
+    "PROVIDER": ("bedrock", "unknown provider 'bedrock'"),
+    "PORT": ("0", "bad port 0"),
+    "PROVIDER_TIMEOUT_MS": ("0", "must be positive"),
+    "PROVIDER_RETRIES": ("-1", "PROVIDER_RETRIES: expected a non-negative number, got '-1'"),
+    "MAX_BODY_MB": ("lots", "MAX_BODY_MB: expected a non-negative number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VALUES))
+def test_create_app_checks_what_main_checks(monkeypatch, tmp_path, name):
+    value, message = BAD_VALUES[name]
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv(name, value)
+    with pytest.raises(cp.ConfigError, match=re.escape(message)):
+        cp.create_app()
+    with pytest.raises(cp.ConfigError, match=re.escape(message)):
+        cp.load_config([], environ={name: value}, dotenv_path="")
+
+
+def test_config_checks_values_given_directly():
+    with pytest.raises(cp.ConfigError, match="unknown log level 'LOUD'"):
+        cp.Config(log_level="LOUD")
+    with pytest.raises(cp.ConfigError, match="ping_interval: must be positive"):
+        cp.Config(ping_interval=0)
+
+
+def test_create_app_with_bad_log_level_is_a_configuration_error_not_a_value_error(tmp_path):
+    """Regression: under gunicorn (no logging set up yet) create_app() raised ValueError from logging."""
+    env = {k: v for k, v in os.environ.items() if k != "LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import claude_proxy; claude_proxy.create_app()"],
+        env={**env, "LOG_LEVEL": "LOUD", "PYTHONPATH": str(HERE)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("claude_proxy.ConfigError: unknown log level 'LOUD'"), result.stderr
+    assert "ValueError" not in result.stderr
+
+
+def test_api_key_env_is_read_from_the_given_environment_and_dotenv(tmp_path, monkeypatch):
+    monkeypatch.delenv("MY_BACKEND_KEY", raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MY_BACKEND_KEY=from-dotenv\n")
+    entry = '{"claude-x": {"model": "m", "base_url": "https://other.example/v1", "api_key_env": "MY_BACKEND_KEY"}}'
+    config = cp.load_config([], environ={"MODEL_MAP_JSON": entry}, dotenv_path=str(dotenv))
+    assert config.routes["claude-x"].api_key == "from-dotenv"
+    assert "MY_BACKEND_KEY" not in os.environ  # .env no longer leaks into the process environment
+    config = cp.Config(model_map=json.loads(entry), environ={"MY_BACKEND_KEY": "given"})
+    assert config.routes["claude-x"].api_key == "given"
+    with pytest.raises(cp.ConfigError, match="MY_BACKEND_KEY is not set"):
+        cp.Config(model_map=json.loads(entry))
+
+
+def test_a_switch_on_by_default_can_be_turned_off(monkeypatch):
+    extra = cp.Option("send_thing", "--send-thing", ("SEND_THING",), True, "send the thing", switch=True)
+    monkeypatch.setattr(cp, "OPTIONS", (*cp.OPTIONS, extra))
+    assert vars(cp.build_parser().parse_args(["--no-send-thing"]))["send_thing"] is False
+    assert vars(cp.build_parser().parse_args([]))["send_thing"] is None
+    assert (extra.value(False, {}), extra.value(None, {"SEND_THING": "0"}), extra.value(None, {})) == (
+        False,
+        False,
+        True,
+    )
+    assert extra.shown_default() == "on" and "[SEND_THING=0]" in extra.help_text()
+
+
 # ======================================================================================
-# 2. WIRE TYPES AND VALIDATION
+# 3. WIRE TYPES AND VALIDATION
 # ======================================================================================
 
 
@@ -768,7 +892,7 @@ def test_json_output_same_with_and_without_orjson():
 
 
 # ======================================================================================
-# 3. TOKENS
+# 4. TOKENS
 # ======================================================================================
 
 
@@ -869,7 +993,7 @@ def test_count_tokens_claude_code_request_and_images():
 
 
 # ======================================================================================
-# 4. TRANSLATION
+# 5. REQUEST TRANSLATION
 # ======================================================================================
 
 
@@ -1021,81 +1145,6 @@ def test_map_cap_and_context_window():
     route = cp.Route("small", "ollama", "http://h", max_tokens=8192, context_window=32768)
     body = cp.ollama_request(cp.build_conversation(request), request, route)
     assert body["options"]["num_predict"] == 8192 and body["options"]["num_ctx"] == 32768
-
-
-# --- Tool use: invalid arguments from small models: always a parseable stream, repaired when possible ---
-
-
-ANY_DICT = object()
-
-
-BAD_ARGS = {
-    "trailing_text": ('{"path": "a.py"} I hope this helps!', {"path": "a.py"}),
-    "extra_closing_brace": ('{"path": "a.py"}}', {"path": "a.py"}),
-    "single_quotes": ("{'path': 'a.py'}", {"path": "a.py"}),
-    "single_quotes_with_true_in_value": (
-        "{'command': 'test -f x && echo true || echo null'}",
-        {"command": "test -f x && echo true || echo null"},
-    ),
-    "python_literals": ("{'recursive': True, 'limit': None}", {"recursive": True, "limit": None}),
-    "missing_closing_brace": ('{"path": "a.py"', {"path": "a.py"}),
-    "missing_quote_and_brace": ('{"path": "a.py', {"path": "a.py"}),
-    "missing_nested_closers": ('{"edits": [{"old": "a", "new": "b"}', {"edits": [{"old": "a", "new": "b"}]}),
-    "cut_after_number": ('{"n": 12', {"n": 12}),
-    "code_fence_json": ('```json\n{"path": "a.py"}\n```', {"path": "a.py"}),
-    "code_fence_plain": ('```\n{"path": "a.py"}\n```', {"path": "a.py"}),
-    "double_encoded_string": (json.dumps('{"path": "a.py"}'), {"path": "a.py"}),
-    "leading_prose": ('Sure! {"path": "a.py"}', {"path": "a.py"}),
-    "total_garbage": ("I will read the file now.", {}),
-    "garbage_after_brace": ('{"path": "a.py", oops}', ANY_DICT),
-    "array_not_object": ('["a.py"]', ANY_DICT),
-    "trailing_comma": ('{"path": "a.py",}', {"path": "a.py"}),
-    "raw_newline_in_string": ('{"content": "line1\nline2"}', {"content": "line1\nline2"}),
-}
-
-
-@pytest.mark.parametrize("split", [1, 1000], ids=["char", "whole"])  # one char per fragment; all in one
-@pytest.mark.parametrize("case", sorted(BAD_ARGS))
-def test_openai_invalid_arguments_repaired(make_stack, case, split):
-    args, expected = BAD_ARGS[case]
-    stack = make_stack("openai")
-    chunks = [ROLE] + canonical(0, "call_aaaaaaaa0001", "Read", args, split) + [finish(), USAGE]
-    result = run_modes(stack, SSE(chunks))
-    ((kind, name, value),) = result["blocks"]
-    assert (kind, name) == ("tool_use", "Read")
-    assert result["stop_reason"] == "tool_use"
-    if expected is not ANY_DICT:
-        assert value == expected
-
-
-@pytest.mark.parametrize(
-    "case", ["trailing_text", "single_quotes", "missing_closing_brace", "total_garbage", "code_fence_json"]
-)
-def test_openai_non_streaming_body_invalid_arguments(make_stack, case):
-    args, expected = BAD_ARGS[case]
-    stack = make_stack("openai")
-    body = oai_completion(
-        None,
-        tool_calls=[{"id": "call_aaaaaaaa0001", "type": "function", "function": {"name": "Read", "arguments": args}}],
-        finish="tool_calls",
-    )
-    result = run_modes(stack, Reply(body=body))
-    assert result["blocks"] == [("tool_use", "Read", expected)]
-
-
-def test_truncated_arguments_at_max_tokens(make_stack):
-    """Cut off by max_tokens mid-arguments: stop_reason max_tokens, and still valid JSON for the SDK."""
-    stack = make_stack("openai")
-    chunks = (
-        [ROLE]
-        + canonical(0, "call_aaaaaaaa0001", "Read", '{"path": "a.py", "content": "def f(', 5)
-        + [finish("length"), USAGE]
-    )
-    result = run_modes(stack, SSE(chunks))
-    ((kind, name, value),) = result["blocks"]
-    assert (kind, name) == ("tool_use", "Read") and isinstance(value, dict)
-    assert value.get("path") == "a.py"
-    assert result["stop_reason"] == "max_tokens"
 
 
 # --- Tool use: the real Claude Code turn 2 (parallel tool calls and their results) -------------
@@ -1696,163 +1745,6 @@ def test_long_tool_names_ollama_unchanged(make_stack):
     assert [t["function"]["name"] for t in stack.backend.requests[0]["tools"]] == [LONG, "get_weather"]
 
 
-# --- Tool use, unit level: argument repair, JSON prefixes, the event builder -------------------
-
-
-@pytest.mark.parametrize("case", sorted(set(BAD_ARGS) - {"raw_newline_in_string"}))  # end to end only
-def test_repair_arguments_unit(case):
-    args, expected = BAD_ARGS[case]
-    repaired = cp.repair_arguments(args)
-    if expected is ANY_DICT:
-        assert repaired is None or isinstance(json.loads(repaired), dict)
-    elif expected == {} and case == "total_garbage":
-        assert repaired is None or json.loads(repaired) == {}
-    else:
-        assert repaired is not None and json.loads(repaired) == expected
-
-
-def test_json_prefix_nothing_safe_after_a_break():
-    """Once the arguments stop being a JSON prefix, later fragments must not become 'safe' (streamable)."""
-    checker = cp.JsonPrefix()
-    assert checker.feed("I w") == 0 and checker.broken
-    assert checker.feed("ill read") == 0
-    assert checker.feed(" it") == 0
-    checker = cp.JsonPrefix()
-    checker.feed('{"a": 1} ')
-    assert checker.safe == 9
-    checker.feed("trailing")
-    checker.feed(" words")
-    assert checker.safe <= 9
-
-
-@pytest.mark.parametrize("fragments", [["I w", "ill ", "read"], ['{"a": 1}', " ok", " bye"], ["{", '{"a"', "x"]])
-def test_event_builder_broken_arguments_always_valid_json(fragments):
-    """Pure fold: whatever fragments arrive, the concatenated input_json_delta parses as an object."""
-    ev = cp.EventBuilder("msg_test", "m", 1)
-    ev.start_message()
-    ev.tool_fragment(0, "call_aaaaaaaa0001", "Read", "")
-    for piece in fragments:
-        ev.tool_fragment(0, None, None, piece)
-    ev.backend_stop("tool_calls")
-    ev.end_message()
-    events = ev.take()
-    joined = "".join(
-        d["delta"]["partial_json"]
-        for n, d in events
-        if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
-    )
-    assert isinstance(json.loads(joined), dict), joined
-    assert isinstance(cp.fold_events(events)["content"][0]["input"], dict)
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ('{"path": "a.txt",', {"path": "a.txt"}),  # a dangling comma: no invented key
-        ('{"path": "a.txt", "mode', {"path": "a.txt"}),  # a half key is dropped
-        ('{"path": "a.txt", "mode":', {"path": "a.txt"}),  # a key without its value too
-        ('{"a": tru', {}),  # a half literal drops its member
-        ('{"a": [1, tr', {"a": [1]}),
-        ('{"a": "x\\u00', {"a": "x"}),  # a half escape in a value string
-        ('{"a": {"b": [1, 2', {"a": {"b": [1, 2]}}),
-    ],
-)
-def test_repair_never_invents_members(text, expected):
-    assert json.loads(cp.repair_arguments(text)) == expected
-
-
-def test_keys_are_held_back_until_their_value_begins():
-    check = cp.JsonPrefix()
-    assert check.feed('{"pa') == 1 and check.feed('th": "a') == 11 and check.feed('.txt", "x": tr') == 16
-    assert check.feed("ue}") == 28 and check.is_whole
-
-
-@pytest.mark.parametrize(
-    "fragments, expected",
-    [
-        (['{"a":', '{"a":1}}'], {"a": {"a": 1}}),  # a delta that repeats the text so far
-        (["{", '{"city"', '{"city": "Paris"}'], {"city": "Paris"}),  # cumulative snapshots
-        (['{"a":1', '{"a":1,"b":2}'], {"a": 1, "b": 2}),
-    ],
-)
-def test_snapshots_told_apart_from_deltas(fragments, expected):
-    call = cp.ToolCall(0)
-    for fragment in fragments:
-        call.add(fragment)
-    assert json.loads(call.args) == expected
-
-
-def test_escape_split_across_fragments():
-    call = cp.ToolCall(0)
-    for fragment in ['{"content": "x = 1\\', "nprint(x)", '",\n  "file_path": "a.py"}']:
-        call.add(fragment)
-    assert json.loads(call.args) == {"content": "x = 1\nprint(x)", "file_path": "a.py"}
-
-
-def test_whitespace_before_a_tool_call_is_not_emitted_after_it(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(
-        SSE(
-            [oai_chunk({"role": "assistant", "content": ""}), oai_chunk({"content": "\n\n"})]
-            + oai_tool_call_chunks(0, "call_abcdefgh1", "get_weather", '{"city": "Paris"}')
-            + [oai_chunk({}, "tool_calls")]
-        )
-    )
-    msg = stack.client().messages.create(model="m", max_tokens=50, messages=USER_HI)
-    assert [b.type for b in msg.content] == ["tool_use"]
-
-
-_JSON_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(10**6), 10**6)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=12,
-)
-
-
-def _streamed_arguments(fragments: list, reason: str) -> list:
-    ev = cp.EventBuilder("msg_1", "m", 10)
-    ev.start_message()
-    for fragment in fragments:
-        ev.tool_fragment(0, "call_abcdefgh", "name", fragment)
-    ev.backend_stop(reason)
-    ev.end_message()
-    return [
-        d["delta"]["partial_json"]
-        for name, d in ev.take()
-        if name == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
-    ]
-
-
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(
-    st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=5),
-    st.sampled_from([None, 1, 2]),
-    st.booleans(),
-    st.lists(st.integers(0, 10**6), max_size=8),
-    st.integers(0, 10**6),
-)
-def test_property_streamed_arguments_always_parse(value, indent, ascii_only, cuts, truncate_at):
-    """Any object, split anywhere: every streamed prefix is one the SDK's partial parser accepts and the
-    whole is the object; cut off anywhere (max_tokens), the whole is still a valid object."""
-    from jiter import from_json
-
-    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    fragments = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
-    parts = _streamed_arguments(fragments, "tool_calls")
-    assert json.loads("".join(parts)) == value
-    sent = ""
-    for part in parts:
-        sent += part
-        from_json(sent.encode(), partial_mode="trailing-strings")
-    cut = truncate_at % (len(text) + 1)
-    assert isinstance(json.loads("".join(_streamed_arguments([text[:cut]], "length"))), dict)
-
-
 # --- Thinking, images, documents (both directions) ---------------------------------------------
 
 
@@ -2042,6 +1934,482 @@ def test_document_text_becomes_text(make_stack):
     assert stack.backend.requests[0]["messages"][-1]["content"] == '<document title="Notes">\nalpha\n</document>'
 
 
+# --- Prompt-based tool calling: servers that cannot take `tools` ------------------------------------
+
+NO_TOOLS_ERRORS = {
+    # Ollama (ollama/ollama#5793, #14795): HTTP 400 from /api/chat and /v1/chat/completions
+    "ollama": (400, {"error": "registry.ollama.ai/library/gemma2:latest does not support tools"}, "ollama show"),
+    # vLLM started without --enable-auto-tool-choice (its serving_chat check)
+    "vllm": (
+        400,
+        {
+            "object": "error",
+            "message": '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+        "--enable-auto-tool-choice --tool-call-parser",
+    ),
+    # llama.cpp without --jinja: tools/server/server-common.cpp throws "tools param requires --jinja flag" (HTTP 500)
+    "llamacpp": (
+        500,
+        {"error": {"code": 500, "message": "tools param requires --jinja flag", "type": "server_error"}},
+        "--jinja",
+    ),
+}
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("server", NO_TOOLS_ERRORS)
+def test_backend_rejecting_tools_switches_to_prompt_tools(make_stack, provider, server, caplog):
+    status, error, fix = NO_TOOLS_ERRORS[server]
+    stack = make_stack(provider)
+    stack.backend.queue(Reply(status, error), text_answer(provider, *pieces(HERMES_CALL, 5)))
+    client = stack.client()
+    with caplog.at_level(logging.INFO, logger="claude_proxy"):
+        msg = client.messages.create(**body_of(system="Be brief."))
+    assert summarize(msg)["blocks"] == [W] and msg.stop_reason == "tool_use"
+    first, second = stack.backend.requests
+    assert "tools" in first and "tools" not in second and "tool_choice" not in second
+    system = second["messages"][0]["content"]
+    assert system.startswith("Be brief.\n\n# Tools\n") and '"name":"get_weather"' in system and "<tool_call>" in system
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "does not take tools" in r.getMessage()]
+    assert len(warnings) == 1 and fix in warnings[0].getMessage()
+    # remembered for the model: the next request goes out in prompt mode at once, with its history as text
+    stack.backend.queue(text_answer(provider, "Sunny."))
+    messages = body_of()["messages"] + [
+        as_history(msg),
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": msg.content[0].id, "content": "Sunny"}]},
+    ]
+    assert client.messages.create(**body_of(system="Be brief.", messages=messages)).content[0].text == "Sunny."
+    third = stack.backend.requests[2]
+    assert "tools" not in third
+    assert third["messages"][2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>',
+    }
+    assert third["messages"][3]["role"] == "user"
+    assert third["messages"][3]["content"] == "<tool_response>\nSunny\n</tool_response>"
+    assert third["messages"][:2] == second["messages"][:2]  # the prompt prefix is stable across turns
+
+
+def test_prompt_tools_selected_in_the_map(make_stack, provider):
+    stack = make_stack(provider, model_map={"claude-*": {"model": "m", "tool_calls": "prompt"}})
+    result = run_modes(stack, text_answer(provider, *pieces(TEXT_CALL_FORMATS["qwen3_coder"][0], 2)), tools=TEXT_TOOLS)
+    assert_tool_use(result, TEXT_CALL_FORMATS["qwen3_coder"][1])
+    assert all("tools" not in r for r in stack.backend.requests)
+    with pytest.raises(cp.ConfigError, match="tool_calls"):
+        cp.Config(model_map={"x": {"model": "m", "tool_calls": "xml"}})
+
+
+def test_prompt_tools_on_even_when_text_tool_calls_off(make_stack, provider):
+    """Prompt mode reads calls from the text whatever the switch says: it is the only way they come."""
+    stack = make_stack(provider, text_tool_calls=False)
+    stack.backend.queue(Reply(*NO_TOOLS_ERRORS["ollama"][:2]), text_answer(provider, HERMES_CALL))
+    assert summarize(stack.client().messages.create(**body_of()))["blocks"] == [W]
+
+
+def test_prompt_tools_rendering_is_deterministic_and_a_prefix_across_turns():
+    def body(messages: list, **kw) -> dict:
+        req = cp.parse_request(body_of(messages=messages, system="S", **kw))
+        conv = cp.prompt_tools_conversation(cp.build_conversation(req), req)
+        return cp.openai_request(conv, req, ROUTE_OPENAI)
+
+    turn1 = [{"role": "user", "content": "Weather and time in Paris?"}]
+    turn2 = turn1 + [
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": PARIS},
+                {"type": "tool_use", "id": "toolu_02", "name": "get_time", "input": TZ},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01", "content": "Sunny"},
+                {"type": "tool_result", "tool_use_id": "toolu_02", "content": "12:00", "is_error": False},
+                {"type": "text", "text": "<system-reminder>x</system-reminder>"},
+            ],
+        },
+    ]
+    one, two = body(turn1), body(turn2)
+    assert one == body(turn1)  # deterministic
+    assert two["messages"][: len(one["messages"])] == one["messages"]
+    tools_text = two["messages"][0]["content"]
+    assert tools_text.startswith("S\n\n# Tools\n") and tools_text.count('{"type":"function"') == len(TOOLS)
+    assert two["messages"][2]["content"] == (
+        'Checking.\n\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name":"get_time","arguments":{"tz":"Europe/Paris"}}\n</tool_call>'
+    )
+    assert two["messages"][3] == {
+        "role": "user",
+        "content": "<tool_response>\nSunny\n</tool_response>\n\n<tool_response>\n12:00\n</tool_response>\n\n"
+        "<system-reminder>x</system-reminder>",
+    }
+    assert len(two["messages"]) == 4 and "tools" not in two
+    forced = body(turn1, tool_choice={"type": "tool", "name": "get_time"})["messages"][0]["content"]
+    assert forced.endswith("Answer with a call of the function get_time.")
+
+
+# --- Reasoning kept inside the current tool loop ----------------------------------------------------
+
+
+def loop_messages(thinking: str = "Need weather.") -> list:
+    def assistant(call_id: str, text: str) -> dict:
+        return {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": text, "signature": "cpx1."},
+                {"type": "tool_use", "id": call_id, "name": "get_weather", "input": PARIS},
+            ],
+        }
+
+    def result(call_id: str) -> dict:
+        return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "Sunny"}]}
+
+    return [
+        {"role": "user", "content": "Weather?"},
+        assistant("toolu_old0000001", "Old loop."),
+        result("toolu_old0000001"),
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "And now?"},
+        assistant("toolu_new0000001", thinking),
+        result("toolu_new0000001"),
+        assistant("toolu_new0000002", "Check again."),
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_new0000002", "content": "Sunny"},
+                {"type": "text", "text": "<system-reminder>r</system-reminder>"},  # still the same loop
+            ],
+        },
+    ]
+
+
+def test_reasoning_sent_back_for_the_current_tool_loop_only():
+    req = cp.parse_request(body_of(messages=loop_messages()))
+    messages = backend_body(req, "openai")["messages"]
+    sent = [(m["role"], m.get("reasoning_content")) for m in messages if m["role"] == "assistant"]
+    assert sent == [
+        ("assistant", None),
+        ("assistant", None),
+        ("assistant", "Need weather."),
+        ("assistant", "Check again."),
+    ]
+    route = cp.Route("m", "openai", "http://x/v1", reasoning_history=False)
+    off = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]["messages"]
+    assert not any("reasoning_content" in m for m in off)
+    route = cp.Route("m", "openai", "http://x/v1", reasoning_history=True)
+    on = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]["messages"]
+    assert [m.get("reasoning_content") for m in on if m["role"] == "assistant"] == [
+        "Old loop.",
+        None,  # a text-only turn without reasoning
+        "Need weather.",
+        "Check again.",
+    ]
+
+
+def test_reasoning_in_loop_is_byte_stable_across_turns():
+    full = loop_messages()
+    bodies = [backend_body(cp.parse_request(body_of(messages=full[:n])), "openai") for n in (7, 9)]
+    shorter, longer = (json.dumps(b["messages"]) for b in bodies)
+    assert longer.startswith(shorter[:-1])  # turn N's messages are a prefix of turn N+1's
+
+
+def test_reasoning_goes_back_in_the_field_the_backend_used(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(
+        SSE([ROLE, oai_chunk({"reasoning": "Need weather."}), oai_chunk({"content": "ok"}), finish("stop")])
+    )
+    client = stack.client()
+    client.messages.create(**body_of())
+    stack.backend.queue(text_answer("openai", "ok"))
+    client.messages.create(**body_of(messages=loop_messages()))
+    sent = [m for m in stack.backend.requests[1]["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning") for m in sent] == [None, None, "Need weather.", "Check again."]
+    assert not any("reasoning_content" in m for m in sent)
+
+
+def test_backend_rejecting_reasoning_field_gets_it_dropped_and_remembered(make_stack, caplog):
+    stack = make_stack("openai")
+    error = {"error": {"message": "Unrecognized request argument supplied: reasoning_content", "type": "invalid"}}
+    stack.backend.queue(Reply(400, error), text_answer("openai", "ok"), text_answer("openai", "ok"))
+    client = stack.client()
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert client.messages.create(**body_of(messages=loop_messages())).content[0].text == "ok"
+        assert client.messages.create(**body_of(messages=loop_messages())).content[0].text == "ok"
+    first, second, third = stack.backend.requests
+    assert any("reasoning_content" in m for m in first["messages"])
+    assert not any("reasoning_content" in m for m in second["messages"] + third["messages"])
+    assert sum("rejected earlier reasoning" in r.getMessage() for r in caplog.records) == 1
+
+
+# ======================================================================================
+# 6. RESPONSE TRANSLATION
+# ======================================================================================
+
+
+# --- Tool use: invalid arguments from small models: always a parseable stream, repaired when possible ---
+
+
+ANY_DICT = object()
+
+
+BAD_ARGS = {
+    "trailing_text": ('{"path": "a.py"} I hope this helps!', {"path": "a.py"}),
+    "extra_closing_brace": ('{"path": "a.py"}}', {"path": "a.py"}),
+    "single_quotes": ("{'path': 'a.py'}", {"path": "a.py"}),
+    "single_quotes_with_true_in_value": (
+        "{'command': 'test -f x && echo true || echo null'}",
+        {"command": "test -f x && echo true || echo null"},
+    ),
+    "python_literals": ("{'recursive': True, 'limit': None}", {"recursive": True, "limit": None}),
+    "missing_closing_brace": ('{"path": "a.py"', {"path": "a.py"}),
+    "missing_quote_and_brace": ('{"path": "a.py', {"path": "a.py"}),
+    "missing_nested_closers": ('{"edits": [{"old": "a", "new": "b"}', {"edits": [{"old": "a", "new": "b"}]}),
+    "cut_after_number": ('{"n": 12', {"n": 12}),
+    "code_fence_json": ('```json\n{"path": "a.py"}\n```', {"path": "a.py"}),
+    "code_fence_plain": ('```\n{"path": "a.py"}\n```', {"path": "a.py"}),
+    "double_encoded_string": (json.dumps('{"path": "a.py"}'), {"path": "a.py"}),
+    "leading_prose": ('Sure! {"path": "a.py"}', {"path": "a.py"}),
+    "total_garbage": ("I will read the file now.", {}),
+    "garbage_after_brace": ('{"path": "a.py", oops}', ANY_DICT),
+    "array_not_object": ('["a.py"]', ANY_DICT),
+    "trailing_comma": ('{"path": "a.py",}', {"path": "a.py"}),
+    "raw_newline_in_string": ('{"content": "line1\nline2"}', {"content": "line1\nline2"}),
+}
+
+
+@pytest.mark.parametrize("split", [1, 1000], ids=["char", "whole"])  # one char per fragment; all in one
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_openai_invalid_arguments_repaired(make_stack, case, split):
+    args, expected = BAD_ARGS[case]
+    stack = make_stack("openai")
+    chunks = [ROLE] + canonical(0, "call_aaaaaaaa0001", "Read", args, split) + [finish(), USAGE]
+    result = run_modes(stack, SSE(chunks))
+    ((kind, name, value),) = result["blocks"]
+    assert (kind, name) == ("tool_use", "Read")
+    assert result["stop_reason"] == "tool_use"
+    if expected is not ANY_DICT:
+        assert value == expected
+
+
+@pytest.mark.parametrize(
+    "case", ["trailing_text", "single_quotes", "missing_closing_brace", "total_garbage", "code_fence_json"]
+)
+def test_openai_non_streaming_body_invalid_arguments(make_stack, case):
+    args, expected = BAD_ARGS[case]
+    stack = make_stack("openai")
+    body = oai_completion(
+        None,
+        tool_calls=[{"id": "call_aaaaaaaa0001", "type": "function", "function": {"name": "Read", "arguments": args}}],
+        finish="tool_calls",
+    )
+    result = run_modes(stack, Reply(body=body))
+    assert result["blocks"] == [("tool_use", "Read", expected)]
+
+
+def test_truncated_arguments_at_max_tokens(make_stack):
+    """Cut off by max_tokens mid-arguments: stop_reason max_tokens, and still valid JSON for the SDK."""
+    stack = make_stack("openai")
+    chunks = (
+        [ROLE]
+        + canonical(0, "call_aaaaaaaa0001", "Read", '{"path": "a.py", "content": "def f(', 5)
+        + [finish("length"), USAGE]
+    )
+    result = run_modes(stack, SSE(chunks))
+    ((kind, name, value),) = result["blocks"]
+    assert (kind, name) == ("tool_use", "Read") and isinstance(value, dict)
+    assert value.get("path") == "a.py"
+    assert result["stop_reason"] == "max_tokens"
+
+
+# --- Tool use, unit level: argument repair, JSON prefixes, the event builder -------------------
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_ARGS) - {"raw_newline_in_string"}))  # end to end only
+def test_repair_arguments_unit(case):
+    args, expected = BAD_ARGS[case]
+    repaired = cp.repair_arguments(args)
+    if expected is ANY_DICT:
+        assert repaired is None or isinstance(json.loads(repaired), dict)
+    elif expected == {} and case == "total_garbage":
+        assert repaired is None or json.loads(repaired) == {}
+    else:
+        assert repaired is not None and json.loads(repaired) == expected
+
+
+def test_json_prefix_nothing_safe_after_a_break():
+    """Once the arguments stop being a JSON prefix, later fragments must not become 'safe' (streamable)."""
+    checker = cp.JsonPrefix()
+    assert checker.feed("I w") == 0 and checker.broken
+    assert checker.feed("ill read") == 0
+    assert checker.feed(" it") == 0
+    checker = cp.JsonPrefix()
+    checker.feed('{"a": 1} ')
+    assert checker.safe == 9
+    checker.feed("trailing")
+    checker.feed(" words")
+    assert checker.safe <= 9
+
+
+@pytest.mark.parametrize("fragments", [["I w", "ill ", "read"], ['{"a": 1}', " ok", " bye"], ["{", '{"a"', "x"]])
+def test_event_builder_broken_arguments_always_valid_json(fragments):
+    """Pure fold: whatever fragments arrive, the concatenated input_json_delta parses as an object."""
+    ev = cp.EventBuilder("msg_test", "m", 1)
+    ev.start_message()
+    ev.tool_fragment(0, "call_aaaaaaaa0001", "Read", "")
+    for piece in fragments:
+        ev.tool_fragment(0, None, None, piece)
+    ev.backend_stop("tool_calls")
+    ev.end_message()
+    events = ev.take()
+    joined = "".join(
+        d["delta"]["partial_json"]
+        for n, d in events
+        if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
+    )
+    assert isinstance(json.loads(joined), dict), joined
+    assert isinstance(cp.fold_events(events)["content"][0]["input"], dict)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"path": "a.txt",', {"path": "a.txt"}),  # a dangling comma: no invented key
+        ('{"path": "a.txt", "mode', {"path": "a.txt"}),  # a half key is dropped
+        ('{"path": "a.txt", "mode":', {"path": "a.txt"}),  # a key without its value too
+        ('{"a": tru', {}),  # a half literal drops its member
+        ('{"a": [1, tr', {"a": [1]}),
+        ('{"a": "x\\u00', {"a": "x"}),  # a half escape in a value string
+        ('{"a": {"b": [1, 2', {"a": {"b": [1, 2]}}),
+    ],
+)
+def test_repair_never_invents_members(text, expected):
+    assert json.loads(cp.repair_arguments(text)) == expected
+
+
+def test_keys_are_held_back_until_their_value_begins():
+    check = cp.JsonPrefix()
+    assert check.feed('{"pa') == 1 and check.feed('th": "a') == 11 and check.feed('.txt", "x": tr') == 16
+    assert check.feed("ue}") == 28 and check.is_whole
+
+
+@pytest.mark.parametrize(
+    "fragments, expected",
+    [
+        (['{"a":', '{"a":1}}'], {"a": {"a": 1}}),  # a delta that repeats the text so far
+        (["{", '{"city"', '{"city": "Paris"}'], {"city": "Paris"}),  # cumulative snapshots
+        (['{"a":1', '{"a":1,"b":2}'], {"a": 1, "b": 2}),
+    ],
+)
+def test_snapshots_told_apart_from_deltas(fragments, expected):
+    call = cp.ToolCall(0)
+    for fragment in fragments:
+        call.add(fragment)
+    assert json.loads(call.args) == expected
+
+
+def test_escape_split_across_fragments():
+    call = cp.ToolCall(0)
+    for fragment in ['{"content": "x = 1\\', "nprint(x)", '",\n  "file_path": "a.py"}']:
+        call.add(fragment)
+    assert json.loads(call.args) == {"content": "x = 1\nprint(x)", "file_path": "a.py"}
+
+
+def test_whitespace_before_a_tool_call_is_not_emitted_after_it(make_stack):
+    stack = make_stack("openai")
+    stack.backend.queue(
+        SSE(
+            [oai_chunk({"role": "assistant", "content": ""}), oai_chunk({"content": "\n\n"})]
+            + oai_tool_call_chunks(0, "call_abcdefgh1", "get_weather", '{"city": "Paris"}')
+            + [oai_chunk({}, "tool_calls")]
+        )
+    )
+    msg = stack.client().messages.create(model="m", max_tokens=50, messages=USER_HI)
+    assert [b.type for b in msg.content] == ["tool_use"]
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _streamed_arguments(fragments: list, reason: str) -> list:
+    ev = cp.EventBuilder("msg_1", "m", 10)
+    ev.start_message()
+    for fragment in fragments:
+        ev.tool_fragment(0, "call_abcdefgh", "name", fragment)
+    ev.backend_stop(reason)
+    ev.end_message()
+    return [
+        d["delta"]["partial_json"]
+        for name, d in ev.take()
+        if name == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
+    ]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=5),
+    st.sampled_from([None, 1, 2]),
+    st.booleans(),
+    st.lists(st.integers(0, 10**6), max_size=8),
+    st.integers(0, 10**6),
+)
+def test_property_streamed_arguments_always_parse(value, indent, ascii_only, cuts, truncate_at):
+    """Any object, split anywhere: every streamed prefix is one the SDK's partial parser accepts and the
+    whole is the object; cut off anywhere (max_tokens), the whole is still a valid object."""
+    from jiter import from_json
+
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    fragments = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+    parts = _streamed_arguments(fragments, "tool_calls")
+    assert json.loads("".join(parts)) == value
+    sent = ""
+    for part in parts:
+        sent += part
+        from_json(sent.encode(), partial_mode="trailing-strings")
+    cut = truncate_at % (len(text) + 1)
+    assert isinstance(json.loads("".join(_streamed_arguments([text[:cut]], "length"))), dict)
+
+
+# --- The fold's parts: inline <think>, whole tool calls ---------------------------------------------
+
+
+@pytest.mark.parametrize("cut", range(0, 12))
+def test_think_tags_split_at_every_position(cut):
+    text = "<think>why</think>so"
+    tags = cp.ThinkTags()
+    pieces = tags.feed(text[:cut]) + tags.feed(text[cut:]) + tags.flush()
+    joined = {kind: "".join(p for k, p in pieces if k == kind) for kind in ("thinking", "text")}
+    assert joined == {"thinking": "why", "text": "so"}
+
+
+def test_think_tags_only_at_the_start():
+    tags = cp.ThinkTags()
+    assert tags.feed("  hello <think>") == [("text", "  hello <think>")] and tags.state == "off"
+    assert tags.feed("<think>x") == [("text", "<think>x")]
+
+
+def test_tool_calls_whole_calls_get_their_own_keys():
+    calls = cp.ToolCalls()
+    a = calls.whole("id_aaaaaaaa", "Bash", {"command": "ls"})
+    b = calls.whole("id_aaaaaaaa", "Bash", None)
+    assert a is not b and a.args == '{"command":"ls"}' and b.args == "{}"
+    assert calls.pending() == [a, b]
+
+
 # --- Usage, stop reasons, output limits, structured output -------------------------------------
 
 
@@ -2168,11 +2536,6 @@ def test_official_openai_gets_max_completion_tokens():
         cp.build_conversation(req), req, cp.Route("gpt-5", "openai", "https://api.openai.com/v1")
     )[0]
     assert body["max_completion_tokens"] == 10 and "max_tokens" not in body and "top_k" not in body
-
-
-# ======================================================================================
-# 5. PROVIDERS
-# ======================================================================================
 
 
 # --- Tool use: OpenAI-compatible streaming tool-call shapes ------------------------------------
@@ -2665,6 +3028,417 @@ def test_openai_non_streamed_json_body(make_stack, case):
     assert_tool_use(run_modes(make_stack("openai"), Reply(body=body)), expected, usage=(12, 7))
 
 
+# --- Tool calls written as text (issue 13) ----------------------------------------------------------
+
+# Templates cited below are llama.cpp's copies of the models' own chat templates (models/templates/*.jinja), and
+# the servers' parsers: vLLM's tool_parsers (hermes, qwen3_coder / qwen3_xml, glm4_moe, mistral, minimax_m2) and
+# llama.cpp's common/chat.cpp.
+
+RUN_TOOL = {
+    "name": "run",
+    "description": "Run a command",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "command": {"type": "string"},
+            "timeout": {"type": "integer"},
+            "ratio": {"type": "number"},
+            "background": {"type": "boolean"},
+            "env": {"type": "object"},
+            "args": {"type": "array"},
+            "note": {"type": ["string", "null"]},
+        },
+    },
+}
+TEXT_TOOLS = TOOLS + [RUN_TOOL]
+TEXT_SCHEMAS = {t["name"]: t["input_schema"] for t in TEXT_TOOLS}
+
+# (text the model writes, the blocks the client must get)
+TEXT_CALL_FORMATS = {
+    # Hermes / Qwen2.5 / Qwen3: Qwen-Qwen2.5-7B-Instruct.jinja and Qwen-Qwen3-0.6B.jinja ("For each function call,
+    # return a json object with function name and arguments within <tool_call></tool_call> XML tags"); vLLM hermes
+    "hermes": (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        [("text", "Let me check.\n"), W],
+    ),
+    "hermes_parameters": ('<tool_call>\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n</tool_call>', [W]),
+    "hermes_string_arguments": (
+        '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>',
+        [W],
+    ),
+    "hermes_several": (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>',
+        [W, T],
+    ),
+    # Qwen3-Coder XML: Qwen3-Coder.jinja ("<tool_call>\n<function=example_function_name>\n<parameter=...>\nvalue_1\n
+    # </parameter>"); vLLM qwen3_coder / qwen3_xml parsers
+    "qwen3_coder": (
+        "I'll run it.\n<tool_call>\n<function=run>\n<parameter=command>\nls -la\n</parameter>\n<parameter=timeout>\n"
+        "30\n</parameter>\n<parameter=background>\nfalse\n</parameter>\n</function>\n</tool_call>",
+        [("text", "I'll run it.\n"), ("tool_use", "run", {"command": "ls -la", "timeout": 30, "background": False})],
+    ),
+    "qwen3_coder_without_outer_tag": (
+        "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>",
+        [W],
+    ),
+    # GLM-4.5+/4.6: GLM-4.6.jinja ("<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>...");
+    # vLLM glm4_moe parser
+    "glm": (
+        "<tool_call>run\n<arg_key>command</arg_key>\n<arg_value>echo hi</arg_value>\n<arg_key>args</arg_key>\n"
+        '<arg_value>["a", 1]</arg_value>\n</tool_call>',
+        [("tool_use", "run", {"command": "echo hi", "args": ["a", 1]})],
+    ),
+    # Anthropic-style XML that models trained on Claude transcripts print (DeepSeek-V3.2.jinja writes the same
+    # shape with DSML-prefixed tags: "<function_calls>\n<invoke name=\"$FUNCTION_NAME\">\n<parameter name=...")
+    "function_calls": (
+        '<function_calls>\n<invoke name="run">\n<parameter name="command">pwd</parameter>\n'
+        '<parameter name="ratio">0.5</parameter>\n</invoke>\n<invoke name="get_weather">\n'
+        '<parameter name="city">Paris</parameter>\n</invoke>\n</function_calls>',
+        [("tool_use", "run", {"command": "pwd", "ratio": 0.5}), W],
+    ),
+    # MiniMax-M2: MiniMax-M2.jinja (toolcall_begin_token <minimax:tool_call>, then <invoke name=...><parameter
+    # name=...>); vLLM minimax_m2 parser
+    "minimax": (
+        '<minimax:tool_call>\n<invoke name="run">\n<parameter name="env">{"A": "1"}</parameter>\n</invoke>\n'
+        "</minimax:tool_call>",
+        [("tool_use", "run", {"env": {"A": "1"}})],
+    ),
+    # A bare JSON object as the whole answer: meta-llama-Llama-3.1-8B-Instruct.jinja ("Respond in the format
+    # {"name": function name, "parameters": dictionary of argument name and its value}"); vLLM llama3_json; Ollama
+    # returning Qwen3's call as content
+    "bare_json": ('{"name": "get_weather", "parameters": {"city": "Paris"}}', [W]),
+    "bare_json_arguments": ('\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', [W]),
+    # Mistral before v11: mistralai-Mistral-Nemo-Instruct-2407.jinja ("[TOOL_CALLS][" + JSON list); llama.cpp
+    # common/chat-parsers mistral-nemo, vLLM mistral parser (pre-v11)
+    "mistral_list": (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}]',
+        [W],
+    ),
+    # Mistral v11+: Mistral-Small-3.2-24B-Instruct-2506.jinja ("[TOOL_CALLS]" + name + "[ARGS]" + arguments|tojson);
+    # vLLM mistral parser (v11+)
+    "mistral_args": (
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris"}',
+        [W, T],
+    ),
+}
+
+
+def fold_text(pieces: list, tools: dict | None = None, *, finish: str = "stop", stops: list | None = None):
+    """Content pieces through an EventBuilder with the text-call watcher on -> (events, message)."""
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS) if tools is None else tools)
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher, stop_sequences=stops)
+    ev.start_message()
+    events = ev.take()
+    for piece in pieces:
+        ev.content(piece)
+        events += ev.take()
+    ev.backend_stop(finish)
+    ev.end_message()
+    events += ev.take()
+    return events, cp.fold_events(events)
+
+
+def text_blocks(message: dict) -> list:
+    out = []
+    for b in message["content"]:
+        if b["type"] == "tool_use":
+            assert b["id"].startswith("toolu_")
+            out.append(("tool_use", b["name"], b["input"]))
+        else:
+            out.append((b["type"], b.get("text")))
+    return out
+
+
+@pytest.mark.parametrize("fmt", TEXT_CALL_FORMATS)
+def test_text_calls_each_format(fmt):
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    events, message = fold_text([text])
+    assert text_blocks(message) == expected
+    assert message["stop_reason"] == "tool_use"
+    assert check_stream(events)["blocks"] == expected  # Anthropic's event grammar
+
+
+@pytest.mark.parametrize("fmt", TEXT_CALL_FORMATS)
+def test_text_calls_split_at_every_position(fmt):
+    """A marker (and everything else) split across two chunks at any position gives the same blocks."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    for cut in range(1, len(text)):
+        assert text_blocks(fold_text([text[:cut], text[cut:]])[1]) == expected, cut
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fmt=st.sampled_from(sorted(TEXT_CALL_FORMATS)),
+    before=st.sampled_from(["", "Sure.\n", "a < b and [x] `y`\n", "```\ncode\n```\n"]),
+    cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=12),
+)
+def test_property_text_calls_any_chunking(fmt, before, cuts):
+    """Any chunking, any prose before the call (with <, [ and fences that are not markers): the same message as
+    one chunk gives, and the text before the call is never changed."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    if fmt.startswith("bare_json") and before:
+        expected = [("text", before + text)]  # a JSON object is a call only as the whole answer
+    elif before:
+        expected = [("text", before + expected[0][1])] + expected[1:] if expected[0][0] == "text" else expected
+        expected = expected if expected[0][0] == "text" else [("text", before)] + expected
+    whole = before + text
+    points = sorted({c % len(whole) for c in cuts if c % len(whole)})
+    pieces = [whole[a:b] for a, b in zip([0] + points, points + [len(whole)])]
+    assert text_blocks(fold_text(pieces)[1]) == expected
+
+
+def test_text_calls_stream_live_and_hold_back_only_a_possible_marker():
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS))
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher)
+    ev.start_message()
+    ev.take()
+
+    def texts() -> str:
+        return "".join(d["delta"].get("text", "") for n, d in ev.take() if n == "content_block_delta")
+
+    ev.content("Hello ")
+    assert texts() == "Hello "  # no marker possible: streams at once
+    ev.content("there <tool")
+    assert texts() == "there "  # only "<tool" is held back
+    ev.content("ing> is fine, [TOOL")
+    assert texts() == "<tooling> is fine, "  # released unchanged the moment it cannot be a marker
+    ev.content("S] ok <tool_call>`code`")
+    assert texts() == "[TOOLS] ok <tool_call>`code"  # a marker whose body cannot be a call is text at once
+    ev.content(' <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par')
+    assert texts() == "` "  # (a backtick could have begun a ``` fence); a call in progress is held
+    ev.content('is"}}\n</tool_call>')
+    ev.backend_stop("stop")
+    ev.end_message()
+    events = ev.take()
+    assert [d["content_block"]["type"] for n, d in events if n == "content_block_start"] == ["tool_use"]
+    args = "".join(d["delta"].get("partial_json", "") for n, d in events if n == "content_block_delta")
+    assert json.loads(args) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a name the request did not offer
+        '<tool_call>\n{"name": "delete_everything", "arguments": {}}\n</tool_call>',
+        "<function=delete_everything>\n<parameter=x>\n1\n</parameter>\n</function>",
+        '<function_calls>\n<invoke name="delete_everything">\n</invoke>\n</function_calls>',
+        "<tool_call>delete_everything\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
+        '[TOOL_CALLS]delete_everything[ARGS]{"a": 1}',
+        '[TOOL_CALLS][{"name": "delete_everything", "arguments": {}}]',
+        '{"name": "delete_everything", "arguments": {}}',
+        # inside a markdown code fence: an example, not a call
+        'Use this format:\n```\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call>\n```",
+        '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
+        # ordinary JSON answers and prose
+        '{"name": "Bob", "age": 3}',
+        '{"result": {"name": "get_weather"}}',
+        "Write <tool_call> and </tool_call> around the JSON.",
+        "The array [TOOL_CALLS] is empty; a < b; <function=x is not a tag.",
+        '{"name": "get_weather", "arguments": {"city": "Paris"}} and then some prose',
+    ],
+)
+def test_text_that_is_not_a_call_stays_text_unchanged(text):
+    for chunked in ([text], list(text)):
+        _, message = fold_text(chunked)
+        assert text_blocks(message) == [("text", text)]
+        assert message["stop_reason"] == "end_turn"
+
+
+def test_xml_values_converted_by_input_schema():
+    args = cp._xml_arguments(
+        [
+            ("command", "\n  indented\nlines  \n"),
+            ("timeout", "\n30\n"),
+            ("ratio", "2.5"),
+            ("background", "True"),
+            ("env", '\n{"A": "1"}\n'),
+            ("args", "[1, 2]"),
+            ("note", "\nnull-able string\n"),
+            ("unknown", "\n42\n"),
+        ],
+        RUN_TOOL["input_schema"],
+    )
+    assert args == {
+        "command": "  indented\nlines  ",  # verbatim, minus the newline the templates add around it
+        "timeout": 30,
+        "ratio": 2.5,
+        "background": True,
+        "env": {"A": "1"},
+        "args": [1, 2],
+        "note": "null-able string",
+        "unknown": "42",  # not in the schema: text
+    }
+    assert cp.typed_value("thirty", {"type": "integer"}) == "thirty"  # unparseable: the text, not a crash
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', {"city": "Pa"}),
+        ("<tool_call>\n<function=run>\n<parameter=command>\nls -l", {"command": "ls -l"}),
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Pa', {"city": "Pa"}),
+    ],
+)
+def test_text_call_cut_off_by_max_tokens_is_closed(text, expected):
+    name = "run" if "run" in text else "get_weather"
+    for chunked in ([text], list(text)):
+        events, message = fold_text(chunked, finish="length")
+        assert text_blocks(message) == [("tool_use", name, expected)]
+        assert message["stop_reason"] == "max_tokens"
+        check_stream(events)
+
+
+def test_native_tool_calls_win_over_text_calls():
+    watcher = cp.TextCalls(dict(TEXT_SCHEMAS))
+    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher)
+    ev.start_message()
+    ev.content('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    ev.tool_fragment(0, "call_native00001", "get_weather", PARIS_JSON)
+    ev.backend_stop("tool_calls")
+    ev.end_message()
+    message = cp.fold_events(ev.take())
+    assert [b["type"] for b in message["content"]] == ["tool_use"]
+    assert message["content"][0]["id"] == "call_native00001"
+
+
+def test_no_watcher_when_no_tools_or_tool_choice_none_or_switched_off():
+    config = cp.Config(provider="openai", base_url="http://x/v1", default_model="m")
+    route = cp.Route("m", "openai", "http://x/v1")
+
+    def watcher(body: dict, config=config, route=route):
+        req = cp.parse_request(body)
+        return cp.exchange(req, route, config, 1.0, "req_1", cp.RequestRecord()).builder.text_calls
+
+    assert watcher(body_of()) is not None
+    assert watcher(body_of(tools=[])) is None
+    assert watcher(body_of(tool_choice={"type": "none"})) is None
+    assert watcher(body_of(), config=cp.Config(provider="openai", default_model="m", text_tool_calls=False)) is None
+    assert watcher(body_of(), route=cp.Route("m", "openai", "http://x/v1", text_tool_calls=False)) is None
+    schema = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+    assert watcher(body_of(**schema)) is None  # structured output: a JSON answer is the answer
+
+
+def test_text_calls_switched_off_end_to_end(make_stack, provider):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    stack = make_stack(provider, text_tool_calls=False)
+    stack.backend.queue(text_answer(provider, text))
+    msg = stack.client().messages.create(**body_of())
+    assert [(b.type, b.text) for b in msg.content] == [("text", text)]
+    stack = make_stack(provider, model_map={"claude-*": {"model": "m", "text_tool_calls": False}})
+    stack.backend.queue(text_answer(provider, text))
+    assert stack.client().messages.create(**body_of()).content[0].type == "text"
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "qwen3_coder", "glm", "function_calls", "bare_json", "mistral_args"])
+def test_text_calls_end_to_end_tiny_chunks(make_stack, provider, fmt, caplog):
+    """Streamed in 1- and 3-character chunks, both providers: raw SSE grammar, the SDK's accumulator and the
+    non-streaming answer agree; one INFO line per recovered call."""
+    text, expected = TEXT_CALL_FORMATS[fmt]
+    stack = make_stack(provider)
+    for n in (1, 3):
+        caplog.clear()
+        stack.backend.requests.clear()
+        with caplog.at_level(logging.INFO, logger="claude_proxy"):
+            result = run_modes(stack, text_answer(provider, *pieces(text, n)), tools=TEXT_TOOLS)
+        assert_tool_use(result, expected)
+        recovered = [r for r in caplog.records if "recovered a tool call written as text" in r.getMessage()]
+        assert len(recovered) == 3 * sum(1 for b in expected if b[0] == "tool_use")  # three requests
+
+
+def test_long_text_call_arguments_are_cheap():
+    """A call with 200 KB of arguments in 4-character chunks: the closing tag is searched once, not per chunk."""
+    content = "x" * 200_000
+    text = '<tool_call>\n{"name": "Read", "arguments": {"path": "a", "content": "' + content + '"}}\n</tool_call>'
+    t0 = time.perf_counter()
+    _, message = fold_text(pieces(text, 4))
+    assert time.perf_counter() - t0 < 2.0
+    assert text_blocks(message) == [("tool_use", "Read", {"path": "a", "content": content})]
+    long_prose = "Use <tool_call> tags like this: " + "word " * 100
+    assert text_blocks(fold_text([long_prose])[1]) == [("text", long_prose)]
+
+
+def test_inline_think_then_text_call():
+    """Qwen3 on a server with neither a reasoning nor a tool parser: <think> first, then the call, as text."""
+    text = "<think>\nThe user wants weather.\n</think>\n\n" + TEXT_CALL_FORMATS["hermes"][0]
+    for cut in range(1, len(text)):
+        message = fold_text([text[:cut], text[cut:]])[1]
+        assert text_blocks(message) == [("thinking", None), ("text", "Let me check.\n"), W], cut
+        assert message["content"][0]["thinking"].strip() == "The user wants weather."
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.text(alphabet="ab#E N\n", max_size=30),
+    stop=st.sampled_from(["###", "END", "\n\n"]),
+    after=st.text(alphabet="ab#EN \n", max_size=10),
+    cuts=st.lists(st.integers(min_value=1, max_value=60), max_size=8),
+)
+def test_property_stop_strings_any_chunking(before, stop, after, cuts):
+    """The text before the first match of any stop string, whatever the chunking; never held past the end."""
+    stops = ["###", "END", "\n\n"]
+    whole = before + stop + after
+    first = min((i, s) for s in stops if (i := whole.find(s)) >= 0)
+    points = sorted({c % len(whole) for c in cuts if c % len(whole)})
+    chunks = [whole[a:b] for a, b in zip([0] + points, points + [len(whole)])]
+    _, message = fold_text(chunks, tools={}, stops=stops)
+    assert "".join(b["text"] for b in message["content"]) == whole[: first[0]]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", first[1])
+
+
+# --- Stop sequences watched by the proxy (llama.cpp and Ollama do not say which matched) ------------
+
+
+def test_stop_strings_unit_hold_back_only_a_partial_match():
+    stops = cp.StopStrings(["###", "END"])
+    assert stops.feed("Hello #") == ("Hello ", None)  # only "#" is held
+    assert stops.feed("#x E") == ("##x ", None)
+    assert stops.feed("Nd") == ("ENd", None)
+    assert stops.feed(" a ##") == (" a ", None)
+    assert stops.feed("#tail") == ("", "###")
+    assert cp.StopStrings(["ab", "b"]).feed("xab") == ("x", "ab")  # the earliest match wins
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_stop_sequence_reported_and_backend_closed(make_stack, provider, split):
+    stack = make_stack(provider)
+    text = "Here it is.\n###\nMore text the client must not see."
+    answer = text_answer(provider, *pieces(text, split), *(["x"] * 40))
+    answer.delay = 0.01  # the backend goes on writing: the proxy hangs up on it
+    client = stack.client()
+    stack.backend.queue(answer)
+    msg = client.messages.create(**body_of(stop_sequences=["END", "###"]))
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
+    assert [(b.type, b.text) for b in msg.content] == [("text", "Here it is.\n")]
+    assert "stop" not in stack.backend.requests[0] and "stop" not in stack.backend.requests[0].get("options", {})
+    assert wait_for(lambda: stack.backend.disconnects == 1)
+    stack.backend.queue(answer, answer)
+    with client.messages.stream(**body_of(stop_sequences=["###"])) as s:
+        streamed = s.get_final_message()
+    assert (streamed.stop_reason, streamed.stop_sequence, streamed.content[0].text) == (
+        "stop_sequence",
+        "###",
+        "Here it is.\n",
+    )
+    events = check_stream(sse_events(stack, body_of(stop_sequences=["###"])))
+    assert events["blocks"] == [("text", "Here it is.\n")] and events["stop_reason"] == "stop_sequence"
+
+
+def test_stop_sequence_partial_match_released_at_the_end(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "a #", "#"))
+    msg = stack.client().messages.create(**body_of(stop_sequences=["###"]))
+    assert (msg.stop_reason, msg.stop_sequence, msg.content[0].text) == ("end_turn", None, "a ##")
+
+
+def test_stop_sequence_before_a_text_tool_call(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "Done.\nObservation:", HERMES_CALL))
+    msg = stack.client().messages.create(**body_of(stop_sequences=["Observation:"]))
+    assert (msg.stop_reason, [b.type for b in msg.content]) == ("stop_sequence", ["text"])
+
+
 # --- Errors: backend HTTP errors before the stream ---------------------------------------------
 
 
@@ -2939,6 +3713,11 @@ def test_context_overflow_when_streaming(make_stack):
     assert message == "prompt is too long: 9000 tokens > 8192 maximum"
 
 
+# ======================================================================================
+# 7. PROVIDERS
+# ======================================================================================
+
+
 # --- Discovery ---------------------------------------------------------------------------------
 
 
@@ -2957,7 +3736,7 @@ def test_zero_config_discovers_backend_models(make_stack, provider):
 
 
 # ======================================================================================
-# 6. STREAMING AND BACKEND I/O
+# 8. STREAMING AND BACKEND I/O
 # ======================================================================================
 
 
@@ -3530,514 +4309,7 @@ def test_fetch_images_refuses_private_addresses_and_reads_whole_images(make_stac
         stack.loop.run(runner.cleanup())
 
 
-# ======================================================================================
-# 7. HTTP APP
-# ======================================================================================
-
-
-# --- Routes, probes, body limits ---------------------------------------------------------------
-
-
-def test_unknown_path_is_404_json(make_stack):
-    stack = make_stack("openai")
-    for method, path in [("GET", "/nope"), ("POST", "/v1/complete"), ("GET", "/v1/messages/batches")]:
-        code, headers, text = http(stack, method, path, {} if method == "POST" else None)
-        assert_error(code, headers, text, 404, "not_found_error")
-
-
-def test_get_messages_is_405_json(make_stack):
-    stack = make_stack("openai")
-    code, headers, text = http(stack, "GET", "/v1/messages")
-    message = assert_error(code, headers, text, 405, "invalid_request_error")
-    assert "GET" in message
-
-
-@pytest.mark.parametrize("path", ["/", "/api/hello"])
-def test_head_probe_is_200(make_stack, path):
-    stack = make_stack("openai")
-    code, headers, text = http(stack, "HEAD", path)
-    assert code == 200 and text == ""
-
-
-def test_health(make_stack):
-    stack = make_stack("openai")
-    code, headers, text = http(stack, "GET", "/health")
-    assert code == 200 and json.loads(text) == {"status": "ok"}
-    assert headers.get("request-id")
-
-
-MODEL_MAP = {
-    "claude-opus-5-5": "big-model",
-    "claude-*haiku*": "small-model",
-    "claude-sonnet-5-5": {"model": "mid-model", "max_tokens": 4096},
-}
-
-
-def test_models_list(make_stack):
-    stack = make_stack("openai", model_map=MODEL_MAP, default_model="backend-model", discover=False)
-    code, headers, text = http(stack, "GET", "/v1/models")
-    assert code == 200
-    page = json.loads(text)
-    ids = ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model", "big-model", "small-model", "mid-model"]
-    assert [m["id"] for m in page["data"]] == ids  # backend models by their own names too
-    assert page["has_more"] is False
-    assert page["first_id"] == "claude-opus-5-5" and page["last_id"] == "mid-model"
-    for model in page["data"]:
-        assert model["type"] == "model" and model["display_name"] and model["created_at"]
-    sdk_ids = [m.id for m in stack.client().models.list()]
-    assert sdk_ids == ids
-    code, _, text = http(stack, "GET", "/v1/models?limit=1")
-    page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5"] and page["has_more"] is True
-
-
-def test_model_get_and_404(make_stack):
-    stack = make_stack("openai", model_map=MODEL_MAP, default_model="backend-model", discover=False)
-    model = stack.client().models.retrieve("claude-sonnet-5-5")
-    assert model.id == "claude-sonnet-5-5" and model.type == "model"
-    with pytest.raises(anthropic.NotFoundError) as info:
-        stack.client().models.retrieve("claude-nope-1")
-    assert_sdk_error(info.value, 404, "not_found_error")
-
-
-def test_beta_query_string(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "beta"))
-    code, _, text = http(
-        stack,
-        "POST",
-        "/v1/messages?beta=true",
-        VALID,
-        headers={"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"},
-    )
-    assert code == 200 and json.loads(text)["content"][0]["text"] == "beta"
-    stack.backend.queue(text_answer(provider, "beta2"))
-    msg = stack.client().beta.messages.create(model="claude-opus-5-5", max_tokens=20, messages=USER_HI)
-    assert msg.content[0].text == "beta2"
-
-
-def test_body_over_limit_is_413(make_stack):
-    stack = make_stack("openai", max_body_bytes=2048)
-    body = req(messages=[{"role": "user", "content": "x" * 4000}])
-    code, headers, text = http(stack, "POST", "/v1/messages", body)
-    assert_error(code, headers, text, 413, "request_too_large")
-    assert stack.backend.requests == []
-    with pytest.raises(anthropic.APIStatusError) as info:
-        stack.client().messages.create(**body)
-    assert_sdk_error(info.value, 413, "request_too_large")
-    stack.backend.queue(text_answer("openai", "small"))
-    code, _, text = http(stack, "POST", "/v1/messages", VALID)
-    assert code == 200
-
-
-@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded"])
-def test_wrong_content_type_is_400(make_stack, ctype):
-    stack = make_stack("openai")
-    code, headers, text = http(stack, "POST", "/v1/messages", VALID, headers={"content-type": ctype})
-    assert "content-type" in assert_error(code, headers, text, 400, "invalid_request_error")
-
-
-@pytest.mark.parametrize(
-    "method, path, status",
-    [
-        ("OPTIONS", "/v1/messages", 405),
-        ("GET", "/../../etc/passwd", 404),
-        ("GET", "/v1/../health", 404),
-        ("PUT", "/v1/messages", 405),
-        ("DELETE", "/health", 405),
-        ("GET", "/v1/messages/count_tokens", 405),
-    ],
-)
-def test_odd_methods_and_paths(make_stack, method, path, status):
-    stack = make_stack("openai")
-    req = urllib.request.Request(stack.proxy_url + path, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            code, text = resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        code, text = err.code, err.read().decode()
-    assert code == status
-    if status >= 400:
-        assert json.loads(text)["type"] == "error"
-
-
-def test_header_injection_in_model_name_and_request_id(make_stack):
-    stack = make_stack("openai")
-    body = json.dumps({"model": "m\r\nX-Evil: 1", "max_tokens": 5, "messages": USER_HI}).encode()
-    req = urllib.request.Request(
-        stack.proxy_url + "/v1/messages",
-        data=body,
-        method="POST",
-        headers={"content-type": "application/json", "x-request-id": "abc\tdef"},
-    )
-    try:
-        urllib.request.urlopen(req, timeout=5)
-        raise AssertionError("expected a 400")
-    except urllib.error.HTTPError as err:
-        assert err.code == 400 and "X-Evil" not in err.headers and err.headers["request-id"].startswith("req_")
-        assert "model" in json.loads(err.read())["error"]["message"]
-
-
-def test_model_ids_with_slashes_and_backward_paging(make_stack):
-    stack = make_stack(
-        "openai",
-        default_model="Qwen/Qwen3-8B",
-        discover=False,
-        model_map={"claude-a": "x", "claude-b": "y", "claude-c": "z"},
-    )
-    code, _, text = http(stack, "GET", "/v1/models/Qwen/Qwen3-8B")
-    assert code == 200 and json.loads(text)["id"] == "Qwen/Qwen3-8B"
-    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-c&limit=1")
-    page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-b"] and page["has_more"] is True
-    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-b&limit=5")
-    page = json.loads(text)
-    assert [m["id"] for m in page["data"]] == ["claude-a"] and page["has_more"] is False
-
-
-# --- Security: inbound auth and what reaches the backend ---------------------------------------
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        {},
-        {"x-api-key": "wrong"},
-        {"authorization": "Bearer wrong"},
-        {"x-api-key": "s3cret-but-longer"},
-        {"authorization": "s3cret"},
-    ],
-    ids=["none", "wrong-key", "wrong-bearer", "prefix", "no-bearer-scheme"],
-)
-def test_auth_rejects(make_stack, headers):
-    stack = make_stack("openai", auth_token="s3cret")
-    code, hdrs, text = http(stack, "POST", "/v1/messages", VALID, headers=headers)
-    assert_error(code, hdrs, text, 401, "authentication_error", "false")
-    assert stack.backend.requests == []
-    code, hdrs, text = http(stack, "GET", "/v1/models", headers=headers)
-    assert_error(code, hdrs, text, 401, "authentication_error")
-
-
-def test_auth_sdk_wrong_key(make_stack):
-    stack = make_stack("openai", auth_token="s3cret")
-    with pytest.raises(anthropic.AuthenticationError) as info:
-        stack.client(api_key="wrong").messages.create(**VALID)
-    assert_sdk_error(info.value, 401, "authentication_error")
-
-
-@pytest.mark.parametrize("how", ["x-api-key", "bearer"])
-def test_auth_accepts_and_key_is_not_forwarded(make_stack, how):
-    stack = make_stack("openai", auth_token="s3cret", api_key="sk-backend-123")
-    stack.backend.queue(text_answer("openai", "ok"))
-    client = stack.client(api_key="s3cret") if how == "x-api-key" else stack.client(api_key=None, auth_token="s3cret")
-    msg = client.messages.create(**VALID)
-    assert msg.content[0].text == "ok"
-    sent = {k.lower(): v for k, v in stack.backend.headers[0].items()}
-    assert "x-api-key" not in sent
-    assert sent.get("authorization") == "Bearer sk-backend-123"
-    assert "s3cret" not in json.dumps(sent)
-
-
-def test_client_key_not_forwarded_without_backend_key(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "ok"))
-    stack.client(api_key="sk-ant-client-secret").messages.create(**VALID)
-    sent = {k.lower(): v for k, v in stack.backend.headers[0].items()}
-    assert "x-api-key" not in sent and "authorization" not in sent
-    assert "sk-ant-client-secret" not in json.dumps(sent)
-
-
-@pytest.mark.parametrize("method,path", [("GET", "/health"), ("HEAD", "/"), ("HEAD", "/api/hello")])
-def test_open_paths_without_auth(make_stack, method, path):
-    stack = make_stack("openai", auth_token="s3cret")
-    code, _, _ = http(stack, method, path)
-    assert code == 200
-
-
-# --- Metrics -----------------------------------------------------------------------------------
-
-
-def test_metrics_parse_and_move(make_stack):
-    parser = pytest.importorskip("prometheus_client.parser")
-    stack = make_stack("openai")
-    stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
-    with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=10, messages=USER_HI) as s:
-        s.get_final_message()
-    status, _, text = http(stack, "GET", "/metrics")
-    assert status == 200
-    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
-    requests = [
-        s
-        for s in families["claude_proxy_requests"].samples
-        if s.labels.get("route") == "/v1/messages" and s.labels.get("status") == "200"
-    ]
-    assert requests and requests[0].value == 2
-    assert any(s.value == 7 * 2 for s in families["claude_proxy_output_tokens"].samples)
-    counts = [s for s in families["claude_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
-    assert counts[0].value == 1
-    assert families["claude_proxy_active_streams"].samples[0].value == 0
-
-
-# ======================================================================================
-# 8. CLI
-# ======================================================================================
-
-
-# --- Graceful shutdown -------------------------------------------------------------------------
-
-
-def test_sigterm_lets_streams_finish(make_stack, tmp_path):
-    stack = make_stack("openai")
-    stack.backend.queue(SSE(oai_text_stream("one", "two", "three"), delay=0.3))
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "claude_proxy.py"),
-            "--provider",
-            "openai",
-            "--base-url",
-            stack.backend_url,
-            "--model",
-            "m",
-            "--port",
-            str(port),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert wait_for(lambda: _health(port), timeout=15)
-        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
-        with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
-            first = next(iter(s.text_stream))
-            proc.send_signal(signal.SIGTERM)  # while the backend is still streaming
-            rest = "".join(s.text_stream)
-            final = s.get_final_message()
-        assert first + rest == "onetwothree" and final.stop_reason == "end_turn"
-        assert proc.wait(10) == 0
-    finally:
-        proc.kill()
-
-
-def test_ctrl_c_ends_a_long_stream_within_the_bound(make_stack, tmp_path):
-    """A stream that outlasts --shutdown-grace ends with a retryable overloaded error, and the process exits at
-    most 2 s after the grace (Ctrl-C used to take 8-10 s, with the stream cut off without an error)."""
-    stack = make_stack("openai")
-    stack.backend.queue(SSE(oai_text_stream(*["w "] * 200), delay=0.05))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "claude_proxy.py"), "--provider", "openai", "--base-url", stack.backend_url]
-        + ["--model", "m", "--port", str(port), "--shutdown-grace", "0.5"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert wait_for(lambda: _health(port), timeout=15)
-        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
-        with pytest.raises(anthropic.APIStatusError) as err:
-            with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
-                next(iter(s.text_stream))
-                started = time.monotonic()
-                proc.send_signal(signal.SIGINT)
-                for _ in s.text_stream:
-                    pass
-        assert err.value.body["error"]["type"] == "overloaded_error" and "shutting down" in str(err.value)
-        assert proc.wait(10) == 0
-        assert time.monotonic() - started < 0.5 + 2 + 1  # grace + aiohttp's close + process exit
-    finally:
-        proc.kill()
-
-
-# --- Help, check, gunicorn ---------------------------------------------------------------------
-
-
-def test_help_documents_every_option():
-    result = subprocess.run(
-        [sys.executable, str(HERE / "claude_proxy.py"), "--help"], capture_output=True, text=True, timeout=30
-    )
-    for option in (
-        "--host",
-        "--port",
-        "--provider",
-        "--base-url",
-        "--api-key",
-        "--model",
-        "--model-map",
-        "--timeout",
-        "--log-level",
-        "--system-messages",
-        "--auth-token",
-        "--check",
-        "--log-format",
-    ):
-        assert option in result.stdout
-
-
-def test_port_in_use_is_one_line_and_exit_2_without_a_banner(tmp_path):
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, str(HERE / "claude_proxy.py"), "--port", str(port), "--provider", "openai"]
-            + ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    assert result.returncode == 2 and "listening" not in result.stdout
-    errors = [line for line in result.stderr.splitlines() if "WARNING" not in line]
-    assert len(errors) == 1 and "cannot listen" in errors[0] and "in use" in errors[0], result.stderr
-
-
-def test_banner_after_bind_suggests_the_auth_token_without_printing_it(tmp_path):
-    port = free_port()
-    token = "sk-proxy-0123456789abcdef"
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "claude_proxy.py"), "--port", str(port), "--provider", "openai"]
-        + ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--auth-token", token],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        banner = proc.stdout.readline() + proc.stdout.readline()
-        assert _health(port), "the banner is printed once the port answers"
-        assert f"listening on http://127.0.0.1:{port}" in banner and token not in banner
-        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=<your --auth-token: sk…ef>" in banner
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.mark.parametrize(
-    "provider, path, fix",
-    [
-        ("openai", "", "try --base-url http://127.0.0.1:{port}/v1"),  # the /v1 left out
-        ("ollama", "/v1", "the ollama provider takes the server's root: --base-url http://127.0.0.1:{port} "),
-    ],
-)
-def test_wrong_base_url_says_what_happened_and_the_fix(make_stack, capsys, provider, path, fix):
-    """Regression: a base URL without /v1 got 'model ... is not mapped ... is it running?' and --check said
-    'unreachable'; now both say which URL answered what, and the likely fix."""
-    backend = make_stack(provider).backend
-    base = f"http://127.0.0.1:{backend.port}{path}"
-    fix = fix.format(port=backend.port)
-    stack = make_stack(provider, base_url=base, default_model=None)
-    status, _, text = http(stack, "POST", "/v1/messages", req(model="claude-opus-5-5"))
-    message = json.loads(text)["error"]["message"]
-    assert status == 502 and "HTTP 404 from http://127.0.0.1" in message and fix in message, message
-    config = cp.Config(provider=provider, base_url=base)
-    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 1
-    out = " ".join(capsys.readouterr().out.split())
-    assert "FAIL: HTTP 404 from" in out and " ".join(fix.split()) in out
-
-
-def test_model_map_typos_are_reported_with_the_close_names(make_stack, capsys, caplog):
-    stack = make_stack("openai")
-    model_map = {"claude-opus-5.5": "qwen3-coder", "claude-haiku-5-5": "qwen3-codr", "claude-*": "qwen3-coder"}
-    caplog.set_level(logging.WARNING, logger="claude_proxy")
-    config = cp.Config(provider="openai", base_url=stack.backend_url, model_map=model_map)
-    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 0  # warnings, not failures (the fake answers)
-    out = " ".join(capsys.readouterr().out.split())
-    assert "'claude-opus-5.5' matches no model name Claude Code sends (did you mean 'claude-opus-5-5'?)" in out
-    assert "'claude-haiku-5-5': the backend does not list 'qwen3-codr' (close: qwen3-coder)" in out
-    assert "claude-*" not in out.split("WARNING")[-1]
-    logged = " ".join(r.getMessage() for r in caplog.records)
-    assert "did you mean 'claude-opus-5-5'" in logged and "does not list 'qwen3-codr'" in logged
-
-
-@pytest.mark.parametrize(
-    "provider, reply",
-    [
-        ("openai", {"object": "error", "message": "The model `qwen3-codr` does not exist.", "code": 404}),
-        ("ollama", {"error": 'model "qwen3-codr" not found, try pulling it first'}),
-    ],
-)
-def test_backend_without_the_model_names_it_and_the_close_ones(make_stack, provider, reply):
-    stack = make_stack(provider, model_map={"claude-x": "qwen3-codr"})
-    stack.backend.queue(Reply(404, reply))
-    status, _, text = http(stack, "POST", "/v1/messages", req(model="claude-x"))
-    message = json.loads(text)["error"]["message"]
-    assert status == 404 and "the backend has no model 'qwen3-codr'" in message and "model map" in message
-    listed = "qwen3-coder" if provider == "openai" else "qwen3:8b"
-    assert f"it lists {listed}" in message
-
-
-def test_check_prints_long_messages_whole_and_wrapped(make_stack, capsys):
-    """Regression: --check cut its results at 200 characters, and the fix at the end of a message was lost."""
-    stack = make_stack("openai")
-    tail = "the fix is at the very end of this message: start the server with --some-flag"
-    stack.backend.queue(Reply(400, {"error": {"message": "x" * 10 + " word" * 60 + " " + tail}}))
-    config = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "m"})
-    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 1
-    out = capsys.readouterr().out
-    assert " ".join(out.split()).endswith(tail) and max(len(line) for line in out.splitlines()) <= 200
-
-
-def test_check_command_reports_and_exits(make_stack, capsys):
-    stack = make_stack("openai")
-    good = cp.Config(provider="openai", base_url=stack.backend_url, default_model="backend-model")
-    assert stack.loop.run(cp.run_check(good, out=sys.stdout)) == 0
-    assert "ok" in capsys.readouterr().out
-    stack.backend.queue(Reply(404, {"error": {"message": "model 'nope' not found", "type": "not_found_error"}}))
-    bad = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "nope"})
-    assert stack.loop.run(cp.run_check(bad, out=sys.stdout)) == 1
-    assert "FAIL: 404" in capsys.readouterr().out
-
-
-def test_runs_under_gunicorn_with_two_workers(make_stack, tmp_path):
-    pytest.importorskip("gunicorn")
-    stack = make_stack("openai")
-    port = free_port()
-    env = dict(os.environ, PROVIDER="openai", PROVIDER_BASE_URL=stack.backend_url, DEFAULT_MODEL="gm")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "claude_proxy:create_app()",
-            "-k",
-            "aiohttp.GunicornWebWorker",
-            "-w",
-            "2",
-            "-b",
-            f"127.0.0.1:{port}",
-        ],
-        cwd=HERE,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
-        assert wait_for(lambda: _health(port), timeout=20)
-        for _ in range(4):
-            assert client.messages.create(model="claude-opus-5-5", max_tokens=5, messages=USER_HI).content
-        assert {r["model"] for r in stack.backend.requests} == {"gm"}
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _health(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-# ======================================================================================
-# Stream framing (sans-I/O decoders), the fold's parts, request records and error kinds
-# ======================================================================================
+# --- Stream framing: sans-I/O decoders, split anywhere ----------------------------------------------
 
 
 def _feed_all(frames, pieces):
@@ -4102,406 +4374,7 @@ def test_sse_answer_ending_in_a_comment_without_newline_is_not_a_502(make_stack)
     assert msg.content[0].text == "fine" and msg.stop_reason == "end_turn"
 
 
-@pytest.mark.parametrize("cut", range(0, 12))
-def test_think_tags_split_at_every_position(cut):
-    text = "<think>why</think>so"
-    tags = cp.ThinkTags()
-    pieces = tags.feed(text[:cut]) + tags.feed(text[cut:]) + tags.flush()
-    joined = {kind: "".join(p for k, p in pieces if k == kind) for kind in ("thinking", "text")}
-    assert joined == {"thinking": "why", "text": "so"}
-
-
-def test_think_tags_only_at_the_start():
-    tags = cp.ThinkTags()
-    assert tags.feed("  hello <think>") == [("text", "  hello <think>")] and tags.state == "off"
-    assert tags.feed("<think>x") == [("text", "<think>x")]
-
-
-def test_tool_calls_whole_calls_get_their_own_keys():
-    calls = cp.ToolCalls()
-    a = calls.whole("id_aaaaaaaa", "Bash", {"command": "ls"})
-    b = calls.whole("id_aaaaaaaa", "Bash", None)
-    assert a is not b and a.args == '{"command":"ls"}' and b.args == "{}"
-    assert calls.pending() == [a, b]
-
-
-def test_outcome_is_the_same_for_streaming_and_the_log(make_stack, provider, caplog):
-    """One result value: the final message_delta, the non-streaming message and the log line agree."""
-    stack = make_stack(provider)
-    caplog.set_level(logging.INFO, logger="claude_proxy")
-    for stream in (True, False):
-        stack.backend.queue(text_answer(provider, "a", "b"))
-        if stream:
-            with stack.client().messages.stream(model="m", max_tokens=10, messages=USER_HI) as s:
-                msg = s.get_final_message()
-        else:
-            msg = stack.client().messages.create(model="m", max_tokens=10, messages=USER_HI)
-
-        def lines() -> list:
-            return [r.fields for r in caplog.records if getattr(r, "fields", {}).get("path") == "/v1/messages"]
-
-        expected = 1 if stream else 2
-        assert wait_for(lambda n=expected: len(lines()) == n)  # the proxy logs once the stream has ended
-        line = lines()[-1]
-        assert line["stop"] == msg.stop_reason == "end_turn"
-        assert (line["input_tokens"], line["output_tokens"]) == (msg.usage.input_tokens, msg.usage.output_tokens)
-        assert line["stream"] is stream
-
-
-def _backend_errors(stack) -> dict:
-    _, _, text = http(stack, "GET", "/metrics")
-    return {
-        line.split("kind=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("claude_proxy_backend_errors_total{")
-    }
-
-
-def test_backend_error_metrics_count_backend_failures_by_kind_only(make_stack):
-    """Regression: a client's invalid request (never sent) was counted as a backend error `http_400`."""
-    stack = make_stack("openai")
-    assert http(stack, "POST", "/v1/messages", {"model": "m", "messages": []})[0] == 400
-    assert _backend_errors(stack) == {}
-    stack.backend.queue(Reply(503, {"error": {"message": "busy"}}))
-    with pytest.raises(anthropic.APIStatusError):
-        stack.client(max_retries=0).messages.create(model="m", max_tokens=10, messages=USER_HI)
-    stack.backend.queue(SSE(oai_text_stream("cut", finish=None), done=False))
-    with pytest.raises(anthropic.APIStatusError):
-        stack.client(max_retries=0).messages.create(model="m", max_tokens=10, messages=USER_HI)
-    assert _backend_errors(stack) == {"http_503": 1, "truncated": 1}
-
-
-def test_connect_timeout_has_its_own_kind(make_stack, monkeypatch):
-    """Regression: a connect timeout was counted as `http_504`."""
-    stack = make_stack("openai")
-
-    async def never_connects(*args, **kwargs):
-        raise cp._CONNECT_TIMEOUT("connect timed out")
-
-    if cp._CONNECT_TIMEOUT == ():
-        pytest.skip("this aiohttp does not tell connect timeouts apart")
-    monkeypatch.setattr(stack.app[cp.BACKEND].session, "post", never_connects)
-    status, _, body = http(stack, "POST", "/v1/messages", req())
-    assert status == 504 and "could not connect" in body and "is it running" in body
-    assert _backend_errors(stack) == {"connect_timeout": 1}
-
-
-# --- option table (issue 11 step 3) ---
-
-
-def test_readme_configuration_table_matches_the_option_table():
-    section = (HERE / "README.md").read_text(encoding="utf-8").split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    readme = []
-    for row in (line for line in section.splitlines() if line.startswith("| `--")):
-        flag, env, default = (cell.strip() for cell in row.strip("|").split("|")[:3])
-        readme.append(
-            (
-                re.findall(r"`(--[a-z-]+)`", flag),
-                re.findall(r"`([A-Z][A-Z0-9_]*)(?:=[01])?`", env),
-                default.replace("`", ""),
-            )
-        )
-    table = [([o.flag] if o.flag else [], list(o.env), o.shown_default()) for o in cp.OPTIONS if o.flag or o.env]
-    assert readme == table
-
-
-def test_option_table_drives_config_flags_and_help():
-    import dataclasses
-
-    assert [f.name for f in dataclasses.fields(cp.Config)] == [o.name for o in cp.OPTIONS] + ["environ"]
-    assert cp.load_config([], environ={}, dotenv_path="") == cp.Config()  # the same defaults both ways
-    parser = cp.build_parser()
-    flags = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help", "--version"}
-    negated = {"--no-" + o.flag[2:] for o in cp.OPTIONS if o.flag and o.switch and o.default}  # BooleanOptionalAction
-    assert flags == {o.flag for o in cp.OPTIONS if o.flag} | negated
-    help_text = parser.format_help()
-    for option in cp.OPTIONS:
-        for name in option.env:
-            assert name in help_text
-
-
-def test_option_units_and_switches():
-    env = {"PROVIDER_TIMEOUT_MS": "500", "MAX_BODY_MB": "1.5", "FETCH_IMAGES": "yes", "PROVIDER_RETRIES": "0"}
-    config = cp.load_config([], environ=env, dotenv_path="")
-    assert (config.timeout, config.max_body_bytes, config.fetch_images, config.retries) == (0.5, 3 << 19, True, 0)
-    config = cp.load_config(["--timeout", "3", "--max-body-mb", "2", "--scale-usage"], environ=env, dotenv_path="")
-    assert (config.timeout, config.max_body_bytes, config.scale_usage, config.fetch_images) == (
-        3.0,
-        2 << 20,
-        True,
-        True,
-    )
-    assert cp.load_config([], environ={"FETCH_IMAGES": "0"}, dotenv_path="").fetch_images is False
-
-
-BAD_VALUES = {  # environment -> what the ConfigError says, the same from main(), create_app() and Config(...)
-    "LOG_LEVEL": ("LOUD", "unknown log level 'LOUD'"),
-    "LOG_FORMAT": ("xml", "unknown log format 'xml'"),
-    "COUNT_TOKENS": ("exact", "unknown count tokens 'exact'"),
-    "SYSTEM_MESSAGES": ("drop", "unknown system messages 'drop'"),
-    "PROVIDER": ("bedrock", "unknown provider 'bedrock'"),
-    "PORT": ("0", "bad port 0"),
-    "PROVIDER_TIMEOUT_MS": ("0", "must be positive"),
-    "PROVIDER_RETRIES": ("-1", "PROVIDER_RETRIES: expected a non-negative number, got '-1'"),
-    "MAX_BODY_MB": ("lots", "MAX_BODY_MB: expected a non-negative number"),
-}
-
-
-@pytest.mark.parametrize("name", list(BAD_VALUES))
-def test_create_app_checks_what_main_checks(monkeypatch, tmp_path, name):
-    value, message = BAD_VALUES[name]
-    monkeypatch.chdir(tmp_path)  # no .env
-    monkeypatch.setenv(name, value)
-    with pytest.raises(cp.ConfigError, match=re.escape(message)):
-        cp.create_app()
-    with pytest.raises(cp.ConfigError, match=re.escape(message)):
-        cp.load_config([], environ={name: value}, dotenv_path="")
-
-
-def test_config_checks_values_given_directly():
-    with pytest.raises(cp.ConfigError, match="unknown log level 'LOUD'"):
-        cp.Config(log_level="LOUD")
-    with pytest.raises(cp.ConfigError, match="ping_interval: must be positive"):
-        cp.Config(ping_interval=0)
-
-
-def test_create_app_with_bad_log_level_is_a_configuration_error_not_a_value_error(tmp_path):
-    """Regression: under gunicorn (no logging set up yet) create_app() raised ValueError from logging."""
-    env = {k: v for k, v in os.environ.items() if k != "LOG_LEVEL"}
-    result = subprocess.run(
-        [sys.executable, "-c", "import claude_proxy; claude_proxy.create_app()"],
-        env={**env, "LOG_LEVEL": "LOUD", "PYTHONPATH": str(HERE)},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("claude_proxy.ConfigError: unknown log level 'LOUD'"), result.stderr
-    assert "ValueError" not in result.stderr
-
-
-def test_api_key_env_is_read_from_the_given_environment_and_dotenv(tmp_path, monkeypatch):
-    monkeypatch.delenv("MY_BACKEND_KEY", raising=False)
-    dotenv = tmp_path / ".env"
-    dotenv.write_text("MY_BACKEND_KEY=from-dotenv\n")
-    entry = '{"claude-x": {"model": "m", "base_url": "https://other.example/v1", "api_key_env": "MY_BACKEND_KEY"}}'
-    config = cp.load_config([], environ={"MODEL_MAP_JSON": entry}, dotenv_path=str(dotenv))
-    assert config.routes["claude-x"].api_key == "from-dotenv"
-    assert "MY_BACKEND_KEY" not in os.environ  # .env no longer leaks into the process environment
-    config = cp.Config(model_map=json.loads(entry), environ={"MY_BACKEND_KEY": "given"})
-    assert config.routes["claude-x"].api_key == "given"
-    with pytest.raises(cp.ConfigError, match="MY_BACKEND_KEY is not set"):
-        cp.Config(model_map=json.loads(entry))
-
-
-def test_a_switch_on_by_default_can_be_turned_off(monkeypatch):
-    extra = cp.Option("send_thing", "--send-thing", ("SEND_THING",), True, "send the thing", switch=True)
-    monkeypatch.setattr(cp, "OPTIONS", (*cp.OPTIONS, extra))
-    assert vars(cp.build_parser().parse_args(["--no-send-thing"]))["send_thing"] is False
-    assert vars(cp.build_parser().parse_args([]))["send_thing"] is None
-    assert (extra.value(False, {}), extra.value(None, {"SEND_THING": "0"}), extra.value(None, {})) == (
-        False,
-        False,
-        True,
-    )
-    assert extra.shown_default() == "on" and "[SEND_THING=0]" in extra.help_text()
-
-
-# --- real Claude Code CLI (issue 15) ---
-# The official CLI, installed from npm at a pinned version (conftest.CLAUDE_CODE_VERSION, cached; conftest.claude_code
-# says how), runs offline through the proxy in front of each fake backend. The backend answers by what a request
-# contains, never by arrival order. Only these: `python -m pytest -m e2e`; all but these: `-m "not e2e"`.
-
-CC_OVERFLOW = {  # each provider's own 400 for a prompt over the context window
-    "openai": {
-        "error": {
-            "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 "
-            "tokens. Please reduce the length of the messages.",
-            "type": "invalid_request_error",
-            "param": "messages",
-            "code": "context_length_exceeded",
-        }
-    },
-    "ollama": {"error": "request (9000 tokens) exceeds the available context size (8192 tokens), try increasing it"},
-}
-
-
-def cc_bash_calls(provider: str, *commands: str) -> Any:
-    """One assistant turn of parallel Bash calls (one per command), streamed the way the provider streams them."""
-    inputs = [{"command": command, "description": f"step {i}"} for i, command in enumerate(commands)]
-    if provider == "ollama":
-        calls = [{"function": {"index": i, "name": "Bash", "arguments": args}} for i, args in enumerate(inputs)]
-        return NDJSON([ollama_chunk(tool_calls=calls), ollama_chunk(done=True)])
-    chunks = [oai_chunk({"role": "assistant", "content": ""})]
-    for i, args in enumerate(inputs):
-        text = json.dumps(args)
-        chunks += oai_tool_call_chunks(i, f"call_e2e_{i}", "Bash", text[:12], text[12:])
-    return SSE(chunks + [oai_chunk({}, "tool_calls"), oai_chunk(choices=[], usage=oai_usage())])
-
-
-def cc_last(body: dict) -> tuple[str, str]:
-    """(role, text) of the last message the backend received."""
-    message = body["messages"][-1]
-    return message["role"], cc_text(message)
-
-
-def cc_text(message: dict) -> str:
-    content = message.get("content")
-    if isinstance(content, list):
-        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return content if isinstance(content, str) else ""
-
-
-def cc_turn_with(chats: list, text: str) -> dict:
-    """The one backend request whose last message contains text."""
-    found = [body for body in chats if text in cc_last(body)[1]]
-    assert len(found) == 1, f"{len(found)} backend requests end with {text!r}: {[cc_last(b)[1][-200:] for b in chats]}"
-    return found[0]
-
-
-def cc_done(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 0, f"claude exited {done.returncode}; stdout: {done.stdout!r}; stderr: {done.stderr!r}"
-    return done.stdout.strip()
-
-
-@pytest.mark.e2e
-def test_claude_code_print_shows_backend_text(claude_code, provider):
-    def respond(body):
-        return text_answer(provider, "Hello from ", "the fake backend.") if "Say hello" in cc_last(body)[1] else None
-
-    cc = claude_code(respond)
-    assert cc_done(cc.run("Say hello")) == "Hello from the fake backend."
-    turn = cc_turn_with(cc.chats(), "Say hello")
-    assert turn["model"] == "backend-model" and turn["stream"] is True
-    assert any(s["body"].get("stream") is True for s in cc.sent), "Claude Code streams its requests"
-
-
-@pytest.mark.e2e
-def test_claude_code_system_message_stays_in_place(claude_code, provider):
-    """Claude Code puts its environment text in a `role: "system"` message after the prompt; the backend gets it
-    where it was, as a <system-reminder> after the prompt in the user turn, not moved into the system prompt."""
-    cc = claude_code()
-    cc_done(cc.run("Where am I?"))
-    sent = next(s["body"] for s in cc.sent if "Where am I?" in json.dumps(s["body"]["messages"]))
-    roles = [m["role"] for m in sent["messages"]]
-    assert "system" in roles, f"Claude Code sent no role: system message: {roles}"
-    reminder = cc_text(sent["messages"][roles.index("system")]).strip()
-    assert roles.index("system") > 0 and "Where am I?" in json.dumps(sent["messages"][: roles.index("system")])
-
-    turn = next(body for body in cc.chats() if "Where am I?" in json.dumps(body["messages"]))
-    system_prompt = cc_text(turn["messages"][0])
-    assert turn["messages"][0]["role"] == "system" and reminder[:60] not in system_prompt
-    user = [cc_text(m) for m in turn["messages"] if m["role"] == "user"]
-    assert len(user) == 1
-    prompt_at = user[0].index("Where am I?")
-    assert user[0].index(f"<system-reminder>\n{reminder[:60]}") > prompt_at
-
-
-@pytest.mark.e2e
-def test_claude_code_runs_two_parallel_bash_calls(claude_code, provider):
-    def respond(body):
-        role, text = cc_last(body)
-        if role == "tool":
-            return text_answer(provider, "Both files ", "are written.")
-        if role == "user" and "Write two files" in text:
-            return cc_bash_calls(provider, "echo one > one.txt && cat one.txt", "echo two > two.txt && cat two.txt")
-        return None
-
-    cc = claude_code(respond)
-    assert cc_done(cc.run("Write two files", "--allowedTools", "Bash")) == "Both files are written."
-    work = pathlib.Path(cc.cwd)
-    assert (work / "one.txt").read_text() == "one\n" and (work / "two.txt").read_text() == "two\n"
-
-    results = [body for body in cc.chats() if cc_last(body)[0] == "tool"]
-    assert len(results) == 1, "both results come back in one request"
-    messages = results[0]["messages"]
-    calls, one, two = messages[-3:]
-    assert [c["function"]["name"] for c in calls["tool_calls"]] == ["Bash", "Bash"]
-    assert (one["role"], one["content"], two["role"], two["content"]) == ("tool", "one", "tool", "two")
-    if provider == "openai":  # the ids the backend gave, back to it
-        assert [one["tool_call_id"], two["tool_call_id"]] == ["call_e2e_0", "call_e2e_1"]
-        assert [c["id"] for c in calls["tool_calls"]] == ["call_e2e_0", "call_e2e_1"]
-    # The environment reminder (a role: system message between the prompt and the tool calls) is still in the
-    # user turn before the assistant's calls.
-    user = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    assert len(user) == 1 and user[0] == messages.index(calls) - 1
-    assert "Write two files" in cc_text(messages[user[0]]) and "<system-reminder>\n# Environment" in cc_text(
-        messages[user[0]]
-    )
-
-
-@pytest.mark.e2e
-def test_claude_code_compacts_and_retries_after_prompt_too_long(claude_code, provider):
-    """The backend's context-overflow 400 becomes `prompt is too long`; Claude Code summarises the conversation
-    (a compaction request) and carries on from the summary, which the backend answers."""
-    summary = "E2E-SUMMARY: the user asked for one.txt; it was written."
-    overflowed: list[dict] = []
-
-    def respond(body):
-        role, text = cc_last(body)
-        if summary in json.dumps(body["messages"]):
-            return text_answer(provider, "Carried on ", "after compaction.")
-        if role == "user" and "<summary>" in text:  # the compaction instructions
-            return text_answer(provider, f"<analysis>Short.</analysis>\n<summary>{summary}</summary>")
-        if role == "tool" and not overflowed:
-            overflowed.append(body)
-            return Reply(400, CC_OVERFLOW[provider])
-        if role == "user" and "Write one file" in text:
-            return cc_bash_calls(provider, "echo one > one.txt")
-        return None
-
-    cc = claude_code(respond)
-    out = cc_done(cc.run("Write one file", "--allowedTools", "Bash"))
-    assert out == "Carried on after compaction." and "too long" not in out
-    chats = cc.chats()
-    assert overflowed, f"the backend never got the tool results: {[cc_last(b) for b in chats]}"
-    at = chats.index(overflowed[0])
-    compaction = [i for i, body in enumerate(chats) if "<summary>" in cc_last(body)[1]]
-    resumed = [i for i, body in enumerate(chats) if summary in json.dumps(body["messages"])]
-    assert compaction and compaction[0] > at, "a compaction request follows the overflow"
-    assert resumed and resumed[0] > compaction[0], "the conversation goes on from the summary"
-    assert (pathlib.Path(cc.cwd) / "one.txt").read_text() == "one\n"
-
-
-@pytest.mark.e2e
-def test_claude_code_interactive_session_title(claude_code, provider):
-    """The interactive terminal: the answer appears, and the session-title request (structured output:
-    `output_config.format` json_schema) reaches the backend as its own schema-constrained request; the title it
-    answers becomes the terminal title."""
-
-    def respond(body):
-        if body.get("response_format") or body.get("format"):
-            return text_answer(provider, json.dumps({"title": "Proxy e2e greeting"}))
-        if "hello there" in cc_last(body)[1]:
-            return text_answer(provider, "Hello from the fake backend.")
-        return None
-
-    cc = claude_code(respond)
-    term = cc.interactive()
-    term.wait_screen("❯")
-    term.type("hello there")
-    term.wait_screen("hello there")
-    term.press("Enter")
-    term.wait_screen("Hello from the fake backend.")
-    assert wait_for(lambda: "Proxy e2e greeting" in term.title(), 20), f"terminal title: {term.title()!r}"
-
-    sent = [s["body"] for s in cc.sent if (s["body"].get("output_config") or {}).get("format")]
-    assert len(sent) == 1 and sent[0]["output_config"]["format"]["type"] == "json_schema"
-    schema = sent[0]["output_config"]["format"]["schema"]
-    titled = [body for body in cc.chats() if body.get("response_format") or body.get("format")]
-    assert len(titled) == 1
-    if provider == "openai":
-        assert titled[0]["response_format"]["type"] == "json_schema"
-        assert titled[0]["response_format"]["json_schema"]["schema"] == schema
-    else:
-        assert titled[0]["format"] == schema
-    assert "hello there" in cc_text(titled[0]["messages"][-1])
-
-
-# --- context windows (issue 12) ---
-
+# --- Context windows: model names, each model's window, overflow, usage scaling ---------------------
 
 VLLM_MODELS = {  # vLLM 0.11 GET /v1/models
     "object": "list",
@@ -4958,6 +4831,615 @@ def test_count_tokens_backend_sends_tools_and_system_to_llamacpp(window_stack):
     assert sent["messages"][0] == {"role": "system", "content": "be brief and kind"}
 
 
+def test_client_window_option_without_run(window_stack):
+    """Claude Code started by hand with CLAUDE_CODE_AUTO_COMPACT_WINDOW=132000, the proxy with --client-window."""
+    config = cp.load_config(["--client-window", "132k"], environ={}, dotenv_path="")
+    assert config.client_window == 132000
+    server, stack = window_stack(listing("openai"), "openai", client_window=config.client_window)
+    msg = stack.client().messages.create(model="Qwen/Qwen3-0.6B", max_tokens=20, messages=USER_HI)
+    assert msg.usage.input_tokens == round(1000 * 132_000 / 8192)
+    env, told = cp.claude_environment(config, "http://x", "m", 8192, {})
+    assert told == 132000 and env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "132000"
+
+
+def test_resolve_route_order_unit():
+    config = cp.Config(
+        provider="ollama",
+        default_model="fallback",
+        model_map={"qwen3:4b": "mapped-by-key", "claude-*": "glob-target", "x": {"model": "tiny", "max_tokens": 9}},
+    )
+    listed = ["qwen3:4b", "qwen3-coder:30b", "claude-listed"]
+    route = lambda name: cp.resolve_route(config, name, {"*": "pick"}, listed)  # noqa: E731
+    assert route("qwen3:4b").model == "mapped-by-key"  # an exact key first
+    assert route("tiny").max_tokens == 9  # a map target by its own name keeps its entry
+    assert route("qwen3-coder:30b").model == "qwen3-coder:30b"  # a listed name as is, before the default
+    assert route("claude-listed").model == "claude-listed"  # ... and before a pattern
+    assert route("claude-opus-5-5").model == "glob-target"
+    assert route("other").model == "fallback"
+
+
+def test_overflow_inside_a_stream_is_prompt_too_long(make_stack):
+    """An Ollama that answers 200 and then its overflow as the stream's first line: still the error Claude Code
+    compacts on (for a non-streaming client, the HTTP 400)."""
+    stack = make_stack("ollama")
+    stack.backend.queue(NDJSON([{"error": "the input length exceeds the context length"}]))
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stack.client().messages.create(model="m", max_tokens=20, messages=USER_HI)
+    assert assert_sdk_error(info.value, 400, "invalid_request_error").startswith("prompt is too long")
+
+
+# ======================================================================================
+# 9. HTTP APP
+# ======================================================================================
+
+
+# --- Routes, probes, body limits ---------------------------------------------------------------
+
+
+def test_unknown_path_is_404_json(make_stack):
+    stack = make_stack("openai")
+    for method, path in [("GET", "/nope"), ("POST", "/v1/complete"), ("GET", "/v1/messages/batches")]:
+        code, headers, text = http(stack, method, path, {} if method == "POST" else None)
+        assert_error(code, headers, text, 404, "not_found_error")
+
+
+def test_get_messages_is_405_json(make_stack):
+    stack = make_stack("openai")
+    code, headers, text = http(stack, "GET", "/v1/messages")
+    message = assert_error(code, headers, text, 405, "invalid_request_error")
+    assert "GET" in message
+
+
+@pytest.mark.parametrize("path", ["/", "/api/hello"])
+def test_head_probe_is_200(make_stack, path):
+    stack = make_stack("openai")
+    code, headers, text = http(stack, "HEAD", path)
+    assert code == 200 and text == ""
+
+
+def test_health(make_stack):
+    stack = make_stack("openai")
+    code, headers, text = http(stack, "GET", "/health")
+    assert code == 200 and json.loads(text) == {"status": "ok"}
+    assert headers.get("request-id")
+
+
+MODEL_MAP = {
+    "claude-opus-5-5": "big-model",
+    "claude-*haiku*": "small-model",
+    "claude-sonnet-5-5": {"model": "mid-model", "max_tokens": 4096},
+}
+
+
+def test_models_list(make_stack):
+    stack = make_stack("openai", model_map=MODEL_MAP, default_model="backend-model", discover=False)
+    code, headers, text = http(stack, "GET", "/v1/models")
+    assert code == 200
+    page = json.loads(text)
+    ids = ["claude-opus-5-5", "claude-sonnet-5-5", "backend-model", "big-model", "small-model", "mid-model"]
+    assert [m["id"] for m in page["data"]] == ids  # backend models by their own names too
+    assert page["has_more"] is False
+    assert page["first_id"] == "claude-opus-5-5" and page["last_id"] == "mid-model"
+    for model in page["data"]:
+        assert model["type"] == "model" and model["display_name"] and model["created_at"]
+    sdk_ids = [m.id for m in stack.client().models.list()]
+    assert sdk_ids == ids
+    code, _, text = http(stack, "GET", "/v1/models?limit=1")
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5"] and page["has_more"] is True
+
+
+def test_model_get_and_404(make_stack):
+    stack = make_stack("openai", model_map=MODEL_MAP, default_model="backend-model", discover=False)
+    model = stack.client().models.retrieve("claude-sonnet-5-5")
+    assert model.id == "claude-sonnet-5-5" and model.type == "model"
+    with pytest.raises(anthropic.NotFoundError) as info:
+        stack.client().models.retrieve("claude-nope-1")
+    assert_sdk_error(info.value, 404, "not_found_error")
+
+
+def test_beta_query_string(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "beta"))
+    code, _, text = http(
+        stack,
+        "POST",
+        "/v1/messages?beta=true",
+        VALID,
+        headers={"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"},
+    )
+    assert code == 200 and json.loads(text)["content"][0]["text"] == "beta"
+    stack.backend.queue(text_answer(provider, "beta2"))
+    msg = stack.client().beta.messages.create(model="claude-opus-5-5", max_tokens=20, messages=USER_HI)
+    assert msg.content[0].text == "beta2"
+
+
+def test_body_over_limit_is_413(make_stack):
+    stack = make_stack("openai", max_body_bytes=2048)
+    body = req(messages=[{"role": "user", "content": "x" * 4000}])
+    code, headers, text = http(stack, "POST", "/v1/messages", body)
+    assert_error(code, headers, text, 413, "request_too_large")
+    assert stack.backend.requests == []
+    with pytest.raises(anthropic.APIStatusError) as info:
+        stack.client().messages.create(**body)
+    assert_sdk_error(info.value, 413, "request_too_large")
+    stack.backend.queue(text_answer("openai", "small"))
+    code, _, text = http(stack, "POST", "/v1/messages", VALID)
+    assert code == 200
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded"])
+def test_wrong_content_type_is_400(make_stack, ctype):
+    stack = make_stack("openai")
+    code, headers, text = http(stack, "POST", "/v1/messages", VALID, headers={"content-type": ctype})
+    assert "content-type" in assert_error(code, headers, text, 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("OPTIONS", "/v1/messages", 405),
+        ("GET", "/../../etc/passwd", 404),
+        ("GET", "/v1/../health", 404),
+        ("PUT", "/v1/messages", 405),
+        ("DELETE", "/health", 405),
+        ("GET", "/v1/messages/count_tokens", 405),
+    ],
+)
+def test_odd_methods_and_paths(make_stack, method, path, status):
+    stack = make_stack("openai")
+    req = urllib.request.Request(stack.proxy_url + path, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            code, text = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        code, text = err.code, err.read().decode()
+    assert code == status
+    if status >= 400:
+        assert json.loads(text)["type"] == "error"
+
+
+def test_header_injection_in_model_name_and_request_id(make_stack):
+    stack = make_stack("openai")
+    body = json.dumps({"model": "m\r\nX-Evil: 1", "max_tokens": 5, "messages": USER_HI}).encode()
+    req = urllib.request.Request(
+        stack.proxy_url + "/v1/messages",
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json", "x-request-id": "abc\tdef"},
+    )
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        raise AssertionError("expected a 400")
+    except urllib.error.HTTPError as err:
+        assert err.code == 400 and "X-Evil" not in err.headers and err.headers["request-id"].startswith("req_")
+        assert "model" in json.loads(err.read())["error"]["message"]
+
+
+def test_model_ids_with_slashes_and_backward_paging(make_stack):
+    stack = make_stack(
+        "openai",
+        default_model="Qwen/Qwen3-8B",
+        discover=False,
+        model_map={"claude-a": "x", "claude-b": "y", "claude-c": "z"},
+    )
+    code, _, text = http(stack, "GET", "/v1/models/Qwen/Qwen3-8B")
+    assert code == 200 and json.loads(text)["id"] == "Qwen/Qwen3-8B"
+    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-c&limit=1")
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-b"] and page["has_more"] is True
+    code, _, text = http(stack, "GET", "/v1/models?before_id=claude-b&limit=5")
+    page = json.loads(text)
+    assert [m["id"] for m in page["data"]] == ["claude-a"] and page["has_more"] is False
+
+
+# --- Security: inbound auth and what reaches the backend ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"x-api-key": "wrong"},
+        {"authorization": "Bearer wrong"},
+        {"x-api-key": "s3cret-but-longer"},
+        {"authorization": "s3cret"},
+    ],
+    ids=["none", "wrong-key", "wrong-bearer", "prefix", "no-bearer-scheme"],
+)
+def test_auth_rejects(make_stack, headers):
+    stack = make_stack("openai", auth_token="s3cret")
+    code, hdrs, text = http(stack, "POST", "/v1/messages", VALID, headers=headers)
+    assert_error(code, hdrs, text, 401, "authentication_error", "false")
+    assert stack.backend.requests == []
+    code, hdrs, text = http(stack, "GET", "/v1/models", headers=headers)
+    assert_error(code, hdrs, text, 401, "authentication_error")
+
+
+def test_auth_sdk_wrong_key(make_stack):
+    stack = make_stack("openai", auth_token="s3cret")
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        stack.client(api_key="wrong").messages.create(**VALID)
+    assert_sdk_error(info.value, 401, "authentication_error")
+
+
+@pytest.mark.parametrize("how", ["x-api-key", "bearer"])
+def test_auth_accepts_and_key_is_not_forwarded(make_stack, how):
+    stack = make_stack("openai", auth_token="s3cret", api_key="sk-backend-123")
+    stack.backend.queue(text_answer("openai", "ok"))
+    client = stack.client(api_key="s3cret") if how == "x-api-key" else stack.client(api_key=None, auth_token="s3cret")
+    msg = client.messages.create(**VALID)
+    assert msg.content[0].text == "ok"
+    sent = {k.lower(): v for k, v in stack.backend.headers[0].items()}
+    assert "x-api-key" not in sent
+    assert sent.get("authorization") == "Bearer sk-backend-123"
+    assert "s3cret" not in json.dumps(sent)
+
+
+def test_client_key_not_forwarded_without_backend_key(make_stack, provider):
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "ok"))
+    stack.client(api_key="sk-ant-client-secret").messages.create(**VALID)
+    sent = {k.lower(): v for k, v in stack.backend.headers[0].items()}
+    assert "x-api-key" not in sent and "authorization" not in sent
+    assert "sk-ant-client-secret" not in json.dumps(sent)
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/health"), ("HEAD", "/"), ("HEAD", "/api/hello")])
+def test_open_paths_without_auth(make_stack, method, path):
+    stack = make_stack("openai", auth_token="s3cret")
+    code, _, _ = http(stack, method, path)
+    assert code == 200
+
+
+# --- Metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_parse_and_move(make_stack):
+    parser = pytest.importorskip("prometheus_client.parser")
+    stack = make_stack("openai")
+    stack.client().messages.create(model="claude-opus-5-5", max_tokens=10, messages=USER_HI)
+    with stack.client().messages.stream(model="claude-opus-5-5", max_tokens=10, messages=USER_HI) as s:
+        s.get_final_message()
+    status, _, text = http(stack, "GET", "/metrics")
+    assert status == 200
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    requests = [
+        s
+        for s in families["claude_proxy_requests"].samples
+        if s.labels.get("route") == "/v1/messages" and s.labels.get("status") == "200"
+    ]
+    assert requests and requests[0].value == 2
+    assert any(s.value == 7 * 2 for s in families["claude_proxy_output_tokens"].samples)
+    counts = [s for s in families["claude_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert counts[0].value == 1
+    assert families["claude_proxy_active_streams"].samples[0].value == 0
+
+
+# --- One request record: the log line, the outcome, error kinds in metrics --------------------------
+
+
+def test_outcome_is_the_same_for_streaming_and_the_log(make_stack, provider, caplog):
+    """One result value: the final message_delta, the non-streaming message and the log line agree."""
+    stack = make_stack(provider)
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    for stream in (True, False):
+        stack.backend.queue(text_answer(provider, "a", "b"))
+        if stream:
+            with stack.client().messages.stream(model="m", max_tokens=10, messages=USER_HI) as s:
+                msg = s.get_final_message()
+        else:
+            msg = stack.client().messages.create(model="m", max_tokens=10, messages=USER_HI)
+
+        def lines() -> list:
+            return [r.fields for r in caplog.records if getattr(r, "fields", {}).get("path") == "/v1/messages"]
+
+        expected = 1 if stream else 2
+        assert wait_for(lambda n=expected: len(lines()) == n)  # the proxy logs once the stream has ended
+        line = lines()[-1]
+        assert line["stop"] == msg.stop_reason == "end_turn"
+        assert (line["input_tokens"], line["output_tokens"]) == (msg.usage.input_tokens, msg.usage.output_tokens)
+        assert line["stream"] is stream
+
+
+def _backend_errors(stack) -> dict:
+    _, _, text = http(stack, "GET", "/metrics")
+    return {
+        line.split("kind=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("claude_proxy_backend_errors_total{")
+    }
+
+
+def test_backend_error_metrics_count_backend_failures_by_kind_only(make_stack):
+    """Regression: a client's invalid request (never sent) was counted as a backend error `http_400`."""
+    stack = make_stack("openai")
+    assert http(stack, "POST", "/v1/messages", {"model": "m", "messages": []})[0] == 400
+    assert _backend_errors(stack) == {}
+    stack.backend.queue(Reply(503, {"error": {"message": "busy"}}))
+    with pytest.raises(anthropic.APIStatusError):
+        stack.client(max_retries=0).messages.create(model="m", max_tokens=10, messages=USER_HI)
+    stack.backend.queue(SSE(oai_text_stream("cut", finish=None), done=False))
+    with pytest.raises(anthropic.APIStatusError):
+        stack.client(max_retries=0).messages.create(model="m", max_tokens=10, messages=USER_HI)
+    assert _backend_errors(stack) == {"http_503": 1, "truncated": 1}
+
+
+def test_connect_timeout_has_its_own_kind(make_stack, monkeypatch):
+    """Regression: a connect timeout was counted as `http_504`."""
+    stack = make_stack("openai")
+
+    async def never_connects(*args, **kwargs):
+        raise cp._CONNECT_TIMEOUT("connect timed out")
+
+    if cp._CONNECT_TIMEOUT == ():
+        pytest.skip("this aiohttp does not tell connect timeouts apart")
+    monkeypatch.setattr(stack.app[cp.BACKEND].session, "post", never_connects)
+    status, _, body = http(stack, "POST", "/v1/messages", req())
+    assert status == 504 and "could not connect" in body and "is it running" in body
+    assert _backend_errors(stack) == {"connect_timeout": 1}
+
+
+# ======================================================================================
+# 10. CLI
+# ======================================================================================
+
+
+# --- Graceful shutdown -------------------------------------------------------------------------
+
+
+def test_sigterm_lets_streams_finish(make_stack, tmp_path):
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream("one", "two", "three"), delay=0.3))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "claude_proxy.py"),
+            "--provider",
+            "openai",
+            "--base-url",
+            stack.backend_url,
+            "--model",
+            "m",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(lambda: _health(port), timeout=15)
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+        with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
+            first = next(iter(s.text_stream))
+            proc.send_signal(signal.SIGTERM)  # while the backend is still streaming
+            rest = "".join(s.text_stream)
+            final = s.get_final_message()
+        assert first + rest == "onetwothree" and final.stop_reason == "end_turn"
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+
+
+def test_ctrl_c_ends_a_long_stream_within_the_bound(make_stack, tmp_path):
+    """A stream that outlasts --shutdown-grace ends with a retryable overloaded error, and the process exits at
+    most 2 s after the grace (Ctrl-C used to take 8-10 s, with the stream cut off without an error)."""
+    stack = make_stack("openai")
+    stack.backend.queue(SSE(oai_text_stream(*["w "] * 200), delay=0.05))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "claude_proxy.py"), "--provider", "openai", "--base-url", stack.backend_url]
+        + ["--model", "m", "--port", str(port), "--shutdown-grace", "0.5"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(lambda: _health(port), timeout=15)
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as err:
+            with client.messages.stream(model="m", max_tokens=5, messages=USER_HI) as s:
+                next(iter(s.text_stream))
+                started = time.monotonic()
+                proc.send_signal(signal.SIGINT)
+                for _ in s.text_stream:
+                    pass
+        assert err.value.body["error"]["type"] == "overloaded_error" and "shutting down" in str(err.value)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 0.5 + 2 + 1  # grace + aiohttp's close + process exit
+    finally:
+        proc.kill()
+
+
+# --- Help, check, gunicorn ---------------------------------------------------------------------
+
+
+def test_help_documents_every_option():
+    result = subprocess.run(
+        [sys.executable, str(HERE / "claude_proxy.py"), "--help"], capture_output=True, text=True, timeout=30
+    )
+    for option in (
+        "--host",
+        "--port",
+        "--provider",
+        "--base-url",
+        "--api-key",
+        "--model",
+        "--model-map",
+        "--timeout",
+        "--log-level",
+        "--system-messages",
+        "--auth-token",
+        "--check",
+        "--log-format",
+    ):
+        assert option in result.stdout
+
+
+def test_port_in_use_is_one_line_and_exit_2_without_a_banner(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(HERE / "claude_proxy.py"), "--port", str(port), "--provider", "openai"]
+            + ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2 and "listening" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if "WARNING" not in line]
+    assert len(errors) == 1 and "cannot listen" in errors[0] and "in use" in errors[0], result.stderr
+
+
+def test_banner_after_bind_suggests_the_auth_token_without_printing_it(tmp_path):
+    port = free_port()
+    token = "sk-proxy-0123456789abcdef"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "claude_proxy.py"), "--port", str(port), "--provider", "openai"]
+        + ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--auth-token", token],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        banner = proc.stdout.readline() + proc.stdout.readline()
+        assert _health(port), "the banner is printed once the port answers"
+        assert f"listening on http://127.0.0.1:{port}" in banner and token not in banner
+        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=<your --auth-token: sk…ef>" in banner
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    "provider, path, fix",
+    [
+        ("openai", "", "try --base-url http://127.0.0.1:{port}/v1"),  # the /v1 left out
+        ("ollama", "/v1", "the ollama provider takes the server's root: --base-url http://127.0.0.1:{port} "),
+    ],
+)
+def test_wrong_base_url_says_what_happened_and_the_fix(make_stack, capsys, provider, path, fix):
+    """Regression: a base URL without /v1 got 'model ... is not mapped ... is it running?' and --check said
+    'unreachable'; now both say which URL answered what, and the likely fix."""
+    backend = make_stack(provider).backend
+    base = f"http://127.0.0.1:{backend.port}{path}"
+    fix = fix.format(port=backend.port)
+    stack = make_stack(provider, base_url=base, default_model=None)
+    status, _, text = http(stack, "POST", "/v1/messages", req(model="claude-opus-5-5"))
+    message = json.loads(text)["error"]["message"]
+    assert status == 502 and "HTTP 404 from http://127.0.0.1" in message and fix in message, message
+    config = cp.Config(provider=provider, base_url=base)
+    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "FAIL: HTTP 404 from" in out and " ".join(fix.split()) in out
+
+
+def test_model_map_typos_are_reported_with_the_close_names(make_stack, capsys, caplog):
+    stack = make_stack("openai")
+    model_map = {"claude-opus-5.5": "qwen3-coder", "claude-haiku-5-5": "qwen3-codr", "claude-*": "qwen3-coder"}
+    caplog.set_level(logging.WARNING, logger="claude_proxy")
+    config = cp.Config(provider="openai", base_url=stack.backend_url, model_map=model_map)
+    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 0  # warnings, not failures (the fake answers)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "'claude-opus-5.5' matches no model name Claude Code sends (did you mean 'claude-opus-5-5'?)" in out
+    assert "'claude-haiku-5-5': the backend does not list 'qwen3-codr' (close: qwen3-coder)" in out
+    assert "claude-*" not in out.split("WARNING")[-1]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "did you mean 'claude-opus-5-5'" in logged and "does not list 'qwen3-codr'" in logged
+
+
+@pytest.mark.parametrize(
+    "provider, reply",
+    [
+        ("openai", {"object": "error", "message": "The model `qwen3-codr` does not exist.", "code": 404}),
+        ("ollama", {"error": 'model "qwen3-codr" not found, try pulling it first'}),
+    ],
+)
+def test_backend_without_the_model_names_it_and_the_close_ones(make_stack, provider, reply):
+    stack = make_stack(provider, model_map={"claude-x": "qwen3-codr"})
+    stack.backend.queue(Reply(404, reply))
+    status, _, text = http(stack, "POST", "/v1/messages", req(model="claude-x"))
+    message = json.loads(text)["error"]["message"]
+    assert status == 404 and "the backend has no model 'qwen3-codr'" in message and "model map" in message
+    listed = "qwen3-coder" if provider == "openai" else "qwen3:8b"
+    assert f"it lists {listed}" in message
+
+
+def test_check_prints_long_messages_whole_and_wrapped(make_stack, capsys):
+    """Regression: --check cut its results at 200 characters, and the fix at the end of a message was lost."""
+    stack = make_stack("openai")
+    tail = "the fix is at the very end of this message: start the server with --some-flag"
+    stack.backend.queue(Reply(400, {"error": {"message": "x" * 10 + " word" * 60 + " " + tail}}))
+    config = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "m"})
+    assert stack.loop.run(cp.run_check(config, out=sys.stdout)) == 1
+    out = capsys.readouterr().out
+    assert " ".join(out.split()).endswith(tail) and max(len(line) for line in out.splitlines()) <= 200
+
+
+def test_check_command_reports_and_exits(make_stack, capsys):
+    stack = make_stack("openai")
+    good = cp.Config(provider="openai", base_url=stack.backend_url, default_model="backend-model")
+    assert stack.loop.run(cp.run_check(good, out=sys.stdout)) == 0
+    assert "ok" in capsys.readouterr().out
+    stack.backend.queue(Reply(404, {"error": {"message": "model 'nope' not found", "type": "not_found_error"}}))
+    bad = cp.Config(provider="openai", base_url=stack.backend_url, model_map={"claude-x": "nope"})
+    assert stack.loop.run(cp.run_check(bad, out=sys.stdout)) == 1
+    assert "FAIL: 404" in capsys.readouterr().out
+
+
+def test_runs_under_gunicorn_with_two_workers(make_stack, tmp_path):
+    pytest.importorskip("gunicorn")
+    stack = make_stack("openai")
+    port = free_port()
+    env = dict(os.environ, PROVIDER="openai", PROVIDER_BASE_URL=stack.backend_url, DEFAULT_MODEL="gm")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "claude_proxy:create_app()",
+            "-k",
+            "aiohttp.GunicornWebWorker",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+        assert wait_for(lambda: _health(port), timeout=20)
+        for _ in range(4):
+            assert client.messages.create(model="claude-opus-5-5", max_tokens=5, messages=USER_HI).content
+        assert {r["model"] for r in stack.backend.requests} == {"gm"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _health(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+# --- run: Claude Code on the proxy ------------------------------------------------------------------
+
+
 FAKE_CLAUDE = """#!{python}
 import json, os, sys
 import anthropic
@@ -5098,6 +5580,201 @@ def test_run_passes_a_stop_on_to_claude_code(make_stack, tmp_path):
         proc.communicate()
 
 
+# ======================================================================================
+# 11. END TO END: the real Claude Code CLI (marker e2e)
+# ======================================================================================
+
+
+# The official CLI, installed from npm at a pinned version (conftest.CLAUDE_CODE_VERSION, cached; conftest.claude_code
+# says how), runs offline through the proxy in front of each fake backend. The backend answers by what a request
+# contains, never by arrival order. Only these: `python -m pytest -m e2e`; all but these: `-m "not e2e"`.
+
+CC_OVERFLOW = {  # each provider's own 400 for a prompt over the context window
+    "openai": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 "
+            "tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    },
+    "ollama": {"error": "request (9000 tokens) exceeds the available context size (8192 tokens), try increasing it"},
+}
+
+
+def cc_bash_calls(provider: str, *commands: str) -> Any:
+    """One assistant turn of parallel Bash calls (one per command), streamed the way the provider streams them."""
+    inputs = [{"command": command, "description": f"step {i}"} for i, command in enumerate(commands)]
+    if provider == "ollama":
+        calls = [{"function": {"index": i, "name": "Bash", "arguments": args}} for i, args in enumerate(inputs)]
+        return NDJSON([ollama_chunk(tool_calls=calls), ollama_chunk(done=True)])
+    chunks = [oai_chunk({"role": "assistant", "content": ""})]
+    for i, args in enumerate(inputs):
+        text = json.dumps(args)
+        chunks += oai_tool_call_chunks(i, f"call_e2e_{i}", "Bash", text[:12], text[12:])
+    return SSE(chunks + [oai_chunk({}, "tool_calls"), oai_chunk(choices=[], usage=oai_usage())])
+
+
+def cc_last(body: dict) -> tuple[str, str]:
+    """(role, text) of the last message the backend received."""
+    message = body["messages"][-1]
+    return message["role"], cc_text(message)
+
+
+def cc_text(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def cc_turn_with(chats: list, text: str) -> dict:
+    """The one backend request whose last message contains text."""
+    found = [body for body in chats if text in cc_last(body)[1]]
+    assert len(found) == 1, f"{len(found)} backend requests end with {text!r}: {[cc_last(b)[1][-200:] for b in chats]}"
+    return found[0]
+
+
+def cc_done(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, f"claude exited {done.returncode}; stdout: {done.stdout!r}; stderr: {done.stderr!r}"
+    return done.stdout.strip()
+
+
+@pytest.mark.e2e
+def test_claude_code_print_shows_backend_text(claude_code, provider):
+    def respond(body):
+        return text_answer(provider, "Hello from ", "the fake backend.") if "Say hello" in cc_last(body)[1] else None
+
+    cc = claude_code(respond)
+    assert cc_done(cc.run("Say hello")) == "Hello from the fake backend."
+    turn = cc_turn_with(cc.chats(), "Say hello")
+    assert turn["model"] == "backend-model" and turn["stream"] is True
+    assert any(s["body"].get("stream") is True for s in cc.sent), "Claude Code streams its requests"
+
+
+@pytest.mark.e2e
+def test_claude_code_system_message_stays_in_place(claude_code, provider):
+    """Claude Code puts its environment text in a `role: "system"` message after the prompt; the backend gets it
+    where it was, as a <system-reminder> after the prompt in the user turn, not moved into the system prompt."""
+    cc = claude_code()
+    cc_done(cc.run("Where am I?"))
+    sent = next(s["body"] for s in cc.sent if "Where am I?" in json.dumps(s["body"]["messages"]))
+    roles = [m["role"] for m in sent["messages"]]
+    assert "system" in roles, f"Claude Code sent no role: system message: {roles}"
+    reminder = cc_text(sent["messages"][roles.index("system")]).strip()
+    assert roles.index("system") > 0 and "Where am I?" in json.dumps(sent["messages"][: roles.index("system")])
+
+    turn = next(body for body in cc.chats() if "Where am I?" in json.dumps(body["messages"]))
+    system_prompt = cc_text(turn["messages"][0])
+    assert turn["messages"][0]["role"] == "system" and reminder[:60] not in system_prompt
+    user = [cc_text(m) for m in turn["messages"] if m["role"] == "user"]
+    assert len(user) == 1
+    prompt_at = user[0].index("Where am I?")
+    assert user[0].index(f"<system-reminder>\n{reminder[:60]}") > prompt_at
+
+
+@pytest.mark.e2e
+def test_claude_code_runs_two_parallel_bash_calls(claude_code, provider):
+    def respond(body):
+        role, text = cc_last(body)
+        if role == "tool":
+            return text_answer(provider, "Both files ", "are written.")
+        if role == "user" and "Write two files" in text:
+            return cc_bash_calls(provider, "echo one > one.txt && cat one.txt", "echo two > two.txt && cat two.txt")
+        return None
+
+    cc = claude_code(respond)
+    assert cc_done(cc.run("Write two files", "--allowedTools", "Bash")) == "Both files are written."
+    work = pathlib.Path(cc.cwd)
+    assert (work / "one.txt").read_text() == "one\n" and (work / "two.txt").read_text() == "two\n"
+
+    results = [body for body in cc.chats() if cc_last(body)[0] == "tool"]
+    assert len(results) == 1, "both results come back in one request"
+    messages = results[0]["messages"]
+    calls, one, two = messages[-3:]
+    assert [c["function"]["name"] for c in calls["tool_calls"]] == ["Bash", "Bash"]
+    assert (one["role"], one["content"], two["role"], two["content"]) == ("tool", "one", "tool", "two")
+    if provider == "openai":  # the ids the backend gave, back to it
+        assert [one["tool_call_id"], two["tool_call_id"]] == ["call_e2e_0", "call_e2e_1"]
+        assert [c["id"] for c in calls["tool_calls"]] == ["call_e2e_0", "call_e2e_1"]
+    # The environment reminder (a role: system message between the prompt and the tool calls) is still in the
+    # user turn before the assistant's calls.
+    user = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    assert len(user) == 1 and user[0] == messages.index(calls) - 1
+    assert "Write two files" in cc_text(messages[user[0]]) and "<system-reminder>\n# Environment" in cc_text(
+        messages[user[0]]
+    )
+
+
+@pytest.mark.e2e
+def test_claude_code_compacts_and_retries_after_prompt_too_long(claude_code, provider):
+    """The backend's context-overflow 400 becomes `prompt is too long`; Claude Code summarises the conversation
+    (a compaction request) and carries on from the summary, which the backend answers."""
+    summary = "E2E-SUMMARY: the user asked for one.txt; it was written."
+    overflowed: list[dict] = []
+
+    def respond(body):
+        role, text = cc_last(body)
+        if summary in json.dumps(body["messages"]):
+            return text_answer(provider, "Carried on ", "after compaction.")
+        if role == "user" and "<summary>" in text:  # the compaction instructions
+            return text_answer(provider, f"<analysis>Short.</analysis>\n<summary>{summary}</summary>")
+        if role == "tool" and not overflowed:
+            overflowed.append(body)
+            return Reply(400, CC_OVERFLOW[provider])
+        if role == "user" and "Write one file" in text:
+            return cc_bash_calls(provider, "echo one > one.txt")
+        return None
+
+    cc = claude_code(respond)
+    out = cc_done(cc.run("Write one file", "--allowedTools", "Bash"))
+    assert out == "Carried on after compaction." and "too long" not in out
+    chats = cc.chats()
+    assert overflowed, f"the backend never got the tool results: {[cc_last(b) for b in chats]}"
+    at = chats.index(overflowed[0])
+    compaction = [i for i, body in enumerate(chats) if "<summary>" in cc_last(body)[1]]
+    resumed = [i for i, body in enumerate(chats) if summary in json.dumps(body["messages"])]
+    assert compaction and compaction[0] > at, "a compaction request follows the overflow"
+    assert resumed and resumed[0] > compaction[0], "the conversation goes on from the summary"
+    assert (pathlib.Path(cc.cwd) / "one.txt").read_text() == "one\n"
+
+
+@pytest.mark.e2e
+def test_claude_code_interactive_session_title(claude_code, provider):
+    """The interactive terminal: the answer appears, and the session-title request (structured output:
+    `output_config.format` json_schema) reaches the backend as its own schema-constrained request; the title it
+    answers becomes the terminal title."""
+
+    def respond(body):
+        if body.get("response_format") or body.get("format"):
+            return text_answer(provider, json.dumps({"title": "Proxy e2e greeting"}))
+        if "hello there" in cc_last(body)[1]:
+            return text_answer(provider, "Hello from the fake backend.")
+        return None
+
+    cc = claude_code(respond)
+    term = cc.interactive()
+    term.wait_screen("❯")
+    term.type("hello there")
+    term.wait_screen("hello there")
+    term.press("Enter")
+    term.wait_screen("Hello from the fake backend.")
+    assert wait_for(lambda: "Proxy e2e greeting" in term.title(), 20), f"terminal title: {term.title()!r}"
+
+    sent = [s["body"] for s in cc.sent if (s["body"].get("output_config") or {}).get("format")]
+    assert len(sent) == 1 and sent[0]["output_config"]["format"]["type"] == "json_schema"
+    schema = sent[0]["output_config"]["format"]["schema"]
+    titled = [body for body in cc.chats() if body.get("response_format") or body.get("format")]
+    assert len(titled) == 1
+    if provider == "openai":
+        assert titled[0]["response_format"]["type"] == "json_schema"
+        assert titled[0]["response_format"]["json_schema"]["schema"] == schema
+    else:
+        assert titled[0]["format"] == schema
+    assert "hello there" in cc_text(titled[0]["messages"][-1])
+
+
 def cc_run(cc, claude_code_bin: str, tmp_path, claude_args: list[str], proxy_args: tuple[str, ...] = ()):
     """`python claude_proxy.py <proxy_args> run <claude_args>` with the real CLI as `claude`, offline, against the
     ClaudeCode fixture's fake backend (the proxy is the one `run` starts, not the fixture's)."""
@@ -5188,662 +5865,3 @@ def test_claude_code_asks_for_a_backend_model_by_name(claude_code, claude_code_b
     assert done.stdout.strip() == "ok"
     assert {body["model"] for body in cc.chats()} == {"qwen3:4b"}
     assert "qwen3:4b -> qwen3:4b" in done.stderr
-
-
-def test_client_window_option_without_run(window_stack):
-    """Claude Code started by hand with CLAUDE_CODE_AUTO_COMPACT_WINDOW=132000, the proxy with --client-window."""
-    config = cp.load_config(["--client-window", "132k"], environ={}, dotenv_path="")
-    assert config.client_window == 132000
-    server, stack = window_stack(listing("openai"), "openai", client_window=config.client_window)
-    msg = stack.client().messages.create(model="Qwen/Qwen3-0.6B", max_tokens=20, messages=USER_HI)
-    assert msg.usage.input_tokens == round(1000 * 132_000 / 8192)
-    env, told = cp.claude_environment(config, "http://x", "m", 8192, {})
-    assert told == 132000 and env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "132000"
-
-
-def test_resolve_route_order_unit():
-    config = cp.Config(
-        provider="ollama",
-        default_model="fallback",
-        model_map={"qwen3:4b": "mapped-by-key", "claude-*": "glob-target", "x": {"model": "tiny", "max_tokens": 9}},
-    )
-    listed = ["qwen3:4b", "qwen3-coder:30b", "claude-listed"]
-    route = lambda name: cp.resolve_route(config, name, {"*": "pick"}, listed)  # noqa: E731
-    assert route("qwen3:4b").model == "mapped-by-key"  # an exact key first
-    assert route("tiny").max_tokens == 9  # a map target by its own name keeps its entry
-    assert route("qwen3-coder:30b").model == "qwen3-coder:30b"  # a listed name as is, before the default
-    assert route("claude-listed").model == "claude-listed"  # ... and before a pattern
-    assert route("claude-opus-5-5").model == "glob-target"
-    assert route("other").model == "fallback"
-
-
-def test_overflow_inside_a_stream_is_prompt_too_long(make_stack):
-    """An Ollama that answers 200 and then its overflow as the stream's first line: still the error Claude Code
-    compacts on (for a non-streaming client, the HTTP 400)."""
-    stack = make_stack("ollama")
-    stack.backend.queue(NDJSON([{"error": "the input length exceeds the context length"}]))
-    with pytest.raises(anthropic.BadRequestError) as info:
-        stack.client().messages.create(model="m", max_tokens=20, messages=USER_HI)
-    assert assert_sdk_error(info.value, 400, "invalid_request_error").startswith("prompt is too long")
-
-
-# --- imperfect models and servers (issue 13) ---
-# Templates cited below are llama.cpp's copies of the models' own chat templates (models/templates/*.jinja), and
-# the servers' parsers: vLLM's tool_parsers (hermes, qwen3_coder / qwen3_xml, glm4_moe, mistral, minimax_m2) and
-# llama.cpp's common/chat.cpp.
-
-RUN_TOOL = {
-    "name": "run",
-    "description": "Run a command",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "command": {"type": "string"},
-            "timeout": {"type": "integer"},
-            "ratio": {"type": "number"},
-            "background": {"type": "boolean"},
-            "env": {"type": "object"},
-            "args": {"type": "array"},
-            "note": {"type": ["string", "null"]},
-        },
-    },
-}
-TEXT_TOOLS = TOOLS + [RUN_TOOL]
-TEXT_SCHEMAS = {t["name"]: t["input_schema"] for t in TEXT_TOOLS}
-
-# (text the model writes, the blocks the client must get)
-TEXT_CALL_FORMATS = {
-    # Hermes / Qwen2.5 / Qwen3: Qwen-Qwen2.5-7B-Instruct.jinja and Qwen-Qwen3-0.6B.jinja ("For each function call,
-    # return a json object with function name and arguments within <tool_call></tool_call> XML tags"); vLLM hermes
-    "hermes": (
-        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-        [("text", "Let me check.\n"), W],
-    ),
-    "hermes_parameters": ('<tool_call>\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n</tool_call>', [W]),
-    "hermes_string_arguments": (
-        '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>',
-        [W],
-    ),
-    "hermes_several": (
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>',
-        [W, T],
-    ),
-    # Qwen3-Coder XML: Qwen3-Coder.jinja ("<tool_call>\n<function=example_function_name>\n<parameter=...>\nvalue_1\n
-    # </parameter>"); vLLM qwen3_coder / qwen3_xml parsers
-    "qwen3_coder": (
-        "I'll run it.\n<tool_call>\n<function=run>\n<parameter=command>\nls -la\n</parameter>\n<parameter=timeout>\n"
-        "30\n</parameter>\n<parameter=background>\nfalse\n</parameter>\n</function>\n</tool_call>",
-        [("text", "I'll run it.\n"), ("tool_use", "run", {"command": "ls -la", "timeout": 30, "background": False})],
-    ),
-    "qwen3_coder_without_outer_tag": (
-        "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>",
-        [W],
-    ),
-    # GLM-4.5+/4.6: GLM-4.6.jinja ("<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>...");
-    # vLLM glm4_moe parser
-    "glm": (
-        "<tool_call>run\n<arg_key>command</arg_key>\n<arg_value>echo hi</arg_value>\n<arg_key>args</arg_key>\n"
-        '<arg_value>["a", 1]</arg_value>\n</tool_call>',
-        [("tool_use", "run", {"command": "echo hi", "args": ["a", 1]})],
-    ),
-    # Anthropic-style XML that models trained on Claude transcripts print (DeepSeek-V3.2.jinja writes the same
-    # shape with DSML-prefixed tags: "<function_calls>\n<invoke name=\"$FUNCTION_NAME\">\n<parameter name=...")
-    "function_calls": (
-        '<function_calls>\n<invoke name="run">\n<parameter name="command">pwd</parameter>\n'
-        '<parameter name="ratio">0.5</parameter>\n</invoke>\n<invoke name="get_weather">\n'
-        '<parameter name="city">Paris</parameter>\n</invoke>\n</function_calls>',
-        [("tool_use", "run", {"command": "pwd", "ratio": 0.5}), W],
-    ),
-    # MiniMax-M2: MiniMax-M2.jinja (toolcall_begin_token <minimax:tool_call>, then <invoke name=...><parameter
-    # name=...>); vLLM minimax_m2 parser
-    "minimax": (
-        '<minimax:tool_call>\n<invoke name="run">\n<parameter name="env">{"A": "1"}</parameter>\n</invoke>\n'
-        "</minimax:tool_call>",
-        [("tool_use", "run", {"env": {"A": "1"}})],
-    ),
-    # A bare JSON object as the whole answer: meta-llama-Llama-3.1-8B-Instruct.jinja ("Respond in the format
-    # {"name": function name, "parameters": dictionary of argument name and its value}"); vLLM llama3_json; Ollama
-    # returning Qwen3's call as content
-    "bare_json": ('{"name": "get_weather", "parameters": {"city": "Paris"}}', [W]),
-    "bare_json_arguments": ('\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', [W]),
-    # Mistral before v11: mistralai-Mistral-Nemo-Instruct-2407.jinja ("[TOOL_CALLS][" + JSON list); llama.cpp
-    # common/chat-parsers mistral-nemo, vLLM mistral parser (pre-v11)
-    "mistral_list": (
-        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}]',
-        [W],
-    ),
-    # Mistral v11+: Mistral-Small-3.2-24B-Instruct-2506.jinja ("[TOOL_CALLS]" + name + "[ARGS]" + arguments|tojson);
-    # vLLM mistral parser (v11+)
-    "mistral_args": (
-        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris"}',
-        [W, T],
-    ),
-}
-
-
-def fold_text(pieces: list, tools: dict | None = None, *, finish: str = "stop", stops: list | None = None):
-    """Content pieces through an EventBuilder with the text-call watcher on -> (events, message)."""
-    watcher = cp.TextCalls(dict(TEXT_SCHEMAS) if tools is None else tools)
-    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher, stop_sequences=stops)
-    ev.start_message()
-    events = ev.take()
-    for piece in pieces:
-        ev.content(piece)
-        events += ev.take()
-    ev.backend_stop(finish)
-    ev.end_message()
-    events += ev.take()
-    return events, cp.fold_events(events)
-
-
-def text_blocks(message: dict) -> list:
-    out = []
-    for b in message["content"]:
-        if b["type"] == "tool_use":
-            assert b["id"].startswith("toolu_")
-            out.append(("tool_use", b["name"], b["input"]))
-        else:
-            out.append((b["type"], b.get("text")))
-    return out
-
-
-@pytest.mark.parametrize("fmt", TEXT_CALL_FORMATS)
-def test_text_calls_each_format(fmt):
-    text, expected = TEXT_CALL_FORMATS[fmt]
-    events, message = fold_text([text])
-    assert text_blocks(message) == expected
-    assert message["stop_reason"] == "tool_use"
-    assert check_stream(events)["blocks"] == expected  # Anthropic's event grammar
-
-
-@pytest.mark.parametrize("fmt", TEXT_CALL_FORMATS)
-def test_text_calls_split_at_every_position(fmt):
-    """A marker (and everything else) split across two chunks at any position gives the same blocks."""
-    text, expected = TEXT_CALL_FORMATS[fmt]
-    for cut in range(1, len(text)):
-        assert text_blocks(fold_text([text[:cut], text[cut:]])[1]) == expected, cut
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    fmt=st.sampled_from(sorted(TEXT_CALL_FORMATS)),
-    before=st.sampled_from(["", "Sure.\n", "a < b and [x] `y`\n", "```\ncode\n```\n"]),
-    cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=12),
-)
-def test_property_text_calls_any_chunking(fmt, before, cuts):
-    """Any chunking, any prose before the call (with <, [ and fences that are not markers): the same message as
-    one chunk gives, and the text before the call is never changed."""
-    text, expected = TEXT_CALL_FORMATS[fmt]
-    if fmt.startswith("bare_json") and before:
-        expected = [("text", before + text)]  # a JSON object is a call only as the whole answer
-    elif before:
-        expected = [("text", before + expected[0][1])] + expected[1:] if expected[0][0] == "text" else expected
-        expected = expected if expected[0][0] == "text" else [("text", before)] + expected
-    whole = before + text
-    points = sorted({c % len(whole) for c in cuts if c % len(whole)})
-    pieces = [whole[a:b] for a, b in zip([0] + points, points + [len(whole)])]
-    assert text_blocks(fold_text(pieces)[1]) == expected
-
-
-def test_text_calls_stream_live_and_hold_back_only_a_possible_marker():
-    watcher = cp.TextCalls(dict(TEXT_SCHEMAS))
-    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher)
-    ev.start_message()
-    ev.take()
-
-    def texts() -> str:
-        return "".join(d["delta"].get("text", "") for n, d in ev.take() if n == "content_block_delta")
-
-    ev.content("Hello ")
-    assert texts() == "Hello "  # no marker possible: streams at once
-    ev.content("there <tool")
-    assert texts() == "there "  # only "<tool" is held back
-    ev.content("ing> is fine, [TOOL")
-    assert texts() == "<tooling> is fine, "  # released unchanged the moment it cannot be a marker
-    ev.content("S] ok <tool_call>`code`")
-    assert texts() == "[TOOLS] ok <tool_call>`code"  # a marker whose body cannot be a call is text at once
-    ev.content(' <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par')
-    assert texts() == "` "  # (a backtick could have begun a ``` fence); a call in progress is held
-    ev.content('is"}}\n</tool_call>')
-    ev.backend_stop("stop")
-    ev.end_message()
-    events = ev.take()
-    assert [d["content_block"]["type"] for n, d in events if n == "content_block_start"] == ["tool_use"]
-    args = "".join(d["delta"].get("partial_json", "") for n, d in events if n == "content_block_delta")
-    assert json.loads(args) == {"city": "Paris"}
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        # a name the request did not offer
-        '<tool_call>\n{"name": "delete_everything", "arguments": {}}\n</tool_call>',
-        "<function=delete_everything>\n<parameter=x>\n1\n</parameter>\n</function>",
-        '<function_calls>\n<invoke name="delete_everything">\n</invoke>\n</function_calls>',
-        "<tool_call>delete_everything\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
-        '[TOOL_CALLS]delete_everything[ARGS]{"a": 1}',
-        '[TOOL_CALLS][{"name": "delete_everything", "arguments": {}}]',
-        '{"name": "delete_everything", "arguments": {}}',
-        # inside a markdown code fence: an example, not a call
-        'Use this format:\n```\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
-        "</tool_call>\n```",
-        '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
-        # ordinary JSON answers and prose
-        '{"name": "Bob", "age": 3}',
-        '{"result": {"name": "get_weather"}}',
-        "Write <tool_call> and </tool_call> around the JSON.",
-        "The array [TOOL_CALLS] is empty; a < b; <function=x is not a tag.",
-        '{"name": "get_weather", "arguments": {"city": "Paris"}} and then some prose',
-    ],
-)
-def test_text_that_is_not_a_call_stays_text_unchanged(text):
-    for chunked in ([text], list(text)):
-        _, message = fold_text(chunked)
-        assert text_blocks(message) == [("text", text)]
-        assert message["stop_reason"] == "end_turn"
-
-
-def test_xml_values_converted_by_input_schema():
-    args = cp._xml_arguments(
-        [
-            ("command", "\n  indented\nlines  \n"),
-            ("timeout", "\n30\n"),
-            ("ratio", "2.5"),
-            ("background", "True"),
-            ("env", '\n{"A": "1"}\n'),
-            ("args", "[1, 2]"),
-            ("note", "\nnull-able string\n"),
-            ("unknown", "\n42\n"),
-        ],
-        RUN_TOOL["input_schema"],
-    )
-    assert args == {
-        "command": "  indented\nlines  ",  # verbatim, minus the newline the templates add around it
-        "timeout": 30,
-        "ratio": 2.5,
-        "background": True,
-        "env": {"A": "1"},
-        "args": [1, 2],
-        "note": "null-able string",
-        "unknown": "42",  # not in the schema: text
-    }
-    assert cp.typed_value("thirty", {"type": "integer"}) == "thirty"  # unparseable: the text, not a crash
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', {"city": "Pa"}),
-        ("<tool_call>\n<function=run>\n<parameter=command>\nls -l", {"command": "ls -l"}),
-        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Pa', {"city": "Pa"}),
-    ],
-)
-def test_text_call_cut_off_by_max_tokens_is_closed(text, expected):
-    name = "run" if "run" in text else "get_weather"
-    for chunked in ([text], list(text)):
-        events, message = fold_text(chunked, finish="length")
-        assert text_blocks(message) == [("tool_use", name, expected)]
-        assert message["stop_reason"] == "max_tokens"
-        check_stream(events)
-
-
-def test_native_tool_calls_win_over_text_calls():
-    watcher = cp.TextCalls(dict(TEXT_SCHEMAS))
-    ev = cp.EventBuilder("msg_1", "m", 10, text_calls=watcher)
-    ev.start_message()
-    ev.content('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
-    ev.tool_fragment(0, "call_native00001", "get_weather", PARIS_JSON)
-    ev.backend_stop("tool_calls")
-    ev.end_message()
-    message = cp.fold_events(ev.take())
-    assert [b["type"] for b in message["content"]] == ["tool_use"]
-    assert message["content"][0]["id"] == "call_native00001"
-
-
-def test_no_watcher_when_no_tools_or_tool_choice_none_or_switched_off():
-    config = cp.Config(provider="openai", base_url="http://x/v1", default_model="m")
-    route = cp.Route("m", "openai", "http://x/v1")
-
-    def watcher(body: dict, config=config, route=route):
-        req = cp.parse_request(body)
-        return cp.exchange(req, route, config, 1.0, "req_1", cp.RequestRecord()).builder.text_calls
-
-    assert watcher(body_of()) is not None
-    assert watcher(body_of(tools=[])) is None
-    assert watcher(body_of(tool_choice={"type": "none"})) is None
-    assert watcher(body_of(), config=cp.Config(provider="openai", default_model="m", text_tool_calls=False)) is None
-    assert watcher(body_of(), route=cp.Route("m", "openai", "http://x/v1", text_tool_calls=False)) is None
-    schema = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
-    assert watcher(body_of(**schema)) is None  # structured output: a JSON answer is the answer
-
-
-def test_text_calls_switched_off_end_to_end(make_stack, provider):
-    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    stack = make_stack(provider, text_tool_calls=False)
-    stack.backend.queue(text_answer(provider, text))
-    msg = stack.client().messages.create(**body_of())
-    assert [(b.type, b.text) for b in msg.content] == [("text", text)]
-    stack = make_stack(provider, model_map={"claude-*": {"model": "m", "text_tool_calls": False}})
-    stack.backend.queue(text_answer(provider, text))
-    assert stack.client().messages.create(**body_of()).content[0].type == "text"
-
-
-@pytest.mark.parametrize("fmt", ["hermes", "qwen3_coder", "glm", "function_calls", "bare_json", "mistral_args"])
-def test_text_calls_end_to_end_tiny_chunks(make_stack, provider, fmt, caplog):
-    """Streamed in 1- and 3-character chunks, both providers: raw SSE grammar, the SDK's accumulator and the
-    non-streaming answer agree; one INFO line per recovered call."""
-    text, expected = TEXT_CALL_FORMATS[fmt]
-    stack = make_stack(provider)
-    for n in (1, 3):
-        caplog.clear()
-        stack.backend.requests.clear()
-        with caplog.at_level(logging.INFO, logger="claude_proxy"):
-            result = run_modes(stack, text_answer(provider, *pieces(text, n)), tools=TEXT_TOOLS)
-        assert_tool_use(result, expected)
-        recovered = [r for r in caplog.records if "recovered a tool call written as text" in r.getMessage()]
-        assert len(recovered) == 3 * sum(1 for b in expected if b[0] == "tool_use")  # three requests
-
-
-# Prompt-based tool calling: what servers answer when they cannot take `tools`
-NO_TOOLS_ERRORS = {
-    # Ollama (ollama/ollama#5793, #14795): HTTP 400 from /api/chat and /v1/chat/completions
-    "ollama": (400, {"error": "registry.ollama.ai/library/gemma2:latest does not support tools"}, "ollama show"),
-    # vLLM started without --enable-auto-tool-choice (its serving_chat check)
-    "vllm": (
-        400,
-        {
-            "object": "error",
-            "message": '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
-            "type": "BadRequestError",
-            "param": None,
-            "code": 400,
-        },
-        "--enable-auto-tool-choice --tool-call-parser",
-    ),
-    # llama.cpp without --jinja: tools/server/server-common.cpp throws "tools param requires --jinja flag" (HTTP 500)
-    "llamacpp": (
-        500,
-        {"error": {"code": 500, "message": "tools param requires --jinja flag", "type": "server_error"}},
-        "--jinja",
-    ),
-}
-HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-
-
-@pytest.mark.parametrize("server", NO_TOOLS_ERRORS)
-def test_backend_rejecting_tools_switches_to_prompt_tools(make_stack, provider, server, caplog):
-    status, error, fix = NO_TOOLS_ERRORS[server]
-    stack = make_stack(provider)
-    stack.backend.queue(Reply(status, error), text_answer(provider, *pieces(HERMES_CALL, 5)))
-    client = stack.client()
-    with caplog.at_level(logging.INFO, logger="claude_proxy"):
-        msg = client.messages.create(**body_of(system="Be brief."))
-    assert summarize(msg)["blocks"] == [W] and msg.stop_reason == "tool_use"
-    first, second = stack.backend.requests
-    assert "tools" in first and "tools" not in second and "tool_choice" not in second
-    system = second["messages"][0]["content"]
-    assert system.startswith("Be brief.\n\n# Tools\n") and '"name":"get_weather"' in system and "<tool_call>" in system
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "does not take tools" in r.getMessage()]
-    assert len(warnings) == 1 and fix in warnings[0].getMessage()
-    # remembered for the model: the next request goes out in prompt mode at once, with its history as text
-    stack.backend.queue(text_answer(provider, "Sunny."))
-    messages = body_of()["messages"] + [
-        as_history(msg),
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": msg.content[0].id, "content": "Sunny"}]},
-    ]
-    assert client.messages.create(**body_of(system="Be brief.", messages=messages)).content[0].text == "Sunny."
-    third = stack.backend.requests[2]
-    assert "tools" not in third
-    assert third["messages"][2] == {
-        "role": "assistant",
-        "content": '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>',
-    }
-    assert third["messages"][3]["role"] == "user"
-    assert third["messages"][3]["content"] == "<tool_response>\nSunny\n</tool_response>"
-    assert third["messages"][:2] == second["messages"][:2]  # the prompt prefix is stable across turns
-
-
-def test_prompt_tools_selected_in_the_map(make_stack, provider):
-    stack = make_stack(provider, model_map={"claude-*": {"model": "m", "tool_calls": "prompt"}})
-    result = run_modes(stack, text_answer(provider, *pieces(TEXT_CALL_FORMATS["qwen3_coder"][0], 2)), tools=TEXT_TOOLS)
-    assert_tool_use(result, TEXT_CALL_FORMATS["qwen3_coder"][1])
-    assert all("tools" not in r for r in stack.backend.requests)
-    with pytest.raises(cp.ConfigError, match="tool_calls"):
-        cp.Config(model_map={"x": {"model": "m", "tool_calls": "xml"}})
-
-
-def test_prompt_tools_on_even_when_text_tool_calls_off(make_stack, provider):
-    """Prompt mode reads calls from the text whatever the switch says: it is the only way they come."""
-    stack = make_stack(provider, text_tool_calls=False)
-    stack.backend.queue(Reply(*NO_TOOLS_ERRORS["ollama"][:2]), text_answer(provider, HERMES_CALL))
-    assert summarize(stack.client().messages.create(**body_of()))["blocks"] == [W]
-
-
-def test_prompt_tools_rendering_is_deterministic_and_a_prefix_across_turns():
-    def body(messages: list, **kw) -> dict:
-        req = cp.parse_request(body_of(messages=messages, system="S", **kw))
-        conv = cp.prompt_tools_conversation(cp.build_conversation(req), req)
-        return cp.openai_request(conv, req, ROUTE_OPENAI)
-
-    turn1 = [{"role": "user", "content": "Weather and time in Paris?"}]
-    turn2 = turn1 + [
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "text", "text": "Checking."},
-                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": PARIS},
-                {"type": "tool_use", "id": "toolu_02", "name": "get_time", "input": TZ},
-            ],
-        },
-        {
-            "role": "user",
-            "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_01", "content": "Sunny"},
-                {"type": "tool_result", "tool_use_id": "toolu_02", "content": "12:00", "is_error": False},
-                {"type": "text", "text": "<system-reminder>x</system-reminder>"},
-            ],
-        },
-    ]
-    one, two = body(turn1), body(turn2)
-    assert one == body(turn1)  # deterministic
-    assert two["messages"][: len(one["messages"])] == one["messages"]
-    tools_text = two["messages"][0]["content"]
-    assert tools_text.startswith("S\n\n# Tools\n") and tools_text.count('{"type":"function"') == len(TOOLS)
-    assert two["messages"][2]["content"] == (
-        'Checking.\n\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>\n'
-        '<tool_call>\n{"name":"get_time","arguments":{"tz":"Europe/Paris"}}\n</tool_call>'
-    )
-    assert two["messages"][3] == {
-        "role": "user",
-        "content": "<tool_response>\nSunny\n</tool_response>\n\n<tool_response>\n12:00\n</tool_response>\n\n"
-        "<system-reminder>x</system-reminder>",
-    }
-    assert len(two["messages"]) == 4 and "tools" not in two
-    forced = body(turn1, tool_choice={"type": "tool", "name": "get_time"})["messages"][0]["content"]
-    assert forced.endswith("Answer with a call of the function get_time.")
-
-
-# Stop sequences watched by the proxy (llama.cpp and Ollama stop on `stop` without saying which string matched)
-
-
-def test_stop_strings_unit_hold_back_only_a_partial_match():
-    stops = cp.StopStrings(["###", "END"])
-    assert stops.feed("Hello #") == ("Hello ", None)  # only "#" is held
-    assert stops.feed("#x E") == ("##x ", None)
-    assert stops.feed("Nd") == ("ENd", None)
-    assert stops.feed(" a ##") == (" a ", None)
-    assert stops.feed("#tail") == ("", "###")
-    assert cp.StopStrings(["ab", "b"]).feed("xab") == ("x", "ab")  # the earliest match wins
-
-
-@pytest.mark.parametrize("split", [1, 2, 5])
-def test_stop_sequence_reported_and_backend_closed(make_stack, provider, split):
-    stack = make_stack(provider)
-    text = "Here it is.\n###\nMore text the client must not see."
-    answer = text_answer(provider, *pieces(text, split), *(["x"] * 40))
-    answer.delay = 0.01  # the backend goes on writing: the proxy hangs up on it
-    client = stack.client()
-    stack.backend.queue(answer)
-    msg = client.messages.create(**body_of(stop_sequences=["END", "###"]))
-    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
-    assert [(b.type, b.text) for b in msg.content] == [("text", "Here it is.\n")]
-    assert "stop" not in stack.backend.requests[0] and "stop" not in stack.backend.requests[0].get("options", {})
-    assert wait_for(lambda: stack.backend.disconnects == 1)
-    stack.backend.queue(answer, answer)
-    with client.messages.stream(**body_of(stop_sequences=["###"])) as s:
-        streamed = s.get_final_message()
-    assert (streamed.stop_reason, streamed.stop_sequence, streamed.content[0].text) == (
-        "stop_sequence",
-        "###",
-        "Here it is.\n",
-    )
-    events = check_stream(sse_events(stack, body_of(stop_sequences=["###"])))
-    assert events["blocks"] == [("text", "Here it is.\n")] and events["stop_reason"] == "stop_sequence"
-
-
-def test_stop_sequence_partial_match_released_at_the_end(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "a #", "#"))
-    msg = stack.client().messages.create(**body_of(stop_sequences=["###"]))
-    assert (msg.stop_reason, msg.stop_sequence, msg.content[0].text) == ("end_turn", None, "a ##")
-
-
-def test_stop_sequence_before_a_text_tool_call(make_stack, provider):
-    stack = make_stack(provider)
-    stack.backend.queue(text_answer(provider, "Done.\nObservation:", HERMES_CALL))
-    msg = stack.client().messages.create(**body_of(stop_sequences=["Observation:"]))
-    assert (msg.stop_reason, [b.type for b in msg.content]) == ("stop_sequence", ["text"])
-
-
-# Reasoning kept inside the current tool loop
-
-
-def loop_messages(thinking: str = "Need weather.") -> list:
-    def assistant(call_id: str, text: str) -> dict:
-        return {
-            "role": "assistant",
-            "content": [
-                {"type": "thinking", "thinking": text, "signature": "cpx1."},
-                {"type": "tool_use", "id": call_id, "name": "get_weather", "input": PARIS},
-            ],
-        }
-
-    def result(call_id: str) -> dict:
-        return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "Sunny"}]}
-
-    return [
-        {"role": "user", "content": "Weather?"},
-        assistant("toolu_old0000001", "Old loop."),
-        result("toolu_old0000001"),
-        {"role": "assistant", "content": "Sunny."},
-        {"role": "user", "content": "And now?"},
-        assistant("toolu_new0000001", thinking),
-        result("toolu_new0000001"),
-        assistant("toolu_new0000002", "Check again."),
-        {
-            "role": "user",
-            "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_new0000002", "content": "Sunny"},
-                {"type": "text", "text": "<system-reminder>r</system-reminder>"},  # still the same loop
-            ],
-        },
-    ]
-
-
-def test_reasoning_sent_back_for_the_current_tool_loop_only():
-    req = cp.parse_request(body_of(messages=loop_messages()))
-    messages = backend_body(req, "openai")["messages"]
-    sent = [(m["role"], m.get("reasoning_content")) for m in messages if m["role"] == "assistant"]
-    assert sent == [
-        ("assistant", None),
-        ("assistant", None),
-        ("assistant", "Need weather."),
-        ("assistant", "Check again."),
-    ]
-    route = cp.Route("m", "openai", "http://x/v1", reasoning_history=False)
-    off = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]["messages"]
-    assert not any("reasoning_content" in m for m in off)
-    route = cp.Route("m", "openai", "http://x/v1", reasoning_history=True)
-    on = cp.PROVIDER_IMPLS["openai"].body(cp.build_conversation(req), req, route)[0]["messages"]
-    assert [m.get("reasoning_content") for m in on if m["role"] == "assistant"] == [
-        "Old loop.",
-        None,  # a text-only turn without reasoning
-        "Need weather.",
-        "Check again.",
-    ]
-
-
-def test_reasoning_in_loop_is_byte_stable_across_turns():
-    full = loop_messages()
-    bodies = [backend_body(cp.parse_request(body_of(messages=full[:n])), "openai") for n in (7, 9)]
-    shorter, longer = (json.dumps(b["messages"]) for b in bodies)
-    assert longer.startswith(shorter[:-1])  # turn N's messages are a prefix of turn N+1's
-
-
-def test_reasoning_goes_back_in_the_field_the_backend_used(make_stack):
-    stack = make_stack("openai")
-    stack.backend.queue(
-        SSE([ROLE, oai_chunk({"reasoning": "Need weather."}), oai_chunk({"content": "ok"}), finish("stop")])
-    )
-    client = stack.client()
-    client.messages.create(**body_of())
-    stack.backend.queue(text_answer("openai", "ok"))
-    client.messages.create(**body_of(messages=loop_messages()))
-    sent = [m for m in stack.backend.requests[1]["messages"] if m["role"] == "assistant"]
-    assert [m.get("reasoning") for m in sent] == [None, None, "Need weather.", "Check again."]
-    assert not any("reasoning_content" in m for m in sent)
-
-
-def test_backend_rejecting_reasoning_field_gets_it_dropped_and_remembered(make_stack, caplog):
-    stack = make_stack("openai")
-    error = {"error": {"message": "Unrecognized request argument supplied: reasoning_content", "type": "invalid"}}
-    stack.backend.queue(Reply(400, error), text_answer("openai", "ok"), text_answer("openai", "ok"))
-    client = stack.client()
-    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
-        assert client.messages.create(**body_of(messages=loop_messages())).content[0].text == "ok"
-        assert client.messages.create(**body_of(messages=loop_messages())).content[0].text == "ok"
-    first, second, third = stack.backend.requests
-    assert any("reasoning_content" in m for m in first["messages"])
-    assert not any("reasoning_content" in m for m in second["messages"] + third["messages"])
-    assert sum("rejected earlier reasoning" in r.getMessage() for r in caplog.records) == 1
-
-
-def test_long_text_call_arguments_are_cheap():
-    """A call with 200 KB of arguments in 4-character chunks: the closing tag is searched once, not per chunk."""
-    content = "x" * 200_000
-    text = '<tool_call>\n{"name": "Read", "arguments": {"path": "a", "content": "' + content + '"}}\n</tool_call>'
-    t0 = time.perf_counter()
-    _, message = fold_text(pieces(text, 4))
-    assert time.perf_counter() - t0 < 2.0
-    assert text_blocks(message) == [("tool_use", "Read", {"path": "a", "content": content})]
-    long_prose = "Use <tool_call> tags like this: " + "word " * 100
-    assert text_blocks(fold_text([long_prose])[1]) == [("text", long_prose)]
-
-
-def test_inline_think_then_text_call():
-    """Qwen3 on a server with neither a reasoning nor a tool parser: <think> first, then the call, as text."""
-    text = "<think>\nThe user wants weather.\n</think>\n\n" + TEXT_CALL_FORMATS["hermes"][0]
-    for cut in range(1, len(text)):
-        message = fold_text([text[:cut], text[cut:]])[1]
-        assert text_blocks(message) == [("thinking", None), ("text", "Let me check.\n"), W], cut
-        assert message["content"][0]["thinking"].strip() == "The user wants weather."
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    before=st.text(alphabet="ab#E N\n", max_size=30),
-    stop=st.sampled_from(["###", "END", "\n\n"]),
-    after=st.text(alphabet="ab#EN \n", max_size=10),
-    cuts=st.lists(st.integers(min_value=1, max_value=60), max_size=8),
-)
-def test_property_stop_strings_any_chunking(before, stop, after, cuts):
-    """The text before the first match of any stop string, whatever the chunking; never held past the end."""
-    stops = ["###", "END", "\n\n"]
-    whole = before + stop + after
-    first = min((i, s) for s in stops if (i := whole.find(s)) >= 0)
-    points = sorted({c % len(whole) for c in cuts if c % len(whole)})
-    chunks = [whole[a:b] for a, b in zip([0] + points, points + [len(whole)])]
-    _, message = fold_text(chunks, tools={}, stops=stops)
-    assert "".join(b["text"] for b in message["content"]) == whole[: first[0]]
-    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", first[1])
