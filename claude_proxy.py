@@ -161,6 +161,7 @@ RETRY_BACKOFF = (0.1, 2.0)  # seconds: first delay and cap, doubled per retry, j
 DISCOVERY_INTERVAL = 5.0  # seconds between two on-demand model listings
 PROBE_TIMEOUT = 5.0  # seconds for model lists and tokenizer endpoints
 IMAGE_FETCH_TIMEOUT = 15.0
+MAX_BODY_ADAPTATIONS = 6  # resends of one request adapted to what the backend said it cannot take
 OUTPUT_CAP_SLACK = 8  # output tokens below the limit given that still count as reaching it
 SHUTDOWN_TIMEOUT = 1.0  # after --shutdown-grace, for aiohttp to close connections (it waits twice at most)
 WARN_ONCE_MEMORY = 1000  # distinct warnings remembered by warn_once
@@ -607,6 +608,8 @@ class _ConfigRules:
             value = entry.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{where}: {key} must be a positive integer")
+        if isinstance(entry.get("context_window"), int) and _window(entry["context_window"]):
+            raise ConfigError(f"{where}: {_window(entry['context_window'])} (the same check as --context-window)")
         for key in ("reasoning_history", "send_user_id", "text_tool_calls"):
             if key in entry and not isinstance(entry[key], bool):
                 raise ConfigError(f"{where}: {key} must be true or false")
@@ -3451,14 +3454,15 @@ class EventBuilder:
         stop = self.stop_reason or "end_turn"
         if self.tool_blocks and stop != "max_tokens":
             stop = "tool_use"
+        stop_sequence = self.stop_sequence if stop == "stop_sequence" else None  # only with that reason
         usage = {
             "input_tokens": self.usage_in if self.usage_in is not None else self.input_estimate,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": self.cache_read,
             "output_tokens": self.usage_out if self.usage_out is not None else max(1, self.out_chars // 4),
         }
-        self.outcome = Outcome(stop, self.stop_sequence, usage)
-        delta = {"stop_reason": stop, "stop_sequence": self.stop_sequence}
+        self.outcome = Outcome(stop, stop_sequence, usage)
+        delta = {"stop_reason": stop, "stop_sequence": stop_sequence}
         self.events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
         self.events.append(("message_stop", {"type": "message_stop"}))
 
@@ -4067,6 +4071,7 @@ class Exchange:
 # Claude Code compacts when a conversation comes within ~33k tokens (20k for the answer, 13k of margin) of the
 # window it assumes for the model name: 1M for its default claude-opus-5-5 and for names it does not know.
 CLIENT_COMPACT_BUFFER = 33_000
+CLIENT_WINDOW_FLOOR = 100_000  # Claude Code reads a CLAUDE_CODE_AUTO_COMPACT_WINDOW under this as this
 CLIENT_MIN_WINDOW = 132_000  # told to Claude Code by `run` for smaller models: it compacts at 75% of theirs
 _CLAUDE_200K = re.compile(r"claude-(?:[a-z]+-)?[34](?:[-.]|$)")  # claude-sonnet-4-5, claude-3-5-haiku-…
 
@@ -4088,6 +4093,7 @@ def usage_scale(client_window: int, window: int) -> float:
     """Factor for reported input tokens so that Claude Code, which compacts at client_window - 33k, does so
     when the real prompt reaches compaction_point(window). With client_window = max(window, 132k) (what `run`
     tells it) the factor is client_window / window: /context then shows the true fraction of the window."""
+    client_window = max(client_window, CLIENT_WINDOW_FLOOR)  # Claude Code reads smaller windows as 100k
     return max(1.0, (client_window - CLIENT_COMPACT_BUFFER) / compaction_point(window))
 
 
@@ -4406,18 +4412,19 @@ class Backend:
         return route if window == route.context_window else dataclasses.replace(route, context_window=window)
 
     async def open(self, ex: Exchange) -> aiohttp.ClientResponse:
-        """POST the ex to its backend; return the 2xx response, or raise the mapped ApiError.
-        A 400 that names what the model cannot take (an optional field, max_tokens over its
-        limit) is answered by adapting the body and sending it again; the lesson is remembered.
-        Only the encoded body is kept while the backend thinks (a dict of it costs several times more)."""
+        """POST the exchange's body to its backend; return the 2xx response, or raise the mapped ApiError.
+        A 400 that names what the model cannot take (`tools`, an optional field, max_tokens over its
+        limit) is answered by adapting the body and sending it again, a few times at most; the lesson is
+        remembered. Only the encoded body is kept while the backend thinks (a dict costs several times more)."""
         key = (ex.route.base_url, ex.route.model)
         body, ex.body = ex.body, {}
-        if key in self.prompt_tools and ex.prompt_tools is not None:
+        prompt_mode = key in self.prompt_tools and ex.prompt_tools is not None
+        if prompt_mode:
             body = self._prompt_tools(ex)
         self._apply_lessons(ex, key, body)
         data = _encode(body)
         del body
-        while True:
+        for adaptation in range(MAX_BODY_ADAPTATIONS + 1):
             resp = await self._post(ex, data)
             if resp.status < 300:
                 return resp
@@ -4428,7 +4435,10 @@ class Backend:
             finally:
                 resp.release()
             message = backend_error_text(raw)
-            if resp.status in (400, 422, 500) and ex.prompt_tools is not None and _NO_TOOLS.search(message):
+            last = adaptation == MAX_BODY_ADAPTATIONS
+            no_tools = resp.status in (400, 422, 500) and ex.prompt_tools is not None and not prompt_mode
+            if no_tools and not last and _NO_TOOLS.search(message):
+                prompt_mode = True
                 self.prompt_tools.add(key)
                 log.warning(
                     "backend model %s does not take tools (%s): tool definitions now go into the system prompt "
@@ -4441,7 +4451,7 @@ class Backend:
                 self._apply_lessons(ex, key, body)
                 data = _encode(body)
                 continue
-            if resp.status in (400, 422):
+            if resp.status in (400, 422) and not last:
                 body = loads(data)
                 if self._learn(ex, key, body, message):
                     data = _encode(body)
@@ -4455,6 +4465,7 @@ class Backend:
                 ex.route.model,
                 self.backend_models if ex.route.base_url == self.config.base_url else (),
             )
+        raise AssertionError("the last attempt returns or raises")
 
     def _prompt_tools(self, ex: Exchange) -> dict[str, Any]:
         """Switch the exchange to prompt-based tool calling: the body without `tools`, the watcher on."""
@@ -4940,10 +4951,9 @@ class Metrics:
             counts[-1] += 1
         total[0] += value
 
-    def observe(self, fields: dict[str, Any], seconds: float) -> None:
-        route = fields["path"] if fields["path"].startswith(("/v1/messages", "/v1/models")) else "other"
-        if route.startswith("/v1/models/"):
-            route = "/v1/models/{id}"
+    def observe(self, fields: dict[str, Any], seconds: float, route: str) -> None:
+        """One finished request. `route` is the matched route's pattern (a bounded set), never the raw path."""
+        route = route if route.startswith("/v1/") else "other"
         model = fields.get("backend_model", "")  # bounded by the configuration, unlike client model names
         self.inc("claude_proxy_requests_total", route=route, status=fields["status"], model=model)
         if route == "/v1/messages":
@@ -5031,7 +5041,8 @@ def log_request(
         f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items() if k not in ("method", "path")
     )
     log.log(level, "%s %s %s", request.method, request.path, text, extra={"fields": fields})
-    request.app[METRICS].observe(fields, now - started)
+    resource = request.match_info.route.resource  # None when no route matched: anyone can send any path
+    request.app[METRICS].observe(fields, now - started, resource.canonical if resource is not None else "other")
 
 
 @web.middleware

@@ -1994,6 +1994,22 @@ def test_backend_rejecting_tools_switches_to_prompt_tools(make_stack, provider, 
     assert third["messages"][:2] == second["messages"][:2]  # the prompt prefix is stable across turns
 
 
+def test_a_backend_that_keeps_refusing_is_not_asked_forever(make_stack, provider):
+    """Regression: a backend that answered 'tools are not supported' also to the prompt-tools body got the
+    request again and again, with no delay; and a backend that keeps naming fields stops after a few resends."""
+    stack = make_stack(provider)
+    refusal = Reply(500, {"error": {"message": "tools are not supported for this model"}})
+    stack.backend.queue(*[copy.deepcopy(refusal) for _ in range(10)])
+    status, _, _ = http(stack, "POST", "/v1/messages", req(tools=[WEATHER_TOOL]))
+    assert status >= 500 and len(stack.backend.requests) == 2  # native, then prompt-based tools, then the error
+    stack.backend.script.clear()
+    stack.backend.requests.clear()
+    endless = Reply(400, {"error": {"message": "Unrecognized request argument supplied: top_k"}})
+    stack.backend.queue(*[copy.deepcopy(endless) for _ in range(20)])
+    assert http(stack, "POST", "/v1/messages", req(top_k=5))[0] == 400
+    assert len(stack.backend.requests) <= cp.MAX_BODY_ADAPTATIONS + 1
+
+
 def test_prompt_tools_selected_in_the_map(make_stack, provider):
     stack = make_stack(provider, model_map={"claude-*": {"model": "m", "tool_calls": "prompt"}})
     result = run_modes(stack, text_answer(provider, *pieces(TEXT_CALL_FORMATS["qwen3_coder"][0], 2)), tools=TEXT_TOOLS)
@@ -3439,6 +3455,16 @@ def test_stop_sequence_before_a_text_tool_call(make_stack, provider):
     assert (msg.stop_reason, [b.type for b in msg.content]) == ("stop_sequence", ["text"])
 
 
+def test_stop_sequence_after_a_text_tool_call_is_tool_use_without_a_sequence(make_stack, provider):
+    """Regression: a stop string matched after a recovered call gave stop_reason tool_use with stop_sequence set;
+    Anthropic sets stop_sequence only with stop_reason stop_sequence."""
+    stack = make_stack(provider)
+    stack.backend.queue(text_answer(provider, "Sure ", HERMES_CALL, " then Observation: more"))
+    msg = stack.client().messages.create(**body_of(stop_sequences=["Observation:"]))
+    assert (msg.stop_reason, msg.stop_sequence) == ("tool_use", None)
+    assert [b.type for b in msg.content] == ["text", "tool_use", "text"]  # " then " before the stop string
+
+
 # --- Errors: backend HTTP errors before the stream ---------------------------------------------
 
 
@@ -4763,6 +4789,18 @@ def test_usage_scale_unit():
     assert cp.usage_scale(1_000_000, 32_768) * 32_768 * 0.75 == pytest.approx(1_000_000 - 33_000)
 
 
+def test_usage_scale_reads_small_client_windows_as_claude_code_does_unit():
+    """Claude Code reads a compaction window under 100k as 100k: scaling to the smaller number would make it
+    compact far too late (a 64k window told for a 32k model gave 1.26 instead of 2.7)."""
+    assert cp.usage_scale(64_000, 32_768) == cp.usage_scale(100_000, 32_768) > 2.5
+    assert cp.usage_scale(20_000, 8_192) == cp.usage_scale(100_000, 8_192)
+
+
+def test_map_context_window_is_checked_like_the_flag():
+    with pytest.raises(cp.ConfigError, match="too small"):
+        cp.Config(provider="openai", model_map={"claude-x": {"model": "m", "context_window": 100}})
+
+
 @pytest.mark.parametrize("client_window", [132_000, None])
 def test_usage_scaled_to_the_window_claude_code_uses(window_stack, provider, client_window):
     """With `run` (client_window) or --scale-usage, usage and count_tokens are scaled so that Claude Code's own
@@ -5093,6 +5131,19 @@ def test_open_paths_without_auth(make_stack, method, path):
 
 
 # --- Metrics -----------------------------------------------------------------------------------
+
+
+def test_metric_labels_stay_bounded_whatever_paths_clients_send(make_stack):
+    """Regression: every path under /v1/messages or /v1/models became a label of its own (memory without bound,
+    from unauthenticated requests too)."""
+    stack = make_stack("openai", auth_token="secret-token")
+    for i in range(30):
+        http(stack, "GET", f"/v1/messages/x{i}")
+        http(stack, "GET", f"/v1/modelsjunk{i}")
+        http(stack, "GET", f"/v1/models/model-{i}")
+    text = http(stack, "GET", "/metrics", headers={"x-api-key": "secret-token"})[2]
+    routes = set(re.findall(r'route="([^"]*)"', text))
+    assert routes <= {"other", "/v1/models/{model_id}", "/metrics"}, routes
 
 
 def test_metrics_parse_and_move(make_stack):
