@@ -4192,10 +4192,10 @@ class Backend:
             warn_once(warning)
         self.log_windows()
 
-    async def _get_json(self, url: str, body: Any = None) -> Any:
-        """GET (or POST body) -> the JSON answer, None on any failure (probes of optional endpoints)."""
+    async def _get_json(self, url: str, body: Any = None, route: Optional[Route] = None) -> Any:
+        """GET (or POST body) -> the JSON object answered, None on any failure (probes of optional endpoints)."""
         assert self.session is not None
-        route = self.config.default_route("")
+        route = route or self.config.default_route("")
         try:
             async with self.session.request(
                 "POST" if body is not None else "GET",
@@ -4265,11 +4265,16 @@ class Backend:
                     )
         return out
 
+    def model_names(self) -> list[str]:
+        """Every backend model a client can reach by its own name: the default, the backend's list, the map's."""
+        config = self.config
+        names = [config.default_model or "", *self.backend_models, *(r.model for r in config.routes.values())]
+        return [name for name in dict.fromkeys(names) if name]
+
     def log_windows(self) -> None:
         """At start: the window each model runs with, where it comes from, and how to change it."""
         config = self.config
-        names = [r.model for r in config.routes.values()] + [config.default_model or ""] + self.backend_models
-        routes = [resolve_route(config, n, None, self.backend_models) for n in dict.fromkeys(names) if n]
+        routes = [resolve_route(config, n, None, self.backend_models) for n in self.model_names()]
         parts = []
         for route in dict.fromkeys(r for r in routes if r):
             window = self.window(route)
@@ -4338,45 +4343,19 @@ class Backend:
         payload = {"model": route.model, "messages": body["messages"], "add_generation_prompt": True}
         if "tools" in body:
             payload["tools"] = body["tools"]
-        data = dumps_bytes(payload)
-        key = hashlib.sha256(data).hexdigest()
+        key = hashlib.sha256(dumps_bytes(payload)).hexdigest()
         if key in self.token_cache:
             return self.token_cache[key]
         root = re.sub(r"/v1$", "", route.base_url)
-        headers = self.headers(route, current_request_id.get())
-        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
-        count = None
-        try:
-            async with self.session.post(root + "/tokenize", data=data, headers=headers, timeout=timeout) as resp:
-                data = await resp.json(content_type=None, loads=loads) if resp.status == 200 else {}
-            if isinstance(data.get("count"), int):  # vLLM
-                count = data["count"]
-            else:  # llama.cpp: render the chat template, then tokenize the prompt
-                template = {k: payload[k] for k in ("messages", "tools") if k in payload}  # it renders tools
-                async with self.session.post(
-                    root + "/apply-template",
-                    data=dumps(template),
-                    headers=headers,
-                    timeout=timeout,
-                ) as resp:
-                    prompt = (
-                        (await resp.json(content_type=None, loads=loads)).get("prompt") if resp.status == 200 else None
-                    )
-                if isinstance(prompt, str):
-                    async with self.session.post(
-                        root + "/tokenize",
-                        headers=headers,
-                        timeout=timeout,
-                        data=dumps({"content": prompt, "add_special": True}),
-                    ) as resp:
-                        tokens = (
-                            (await resp.json(content_type=None, loads=loads)).get("tokens")
-                            if resp.status == 200
-                            else None
-                        )
-                    count = len(tokens) if isinstance(tokens, list) else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
-            count = None
+        count = (await self._get_json(root + "/tokenize", payload, route) or {}).get("count")  # vLLM
+        if not isinstance(count, int):  # llama.cpp: render the chat template (tools too), then tokenize it
+            template = {k: payload[k] for k in ("messages", "tools") if k in payload}
+            prompt = (await self._get_json(root + "/apply-template", template, route) or {}).get("prompt")
+            tokens = None
+            if isinstance(prompt, str):
+                tokenized = await self._get_json(root + "/tokenize", {"content": prompt, "add_special": True}, route)
+                tokens = (tokenized or {}).get("tokens")
+            count = len(tokens) if isinstance(tokens, list) else None
         if count is None:
             warn_once(f"backend {public_url(root)} has no usable tokenizer endpoint; count_tokens uses the heuristic")
             return None
@@ -4812,6 +4791,17 @@ async def open_backend(
         return await backend.open(ex)
 
 
+def _relayed(backend: Backend, ex: Exchange, resp: Optional[aiohttp.ClientResponse], *, failed: bool) -> None:
+    """After a relay, whatever happened: the backend connection is released when its answer was read to the
+    end, else closed (the backend sees that and stops generating); the outcome is recorded for the log, and
+    what the answer taught about the model is kept."""
+    if resp is not None:
+        resp.release() if ex.builder.outcome and not failed and not ex.builder.cut else resp.close()
+    ex.record.outcome = ex.builder.outcome
+    backend.note_output_cap(ex)
+    backend.remember(ex)
+
+
 async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Request] = None) -> dict[str, Any]:
     """Non-streaming: stream from the backend anyway (the timeout bounds silence, not the answer's
     length), fold the events into one Message. A backend that answers with one JSON body works too."""
@@ -4830,11 +4820,7 @@ async def relay_message(backend: Backend, ex: Exchange, request: Optional[web.Re
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Anthropic error
         raise relay_error(exc, backend.config) from None
     finally:
-        if resp is not None:
-            resp.release() if ex.builder.outcome and not ex.builder.cut else resp.close()
-    ex.record.outcome = ex.builder.outcome
-    backend.note_output_cap(ex)
-    backend.remember(ex)
+        _relayed(backend, ex, resp, failed=False)
     return fold_events(events)
 
 
@@ -4882,11 +4868,7 @@ async def relay_stream(request: web.Request, backend: Backend, ex: Exchange) -> 
     except (ClientGone, ConnectionError, RuntimeError):
         record.error, record.error_kind = "client disconnected", "client_disconnected"
     finally:
-        if resp is not None:  # close: the backend sees it and stops generating
-            resp.release() if ex.builder.outcome and error is None and not ex.builder.cut else resp.close()
-    record.outcome = ex.builder.outcome
-    backend.note_output_cap(ex)
-    backend.remember(ex)
+        _relayed(backend, ex, resp, failed=error is not None)
     return out
 
 
@@ -5154,11 +5136,7 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
 def model_list(config: Config, backend: Backend) -> list[dict[str, Any]]:
     """The map's names, the default model, and every backend model a client can ask for by its own name (the
     backend's list and the map's targets), with the context window each runs with where it is known."""
-    names = [n for n in config.model_map if not _GLOB_CHARS.search(n)]
-    if config.default_model:
-        names.append(config.default_model)
-    names.extend(backend.backend_models)
-    names.extend(route.model for route in config.routes.values())
+    names = [n for n in config.model_map if not _GLOB_CHARS.search(n)] + backend.model_names()
     models = []
     for name in dict.fromkeys(names):
         model = {"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
