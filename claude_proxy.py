@@ -582,6 +582,18 @@ class Route:
     tool_calls: str = "native"  # native: the backend's `tools`; prompt: definitions in the system prompt
 
 
+def _one_authorization(where: str, base_url: str, api_key: Optional[str], key_from: str) -> None:
+    """A backend gets one Authorization header: aiohttp refuses both (ValueError, a 500 on every request)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    if api_key and (parts.username or parts.password):
+        raise ConfigError(
+            f"{where} has user:password@ in it and {key_from} is set, but a backend takes only one "
+            "Authorization header: use one of them (the key is sent as Bearer, user:password as Basic)"
+        )
+
+
 class _ConfigRules:
     """Config's behaviour; its fields (one per OPTIONS entry, and `environ`) are added by make_dataclass below."""
 
@@ -589,6 +601,7 @@ class _ConfigRules:
         for option in OPTIONS:
             option.validate(getattr(self, option.name))
         self.base_url = (self.base_url or DEFAULT_BASE_URLS[self.provider]).rstrip("/")
+        _one_authorization("--base-url", self.base_url, self.api_key, "--api-key")
         self.routes = {name: self._route_of(name, entry) for name, entry in self.model_map.items()}
 
     def _route_of(self, name: str, entry: Any) -> Route:
@@ -620,6 +633,7 @@ class _ConfigRules:
             api_key = self.environ.get(entry["api_key_env"])
             if api_key is None:
                 raise ConfigError(f"{where}: environment variable {entry['api_key_env']} is not set")
+            _one_authorization(f"{where}: base_url", base_url, api_key, f"api_key_env {entry['api_key_env']}")
         return Route(
             entry["model"],
             provider,

@@ -327,6 +327,23 @@ def test_api_key_env_is_read_from_the_given_environment_and_dotenv(tmp_path, mon
         cp.Config(model_map=json.loads(entry))
 
 
+def test_user_and_password_in_a_base_url_with_an_api_key_is_a_configuration_error():
+    """Regression: aiohttp refuses both (ValueError): every request was a 500 and discovery said "unreachable"."""
+    with pytest.raises(
+        cp.ConfigError, match=r"^--base-url has user:password@ .* --api-key is set.* use one of them"
+    ) as err:
+        cp.load_config(["--base-url", "http://u:pw@h/v1"], environ={"PROVIDER_API_KEY": "sk-1"}, dotenv_path="")
+    assert "pw" not in str(err.value) and "sk-1" not in str(err.value)
+    entry = {"model": "m", "base_url": "https://u:pw@other.example/v1", "api_key_env": "OTHER_KEY"}
+    with pytest.raises(cp.ConfigError, match=r"^model map entry 'claude-x': base_url has .* api_key_env OTHER_KEY"):
+        cp.Config(model_map={"claude-x": entry}, environ={"OTHER_KEY": "sk-2"})
+    # either one alone is fine (user:password goes as Basic, the key as Bearer), and the main key is never
+    # sent to a map entry's own host
+    del entry["api_key_env"]
+    assert cp.Config(base_url="http://u:pw@h/v1").base_url == "http://u:pw@h/v1"
+    assert cp.Config(api_key="sk-1", model_map={"claude-x": entry}).routes["claude-x"].api_key is None
+
+
 def test_a_switch_on_by_default_can_be_turned_off(monkeypatch):
     extra = cp.Option("send_thing", "--send-thing", ("SEND_THING",), True, "send the thing", switch=True)
     monkeypatch.setattr(cp, "OPTIONS", (*cp.OPTIONS, extra))
