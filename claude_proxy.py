@@ -36,6 +36,7 @@ import fnmatch
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -152,6 +153,7 @@ MAX_LINE_BYTES = 64 << 20  # one backend stream line, or a whole JSON answer
 MAX_ERROR_BODY_BYTES = 1 << 20  # a backend's error body, read to find its message
 MAX_REASONING_BYTES = 4 << 20  # reasoning restored from a thinking signature (inflation cap)
 MAX_IMAGE_BYTES = 20 << 20  # one image fetched with --fetch-images
+MAX_IMAGE_BYTES_PER_REQUEST = 32 << 20  # all the images one request has fetched (each URL once)
 MAX_ERROR_CHARS = 2000  # a backend's error message passed on to the client
 MAX_SNIPPET_CHARS = 200  # raw backend bytes quoted in an error or a warning
 MAX_DEBUG_CHARS = 20000  # a translated request body logged at DEBUG
@@ -583,6 +585,18 @@ class Route:
     tool_calls: str = "native"  # native: the backend's `tools`; prompt: definitions in the system prompt
 
 
+def _one_authorization(where: str, base_url: str, api_key: Optional[str], key_from: str) -> None:
+    """A backend gets one Authorization header: aiohttp refuses both (ValueError, a 500 on every request)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    if api_key and (parts.username or parts.password):
+        raise ConfigError(
+            f"{where} has user:password@ in it and {key_from} is set, but a backend takes only one "
+            "Authorization header: use one of them (the key is sent as Bearer, user:password as Basic)"
+        )
+
+
 class _ConfigRules:
     """Config's behaviour; its fields (one per OPTIONS entry, and `environ`) are added by make_dataclass below."""
 
@@ -590,6 +604,7 @@ class _ConfigRules:
         for option in OPTIONS:
             option.validate(getattr(self, option.name))
         self.base_url = (self.base_url or DEFAULT_BASE_URLS[self.provider]).rstrip("/")
+        _one_authorization("--base-url", self.base_url, self.api_key, "--api-key")
         self.routes = {name: self._route_of(name, entry) for name, entry in self.model_map.items()}
 
     def _route_of(self, name: str, entry: Any) -> Route:
@@ -623,6 +638,7 @@ class _ConfigRules:
             api_key = self.environ.get(entry["api_key_env"])
             if api_key is None:
                 raise ConfigError(f"{where}: environment variable {entry['api_key_env']} is not set")
+            _one_authorization(f"{where}: base_url", base_url, api_key, f"api_key_env {entry['api_key_env']}")
         return Route(
             entry["model"],
             provider,
@@ -3890,20 +3906,42 @@ _WANTS_COMPLETION_TOKENS = re.compile(r"use .?max_completion_tokens.? instead|ma
 # ======================================================================================
 
 
-async def _public_host(url: str) -> None:
-    """--fetch-images fetches URLs that clients choose: only from hosts on the public internet."""
-    import ipaddress
-    from urllib.parse import urlsplit
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
-    parts = urlsplit(url)
+
+def _public_address(address: str) -> bool:
+    """--fetch-images: an address on the public internet (not one of the private IPv4 inside IPv6 forms)?"""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname or "", parts.port or 443)
-    except OSError:
-        raise invalid("messages", f"image url {url[:100]!r}: host not found") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise invalid("messages", f"image url {url[:100]!r}: {address} is not a public address")
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    inner = None
+    if ip.version == 6:
+        nat64 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None
+        inner = ip.ipv4_mapped or ip.sixtofour or nat64
+    return ip.is_global and (inner is None or inner.is_global)
+
+
+class NotPublic(Exception):
+    """--fetch-images: an image URL's host is not on the public internet."""
+
+
+class PublicResolver(aiohttp.abc.AbstractResolver):
+    """--fetch-images: the image connector's resolver. It looks a name up once and refuses it if any address is
+    not public, so the connection goes to an address that was checked (no second lookup that a DNS-rebinding
+    name could answer differently). Address literals never reach a resolver: Backend.fetch_image checks them."""
+
+    def __init__(self, inner: aiohttp.abc.AbstractResolver) -> None:
+        self.inner = inner
+
+    async def resolve(self, host: str, port: int = 0, family: Any = 0) -> Any:
+        hosts = await self.inner.resolve(host, port, family)
+        if not hosts or not all(_public_address(h["host"]) for h in hosts):
+            raise NotPublic(host)
+        return hosts
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 def _encode(body: dict[str, Any]) -> bytes:
@@ -4103,6 +4141,8 @@ class Backend:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.session: Optional[aiohttp.ClientSession] = None
+        self.images: Optional[aiohttp.ClientSession] = None  # --fetch-images: public addresses only
+        self.image_resolver: Optional[PublicResolver] = None
         self.rejected: dict[tuple[str, str], set[str]] = {}
         self.limits: dict[tuple[str, str], tuple[Optional[int], Optional[int]]] = {}  # (context, max output)
         self.discovered: dict[str, str] = {}  # family -> backend model (zero-config)
@@ -4124,6 +4164,12 @@ class Backend:
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=True, timeout=self.timeout(), json_serialize=dumps
         )
+        if self.config.fetch_images:
+            self.image_resolver = PublicResolver(aiohttp.DefaultResolver())
+            self.images = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=self.image_resolver, use_dns_cache=False),
+                timeout=aiohttp.ClientTimeout(total=IMAGE_FETCH_TIMEOUT),
+            )
 
     def timeout(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(
@@ -4131,9 +4177,10 @@ class Backend:
         )
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        for session in (self.session, self.images):
+            if session is not None:
+                await session.close()
+        self.session = self.images = None
 
     def headers(self, route: Route, request_id: str) -> dict[str, str]:
         headers = {"content-type": "application/json", "x-request-id": request_id}
@@ -4300,8 +4347,10 @@ class Backend:
         return usage_scale(config.client_window or client_believed_window(client_model), route.context_window)
 
     async def fetch_images(self, req: MessagesRequest) -> None:
-        """Replace image URLs with their bytes (base64), for backends that take no URLs (Ollama)."""
-        assert self.session is not None
+        """Replace image URLs with their bytes (base64), for backends that take no URLs (Ollama): each URL
+        once, and at most MAX_IMAGE_BYTES_PER_REQUEST in all."""
+        fetched: dict[str, tuple[str, str]] = {}
+        budget = MAX_IMAGE_BYTES_PER_REQUEST
         for message in req.messages:
             for block in message.content:
                 sources = [
@@ -4311,27 +4360,51 @@ class Backend:
                 ]
                 for src in sources:
                     url = src.url or ""
-                    if not url.lower().startswith(("http://", "https://")):
-                        raise invalid("messages", f"image url {url[:100]!r}: only http and https URLs can be fetched")
-                    await _public_host(url)
-                    try:
-                        async with self.session.get(
-                            url, timeout=aiohttp.ClientTimeout(total=IMAGE_FETCH_TIMEOUT), allow_redirects=False
-                        ) as resp:
-                            ctype = resp.headers.get("content-type", "").split(";")[0].strip()
-                            data = await read_capped(resp, MAX_IMAGE_BYTES)
-                            if resp.status != 200 or ctype not in IMAGE_MEDIA_TYPES or len(data) > MAX_IMAGE_BYTES:
-                                raise invalid(
-                                    "messages",
-                                    f"image url {url[:100]!r}: got HTTP {resp.status}, "
-                                    f"{ctype or 'no type'}, {len(data)} bytes (need an image "
-                                    f"of at most {MAX_IMAGE_BYTES >> 20} MiB, no redirect)",
-                                )
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                        raise invalid(
-                            "messages", f"image url {url[:100]!r} could not be fetched: {type(exc).__name__}"
-                        ) from None
-                    src.type, src.media_type, src.data = "base64", ctype, base64.b64encode(data).decode()
+                    if url not in fetched:
+                        ctype, data = await self.fetch_image(url, budget)
+                        budget -= len(data)
+                        fetched[url] = ctype, base64.b64encode(data).decode()
+                    src.type, (src.media_type, src.data) = "base64", fetched[url]
+
+    async def fetch_image(self, url: str, budget: int) -> tuple[str, bytes]:
+        """One image URL -> (media type, bytes), from a public address only, no redirect, at most
+        MAX_IMAGE_BYTES and `budget` bytes. Errors say what was wrong, never which address a name has."""
+        from yarl import URL  # what aiohttp connects to (urlsplit can read a URL differently)
+
+        assert self.images is not None
+        where = f"image url {url[:100]!r}"
+        if not url.lower().startswith(("http://", "https://")):
+            raise invalid("messages", f"{where}: only http and https URLs can be fetched")
+        try:
+            target = URL(url)
+        except ValueError:
+            raise invalid("messages", f"{where}: not a valid URL") from None
+        host = target.raw_host or ""
+        if (":" in host or host.replace(".", "").isdigit()) and not _public_address(host):  # a literal: no lookup
+            raise invalid("messages", f"{where}: not a public address")
+        limit = min(MAX_IMAGE_BYTES, budget)
+        try:
+            async with self.images.get(target, allow_redirects=False) as resp:
+                ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+                if resp.status != 200 or ctype not in IMAGE_MEDIA_TYPES:
+                    raise invalid(
+                        "messages",
+                        f"{where}: got HTTP {resp.status}, {ctype or 'no type'} (need an image "
+                        f"of at most {MAX_IMAGE_BYTES >> 20} MiB, no redirect)",
+                    )
+                data = await read_capped(resp, limit)
+        except NotPublic:
+            raise invalid("messages", f"{where}: not a public address") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise invalid("messages", f"{where} could not be fetched: {type(exc).__name__}") from None
+        if len(data) > limit:
+            raise invalid(
+                "messages",
+                f"{where}: larger than {MAX_IMAGE_BYTES >> 20} MiB"
+                if limit == MAX_IMAGE_BYTES
+                else f"{where}: the request's images come to more than {MAX_IMAGE_BYTES_PER_REQUEST >> 20} MiB in all",
+            )
+        return ctype, data
 
     async def backend_token_count(self, req: MessagesRequest, route: Route) -> Optional[int]:
         """--count-tokens backend: the model's own tokenizer with its chat template applied (vLLM's

@@ -327,6 +327,23 @@ def test_api_key_env_is_read_from_the_given_environment_and_dotenv(tmp_path, mon
         cp.Config(model_map=json.loads(entry))
 
 
+def test_user_and_password_in_a_base_url_with_an_api_key_is_a_configuration_error():
+    """Regression: aiohttp refuses both (ValueError): every request was a 500 and discovery said "unreachable"."""
+    with pytest.raises(
+        cp.ConfigError, match=r"^--base-url has user:password@ .* --api-key is set.* use one of them"
+    ) as err:
+        cp.load_config(["--base-url", "http://u:pw@h/v1"], environ={"PROVIDER_API_KEY": "sk-1"}, dotenv_path="")
+    assert "pw" not in str(err.value) and "sk-1" not in str(err.value)
+    entry = {"model": "m", "base_url": "https://u:pw@other.example/v1", "api_key_env": "OTHER_KEY"}
+    with pytest.raises(cp.ConfigError, match=r"^model map entry 'claude-x': base_url has .* api_key_env OTHER_KEY"):
+        cp.Config(model_map={"claude-x": entry}, environ={"OTHER_KEY": "sk-2"})
+    # either one alone is fine (user:password goes as Basic, the key as Bearer), and the main key is never
+    # sent to a map entry's own host
+    del entry["api_key_env"]
+    assert cp.Config(base_url="http://u:pw@h/v1").base_url == "http://u:pw@h/v1"
+    assert cp.Config(api_key="sk-1", model_map={"claude-x": entry}).routes["claude-x"].api_key is None
+
+
 def test_a_switch_on_by_default_can_be_turned_off(monkeypatch):
     extra = cp.Option("send_thing", "--send-thing", ("SEND_THING",), True, "send the thing", switch=True)
     monkeypatch.setattr(cp, "OPTIONS", (*cp.OPTIONS, extra))
@@ -4325,14 +4342,143 @@ def test_fetch_images_refuses_private_addresses_and_reads_whole_images(make_stac
             stack.client().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": content}])
         assert "not a public address" in err.value.message
 
-        async def anywhere(url: str) -> None:
-            return None
-
-        monkeypatch.setattr(cp, "_public_host", anywhere)
+        monkeypatch.setattr(cp, "_public_address", lambda address: True)
         stack.client().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": content}])
         assert base64.b64decode(stack.backend.requests[-1]["messages"][-1]["images"][0]) == png
     finally:
         stack.loop.run(runner.cleanup())
+
+
+class FakeResolver:
+    """Names -> addresses, without the network (the inner resolver of the proxy's PublicResolver)."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers, self.asked = answers, []
+
+    async def resolve(self, host: str, port: int = 0, family: Any = 0) -> list[dict[str, Any]]:
+        import socket
+
+        self.asked.append(host)
+        return [
+            {"hostname": host, "host": a, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+            for a in self.answers[host]
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def _image_server(stack, size: int = 2 << 20):
+    """An image server on 127.0.0.1 that counts its GETs -> (port, paths asked for, cleanup)."""
+    from conftest import start_site
+
+    asked = []
+
+    async def image(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(body=b"\x89PNG" + request.path.encode() + size * b"\0", content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/{name}", image)
+    runner, port = stack.loop.run(start_site(app))
+    return port, asked, lambda: stack.loop.run(runner.cleanup())
+
+
+def _image_request(stack, *urls, tool_result=()):
+    content = [{"type": "image", "source": {"type": "url", "url": url}} for url in urls]
+    messages = [{"role": "user", "content": content}]
+    if tool_result:
+        images = [{"type": "image", "source": {"type": "url", "url": url}} for url in tool_result]
+        tool = [{"type": "tool_use", "id": "toolu_1", "name": "look", "input": {}}]
+        messages[0]["content"] = content + [{"type": "text", "text": "look"}]
+        messages += [
+            {"role": "assistant", "content": tool},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": images}]},
+        ]
+    return stack.client().messages.create(model="m", max_tokens=5, messages=messages)
+
+
+def test_fetch_images_connects_only_to_the_address_it_checked(make_stack, monkeypatch):
+    """DNS rebinding: the name is looked up once, by the resolver that refuses private addresses, and the
+    connection goes to what it answered; the error does not say which address a name has."""
+    stack = make_stack("ollama", fetch_images=True)
+    port, asked, cleanup = _image_server(stack)
+    fake = FakeResolver(
+        {
+            "rebind.test": ["127.0.0.1"],
+            "metadata.test": ["169.254.169.254"],
+            "mixed.test": ["93.184.216.34", "127.0.0.1"],
+            "images.test": ["127.0.0.1"],
+        }
+    )
+    stack.app[cp.BACKEND].image_resolver.inner = fake
+    try:
+        for host in (
+            "rebind.test",
+            "metadata.test",
+            "mixed.test",
+            "[::ffff:127.0.0.1]",
+            "[::1]",
+            "127.1",
+            "2130706433",
+        ):
+            with pytest.raises(anthropic.BadRequestError) as err:
+                _image_request(stack, f"http://{host}:{port}/cat.png")
+            assert "not a public address" in err.value.message, host
+            if host.endswith(".test"):  # the URL is quoted, never the address a name has
+                assert "127.0.0.1" not in err.value.message and "169.254" not in err.value.message
+        assert asked == [] and fake.asked == ["rebind.test", "metadata.test", "mixed.test"]
+        # allowed, the same name connects to the address its one lookup gave (nothing else knows it)
+        monkeypatch.setattr(cp, "_public_address", lambda address: address == "127.0.0.1")
+        _image_request(stack, f"http://images.test:{port}/cat.png")
+        assert asked == ["/cat.png"] and fake.asked[-1] == "images.test"
+    finally:
+        cleanup()
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("93.184.216.34", True),
+        ("2606:2800:220:1:248:1893:25c8:1946", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("2002:a9fe:a9fe::", False),  # 6to4 of 169.254.169.254
+        ("127.1", False),
+        ("not an address", False),
+    ],
+)
+def test_public_address(address, public):
+    assert cp._public_address(address) is public
+
+
+def test_fetch_images_fetches_each_url_once_and_caps_the_request_total(make_stack, monkeypatch):
+    stack = make_stack("ollama", fetch_images=True)
+    port, asked, cleanup = _image_server(stack)
+    monkeypatch.setattr(cp, "_public_address", lambda address: True)
+    monkeypatch.setattr(cp, "MAX_IMAGE_BYTES_PER_REQUEST", 5 << 20)
+    a, b, c = (f"http://127.0.0.1:{port}/{name}.png" for name in "abc")
+    try:
+        _image_request(stack, a, a, tool_result=[a])
+        assert asked == ["/a.png"]  # one GET for the same URL three times
+        sent = stack.backend.requests[-1]["messages"]
+        images = [image for message in sent for image in message.get("images", [])]
+        assert len(images) == 3 and len(set(images)) == 1 and base64.b64decode(images[0]).startswith(b"\x89PNG/a")
+        _image_request(stack, a, b)  # 4 MiB in all: under the cap
+        with pytest.raises(anthropic.BadRequestError) as err:
+            _image_request(stack, a, b, a, c)  # 6 MiB
+        assert "more than 5 MiB in all" in err.value.message and "/c.png" in err.value.message
+        assert asked == ["/a.png", "/a.png", "/b.png", "/a.png", "/b.png", "/c.png"]
+    finally:
+        cleanup()
 
 
 # --- Stream framing: sans-I/O decoders, split anywhere ----------------------------------------------
