@@ -4650,7 +4650,7 @@ class Backend:
                     retry=True,
                     kind="no_answer",
                 ) from None
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, ValueError) as exc:  # ValueError: aiohttp refusing the URL or a header
                 raise ApiError(
                     502,
                     f"backend request failed: {type(exc).__name__}: {exc}"[:500],
