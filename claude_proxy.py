@@ -2030,18 +2030,10 @@ def image_url(src: ImageSource) -> str:
     return src.url if src.type == "url" else f"data:{src.media_type};base64,{src.data}"
 
 
-def openai_request(
-    conv: Conversation,
-    req: MessagesRequest,
-    route: Route,
-    *,
-    official: bool = False,
-    reasoning_history: Optional[bool] = False,
-) -> dict[str, Any]:
-    """Chat Completions body. Tool ids are passed byte for byte. The backend is always streamed: the
-    timeout then bounds silence, not the length of an answer, for non-streaming clients too.
-    reasoning_history: True sends earlier reasoning back for every assistant turn, None only for those of the
-    current tool loop (since the last user message with text, as Qwen3's template renders it), False never."""
+def openai_messages(conv: Conversation, reasoning_history: Optional[bool] = False) -> list[dict[str, Any]]:
+    """The Chat Completions `messages`. Tool ids are passed byte for byte. reasoning_history: True sends
+    earlier reasoning back for every assistant turn, None only for those of the current tool loop (since the
+    last user message with text, as Qwen3's template renders it), False never."""
     messages: list[dict[str, Any]] = []
     if conv.system:
         messages.append({"role": "system", "content": conv.system})
@@ -2066,19 +2058,29 @@ def openai_request(
                 msg["reasoning_content"] = turn.reasoning
             messages.append(msg)
         elif turn.images:
-            messages.append(
-                {
-                    "role": turn.role,
-                    "content": [
-                        {"type": "text", "text": value}
-                        if kind == "text"
-                        else {"type": "image_url", "image_url": {"url": image_url(value)}}
-                        for kind, value in turn.parts
-                    ],
-                }
-            )
+            parts = [
+                {"type": "text", "text": value}
+                if kind == "text"
+                else {"type": "image_url", "image_url": {"url": image_url(value)}}
+                for kind, value in turn.parts
+            ]
+            messages.append({"role": turn.role, "content": parts})
         else:
             messages.append({"role": turn.role, "content": turn.text})
+    return messages
+
+
+def openai_request(
+    conv: Conversation,
+    req: MessagesRequest,
+    route: Route,
+    *,
+    official: bool = False,
+    reasoning_history: Optional[bool] = False,
+) -> dict[str, Any]:
+    """Chat Completions body. The backend is always streamed: the timeout then bounds silence, not the length
+    of an answer, for non-streaming clients too."""
+    messages = openai_messages(conv, reasoning_history)
     body: dict[str, Any] = {
         "model": route.model,
         "messages": messages,
