@@ -5400,7 +5400,6 @@ def claude_environment(
 def run_claude(config: Config, claude_args: list[str], environ: Optional[dict[str, str]] = None) -> int:
     """`run`: the proxy on a free loopback port in a thread, logging to a file; Claude Code in the foreground
     with the proxy's address, key and context settings; its exit code returned; the proxy stopped after it."""
-    import shutil
     import signal
     import subprocess
     import tempfile
