@@ -3287,6 +3287,7 @@ class EventBuilder:
         self.index = -1
         self.open: Optional[str] = None  # "text" | "thinking" | "tool"
         self.thinking_parts: list[str] = []
+        self.held_back: list[tuple[str, str]] = []  # text and reasoning that came while a call's arguments streamed
         self.think = ThinkTags()
         self.tools = ToolCalls()
         self.text_calls = text_calls  # None: tool calls written as text stay text
@@ -3337,6 +3338,7 @@ class EventBuilder:
     # -- blocks --
     def _open(self, kind: str, block: dict[str, Any]) -> None:
         self._close()
+        self._close()  # text held back during a tool call came out after it, in its own block
         self.index += 1
         self.open = kind
         self.events.append(
@@ -3365,6 +3367,10 @@ class EventBuilder:
                 self._args(piece)
         self.events.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         self.open = None
+        held, self.held_back = self.held_back, []
+        if any(piece.strip() for _, piece in held):  # white space alone is dropped
+            for kind, piece in held:
+                self._stream(kind, piece)  # may leave a text or thinking block open
 
     def content(self, text: str) -> None:
         """Backend content: text, except inline <think>...</think> reasoning at the answer's start, tool calls
@@ -3439,20 +3445,34 @@ class EventBuilder:
         watcher.held = ""
 
     def text(self, text: str) -> None:
-        if not text:
-            return
-        if self.open != "text":
-            self._open("text", {"type": "text", "text": ""})
-        self.out_chars += len(text)
-        self._delta({"type": "text_delta", "text": text})
+        if text:
+            self._stream("text", text)
 
     def thinking(self, text: str) -> None:
-        if not text or self.cut:
+        if text and not self.cut:
+            self._stream("thinking", text)
+
+    def _stream(self, kind: str, text: str) -> None:
+        """Text or reasoning into its block. While a tool call's arguments are still streaming (not yet a
+        whole object; some servers interleave content), it is held back and sent after the call's block: closing
+        the call now would cut its arguments short."""
+        active = self.tools.active
+        if self.open == "tool" and active is not None and not active.checker.is_whole:
+            self.held_back.append((kind, text))
             return
-        if self.open != "thinking":
-            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        if self.open == "tool":
+            self._close()  # may send held-back text, leaving its block open: this text joins it
+        if self.open != kind:
+            block = (
+                {"type": "text", "text": ""}
+                if kind == "text"
+                else {"type": "thinking", "thinking": "", "signature": ""}
+            )
+            self._open(kind, block)
         self.out_chars += len(text)
-        if self.show_thinking:
+        if kind == "text":
+            self._delta({"type": "text_delta", "text": text})
+        elif self.show_thinking:
             self._delta({"type": "thinking_delta", "thinking": text})
         else:  # hidden from the client: kept for the signature, which carries it
             self.thinking_parts.append(text)
@@ -3523,6 +3543,7 @@ class EventBuilder:
         if self.recovered:
             self._send_recovered()
         self._close()
+        self._close()  # text held back during the last tool call
         for call in self.tools.pending():  # calls that could not stream live go out whole, in order
             if not call.name:
                 log.warning("dropping a tool call without a name (arguments %r)", call.args[:MAX_SNIPPET_CHARS])
