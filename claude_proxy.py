@@ -2988,7 +2988,7 @@ class TextCalls:
     released unchanged the moment it cannot be a call of an offered tool. Markers inside a ``` fence are text.
     mode: start (only whitespace yet) -> text | call (after a marker) | bare (an answer that opens with `{`)."""
 
-    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet", "searched", "more", "tail")
+    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet", "searched", "more", "tail", "closed")
 
     def __init__(self, tools: dict[str, Any]) -> None:
         self.tools = tools  # offered name -> input_schema
@@ -2997,26 +2997,35 @@ class TextCalls:
         self.searched = 0  # how much of a call in progress was searched for its closing tag (long arguments)
         self.more: list[str] = []  # pieces of a long call's arguments, after `held`, not yet joined to it
         self.tail = ""  # the last characters of held + more: a closing tag may begin there
+        self.closed = False  # the last non-blank character held is `}` or `]`: a JSON value may end there
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         if self.quiet and _MAYBE_MARKER.search(text) is None:
             return [("text", text)]  # nothing held, and nothing here can begin a marker or a fence
-        if self._long_call():  # only the closing tag matters: pieces are kept apart until it comes (linear time)
-            close = _CALL_ENDS[self.marker]
-            window = self.tail + text
-            if close not in window:
-                self.more.append(text)
-                self.tail = window[-(len(close) - 1) :]
-                return []
+        if self._waits(text):  # pieces of a long call are kept apart until it may end (linear time)
+            self.more.append(text)
+            return []
         self.held += self.take_held() + text if self.more else text
         out = self._scan(False)
         self.quiet = self.mode == "text" and not self.held
         self.tail = self.held[-_LONGEST_MARKER:]
+        self.closed = self.held.rstrip()[-1:] in ("}", "]")
         return out
 
-    def _long_call(self) -> bool:
-        """A call in progress whose head was judged on earlier chunks (the same test as in _call)."""
-        return self.mode == "call" and self.marker in _CALL_ENDS and self.searched > len(self.marker) + 256
+    def _waits(self, text: str) -> bool:
+        """Would this piece leave a long call in progress undecided, whatever it holds? A call with a closing tag
+        whose head was judged on earlier chunks (the same test as in _call) waits for the tag; a JSON call (bare
+        or Mistral's) long past its head can only end at a `}` or `]`."""
+        if self.mode == "call" and self.marker in _CALL_ENDS:
+            if self.searched <= len(self.marker) + 256:
+                return False
+            close = _CALL_ENDS[self.marker]
+            window = self.tail + text
+            self.tail = window[-(len(close) - 1) :]
+            return close not in window
+        if self.mode == "bare" or (self.mode == "call" and self.marker == "[TOOL_CALLS]"):
+            return len(self.held) > 512 and not self.closed and "}" not in text and "]" not in text
+        return False
 
     def take_held(self) -> str:
         """The pieces kept apart, joined (`held` is then all that is held)."""

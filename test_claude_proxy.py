@@ -2323,7 +2323,7 @@ def test_snapshots_told_apart_from_deltas(fragments, expected):
 
 def test_long_arguments_in_small_fragments_take_linear_time():
     """1 MB of arguments in 4-character fragments, natively and written as text: no copy of everything so far per
-    fragment (that took 14 s and 6 s; now well under a second each)."""
+    fragment (that took 14 s natively and 6 s in <tool_call>; now well under a second each)."""
     args = json.dumps({"path": "a.py", "content": ("x" * 60 + "\n") * 16000})
     start = time.perf_counter()
     call, out = cp.ToolCall(0), []
@@ -2332,12 +2332,16 @@ def test_long_arguments_in_small_fragments_take_linear_time():
         out.append(call.take_safe())
     out += call.close()
     assert time.perf_counter() - start < 4 and "".join(out) == args
-    body = '<tool_call>\n{"name": "Read", "arguments": ' + args + "}\n</tool_call>"
-    start = time.perf_counter()
-    watcher = cp.TextCalls({"Read": {}})
-    found = [item for i in range(0, len(body), 4) for item in watcher.feed(body[i : i + 4])] + watcher.flush()
-    assert time.perf_counter() - start < 4
-    assert found == [("call", ("<tool_call>", "Read", json.loads(args)))]
+    for marker, body in [
+        ("<tool_call>", '<tool_call>\n{"name": "Read", "arguments": ' + args + "}\n</tool_call>"),
+        ("{", '{"name": "Read", "arguments": ' + args + "}"),
+        ("[TOOL_CALLS]", "[TOOL_CALLS]Read[ARGS]" + args),
+    ]:
+        start = time.perf_counter()
+        watcher = cp.TextCalls({"Read": {}})
+        found = [item for i in range(0, len(body), 4) for item in watcher.feed(body[i : i + 4])] + watcher.flush()
+        assert time.perf_counter() - start < 4, marker
+        assert found == [("call", (marker, "Read", json.loads(args)))]
 
 
 @pytest.mark.parametrize("cut", range(1, 14))
@@ -2351,6 +2355,29 @@ def test_long_text_call_with_its_closing_tag_split_anywhere(cut):
     events, message = fold_text([p for p in pieces if p], {"Read": {}})
     check_stream(events)
     assert text_blocks(message) == [("tool_use", "Read", args), ("text", "\nDone.")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '<tool_call>\n{"name": "Read", "arguments": @A@}\n</tool_call>',
+        '{"name": "Read", "arguments": @A@}',
+        '{"name": "Read", "arguments": @A@} and then prose',  # a JSON object is a call only as the whole answer
+        "[TOOL_CALLS]Read[ARGS]@A@",
+        '[TOOL_CALLS][{"name": "Read", "arguments": @A@}]',
+    ],
+)
+@pytest.mark.parametrize("size", [1, 3, 7, 64])
+def test_long_text_calls_any_piece_size(body, size):
+    """Calls written as text with long arguments (kept apart in pieces until they may end): the same blocks as in
+    one piece, `}` and `]` inside strings and white space included."""
+    args = json.dumps({"path": "a.py", "content": "if x:\n    y = {1: [2]}\n" * 40 + "   \n\n"}, indent=1)
+    text = body.replace("@A@", args)
+    pieces = [text[i : i + size] for i in range(0, len(text), size)]
+    events, message = fold_text(pieces, {"Read": {}})
+    check_stream(events)
+    assert text_blocks(message) == text_blocks(fold_text([text], {"Read": {}})[1])
+    assert ("tool_use", "Read", json.loads(args)) in text_blocks(message) or "prose" in text
 
 
 def test_escape_split_across_fragments():
