@@ -2587,26 +2587,75 @@ _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\
 class ToolCall:
     """One tool call being received. `raw` is the backend's argument text; `args` what the client gets
     (raw control characters inside strings escaped: small models emit real newlines in file contents);
-    `sent` how much of `args` has been streamed. state: pending -> open (its block streams) -> done."""
+    `sent` how much of `args` has been streamed. state: pending -> open (its block streams) -> done.
+    Both texts are kept as lists of pieces, joined only when needed: long arguments arrive in thousands of
+    small fragments, and appending to one string would copy it each time."""
 
-    __slots__ = ("key", "id", "name", "args", "raw", "sent", "checker", "state", "in_string", "escaped", "snapshots")
+    __slots__ = (
+        "key",
+        "id",
+        "name",
+        "pieces",
+        "raw_pieces",
+        "raw_len",
+        "unfed",
+        "held",
+        "sent",
+        "checker",
+        "state",
+        "in_string",
+        "escaped",
+        "snapshots",
+    )
 
     def __init__(self, key: Any) -> None:
-        self.key, self.id, self.name, self.args, self.raw, self.sent = key, "", "", "", "", 0
+        self.key, self.id, self.name, self.sent = key, "", "", 0
+        self.pieces: list[str] = []  # args
+        self.raw_pieces: list[str] = []  # raw
+        self.raw_len = 0
+        self.unfed: list[str] = []  # args not yet read by the checker
+        self.held: list[str] = []  # args read by the checker but not yet safe to stream
         self.checker = JsonPrefix()
         self.state = "pending"
         self.in_string = self.escaped = self.snapshots = False
 
+    @property
+    def args(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
+
+    @property
+    def raw(self) -> str:
+        if len(self.raw_pieces) > 1:
+            self.raw_pieces = ["".join(self.raw_pieces)]
+        return self.raw_pieces[0] if self.raw_pieces else ""
+
+    def _resends(self, fragment: str) -> bool:
+        """Is the fragment the whole argument text so far, resent (cumulative snapshots), not a delta?"""
+        if len(fragment) < self.raw_len or not fragment.startswith(self.raw):
+            return False
+        if self.snapshots:
+            return True
+        # A delta never repeats everything before it in practice; the one exception kept: the fragment read as
+        # a snapshot breaks the JSON and read as a delta does not (`{"a":` then `{"a":1}}`, a nested object).
+        return not _breaks(fragment) or _breaks(self.raw + fragment)
+
     def add(self, fragment: str) -> None:
-        if not self.raw:
+        if not self.raw_len:
             fragment = fragment.lstrip()  # a whitespace-only first piece is no JSON value yet
-        if self.raw and fragment.startswith(self.raw) and (self.snapshots or _breaks(self.raw + fragment)):
-            self.snapshots = True  # a server that sends cumulative snapshots (appending would break the JSON)
-            fragment = fragment[len(self.raw) :]
-        self.raw += fragment
+            self.raw_pieces, self.raw_len = [fragment], len(fragment)
+        elif self._resends(fragment):
+            self.snapshots = True  # a server that sends cumulative snapshots
+            self.raw_pieces, self.raw_len, fragment = [fragment], len(fragment), fragment[self.raw_len :]
+        else:
+            self.raw_pieces.append(fragment)
+            self.raw_len += len(fragment)
+        if not fragment:
+            return
         if not _STR_STOP.search(fragment):
-            self.args += fragment
-            self.escaped = self.escaped and not fragment  # a pending escape applies to this first character
+            self._append(fragment)
+            self.escaped = False  # a pending escape applied to this first character
             return
         out, last = [], 0
         escaped_at = 0 if self.escaped else -1  # the character after a backslash inside a string
@@ -2624,17 +2673,28 @@ class ToolCall:
                 out.append(_CONTROL_ESCAPES.get(c, f"\\u{ord(c):04x}"))
                 last = pos + 1
         out.append(fragment[last:])
-        self.args += "".join(out)
+        self._append("".join(out))
         self.escaped = escaped_at == len(fragment)
+
+    def _append(self, text: str) -> None:
+        self.pieces.append(text)
+        self.unfed.append(text)
 
     def take_safe(self) -> str:
         """The arguments that became safe to stream since the last call (see JsonPrefix)."""
-        if len(self.args) == self.checker.fed:
+        if not self.unfed:
             return ""
-        safe = self.checker.feed(self.args[self.checker.fed :])
+        new = self.unfed[0] if len(self.unfed) == 1 else "".join(self.unfed)
+        self.unfed = []
+        safe = self.checker.feed(new)
         if safe <= self.sent:
+            if not self.checker.broken:  # once broken nothing more becomes safe
+                self.held.append(new)
             return ""
-        piece, self.sent = self.args[self.sent : safe], safe
+        text = "".join(self.held) + new if self.held else new  # args[sent:fed]
+        piece, rest = text[: safe - self.sent], text[safe - self.sent :]
+        self.held = [rest] if rest and not self.checker.broken else []
+        self.sent = safe
         return piece
 
     def close(self) -> list[str]:
@@ -2949,24 +3009,53 @@ class TextCalls:
     released unchanged the moment it cannot be a call of an offered tool. Markers inside a ``` fence are text.
     mode: start (only whitespace yet) -> text | call (after a marker) | bare (an answer that opens with `{`)."""
 
-    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet", "searched")
+    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet", "searched", "more", "tail", "closed")
 
     def __init__(self, tools: dict[str, Any]) -> None:
         self.tools = tools  # offered name -> input_schema
         self.held, self.fence, self.mode, self.marker = "", False, "start", ""
         self.quiet = False  # nothing held and no call in progress: a piece without <, [ or ` is plain text
         self.searched = 0  # how much of a call in progress was searched for its closing tag (long arguments)
+        self.more: list[str] = []  # pieces of a long call's arguments, after `held`, not yet joined to it
+        self.tail = ""  # the last characters of held + more: a closing tag may begin there
+        self.closed = False  # the last non-blank character held is `}` or `]`: a JSON value may end there
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         if self.quiet and _MAYBE_MARKER.search(text) is None:
             return [("text", text)]  # nothing held, and nothing here can begin a marker or a fence
-        self.held += text
+        if self._waits(text):  # pieces of a long call are kept apart until it may end (linear time)
+            self.more.append(text)
+            return []
+        self.held += self.take_held() + text if self.more else text
         out = self._scan(False)
         self.quiet = self.mode == "text" and not self.held
+        self.tail = self.held[-_LONGEST_MARKER:]
+        self.closed = self.held.rstrip()[-1:] in ("}", "]")
         return out
+
+    def _waits(self, text: str) -> bool:
+        """Would this piece leave a long call in progress undecided, whatever it holds? A call with a closing tag
+        whose head was judged on earlier chunks (the same test as in _call) waits for the tag; a JSON call (bare
+        or Mistral's) long past its head can only end at a `}` or `]`."""
+        if self.mode == "call" and self.marker in _CALL_ENDS:
+            if self.searched <= len(self.marker) + 256:
+                return False
+            close = _CALL_ENDS[self.marker]
+            window = self.tail + text
+            self.tail = window[-(len(close) - 1) :]
+            return close not in window
+        if self.mode == "bare" or (self.mode == "call" and self.marker == "[TOOL_CALLS]"):
+            return len(self.held) > 512 and not self.closed and "}" not in text and "]" not in text
+        return False
+
+    def take_held(self) -> str:
+        """The pieces kept apart, joined (`held` is then all that is held)."""
+        more, self.more = "".join(self.more), []
+        return more
 
     def flush(self) -> list[tuple[str, Any]]:
         """The answer ended: a call in progress is closed as it is (cut off), anything else is text."""
+        self.held += self.take_held()
         out = self._scan(True)
         if self.held:
             out.append(("text", self.held))
@@ -3228,6 +3317,7 @@ class EventBuilder:
         self.index = -1
         self.open: Optional[str] = None  # "text" | "thinking" | "tool"
         self.thinking_parts: list[str] = []
+        self.held_back: list[tuple[str, str]] = []  # text and reasoning that came while a call's arguments streamed
         self.think = ThinkTags()
         self.tools = ToolCalls()
         self.text_calls = text_calls  # None: tool calls written as text stay text
@@ -3278,6 +3368,7 @@ class EventBuilder:
     # -- blocks --
     def _open(self, kind: str, block: dict[str, Any]) -> None:
         self._close()
+        self._close()  # text held back during a tool call came out after it, in its own block
         self.index += 1
         self.open = kind
         self.events.append(
@@ -3306,6 +3397,10 @@ class EventBuilder:
                 self._args(piece)
         self.events.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         self.open = None
+        held, self.held_back = self.held_back, []
+        if any(piece.strip() for _, piece in held):  # white space alone is dropped
+            for kind, piece in held:
+                self._stream(kind, piece)  # may leave a text or thinking block open
 
     def content(self, text: str) -> None:
         """Backend content: text, except inline <think>...</think> reasoning at the answer's start, tool calls
@@ -3374,25 +3469,40 @@ class EventBuilder:
                 "the backend sent native tool calls too: dropping %d call(s) found in the text", len(self.recovered)
             )
             self.recovered = []
-        if watcher.held.strip():
-            self.text(watcher.held)
+        held = watcher.held + watcher.take_held()
+        if held.strip():
+            self.text(held)
         watcher.held = ""
 
     def text(self, text: str) -> None:
-        if not text:
-            return
-        if self.open != "text":
-            self._open("text", {"type": "text", "text": ""})
-        self.out_chars += len(text)
-        self._delta({"type": "text_delta", "text": text})
+        if text:
+            self._stream("text", text)
 
     def thinking(self, text: str) -> None:
-        if not text or self.cut:
+        if text and not self.cut:
+            self._stream("thinking", text)
+
+    def _stream(self, kind: str, text: str) -> None:
+        """Text or reasoning into its block. While a tool call's arguments are still streaming (not yet a
+        whole object; some servers interleave content), it is held back and sent after the call's block: closing
+        the call now would cut its arguments short."""
+        active = self.tools.active
+        if self.open == "tool" and active is not None and not active.checker.is_whole:
+            self.held_back.append((kind, text))
             return
-        if self.open != "thinking":
-            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        if self.open == "tool":
+            self._close()  # may send held-back text, leaving its block open: this text joins it
+        if self.open != kind:
+            block = (
+                {"type": "text", "text": ""}
+                if kind == "text"
+                else {"type": "thinking", "thinking": "", "signature": ""}
+            )
+            self._open(kind, block)
         self.out_chars += len(text)
-        if self.show_thinking:
+        if kind == "text":
+            self._delta({"type": "text_delta", "text": text})
+        elif self.show_thinking:
             self._delta({"type": "thinking_delta", "thinking": text})
         else:  # hidden from the client: kept for the signature, which carries it
             self.thinking_parts.append(text)
@@ -3463,6 +3573,7 @@ class EventBuilder:
         if self.recovered:
             self._send_recovered()
         self._close()
+        self._close()  # text held back during the last tool call
         for call in self.tools.pending():  # calls that could not stream live go out whole, in order
             if not call.name:
                 log.warning("dropping a tool call without a name (arguments %r)", call.args[:MAX_SNIPPET_CHARS])
