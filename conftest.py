@@ -407,12 +407,13 @@ class Stack:
 
 @pytest.fixture
 def make_stack(loop_thread):
-    """make_stack(provider="openai", **config) -> a fake backend and a proxy in front of it."""
+    """make_stack(provider="openai", backend=None, **config) -> a fake backend and a proxy in front of it."""
     runners: list[web.AppRunner] = []
     stacks: list[Stack] = []
 
-    def make(provider: str = "openai", **overrides: Any) -> Stack:
-        backend = FakeBackend()
+    def make(provider: str = "openai", backend: Any = None, **overrides: Any) -> Stack:
+        """backend: FakeBackend() unless given (anything with .app() and a .port to set)."""
+        backend = backend or FakeBackend()
         runner, port = loop_thread.run(start_site(backend.app()))
         runners.append(runner)
         backend.port = port

@@ -4805,32 +4805,15 @@ async def _default_chat(request: web.Request, body: dict) -> web.StreamResponse:
 
 
 @pytest.fixture
-def window_stack(loop_thread):
+def window_stack(make_stack):
     """window_stack(pages, provider, **config) -> (fake server, proxy Stack); the proxy starts after the server,
     so its start-up discovery reads the server's pages."""
-    import conftest as harness
-
-    runners = []
-    stacks = []
 
     def make(pages: dict[str, Any], provider: str = "openai", **overrides: Any):
         server = ServerBytes({"POST /v1/chat/completions": _default_chat, "POST /api/chat": _default_chat, **pages})
-        runner, port = loop_thread.run(harness.start_site(server.app()))
-        runners.append(runner)
-        base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
-        config = cp.Config(**{"provider": provider, "base_url": base, "timeout": 5.0, **overrides})
-        app = cp.create_app(config)
-        prunner, pport = loop_thread.run(harness.start_site(app))
-        runners.append(prunner)
-        stacks.append(harness.Stack(None, base, f"http://127.0.0.1:{pport}", config, app, loop_thread))
-        return server, stacks[-1]
+        return server, make_stack(provider, backend=server, **{"default_model": None, **overrides})
 
-    yield make
-    for stack in stacks:
-        for client in stack.clients:
-            client.close()
-    for runner in reversed(runners):
-        loop_thread.run(runner.cleanup())
+    return make
 
 
 def chat_key(provider: str) -> str:
