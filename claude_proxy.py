@@ -3020,9 +3020,15 @@ class TextCalls:
         self.tail = ""  # the last characters of held + more: a closing tag may begin there
         self.closed = False  # the last non-blank character held is `}` or `]`: a JSON value may end there
 
+    def plain(self, text: str) -> bool:
+        """Nothing held, no call in progress, and nothing in this piece can begin a marker or a fence."""
+        return self.quiet and (
+            ("<" not in text and "[" not in text and "`" not in text) or _MAYBE_MARKER.search(text) is None
+        )
+
     def feed(self, text: str) -> list[tuple[str, Any]]:
-        if self.quiet and _MAYBE_MARKER.search(text) is None:
-            return [("text", text)]  # nothing held, and nothing here can begin a marker or a fence
+        if self.plain(text):
+            return [("text", text)]
         if self._waits(text):  # pieces of a long call are kept apart until it may end (linear time)
             self.more.append(text)
             return []
@@ -3241,8 +3247,12 @@ class StopStrings:
         self.held = ""
         self.first = re.compile("[" + "".join(sorted({re.escape(s[0]) for s in self.stops})) + "]")  # a match begins
 
+    def plain(self, text: str) -> bool:
+        """Nothing held, and nothing in this piece can begin a stop string."""
+        return not self.held and self.first.search(text) is None
+
     def feed(self, text: str) -> tuple[str, Optional[str]]:
-        if not self.held and self.first.search(text) is None:
+        if self.plain(text):
             return text, None
         return self._feed(text)
 
@@ -3410,15 +3420,8 @@ class EventBuilder:
         if self.cut:
             return None
         stops, watcher = self.stops, self.text_calls
-        if (stops is None or (not stops.held and stops.first.search(text) is None)) and (
-            watcher is None
-            or (
-                watcher.quiet
-                and not self.recovered
-                and (("<" not in text and "[" not in text and "`" not in text) or _MAYBE_MARKER.search(text) is None)
-            )
-        ):  # the hot path: nothing in this piece can begin a stop string, a call marker or a fence
-            return self.text(text)
+        if (stops is None or stops.plain(text)) and (watcher is None or (not self.recovered and watcher.plain(text))):
+            return self.text(text)  # the hot path: nothing here can begin a stop string, a call marker or a fence
         return self._answer(text)
 
     def _pieces(self, pieces: list[tuple[str, str]]) -> None:
