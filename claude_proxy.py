@@ -3478,7 +3478,13 @@ class EventBuilder:
         watcher.held = ""
 
     def text(self, text: str) -> None:
-        if text:
+        if text and self.open == "text":  # the hot path: a piece more of the open text block
+            self.out_chars += len(text)
+            self.events.append(
+                ("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": {
+                    "type": "text_delta", "text": text}})
+            )  # fmt: skip
+        elif text:
             self._stream("text", text)
 
     def thinking(self, text: str) -> None:
