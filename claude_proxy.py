@@ -3480,10 +3480,7 @@ class EventBuilder:
     def text(self, text: str) -> None:
         if text and self.open == "text":  # the hot path: a piece more of the open text block
             self.out_chars += len(text)
-            self.events.append(
-                ("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": {
-                    "type": "text_delta", "text": text}})
-            )  # fmt: skip
+            self._delta({"type": "text_delta", "text": text})
         elif text:
             self._stream("text", text)
 
