@@ -4025,7 +4025,10 @@ _WANTS_COMPLETION_TOKENS = re.compile(r"use .?max_completion_tokens.? instead|ma
 # ======================================================================================
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_EMBEDS_IPV4 = tuple(  # IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64 (well-known, local), SIIT,
+    ipaddress.ip_network(n)
+    for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")  # IPv4-compatible
+)
 
 
 def _public_address(address: str) -> bool:
@@ -4036,8 +4039,8 @@ def _public_address(address: str) -> bool:
         return False
     inner = None
     if ip.version == 6:
-        nat64 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None
-        inner = ip.ipv4_mapped or ip.sixtofour or nat64
+        embedded = any(ip in net for net in _EMBEDS_IPV4)
+        inner = ip.ipv4_mapped or ip.sixtofour or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if embedded else None)
     return ip.is_global and (inner is None or inner.is_global)
 
 
@@ -4271,6 +4274,8 @@ class Backend:
         self.token_cache: dict[str, int] = {}
         self.capped: set[str] = set()  # models warned about for their own output cap
         self.in_flight: set[Any] = set()  # the Watch of every request at work (shutdown ends them)
+        self.at_work = 0  # /v1/messages requests being handled, from their first byte (shutdown waits for them)
+        self.stopping = False  # the shutdown grace is over: work that starts now ends at once
         self._discovered_at = 0.0
         self.list_problem: Optional[str] = None  # why the model list failed, with the likely fix
         self.prompt_tools: set[tuple[str, str]] = set()  # models that take no `tools`: tools go in the prompt
@@ -4910,6 +4915,10 @@ def relay_error(exc: BaseException, config: Config) -> ApiError:
 PING = sse([("ping", {"type": "ping"})])
 
 
+def shutting_down() -> ApiError:
+    return ApiError(529, "the proxy is shutting down: send the request again", retry=True, kind="shutdown")
+
+
 class Watch:
     """`async with Watch(...)` around backend work: notices a client that went away (the request's
     task is cancelled, which closes the backend connection at once, and ClientGone comes out of the
@@ -4917,13 +4926,15 @@ class Watch:
 
     def __init__(self, request: web.Request, backend: Backend, out: Optional[web.StreamResponse] = None) -> None:
         self.request, self.interval, self.out = request, backend.config.ping_interval, out
-        self.in_flight = backend.in_flight
+        self.backend, self.in_flight = backend, backend.in_flight
         self.last = time.monotonic()
         self.gone = self.stopped = False
         self.task: Optional[asyncio.Task] = None
         self.watcher: Optional[asyncio.Task] = None
 
     async def __aenter__(self) -> Watch:
+        if self.backend.stopping:
+            raise shutting_down()
         self.task = asyncio.current_task()
         self.watcher = asyncio.create_task(self._watch())
         self.in_flight.add(self)
@@ -4939,9 +4950,7 @@ class Watch:
                 self.task.uncancel()  # type: ignore[union-attr]
             if self.gone:
                 raise ClientGone() from None
-            raise ApiError(
-                529, "the proxy is shutting down: send the request again", retry=True, kind="shutdown"
-            ) from None
+            raise shutting_down() from None
         return False
 
     def stop(self) -> None:
@@ -5288,8 +5297,17 @@ async def read_json(request: web.Request) -> Any:
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    backend.at_work += 1  # from the first byte: the shutdown grace waits for this request too
+    try:
+        return await _messages(request, backend)
+    finally:
+        backend.at_work -= 1
+
+
+async def _messages(request: web.Request, backend: Backend) -> web.StreamResponse:
     req = parse_request(await read_json(request))
-    config, backend, record = request.app[CONFIG], request.app[BACKEND], request[RECORD]
+    config, record = request.app[CONFIG], request[RECORD]
     route = await backend.route(req.model)
     if route.provider == "ollama" and config.fetch_images:
         await backend.fetch_images(req)
@@ -5411,10 +5429,11 @@ def create_app(config: Optional[Config] = None) -> web.Application:
     async def shutdown(app: web.Application) -> None:
         """SIGINT/SIGTERM: requests in flight get the grace period to finish, then are ended cleanly."""
         deadline = time.monotonic() + config.shutdown_grace
-        while backend.in_flight and time.monotonic() < deadline:
+        while (backend.at_work or backend.in_flight) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if backend.in_flight:
-            log.warning("shutting down: ending %d request(s) still in flight", len(backend.in_flight))
+        backend.stopping = True  # a request still before its backend call ends when it gets there
+        if backend.at_work:
+            log.warning("shutting down: ending %d request(s) still in flight", backend.at_work)
         for watch in list(backend.in_flight):
             watch.stop()
 

@@ -4575,6 +4575,10 @@ def test_fetch_images_connects_only_to_the_address_it_checked(make_stack, monkey
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),
         ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("64:ff9b:1::7f00:1", False),  # local-use NAT64 of 127.0.0.1
+        ("::ffff:0:127.0.0.1", False),  # SIIT
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("64:ff9b::808:808", True),  # NAT64 of a public address
         ("2002:a9fe:a9fe::", False),  # 6to4 of 169.254.169.254
         ("127.1", False),
         ("not an address", False),
@@ -5525,6 +5529,47 @@ def test_sigterm_lets_streams_finish(make_stack, tmp_path):
         assert proc.wait(10) == 0
     finally:
         proc.kill()
+
+
+def test_shutdown_grace_covers_requests_still_before_their_backend_call(loop_thread):
+    """Regression: a request still routing when the shutdown began was not waited for and then cut off without
+    an error; now it gets the grace too, and a clean overloaded error when the grace is over."""
+    import threading
+
+    import conftest
+
+    backend = conftest.FakeBackend()
+    brunner, bport = loop_thread.run(conftest.start_site(backend.app()))
+    backend.queue(SSE(oai_text_stream(*["w "] * 60), delay=0.05))  # a 3 s answer
+    config = cp.Config(
+        provider="openai", base_url=f"http://127.0.0.1:{bport}/v1", default_model="m", shutdown_grace=1.0
+    )
+    app = cp.create_app(config)
+    proxy = app[cp.BACKEND]
+    route = proxy.route
+
+    async def slow_route(model: str) -> Any:  # discovery, /api/show or --fetch-images before any backend call
+        await asyncio.sleep(0.4)
+        return await route(model)
+
+    proxy.route = slow_route
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cp.SHUTDOWN_TIMEOUT)
+    loop_thread.run(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop_thread.run(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    stopper = threading.Timer(0.2, lambda: loop_thread.run(runner.cleanup(), timeout=20))
+    stopper.start()
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+    try:
+        with pytest.raises(anthropic.APIStatusError) as err:
+            with client.messages.stream(model="m", max_tokens=50, messages=USER_HI) as s:
+                for _ in s.text_stream:
+                    pass
+        assert err.value.body["error"]["type"] == "overloaded_error" and "shutting down" in str(err.value)
+    finally:
+        stopper.join()
+        loop_thread.run(brunner.cleanup())
 
 
 def test_ctrl_c_ends_a_long_stream_within_the_bound(make_stack, tmp_path):
