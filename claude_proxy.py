@@ -3009,7 +3009,7 @@ class TextCalls:
     released unchanged the moment it cannot be a call of an offered tool. Markers inside a ``` fence are text.
     mode: start (only whitespace yet) -> text | call (after a marker) | bare (an answer that opens with `{`)."""
 
-    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet", "searched", "more", "tail", "closed")
+    __slots__ = ("tools", "held", "fence", "mode", "marker", "quiet", "searched", "more", "tail", "closed", "json")
 
     def __init__(self, tools: dict[str, Any]) -> None:
         self.tools = tools  # offered name -> input_schema
@@ -3019,6 +3019,7 @@ class TextCalls:
         self.more: list[str] = []  # pieces of a long call's arguments, after `held`, not yet joined to it
         self.tail = ""  # the last characters of held + more: a closing tag may begin there
         self.closed = False  # the last non-blank character held is `}` or `]`: a JSON value may end there
+        self.json: Optional[JsonPrefix] = None  # bare mode: the answer's JSON so far, checked piece by piece
 
     def plain(self, text: str) -> bool:
         """Nothing held, no call in progress, and nothing in this piece can begin a marker or a fence."""
@@ -3050,7 +3051,10 @@ class TextCalls:
             window = self.tail + text
             self.tail = window[-(len(close) - 1) :]
             return close not in window
-        if self.mode == "bare" or (self.mode == "call" and self.marker == "[TOOL_CALLS]"):
+        if self.mode == "bare" and self.json is not None:  # it may end only once its JSON is whole (or broken)
+            self.json.feed(text)  # fed every piece; past its head (judged early by _bare), it need not be rescanned
+            return len(self.held) > 512 and not (self.json.is_whole or self.json.broken)
+        if self.mode == "call" and self.marker == "[TOOL_CALLS]":
             return len(self.held) > 512 and not self.closed and "}" not in text and "]" not in text
         return False
 
@@ -3076,6 +3080,9 @@ class TextCalls:
                 if not head:
                     break
                 self.mode = "bare" if head[0] == "{" else "text"
+                if self.mode == "bare":
+                    self.json = JsonPrefix()
+                    self.json.feed(self.held)
             if self.mode == "bare":
                 if not self._bare(final, out):
                     break

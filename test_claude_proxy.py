@@ -2375,6 +2375,13 @@ def test_long_arguments_in_small_fragments_take_linear_time():
         found = [item for i in range(0, len(body), 4) for item in watcher.feed(body[i : i + 4])] + watcher.flush()
         assert time.perf_counter() - start < 4, marker
         assert found == [("call", (marker, "Read", json.loads(args)))]
+    code = json.dumps({"path": "a.js", "content": "function f(a) { return [a]; }\n" * 33000})  # a brace in every piece
+    # (a bare-JSON answer used to be decoded again from its start at every piece holding a brace: 2 s at 400 KB)
+    body = '{"name": "Read", "arguments": ' + code + "}"
+    start = time.perf_counter()
+    watcher = cp.TextCalls({"Read": {}})
+    found = [item for i in range(0, len(body), 4) for item in watcher.feed(body[i : i + 4])] + watcher.flush()
+    assert time.perf_counter() - start < 4 and found == [("call", ("{", "Read", json.loads(code)))]
 
 
 @pytest.mark.parametrize("cut", range(1, 14))
