@@ -836,7 +836,7 @@ class ApiError(Exception):
     """An error the client sees in Anthropic's shape: an HTTP error, or `event: error` mid-stream.
     `kind` names a failure that is not the client's own mistake (the backend's, the network's, the
     proxy's): `unreachable`, `connect_timeout`, `no_answer`, `stalled`, `connection_lost`, `malformed`,
-    `truncated`, `oversized`, `stream_error`, `too_long`, `http_<backend status>`, `internal`. Metrics
+    `truncated`, `oversized`, `stream_error`, `too_long`, `http_<backend status>`, `shutdown`, `internal`. Metrics
     and logs read it; None for requests the client got wrong (validation, auth, unknown model)."""
 
     def __init__(
